@@ -1,0 +1,131 @@
+"""MLflow side of the tracking seam: URI resolution, experiments, and a Reporter that logs to one run.
+
+Uses `MlflowClient` with explicit run ids (no fluent "active run" state), so the same code works in the
+driver, in a Ray Train worker and in a Tune callback.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from trainers.zsl import ZSLCurve
+
+DEFAULT_DB = "mlflow.db"
+DEFAULT_ARTIFACTS = "mlartifacts"
+BATCH = 100  # MLflow's per-request limit on params/metrics
+
+
+def resolve_tracking_uri(cli_value: str | None = None) -> str:
+    """--tracking-uri, else $MLFLOW_TRACKING_URI, else sqlite in the working directory; local paths made absolute.
+
+    Ray jobs and trials run in other directories, so a relative sqlite path would point somewhere else there.
+    """
+    uri = cli_value or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_DB}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = f"sqlite:///{(Path.cwd() / uri[len('sqlite:///'):]).resolve()}"
+    elif "://" not in uri and uri.endswith(".db"):
+        uri = f"sqlite:///{Path(uri).resolve()}"
+    return uri
+
+
+def is_local_store(uri: str) -> bool:
+    return uri.startswith("sqlite:") or uri.startswith("file:")
+
+
+def ensure_experiment(client: MlflowClient, name: str) -> str:
+    """Experiment id for `name`, created once; local stores get an absolute artifact folder beside the DB."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    location = None
+    uri = client._tracking_client.tracking_uri  # noqa: SLF001 - the client's resolved URI
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri[len("sqlite:///"):]).parent / DEFAULT_ARTIFACTS).resolve().as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except mlflow.exceptions.MlflowException:
+        # Created concurrently by another process: read it back.
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def git_commit() -> str:
+    """Commit of the code being run, or 'unknown' outside a git checkout (e.g. a Ray job's working dir)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def standard_tags(**extra: Any) -> dict[str, str]:
+    """Tags every skeldiff run carries."""
+    tags = {"git_commit": os.environ.get("SKELDIFF_GIT_COMMIT") or git_commit(), "host": socket.gethostname()}
+    tags.update({k: str(v) for k, v in extra.items() if v is not None})
+    return tags
+
+
+class MLflowReporter:
+    """Reporter (see trainers.tracking) bound to one MLflow run."""
+
+    def __init__(self, client: MlflowClient, run_id: str):
+        self.client = client
+        self.run_id = run_id
+        self.last_curve: ZSLCurve | None = None
+
+    @classmethod
+    def start(cls, tracking_uri: str, experiment: str, run_name: str, tags: dict[str, str] | None = None,
+              parent_run_id: str | None = None, run_id: str | None = None) -> "MLflowReporter":
+        """Open a new run (or re-open `run_id` when resuming), nested under `parent_run_id` when given."""
+        client = MlflowClient(tracking_uri)
+        if run_id is not None:
+            client.update_run(run_id, status="RUNNING")
+            return cls(client, run_id)
+        all_tags = dict(tags or {})
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run = client.create_run(ensure_experiment(client, experiment), run_name=run_name, tags=all_tags)
+        return cls(client, run.info.run_id)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), BATCH):
+            self.client.log_batch(self.run_id, params=items[i:i + BATCH])
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
+        for i in range(0, len(items), BATCH):
+            self.client.log_batch(self.run_id, metrics=items[i:i + BATCH])
+
+    def log_evaluation(self, metrics: dict[str, float], step: int, curve: ZSLCurve,
+                       checkpoint_dir: Path | None) -> None:
+        self.log_metrics(metrics, step)
+        self.last_curve = curve
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_text(self, text: str, name: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            p = Path(tmp) / name
+            p.write_text(text)
+            self.log_artifact(p)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)

@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny configs, seeded inputs, the shared-data folder (tests skip when it is absent)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from trainers.config import TDSMConfig, build_config
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Encoded-text cache per test session, never the user's ~/.cache."""
+    cache = os.environ.get("SKELDIFF_TEST_CACHE") or str(tmp_path_factory.getbasetemp() / "skeldiff-cache")
+    monkeypatch.setenv("SKELDIFF_CACHE", cache)
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is absent")
+    return SHARED_DATA
+
+
+def tiny_config(**overrides) -> TDSMConfig:
+    """A TDSM config small enough for unit tests (dotted overrides)."""
+    base = {"model.preset": "tiny", "train.steps": 20, "train.eval_every": 10, "train.checkpoint_every": 10,
+            "optim.batch_size": 16, "optim.warmup_steps": 2, "eval.noise_draws": 2, "train.device": "cpu"}
+    return build_config(TDSMConfig, {}, {**base, **overrides})
+
+
+def write_feature_folder(folder: Path, num_classes: int = 12, per_class: int = 10, dim: int = 16,
+                         unseen=(2, 7), seed: int = 0) -> Path:
+    """A small SA-DVAE-layout folder: train (seen classes), ztest (unseen classes), original class ids."""
+    rng = np.random.default_rng(seed)
+    proto = rng.normal(size=(num_classes, dim))
+    labels = np.repeat(np.arange(num_classes), per_class)
+    x = (proto[labels] + 0.3 * rng.normal(size=(labels.size, dim))).astype(np.float32)
+    unseen_mask = np.isin(labels, unseen)
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / "train.npy", x[~unseen_mask])
+    np.save(folder / "train_label.npy", labels[~unseen_mask])
+    np.save(folder / "ztest.npy", x[unseen_mask])
+    np.save(folder / "z_label.npy", labels[unseen_mask])
+    return folder
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    return torch.Generator().manual_seed(0)

@@ -1,0 +1,80 @@
+import numpy as np
+import torch
+
+from trainers.config import ModelConfig
+from trainers.diffusion import NoiseSchedule
+from trainers.tdsm_model import TDSMDenoiser
+from trainers.zsl import evaluate_zsl, evaluation_noise, metrics_from_errors, score_candidates, score_candidates_loop
+
+
+def trained_like_model(gen):
+    model = TDSMDenoiser(ModelConfig(preset="tiny"), 16, 12, 10, 5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return model.eval()
+
+
+def test_batched_scoring_equals_naive_loop(gen):
+    model = trained_like_model(gen)
+    sched = NoiseSchedule(50)
+    x = torch.randn(9, 16, generator=gen)
+    g, l = torch.randn(6, 12, generator=gen), torch.randn(6, 5, 10, generator=gen)
+    noise = evaluation_noise(3, 9, 16, seed=7)
+    fast = score_candidates(model, sched, x, noise, 25, g, l, max_rows=40)   # forces several chunks
+    slow = score_candidates_loop(model, sched, x, noise, 25, g, l)
+    assert fast.shape == (3, 9, 6)
+    assert torch.allclose(fast, slow, atol=1e-5)
+
+
+def test_chunking_does_not_change_scores(gen):
+    model = trained_like_model(gen)
+    sched = NoiseSchedule(50, prediction_type="v_prediction")
+    x = torch.randn(7, 16, generator=gen)
+    g, l = torch.randn(4, 12, generator=gen), torch.randn(4, 5, 10, generator=gen)
+    noise = evaluation_noise(2, 7, 16, seed=1)
+    a = score_candidates(model, sched, x, noise, 10, g, l, max_rows=8)
+    b = score_candidates(model, sched, x, noise, 10, g, l, max_rows=10_000)
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_evaluation_noise_is_seeded_and_independent_of_global_rng():
+    torch.manual_seed(0)
+    a = evaluation_noise(2, 3, 4, seed=5)
+    torch.manual_seed(99)
+    torch.randn(100)
+    assert torch.equal(a, evaluation_noise(2, 3, 4, seed=5))
+    assert not torch.equal(a, evaluation_noise(2, 3, 4, seed=6))
+
+
+def test_metrics_from_errors():
+    classes = [4, 8, 15]
+    labels = torch.tensor([4, 8, 15, 15])
+    # draw 0: all right; draw 1: last sample wrong (predicts 8)
+    err = torch.tensor([
+        [[0, 1, 1], [1, 0, 1], [1, 1, 0], [1, 1, 0]],
+        [[0, 1, 1], [1, 0, 1], [1, 1, 0], [1, 0, 0.5]],
+    ], dtype=torch.float)
+    m = metrics_from_errors(err, labels, classes, t_test=25)
+    assert m.top1 == 87.5 and abs(m.top1_std - 12.5) < 1e-6
+    assert m.top5 is None
+    assert m.top1_ensemble == 100.0           # draw-mean errors of the last sample: [1, .5, .25] -> right
+    assert m.confusion.sum() == 8 and m.confusion[2, 1] == 1
+    assert np.allclose(m.per_class, [100, 100, 75])
+
+
+def test_top5_with_enough_classes(gen):
+    err = torch.rand(2, 30, 7, generator=gen)
+    labels = torch.randint(7, (30,), generator=gen)
+    m = metrics_from_errors(err, labels, list(range(7)), 5)
+    assert m.top5 is not None and m.top5 >= m.top1
+
+
+def test_curve_over_t_grid(gen):
+    model = trained_like_model(gen)
+    x = torch.randn(10, 16, generator=gen)
+    labels = torch.tensor([1, 3] * 5)
+    g, l = torch.randn(5, 12, generator=gen), torch.randn(5, 5, 10, generator=gen)
+    curve = evaluate_zsl(model, NoiseSchedule(50), x, labels, [1, 3], g, l, [5, 25, 45], 2, seed=0)
+    assert sorted(curve.by_t) == [5, 25, 45]
+    assert curve.best().top1 == max(m.top1 for m in curve.by_t.values())

@@ -1,0 +1,283 @@
+"""Typed configuration: one small pydantic model per concern, nested into one config per method.
+
+`extra="forbid"` everywhere so a typo fails loudly; coupled values are derived by validators. The flat
+dotted form (`optim.lr`) is what `--set`, Ray Tune and MLflow use.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from trainers.errors import InputError
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sections
+# ----------------------------------------------------------------------------------------------
+
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    # The paper's denoiser (METHODS.md §1): C=768, B=12, 12 heads, ~261 M parameters with 2048-d text.
+    "paper": {"hidden_size": 768, "depth": 12, "num_heads": 12, "mlp_ratio": 4.0},
+    # CPU-friendly sizes for the embedded default, smoke sweeps and tests.
+    "small": {"hidden_size": 256, "depth": 4, "num_heads": 4, "mlp_ratio": 4.0},
+    "tiny": {"hidden_size": 64, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0},
+}
+
+
+class ModelConfig(Section):
+    """Size of the CrossDiT denoiser; input widths come from the data and text encoder."""
+
+    preset: Literal["paper", "small", "tiny", "custom"] = Field(
+        "small", description="Named size; explicit hidden_size/depth/num_heads/mlp_ratio override it ('custom').")
+    hidden_size: int = Field(256, ge=8, description="Transformer width C.")
+    depth: int = Field(4, ge=1, description="Number of CrossDiT blocks B.")
+    num_heads: int = Field(4, ge=1, description="Attention heads; must divide hidden_size.")
+    mlp_ratio: float = Field(4.0, gt=0, description="MLP hidden width as a multiple of C.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        """Fill size fields from the preset; fields given explicitly win."""
+        if isinstance(data, dict):
+            preset = data.get("preset", "small")
+            if preset in MODEL_PRESETS:
+                data = {**MODEL_PRESETS[preset], **data}
+        return data
+
+    @model_validator(mode="after")
+    def _check_sizes(self) -> "ModelConfig":
+        """Heads must divide the width; a preset whose sizes were overridden is recorded as 'custom'."""
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"model.num_heads={self.num_heads} must divide model.hidden_size={self.hidden_size}")
+        sizes = {k: getattr(self, k) for k in MODEL_PRESETS["tiny"]}
+        if self.preset != "custom" and sizes != MODEL_PRESETS[self.preset]:
+            object.__setattr__(self, "preset", "custom")
+        return self
+
+
+class DiffusionConfig(Section):
+    """DDPM forward process and what the denoiser predicts."""
+
+    num_train_timesteps: int = Field(50, ge=1, description="Total diffusion steps T (paper: 50).")
+    beta_schedule: Literal["linear", "scaled_linear", "cosine"] = Field(
+        "scaled_linear", description="Beta schedule; scaled_linear is Stable Diffusion's (paper).")
+    beta_start: float = Field(0.00085, gt=0, lt=1, description="First beta (linear schedules).")
+    beta_end: float = Field(0.012, gt=0, lt=1, description="Last beta (linear schedules).")
+    prediction_type: Literal["epsilon", "sample", "v_prediction"] = Field(
+        "epsilon", description="Regression target: noise (paper), x0, or velocity.")
+
+
+class LossConfig(Section):
+    """TDSM objective L = L_diff + lambda * L_TD."""
+
+    margin: float = Field(1.0, ge=0, description="Triplet margin tau (paper: 1).")
+    triplet_weight: float = Field(1.0, ge=0, description="Weight lambda of the triplet diffusion loss (paper: 1).")
+
+
+class OptimConfig(Section):
+    """AdamW with linear warm-up and cosine decay (paper: lr 1e-4, wd 0.01, 100 warm-up steps)."""
+
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    warmup_steps: int = Field(100, ge=0, description="Linear warm-up steps.")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Cosine floor as a fraction of lr.")
+    batch_size: int = Field(256, ge=1, description="Samples per step (each gets a positive and a negative prompt).")
+    grad_clip: float = Field(1.0, ge=0, description="Max gradient norm; 0 disables clipping.")
+
+
+class TrainConfig(Section):
+    """Loop length, evaluation cadence, precision and reproducibility."""
+
+    steps: int = Field(1500, ge=1, description="Training iterations (paper: 50,000).")
+    eval_every: int = Field(500, ge=1, description="Evaluate on validation classes every N steps.")
+    checkpoint_every: int = Field(500, ge=1, description="Write a resumable checkpoint every N steps.")
+    seed: int = Field(2025, description="Seed of model init, batches, training noise (paper: 2025).")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="bf16 autocast where the device supports it fast (auto), or force one.")
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
+    threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default.")
+
+
+class SyntheticConfig(Section):
+    """The embedded generated feature task (see README: what it is and is not)."""
+
+    samples_per_class: int = Field(60, ge=4, description="Generated feature vectors per class.")
+    feature_dim: int = Field(256, ge=8, description="Width of the generated skeleton features.")
+    noise: float = Field(0.6, ge=0, description="Within-class spread relative to the class prototype scale.")
+    text_components: int = Field(16, ge=1, description="Leading principal directions of the class texts that shape the prototypes.")
+    seed: int = Field(0, description="Seed of the generator (prototypes and samples).")
+
+
+class DataConfig(Section):
+    """Where skeleton features and the zero-shot split come from."""
+
+    source: Literal["synthetic", "features"] = Field(
+        "synthetic", description="'features': SA-DVAE layout in features_dir; 'synthetic': embedded task.")
+    features_dir: Path | None = Field(None, description="Folder with train.npy, train_label.npy, ztest.npy, z_label.npy.")
+    unseen: Path | list[int] | None = Field(
+        None, description="Unseen (test) class ids: a ru*.npy file or a list; default for features: z_label's classes.")
+    seen: Path | list[int] | None = Field(None, description="Seen class ids (rs*.npy); default: all non-unseen classes.")
+    val_unseen: Path | list[int] | int = Field(
+        5, description="Validation classes carved from the seen ones: a rv*.npy file, a list, or a count N (seeded).")
+    val_seed: int = Field(0, description="Seed of the validation-class draw when val_unseen is a count.")
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+
+
+class TextConfig(Section):
+    """Which text encoder and which prompts (one per class per file)."""
+
+    encoder: str = Field("minilm", description="'minilm' (offline) or 'open_clip:MODEL:PRETRAINED_OR_PATH'.")
+    max_tokens: int = Field(35, ge=1, description="Local text tokens M_l (paper: 35).")
+    class_names: Path | None = Field(None, description="One class name per line; default: embedded NTU-60 names.")
+    descriptions: list[Path] | None = Field(
+        None, description="Description files (one sentence per class); default: embedded NTU-60 descriptions.")
+    cache_dir: Path | None = Field(None, description="Encoded-text cache; default $SKELDIFF_CACHE or ~/.cache/skeldiff.")
+
+
+class EvalConfig(Section):
+    """Zero-shot scoring: noise at t_test, pick the class whose text denoises best."""
+
+    t_test: int = Field(25, ge=0, description="Inference step (paper: 25 of T=50); must be < T.")
+    t_test_grid: list[int] | None = Field(
+        None, description="t_test values evaluated from one model (Fig. 5 curve); default: 9 values over [1, T).")
+    noise_draws: int = Field(3, ge=1, description="Independent evaluation noise draws; accuracy is averaged.")
+    seed: int = Field(1234, description="Seed of the evaluation noise, independent of training randomness.")
+    batch_size: int = Field(64, ge=1, description="Test samples per batched forward (x draws x candidates).")
+
+
+# ----------------------------------------------------------------------------------------------
+# Method config
+# ----------------------------------------------------------------------------------------------
+
+class TDSMConfig(Section):
+    """Everything one TDSM run reads."""
+
+    method: Literal["tdsm"] = "tdsm"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    text: TextConfig = Field(default_factory=TextConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _derive_eval_grid(self) -> "TDSMConfig":
+        """t_test and its grid must lie in [0, T); the default grid spans the schedule and includes t_test."""
+        T = self.diffusion.num_train_timesteps
+        if self.eval.t_test >= T:
+            raise ValueError(f"eval.t_test={self.eval.t_test} must be < diffusion.num_train_timesteps={T}")
+        grid = self.eval.t_test_grid
+        if grid is None:
+            step = max(1, T // 10)
+            grid = sorted({*range(min(step, T - 1), T, step), self.eval.t_test})
+        bad = [t for t in grid if not 0 <= t < T]
+        if bad:
+            raise ValueError(f"eval.t_test_grid values {bad} must be in [0, {T}) (diffusion.num_train_timesteps)")
+        if self.eval.t_test_grid != sorted(set(grid)):
+            # Bypass validate_assignment: assigning here would re-run this validator.
+            object.__setattr__(self.eval, "t_test_grid", sorted(set(grid)))
+        return self
+
+
+# ----------------------------------------------------------------------------------------------
+# Flat dotted form, overrides, files
+# ----------------------------------------------------------------------------------------------
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'optim': {'lr': 1e-4}} -> {'optim.lr': 1e-4}; lists and scalars are leaves."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    """Set tree['a']['b'] = value for key 'a.b', creating sub-dicts as needed."""
+    *parents, leaf = key.split(".")
+    node = tree
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise InputError(f"config key {key!r}: {p!r} is a value, not a section")
+    node[leaf] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """'optim.lr=3e-4' -> ('optim.lr', 3e-4); the value is parsed as YAML (numbers, lists, null)."""
+    if "=" not in item:
+        raise InputError(f"--set {item!r}: expected dotted.key=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def format_validation_error(err: ValidationError) -> str:
+    """One line naming the first offending dotted key and what was expected."""
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        return f"unknown config key {loc!r}"
+    return f"config key {loc!r}: {msg} (got {first.get('input')!r})" if loc else msg
+
+
+def build_config(cls: type[BaseModel], base: dict[str, Any] | None = None,
+                 overrides: dict[str, Any] | None = None) -> Any:
+    """Validate `base` (nested) with dotted `overrides` applied; errors become one-line InputError."""
+    tree = copy.deepcopy(base or {})
+    overrides = overrides or {}
+    if "model.preset" in overrides and isinstance(tree.get("model"), dict):
+        # A new preset replaces the base's sizes (e.g. a resolved YAML); sizes set in overrides still win.
+        for key in MODEL_PRESETS["tiny"]:
+            tree["model"].pop(key, None)
+    for key, value in overrides.items():
+        set_dotted(tree, key, value)
+    try:
+        return cls.model_validate(tree)
+    except ValidationError as err:
+        raise InputError(format_validation_error(err)) from None
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    """Read a YAML mapping; errors name the file."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path}: config file not found") from None
+    except yaml.YAMLError as err:
+        raise InputError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a YAML mapping at the top level")
+    return data
+
+
+def to_plain(cfg: BaseModel) -> dict[str, Any]:
+    """JSON/YAML-safe nested dict (paths as strings)."""
+    return cfg.model_dump(mode="json")
+
+
+def dump_yaml(cfg: BaseModel) -> str:
+    """The full resolved config as YAML, in field order."""
+    return yaml.safe_dump(to_plain(cfg), sort_keys=False)

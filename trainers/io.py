@@ -1,0 +1,42 @@
+"""Atomic file writes: write to a temporary name in the same folder, then rename over the target."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def _atomic(path: Path, write) -> Path:
+    """Run write(tmp_path) then os.replace(tmp, path); a crash leaves the old file (or none), never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_torch_save(obj: Any, path: Path) -> Path:
+    """torch.save through a temporary file."""
+    return _atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    """Write text through a temporary file."""
+    return _atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def stable_hash(obj: Any) -> str:
+    """sha256 of the canonical JSON form of obj."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()

@@ -1,0 +1,224 @@
+"""TDSM fit loop: triplet diffusion training, periodic zero-shot evaluation, resumable checkpoints.
+
+The loop reports through `trainers.tracking.Reporter`; it runs the same in a unit test, a local run and a
+Ray Train worker. Randomness comes from one seeded generator whose state is checkpointed, so a resumed run
+draws the same batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from trainers.config import TDSMConfig, flatten, to_plain
+from trainers.data import FeatureSplit
+from trainers.diffusion import NoiseSchedule
+from trainers.errors import InputError
+from trainers.io import atomic_torch_save, stable_hash
+from trainers.losses import sample_negative_classes, triplet_diffusion_loss
+from trainers.runtime import autocast, resolve_device, resolve_precision, seed_everything
+from trainers.tdsm_model import TDSMDenoiser
+from trainers.text import TextFeatures
+from trainers.tracking import Reporter
+from trainers.zsl import ZSLCurve, ZSLMetrics, evaluate_zsl
+
+LAST = "last.pt"
+BEST = "best.pt"
+# Config keys that do not change what training computes: a checkpoint stays valid when only these differ.
+NON_TRAINING_KEYS = ("eval.", "train.eval_every", "train.checkpoint_every", "train.device", "train.threads",
+                     "text.cache_dir")
+
+
+def lr_at(step: int, total: int, lr: float, warmup: int, min_ratio: float) -> float:
+    """Linear warm-up to lr, then cosine decay to lr * min_ratio at `total` (pure function of the step)."""
+    if warmup and step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def build_schedule(cfg: TDSMConfig) -> NoiseSchedule:
+    d = cfg.diffusion
+    return NoiseSchedule(d.num_train_timesteps, d.beta_schedule, d.beta_start, d.beta_end, d.prediction_type)
+
+
+def build_model(cfg: TDSMConfig, feature_dim: int, text: TextFeatures) -> TDSMDenoiser:
+    """The denoiser sized by the config, with input widths taken from the data and the encoded text."""
+    return TDSMDenoiser(cfg.model, feature_dim, text.global_feats.shape[-1], text.local_feats.shape[-1],
+                        text.local_feats.shape[1])
+
+
+def training_fingerprint(cfg: TDSMConfig) -> str:
+    """Hash of everything that changes what training computes (resuming under another config is refused)."""
+    flat = flatten(to_plain(cfg))
+    return stable_hash({k: v for k, v in flat.items() if not k.startswith(NON_TRAINING_KEYS)})
+
+
+def zsl_metric_dict(curve: ZSLCurve, t_test: int, prefix: str) -> dict[str, float]:
+    """Scalars of a curve: accuracy at the configured t_test, the best t_test, and every grid point."""
+    at, best = curve.at(t_test), curve.best()
+    out = {
+        f"{prefix}/zsl_top1": at.top1,
+        f"{prefix}/zsl_top1_std": at.top1_std,
+        f"{prefix}/zsl_top1_ensemble": at.top1_ensemble,
+        f"{prefix}/zsl_top1_best": best.top1,
+        f"{prefix}/best_t_test": float(best.t_test),
+    }
+    if at.top5 is not None:
+        out[f"{prefix}/zsl_top5"] = at.top5
+    for t, m in curve.by_t.items():
+        out[f"{prefix}/zsl_top1_t{t:03d}"] = m.top1
+    return out
+
+
+@dataclass
+class FitResult:
+    """The trained model (best-on-eval weights are in run_dir/best.pt when evaluation ran)."""
+
+    model: TDSMDenoiser
+    last_curve: ZSLCurve | None
+    last_metrics: dict[str, float]
+    best_metric: float
+    step: int
+
+
+def fit_tdsm(cfg: TDSMConfig, train: FeatureSplit, train_classes: list[int], evaluation: FeatureSplit | None,
+             eval_classes: list[int], text: TextFeatures, reporter: Reporter, run_dir: Path | None = None,
+             eval_prefix: str = "val", progress: bool = True) -> FitResult:
+    """Train a TDSM denoiser on `train` (classes `train_classes`), evaluating zero-shot on `evaluation`.
+
+    text: features of *all* classes (rows indexed by class id). run_dir holds last.pt (resumable) and
+    best.pt (best `eval_prefix/zsl_top1`); pass None to keep nothing on disk.
+    """
+    if len(train) == 0:
+        raise InputError("no training samples for the training classes")
+    device = resolve_device(cfg.train.device)
+    precision = resolve_precision(cfg.train.precision, device)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    gen = seed_everything(cfg.train.seed)
+    schedule = build_schedule(cfg)
+    model = build_model(cfg, train.features.shape[1], text).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    amp = lambda: autocast(device, precision)  # noqa: E731  (a fresh context per use)
+
+    x_all, y_all = train.features.to(device), train.labels.to(device)
+    text_g, text_l = text.global_feats.to(device), text.local_feats.to(device)
+    pool = torch.tensor(train_classes, dtype=torch.long)
+    fingerprint = training_fingerprint(cfg)
+    step, best = 0, -1.0
+    if run_dir is not None and (Path(run_dir) / LAST).is_file():
+        step, best = _resume(Path(run_dir) / LAST, fingerprint, model, opt, gen)
+
+    total, B, T = cfg.train.steps, cfg.optim.batch_size, cfg.diffusion.num_train_timesteps
+    log_every = max(1, min(50, total // 20))
+    curve, last_metrics = None, {}
+    bar = tqdm(total=total, initial=step, desc="tdsm", disable=not progress, file=sys.stderr,
+               mininterval=1.0, dynamic_ncols=True)
+    model.train()
+    while step < total:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, total, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio)
+        idx = torch.randint(len(train), (B,), generator=gen)
+        y = y_all[idx.to(device)]
+        neg = sample_negative_classes(y, pool, gen)
+        t = torch.randint(T, (B,), generator=gen).to(device)
+        eps = torch.randn(B, x_all.shape[1], generator=gen).to(device)
+        x0 = x_all[idx.to(device)]
+        z_t = schedule.add_noise(x0, eps, t)
+        # Positive and negative prompts share t and eps (paper §3.3): one forward over 2B rows.
+        cls = torch.cat([y, neg])
+        with amp():
+            pred = model(torch.cat([z_t, z_t]), torch.cat([t, t]), text_g[cls], text_l[cls])
+        pred_pos, pred_neg = pred.float().chunk(2)
+        losses = triplet_diffusion_loss(schedule.target(x0, eps, t), pred_pos, pred_neg, neg != y,
+                                        cfg.loss.margin, cfg.loss.triplet_weight)
+        opt.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        if cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        opt.step()
+        step += 1
+        bar.update(1)
+        if step % log_every == 0 or step == total:
+            scalars = {f"train/{k}": float(v.detach()) for k, v in losses.items()}
+            scalars["train/lr"] = opt.param_groups[0]["lr"]
+            reporter.log_metrics(scalars, step)
+            bar.set_postfix(loss=f"{scalars['train/loss']:.4f}", refresh=False)
+        is_eval = step % cfg.train.eval_every == 0 or step == total
+        is_ckpt = step % cfg.train.checkpoint_every == 0 or step == total
+        if is_eval and evaluation is not None and len(evaluation):
+            # Intermediate evaluations score t_test only; the last one scores the whole grid (the curve).
+            grid = cfg.eval.t_test_grid if step == total else [cfg.eval.t_test]
+            curve = evaluate_zsl(model, schedule, evaluation.features.to(device), evaluation.labels, eval_classes,
+                                 text_g, text_l, grid, cfg.eval.noise_draws, cfg.eval.seed,
+                                 cfg.eval.batch_size * cfg.eval.noise_draws * len(eval_classes), amp)
+            last_metrics = zsl_metric_dict(curve, cfg.eval.t_test, eval_prefix)
+            bar.set_postfix(loss=f"{losses['loss'].item():.4f}",
+                            **{eval_prefix: f"{last_metrics[f'{eval_prefix}/zsl_top1']:.1f}"})
+            if run_dir is not None and last_metrics[f"{eval_prefix}/zsl_top1"] > best:
+                best = last_metrics[f"{eval_prefix}/zsl_top1"]
+                atomic_torch_save({"model": model.state_dict(), "step": step, "metrics": last_metrics,
+                                   "config": to_plain(cfg)}, Path(run_dir) / BEST)
+        if run_dir is not None and (is_ckpt or is_eval):
+            _save_last(Path(run_dir) / LAST, fingerprint, model, opt, gen, step, best, cfg)
+        if is_eval and evaluation is not None and len(evaluation):
+            reporter.log_evaluation(last_metrics, step, curve, Path(run_dir) if run_dir is not None else None)
+    bar.close()
+    model.eval()
+    return FitResult(model, curve, last_metrics, best, step)
+
+
+def _save_last(path: Path, fingerprint: str, model, opt, gen: torch.Generator, step: int, best: float,
+               cfg: TDSMConfig) -> None:
+    atomic_torch_save({
+        "model": model.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
+        "torch_rng": torch.get_rng_state(), "step": step, "best": best, "fingerprint": fingerprint,
+        "config": to_plain(cfg),
+    }, path)
+
+
+def _resume(path: Path, fingerprint: str, model, opt, gen: torch.Generator) -> tuple[int, float]:
+    """Load last.pt into model/optimizer/generator; refuse a checkpoint written under another config."""
+    try:
+        state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - any unreadable checkpoint gets the same one-line answer
+        raise InputError(f"{path}: unreadable checkpoint ({type(err).__name__}); delete it to start over") from None
+    if state.get("fingerprint") != fingerprint:
+        raise InputError(f"{path}: written with a different training config; use another run dir or delete it")
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    gen.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    return int(state["step"]), float(state["best"])
+
+
+def load_best_weights(model: TDSMDenoiser, run_dir: Path) -> bool:
+    """Load run_dir/best.pt into model when present; returns whether it did."""
+    path = Path(run_dir) / BEST
+    if not path.is_file():
+        return False
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["model"])
+    return True
+
+
+def evaluate_split(cfg: TDSMConfig, model: TDSMDenoiser, split: FeatureSplit, classes: list[int],
+                   text: TextFeatures, prefix: str) -> tuple[dict[str, float], ZSLCurve]:
+    """Zero-shot metrics of a trained model on one split (e.g. the unseen test classes, once, at the end)."""
+    device = next(model.parameters()).device
+    precision = resolve_precision(cfg.train.precision, device)
+    curve = evaluate_zsl(model, build_schedule(cfg), split.features.to(device), split.labels, classes,
+                         text.global_feats.to(device), text.local_feats.to(device), cfg.eval.t_test_grid,
+                         cfg.eval.noise_draws, cfg.eval.seed, cfg.eval.batch_size * cfg.eval.noise_draws * len(classes),
+                         lambda: autocast(device, precision))
+    return zsl_metric_dict(curve, cfg.eval.t_test, prefix), curve
+
+
+__all__ = ["FitResult", "ZSLMetrics", "build_model", "build_schedule", "evaluate_split", "fit_tdsm", "lr_at",
+           "load_best_weights", "zsl_metric_dict"]

@@ -1,0 +1,52 @@
+"""From a TDSM config to tensors: class prompts -> encoded (cached) text, and the zero-shot feature task."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from trainers.config import TDSMConfig
+from trainers.data import ZSLTask, generate_synthetic_task, load_feature_task
+from trainers.errors import InputError
+from trainers.text import TextFeatures, encode_prompt_sets, read_prompt_file
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+EMBEDDED_NAMES = ASSETS / "ntu60_class_names.txt"
+EMBEDDED_DESCRIPTIONS = ASSETS / "ntu60_descriptions.txt"
+
+
+def default_cache_dir() -> Path:
+    """$SKELDIFF_CACHE, else ~/.cache/skeldiff."""
+    return Path(os.environ.get("SKELDIFF_CACHE") or Path.home() / ".cache" / "skeldiff")
+
+
+def prompt_files(cfg: TDSMConfig) -> list[Path]:
+    """[class names, description files...]; the embedded NTU-60 texts for the synthetic task."""
+    names = cfg.text.class_names
+    if names is None:
+        if cfg.data.source == "features":
+            raise InputError("text.class_names is required with data.source=features (--class-names FILE)")
+        names = EMBEDDED_NAMES
+    descriptions = cfg.text.descriptions
+    if descriptions is None:
+        descriptions = [EMBEDDED_DESCRIPTIONS] if cfg.text.class_names is None else []
+    return [Path(names), *map(Path, descriptions)]
+
+
+def encode_class_texts(cfg: TDSMConfig) -> tuple[list[str], TextFeatures]:
+    """(class names, text features of every class: prompt files concatenated along channels)."""
+    files = prompt_files(cfg)
+    names = read_prompt_file(files[0])
+    sets = [names] + [read_prompt_file(f, expected_count=len(names)) for f in files[1:]]
+    cache = Path(cfg.text.cache_dir) if cfg.text.cache_dir else default_cache_dir() / "text"
+    return names, encode_prompt_sets(cfg.text.encoder, sets, cfg.text.max_tokens, cache)
+
+
+def prepare_tdsm(cfg: TDSMConfig) -> tuple[ZSLTask, list[str], TextFeatures]:
+    """The zero-shot task, the class names and the encoded class texts a TDSM run needs."""
+    names, text = encode_class_texts(cfg)
+    if cfg.data.source == "synthetic":
+        task = generate_synthetic_task(cfg.data, text.global_feats)
+    else:
+        task = load_feature_task(cfg.data, len(names))
+    return task, names, text

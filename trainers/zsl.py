@@ -1,0 +1,150 @@
+"""Zero-shot scoring (METHODS.md §1, Inference): noise once at t_test, pick the class whose text denoises best.
+
+All candidates and all noise draws of a chunk of samples go through one forward pass; every t_test of a grid
+reuses the same model and the same evaluation noise, so the accuracy-vs-t_test curve costs inference only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable, ContextManager
+
+import numpy as np
+import torch
+from einops import repeat
+
+from trainers.diffusion import NoiseSchedule
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def evaluation_noise(num_draws: int, num_samples: int, dim: int, seed: int) -> torch.Tensor:
+    """(K, N, D) Gaussian noise from its own generator: independent of training randomness and of chunking."""
+    return torch.randn(num_draws, num_samples, dim, generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def score_candidates(model: Denoiser, schedule: NoiseSchedule, features: torch.Tensor, noise: torch.Tensor,
+                     t_test: int, cand_global: torch.Tensor, cand_local: torch.Tensor, max_rows: int = 4096,
+                     amp: Callable[[], ContextManager] = contextlib.nullcontext) -> torch.Tensor:
+    """Denoising error of every (draw, sample, candidate): (K, N, C); smaller = better match.
+
+    features (N, D) on the model's device; noise (K, N, D); cand_global (C, D_g); cand_local (C, M_l, D_l).
+    Rows per forward pass = chunk x K x C, bounded by max_rows.
+    """
+    K, N, D = noise.shape
+    C = cand_global.shape[0]
+    device = features.device
+    chunk = max(1, max_rows // (K * C))
+    out = torch.empty(K, N, C)
+    for s in range(0, N, chunk):
+        x0 = features[s:s + chunk]                                             # (n, D)
+        n = x0.shape[0]
+        eps = noise[:, s:s + chunk].to(device)                                 # (K, n, D)
+        x0 = repeat(x0, "n d -> (k n c) d", k=K, c=C)                          # (K n C, D)
+        eps = repeat(eps, "k n d -> (k n c) d", c=C)                           # (K n C, D)
+        t = torch.full((K * n * C,), t_test, device=device, dtype=torch.long)
+        z_t = schedule.add_noise(x0, eps, t)                                   # (K n C, D)
+        g = repeat(cand_global, "c e -> (k n c) e", k=K, n=n)                  # (K n C, D_g)
+        loc = repeat(cand_local, "c m e -> (k n c) m e", k=K, n=n)             # (K n C, M_l, D_l)
+        with amp():
+            pred = model(z_t, t, g, loc)                                       # (K n C, D)
+        err = (schedule.target(x0, eps, t) - pred.float()).pow(2).mean(-1)    # (K n C,)
+        out[:, s:s + n] = err.view(K, n, C).cpu()
+    return out
+
+
+@torch.no_grad()
+def score_candidates_loop(model: Denoiser, schedule: NoiseSchedule, features: torch.Tensor, noise: torch.Tensor,
+                          t_test: int, cand_global: torch.Tensor, cand_local: torch.Tensor,
+                          amp: Callable[[], ContextManager] = contextlib.nullcontext) -> torch.Tensor:
+    """Reference: one forward per (draw, candidate) — the per-class loop that `score_candidates` replaces."""
+    K, N, _ = noise.shape
+    C = cand_global.shape[0]
+    out = torch.empty(K, N, C)
+    t = torch.full((N,), t_test, device=features.device, dtype=torch.long)
+    for k in range(K):
+        eps = noise[k].to(features.device)
+        z_t = schedule.add_noise(features, eps, t)
+        for c in range(C):
+            with amp():
+                pred = model(z_t, t, cand_global[c].expand(N, -1), cand_local[c].expand(N, -1, -1))
+            out[k, :, c] = (schedule.target(features, eps, t) - pred.float()).pow(2).mean(-1).cpu()
+    return out
+
+
+@dataclass
+class ZSLMetrics:
+    """Accuracy of one t_test over K noise draws; classes are the candidate class ids in column order."""
+
+    t_test: int
+    classes: list[int]
+    top1: float                  # mean over draws (the paper's protocol), in %
+    top1_std: float              # std over draws
+    top1_ensemble: float         # argmin of the draw-averaged error (the official code's summed errors)
+    top5: float | None           # mean over draws; None with fewer than 5 candidates
+    per_class: list[float]       # accuracy per candidate class over all draws, in %
+    confusion: np.ndarray = field(repr=False)   # (C, C) counts over draws: rows true, columns predicted
+
+
+def metrics_from_errors(errors: torch.Tensor, labels: torch.Tensor, classes: list[int], t_test: int) -> ZSLMetrics:
+    """errors (K, N, C), labels (N,) class ids in `classes` -> ZSLMetrics."""
+    K, N, C = errors.shape
+    col = {c: i for i, c in enumerate(classes)}
+    y = torch.tensor([col[int(v)] for v in labels.tolist()], dtype=torch.long)   # (N,)
+    pred = errors.argmin(-1)                                                      # (K, N)
+    acc_draws = (pred == y).float().mean(-1) * 100                                # (K,)
+    top5 = None
+    if C >= 5:
+        top5_idx = errors.topk(5, dim=-1, largest=False).indices                  # (K, N, 5)
+        top5 = float((top5_idx == y[None, :, None]).any(-1).float().mean() * 100)
+    ens = errors.mean(0).argmin(-1)                                               # (N,)
+    confusion = np.zeros((C, C), dtype=np.int64)
+    np.add.at(confusion, (y.repeat(K).numpy(), pred.reshape(-1).numpy()), 1)
+    support = confusion.sum(1)
+    per_class = np.where(support > 0, np.diag(confusion) / np.maximum(support, 1) * 100, np.nan)
+    return ZSLMetrics(
+        t_test=t_test, classes=list(classes), top1=float(acc_draws.mean()),
+        top1_std=float(acc_draws.std(unbiased=False)), top1_ensemble=float((ens == y).float().mean() * 100),
+        top5=top5, per_class=[float(v) for v in per_class], confusion=confusion,
+    )
+
+
+@dataclass
+class ZSLCurve:
+    """Metrics for every t_test of a grid, from one model and one set of evaluation noises."""
+
+    by_t: dict[int, ZSLMetrics]
+
+    def at(self, t_test: int) -> ZSLMetrics:
+        return self.by_t[t_test]
+
+    def best(self) -> ZSLMetrics:
+        """The t_test with the highest mean top-1 (ties: the smaller t)."""
+        return max(self.by_t.values(), key=lambda m: (m.top1, -m.t_test))
+
+
+def evaluate_zsl(model: Denoiser, schedule: NoiseSchedule, features: torch.Tensor, labels: torch.Tensor,
+                 classes: list[int], text_global: torch.Tensor, text_local: torch.Tensor, t_grid: list[int],
+                 noise_draws: int, seed: int, max_rows: int = 4096,
+                 amp: Callable[[], ContextManager] = contextlib.nullcontext) -> ZSLCurve:
+    """Zero-shot accuracy over `classes` (ids into text_global/text_local) for every t in t_grid.
+
+    features (N, D) and the text tensors on the model's device; labels (N,) class ids, all in `classes`.
+    """
+    idx = torch.tensor(classes, dtype=torch.long, device=text_global.device)
+    cand_g, cand_l = text_global[idx], text_local[idx]                            # (C, D_g), (C, M_l, D_l)
+    noise = evaluation_noise(noise_draws, features.shape[0], features.shape[1], seed)
+    was_training = getattr(model, "training", False)
+    if was_training:
+        model.eval()
+    try:
+        by_t = {}
+        for t in t_grid:
+            errors = score_candidates(model, schedule, features, noise, t, cand_g, cand_l, max_rows, amp)
+            by_t[t] = metrics_from_errors(errors, labels.cpu(), classes, t)
+    finally:
+        if was_training:
+            model.train()
+    return ZSLCurve(by_t)
