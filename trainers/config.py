@@ -152,6 +152,9 @@ class EvalConfig(Section):
     t_test_grid: list[int] | None = Field(
         None, description="t_test values evaluated from one model (Fig. 5 curve); default: 9 values over [1, T).")
     noise_draws: int = Field(3, ge=1, description="Independent evaluation noise draws; accuracy is averaged.")
+    tune_t_test: bool = Field(
+        False, description="Score the whole grid at every evaluation and report its best point as zsl_top1 "
+                           "(sweeps: t_test becomes an inference parameter chosen on validation).")
     seed: int = Field(1234, description="Seed of the evaluation noise, independent of training randomness.")
     batch_size: int = Field(64, ge=1, description="Test samples per batched forward (x draws x candidates).")
 

@@ -11,9 +11,10 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from trainers.config import TDSMConfig, flatten, to_plain
@@ -60,9 +61,10 @@ def training_fingerprint(cfg: TDSMConfig) -> str:
     return stable_hash({k: v for k, v in flat.items() if not k.startswith(NON_TRAINING_KEYS)})
 
 
-def zsl_metric_dict(curve: ZSLCurve, t_test: int, prefix: str) -> dict[str, float]:
-    """Scalars of a curve: accuracy at the configured t_test, the best t_test, and every grid point."""
-    at, best = curve.at(t_test), curve.best()
+def zsl_metric_dict(curve: ZSLCurve, t_test: int, prefix: str, tuned: bool = False) -> dict[str, float]:
+    """Scalars of a curve: accuracy at t_test (at the best grid point when `tuned`), the best t_test, every point."""
+    best = curve.best()
+    at = best if tuned or t_test not in curve.by_t else curve.at(t_test)
     out = {
         f"{prefix}/zsl_top1": at.top1,
         f"{prefix}/zsl_top1_std": at.top1_std,
@@ -90,11 +92,13 @@ class FitResult:
 
 def fit_tdsm(cfg: TDSMConfig, train: FeatureSplit, train_classes: list[int], evaluation: FeatureSplit | None,
              eval_classes: list[int], text: TextFeatures, reporter: Reporter, run_dir: Path | None = None,
-             eval_prefix: str = "val", progress: bool = True) -> FitResult:
+             eval_prefix: str = "val", progress: bool = True,
+             wrap_model: Callable[[nn.Module], nn.Module] | None = None) -> FitResult:
     """Train a TDSM denoiser on `train` (classes `train_classes`), evaluating zero-shot on `evaluation`.
 
     text: features of *all* classes (rows indexed by class id). run_dir holds last.pt (resumable) and
-    best.pt (best `eval_prefix/zsl_top1`); pass None to keep nothing on disk.
+    best.pt (best `eval_prefix/zsl_top1`); pass None to keep nothing on disk. wrap_model (e.g. Ray Train's
+    prepare_model for DDP) wraps the denoiser for the training forward; checkpoints hold the unwrapped weights.
     """
     if len(train) == 0:
         raise InputError("no training samples for the training classes")
@@ -116,6 +120,7 @@ def fit_tdsm(cfg: TDSMConfig, train: FeatureSplit, train_classes: list[int], eva
     if run_dir is not None and (Path(run_dir) / LAST).is_file():
         step, best = _resume(Path(run_dir) / LAST, fingerprint, model, opt, gen)
 
+    train_model = wrap_model(model) if wrap_model is not None else model
     total, B, T = cfg.train.steps, cfg.optim.batch_size, cfg.diffusion.num_train_timesteps
     log_every = max(1, min(50, total // 20))
     curve, last_metrics = None, {}
@@ -135,7 +140,7 @@ def fit_tdsm(cfg: TDSMConfig, train: FeatureSplit, train_classes: list[int], eva
         # Positive and negative prompts share t and eps (paper §3.3): one forward over 2B rows.
         cls = torch.cat([y, neg])
         with amp():
-            pred = model(torch.cat([z_t, z_t]), torch.cat([t, t]), text_g[cls], text_l[cls])
+            pred = train_model(torch.cat([z_t, z_t]), torch.cat([t, t]), text_g[cls], text_l[cls])
         pred_pos, pred_neg = pred.float().chunk(2)
         losses = triplet_diffusion_loss(schedule.target(x0, eps, t), pred_pos, pred_neg, neg != y,
                                         cfg.loss.margin, cfg.loss.triplet_weight)
@@ -155,11 +160,11 @@ def fit_tdsm(cfg: TDSMConfig, train: FeatureSplit, train_classes: list[int], eva
         is_ckpt = step % cfg.train.checkpoint_every == 0 or step == total
         if is_eval and evaluation is not None and len(evaluation):
             # Intermediate evaluations score t_test only; the last one scores the whole grid (the curve).
-            grid = cfg.eval.t_test_grid if step == total else [cfg.eval.t_test]
+            grid = cfg.eval.t_test_grid if step == total or cfg.eval.tune_t_test else [cfg.eval.t_test]
             curve = evaluate_zsl(model, schedule, evaluation.features.to(device), evaluation.labels, eval_classes,
                                  text_g, text_l, grid, cfg.eval.noise_draws, cfg.eval.seed,
                                  cfg.eval.batch_size * cfg.eval.noise_draws * len(eval_classes), amp)
-            last_metrics = zsl_metric_dict(curve, cfg.eval.t_test, eval_prefix)
+            last_metrics = zsl_metric_dict(curve, cfg.eval.t_test, eval_prefix, cfg.eval.tune_t_test)
             bar.set_postfix(loss=f"{losses['loss'].item():.4f}",
                             **{eval_prefix: f"{last_metrics[f'{eval_prefix}/zsl_top1']:.1f}"})
             if run_dir is not None and last_metrics[f"{eval_prefix}/zsl_top1"] > best:

@@ -1,0 +1,341 @@
+"""Hyper-parameter sweeps: `python -m service.sweep tdsm [--smoke] [--splits NAME ...]`.
+
+Ray Tune samples configs from search_spaces/<method>.yaml; each trial trains with a Ray Train TorchTrainer
+(1..N workers) and is ranked on validation classes carved from the seen ones. Every trial is a nested MLflow
+run under one parent run per split; the best config is written as YAML for `python -m service.final`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from ray import tune
+
+from service.cli import add_config_args, exits_cleanly, resolve_config
+from service.search_space import SearchSpace, check_against_config, load_search_space
+from service.tracking import MLflowReporter, resolve_tracking_uri, standard_tags
+from trainers.config import TDSMConfig, build_config, dump_yaml, to_plain
+from trainers.errors import InputError
+from trainers.io import atomic_write_text
+
+REPO_SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
+STATE_FILE = "skeldiff_sweep.json"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m service.sweep", description=__doc__.splitlines()[0])
+    p.add_argument("method", choices=["tdsm", "cocodiff"])
+    p.add_argument("--space", type=Path, help="search space YAML (default: search_spaces/<method>.yaml)")
+    p.add_argument("--num-samples", type=int, help="trials per split (default: 16, or the space's smoke count)")
+    p.add_argument("--scheduler", choices=["asha", "fifo"], default="asha")
+    p.add_argument("--search", choices=["random", "optuna"], default="random")
+    p.add_argument("--max-concurrent", type=int, help="concurrent trials (default: fit the cluster's CPUs/GPUs)")
+    p.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers per trial (DDP when > 1)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0)
+    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="also the torch thread count per worker")
+    p.add_argument("--trial-retries", type=int, default=1, help="restarts of a crashed trial (from its checkpoint)")
+    p.add_argument("--splits", nargs="+", help="named splits from --splits-file (default: the data flags, or synthetic-u5)")
+    p.add_argument("--splits-file", type=Path, default=REPO_SPACES / "splits.yaml")
+    p.add_argument("--experiment-name", help="MLflow experiment (default: <method>-<split>)")
+    p.add_argument("--name", help="sweep name (default: <method>-<split>[-smoke]-<time>; --resume: the latest)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    p.add_argument("--storage-path", type=Path, default=Path(os.environ.get("SKELDIFF_RESULTS", "~/skeldiff_results")),
+                   help="Ray Tune/Train results and checkpoints (shared storage on a cluster)")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else start a local one)")
+    p.add_argument("--resume", action="store_true", help="continue the sweep named by --name (or the latest one)")
+    p.add_argument("--smoke", action="store_true", help="a tiny sweep that finishes in minutes on 2 CPU cores")
+    p.add_argument("--seed", type=int, default=0, help="seed of the search and of trial training")
+    add_config_args(p)
+    return p
+
+
+# ----------------------------------------------------------------------------------------------
+# Splits, config, space
+# ----------------------------------------------------------------------------------------------
+
+def load_splits(path: Path, names: list[str]) -> list[tuple[str, dict[str, Any]]]:
+    """(name, dotted overrides) for each requested split; env vars expanded, relative paths made absolute."""
+    table = yaml.safe_load(Path(path).read_text()) if Path(path).is_file() else None
+    if not isinstance(table, dict):
+        raise InputError(f"{path}: splits file missing or not a mapping of split names")
+    out = []
+    for name in names:
+        if name not in table:
+            raise InputError(f"--splits {name}: unknown split; known in {path}: {', '.join(table)}")
+        out.append((name, {k: _expand(v) for k, v in (table[name] or {}).items()}))
+    return out
+
+
+def _expand(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_expand(v) for v in value]
+    if isinstance(value, str) and ("/" in value or value.startswith("$")):
+        expanded = os.path.expandvars(value)
+        if "$" in expanded:
+            raise InputError(f"split path {value!r}: environment variable not set")
+        return str(Path(expanded).resolve())
+    return value
+
+
+def absolute_paths(tree: dict[str, Any]) -> dict[str, Any]:
+    """Resolve relative data/text paths: trials and Ray jobs run in other working directories."""
+    cfg = build_config(TDSMConfig, tree)
+    d, t = cfg.data, cfg.text
+    fix = lambda p: None if p is None else (str(Path(p).resolve()) if isinstance(p, (str, Path)) else p)  # noqa: E731
+    tree = to_plain(cfg)
+    tree["data"].update(features_dir=fix(d.features_dir), unseen=fix(d.unseen), seen=fix(d.seen),
+                        val_unseen=fix(d.val_unseen) if not isinstance(d.val_unseen, int) else d.val_unseen)
+    tree["text"].update(class_names=fix(t.class_names),
+                        descriptions=[fix(p) for p in t.descriptions] if t.descriptions else t.descriptions,
+                        cache_dir=fix(t.cache_dir))
+    return tree
+
+
+def sweep_dir_name(method: str, split: str, smoke: bool, storage: Path, name: str | None, resume: bool) -> str:
+    """The Tune experiment name: given, the latest matching one (resume), or a new timestamped one."""
+    if name:
+        return name
+    prefix = f"{method}-{split}{'-smoke' if smoke else ''}-"
+    if resume:
+        found = sorted(p.name for p in storage.glob(prefix + "*") if (p / STATE_FILE).is_file())
+        if not found:
+            raise InputError(f"--resume: no sweep named {prefix}* under {storage}")
+        return found[-1]
+    return prefix + time.strftime("%Y%m%d-%H%M%S")
+
+
+# ----------------------------------------------------------------------------------------------
+# Ray
+# ----------------------------------------------------------------------------------------------
+
+def connect_ray(address: str | None) -> None:
+    """Attach to a running cluster (--address, $RAY_ADDRESS, `ray job submit`) or start a local one."""
+    import ray
+
+    # Train's controller polls every 2 s by default; each report would cost that much (RAY_MLFLOW_NOTES.md).
+    # A finished trial's workers release their CPUs a little late; waiting for them is not a failure.
+    tuned = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600"}
+    for key, value in tuned.items():
+        os.environ.setdefault(key, value)
+    env = {"env_vars": {key: os.environ[key] for key in tuned}}
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env=None if os.environ.get("RAY_JOB_SUBMISSION_ID") else env,
+                 log_to_driver=True)
+    else:
+        ray.init(runtime_env=env)
+
+
+def default_concurrency(workers: int, cpus_per_worker: float, gpus_per_worker: float) -> int:
+    """Trials that fit the cluster at once: workers x CPUs (and GPUs) per trial, never oversubscribed."""
+    import ray
+
+    res = ray.cluster_resources()
+    by_cpu = int(res.get("CPU", 1) // max(1e-9, workers * cpus_per_worker))
+    by_gpu = int(res.get("GPU", 0) // (workers * gpus_per_worker)) if gpus_per_worker else by_cpu
+    return max(1, min(by_cpu, by_gpu))
+
+
+class MLflowTrialCloser(tune.Callback):
+    """Tune callback (driver side): mark each trial's MLflow run finished / early-stopped / failed.
+
+    A run opened in a worker stays RUNNING when ASHA stops the trial (the worker's code after its last report
+    never runs), so the driver closes it.
+    """
+
+    def __init__(self, uri: str, experiment: str, total_steps: int):
+        self.uri, self.experiment, self.total_steps = uri, experiment, total_steps
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._close(trial, failed=False)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._close(trial, failed=True)
+
+    def _close(self, trial, failed: bool) -> None:
+        from mlflow.tracking import MlflowClient
+
+        from service.trial import TRIAL_TAG
+
+        client = MlflowClient(self.uri)
+        exp = client.get_experiment_by_name(self.experiment)
+        if exp is None:
+            return
+        runs = client.search_runs([exp.experiment_id], f"tags.{TRIAL_TAG} = '{trial.trial_id}'", max_results=1)
+        if not runs:
+            return
+        run = runs[0]
+        step = int((trial.last_result or {}).get("step", 0))
+        state = "failed" if failed else ("finished" if step >= self.total_steps else "early_stopped")
+        client.set_tag(run.info.run_id, "trial_state", state)
+        if run.info.status == "RUNNING" or failed:
+            client.set_terminated(run.info.run_id, {"failed": "FAILED", "early_stopped": "KILLED"}.get(state, "FINISHED"))
+
+
+# ----------------------------------------------------------------------------------------------
+# One split
+# ----------------------------------------------------------------------------------------------
+
+def run_split(args, method: str, split: str, base: dict[str, Any], space: SearchSpace, num_samples: int,
+              uri: str) -> dict[str, Any]:
+    """Sweep one split; returns the summary (best trial, metric, best-config path)."""
+    import ray
+
+    from service.trial import tdsm_trial
+    from trainers.tdsm_task import prepare_tdsm
+
+    cfg = build_config(TDSMConfig, base)
+    storage = args.storage_path.expanduser().resolve()
+    name = sweep_dir_name(method, split, args.smoke, storage, args.name, args.resume)
+    sweep_path = storage / name
+    experiment = args.experiment_name or f"{method}-{split}"
+    state_path = sweep_path / STATE_FILE
+    state = json.loads(state_path.read_text()) if args.resume and state_path.is_file() else {}
+
+    print(f"[{split}] preparing data and text once for the whole sweep ...", file=sys.stderr)
+    t0 = time.perf_counter()
+    task, names, text = prepare_tdsm(cfg)
+    data_ref = ray.put((task, names, text))
+    prep_s = time.perf_counter() - t0
+
+    parent = MLflowReporter.start(uri, experiment, name, run_id=state.get("parent_run_id"),
+                                  tags=standard_tags(split=split, phase="sweep", method=method, sweep=name))
+    if not state:
+        parent.log_params({"sweep.num_samples": num_samples, "sweep.scheduler": args.scheduler,
+                           "sweep.search": args.search, "sweep.workers_per_trial": args.workers_per_trial,
+                           "sweep.split": split, "sweep.metric": space.metric})
+        parent.log_text(yaml.safe_dump(space.model_dump(mode="json"), sort_keys=False), "search_space.yaml")
+        parent.log_text(dump_yaml(cfg), "base_config.yaml")
+        sweep_path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(state_path, json.dumps({"parent_run_id": parent.run_id, "tracking_uri": uri,
+                                                  "experiment": experiment, "split": split}))
+
+    settings = {
+        "base": base, "space": space.model_dump(mode="json"), "default_T": cfg.diffusion.num_train_timesteps,
+        "seed": args.seed, "workers_per_trial": args.workers_per_trial, "gpus_per_worker": args.gpus_per_worker,
+        "cpus_per_worker": args.cpus_per_worker, "trial_retries": args.trial_retries,
+        "tracking_uri": uri, "experiment": experiment, "parent_run_id": parent.run_id, "split": split,
+        "storage_path": str(storage / f"{name}-train"), "data_ref": data_ref,
+    }
+    # The trial function only launches a TorchTrainer: it needs almost no CPU of its own, so trials x workers
+    # x cpus_per_worker is the whole reservation (a full CPU per trial driver deadlocks 2-CPU machines).
+    trainable = tune.with_resources(tune.with_parameters(tdsm_trial, settings=settings),
+                                    {"cpu": 0.001, "memory": 64 * 1024**2})
+    n_evals = -(-cfg.train.steps // cfg.train.eval_every)
+    scheduler = (tune.schedulers.ASHAScheduler(time_attr="training_iteration", max_t=n_evals, grace_period=1,
+                                               reduction_factor=2)
+                 if args.scheduler == "asha" and n_evals > 1 else tune.schedulers.FIFOScheduler())
+    search_alg = None
+    if args.search == "optuna":
+        try:
+            from ray.tune.search.optuna import OptunaSearch
+        except ImportError:
+            raise InputError("--search optuna needs the optional extra: pip install -e '.[optuna]'") from None
+        search_alg = OptunaSearch(seed=args.seed)
+    concurrency = args.max_concurrent or default_concurrency(args.workers_per_trial, args.cpus_per_worker,
+                                                             args.gpus_per_worker)
+    run_config = tune.RunConfig(
+        name=name, storage_path=str(storage),
+        failure_config=tune.FailureConfig(max_failures=args.trial_retries),
+        callbacks=[MLflowTrialCloser(uri, experiment, cfg.train.steps)], verbose=1)
+    if args.resume and tune.Tuner.can_restore(str(sweep_path)):
+        print(f"[{split}] resuming {sweep_path}", file=sys.stderr)
+        tuner = tune.Tuner.restore(str(sweep_path), trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable, param_space=space.tune_param_space(),
+            tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, scheduler=scheduler,
+                                        search_alg=search_alg, num_samples=num_samples,
+                                        max_concurrent_trials=concurrency),
+            run_config=run_config)
+    print(f"[{split}] sweep {name}: {num_samples} trials, {concurrency} at a time, "
+          f"{args.workers_per_trial} worker(s) each", file=sys.stderr)
+    t1 = time.perf_counter()
+    results = tuner.fit()
+    fit_s = time.perf_counter() - t1
+    summary = finish_split(parent, experiment, uri, name, sweep_path, split, space)
+    summary.update(prepare_s=round(prep_s, 2), fit_s=round(fit_s, 1), errors=results.num_errors,
+                   trials=len(results))
+    parent.log_metrics({"sweep/fit_seconds": fit_s, "sweep/prepare_seconds": prep_s,
+                        "sweep/best_val_zsl_top1": summary.get("best_metric", float("nan"))}, 0)
+    parent.finish("FINISHED")
+    return summary
+
+
+def finish_split(parent: MLflowReporter, experiment: str, uri: str, name: str, sweep_path: Path, split: str,
+                 space: SearchSpace) -> dict[str, Any]:
+    """Pick the best child run from MLflow (robust to a stale Tune snapshot) and write its config."""
+    client = parent.client
+    exp = client.get_experiment_by_name(experiment)
+    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.run_id}'",
+                                  max_results=1000)
+    metric = f"{space.metric}_max"
+    scored = [r for r in children if metric in r.data.metrics]
+    if not scored:
+        return {"split": split, "best_run_id": None, "children": len(children)}
+    best = max(scored, key=lambda r: r.data.metrics[metric] if space.mode == "max" else -r.data.metrics[metric])
+    local = Path(client.download_artifacts(best.info.run_id, "config.yaml", str(sweep_path)))
+    best_tree = yaml.safe_load(local.read_text())
+    t_best = int(best.data.tags.get("best_t_test", best_tree["eval"]["t_test"]))
+    best_tree["eval"].update(t_test=t_best, tune_t_test=False)
+    best_cfg = build_config(TDSMConfig, best_tree)
+    header = (f"# best config of sweep {name} (split {split})\n# trial run {best.info.run_id}: "
+              f"{metric}={best.data.metrics[metric]:.2f}, t_test chosen on validation = {t_best}\n"
+              f"# parent run {parent.run_id}; tracking {uri}\n")
+    out = atomic_write_text(sweep_path / "best_config.yaml", header + dump_yaml(best_cfg))
+    parent.log_artifact(out)
+    parent.set_tags({"best_run_id": best.info.run_id, "best_config": str(out)})
+    return {"split": split, "best_run_id": best.info.run_id, "best_trial": best.data.tags.get("ray_trial_name"),
+            "best_metric": round(best.data.metrics[metric], 3), "metric": metric, "best_t_test": t_best,
+            "best_config": str(out), "children": len(children), "parent_run_id": parent.run_id}
+
+
+@exits_cleanly
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.method == "cocodiff":
+        raise InputError("method 'cocodiff' is not available yet (tracked in issue 5); use 'tdsm'")
+    space_path = args.space or REPO_SPACES / f"{args.method}.yaml"
+    space = load_search_space(space_path)
+    smoke_cfg = space.smoke.config if (args.smoke and space.smoke) else {}
+    if args.smoke:
+        space = space.for_smoke()
+    num_samples = args.num_samples or (space.smoke.num_samples if args.smoke and space.smoke else 16)
+    cfg = resolve_config(args.method, args, extra=smoke_cfg)
+    if args.print_config:
+        print(dump_yaml(cfg), end="")
+        return 0
+    data_flags = args.features is not None or cfg.data.source == "features"
+    splits = (load_splits(args.splits_file, args.splits) if args.splits
+              else [(Path(cfg.data.features_dir).name if data_flags else "synthetic-u5", {})])
+    uri = resolve_tracking_uri(args.tracking_uri)
+    split_trees = []
+    for split, overrides in splits:
+        tree = absolute_paths(build_config(TDSMConfig, to_plain(cfg), overrides).model_dump(mode="json"))
+        check_against_config(space, TDSMConfig, tree, space_path)
+        split_trees.append((split, tree))
+
+    connect_ray(args.address)
+    summaries = [run_split(args, args.method, split, tree, space, num_samples, uri) for split, tree in split_trees]
+    for s in summaries:
+        print(f"[{s['split']}] best trial {s.get('best_trial')} ({s.get('best_run_id')}): "
+              f"{s.get('metric')}={s.get('best_metric')} at t_test={s.get('best_t_test')}; "
+              f"{s.get('children')} trial runs in {s.get('fit_s')} s", file=sys.stderr)
+        print(f"[{s['split']}] best config: {s.get('best_config')}", file=sys.stderr)
+        print(f"[{s['split']}] final runs: python -m service.final --from {s.get('best_config')}", file=sys.stderr)
+    print(f"browse: mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else f"browse: {uri}",
+          file=sys.stderr)
+    print(json.dumps({"sweeps": summaries, "tracking_uri": uri}))
+    return 0 if all(s.get("best_run_id") for s in summaries) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
