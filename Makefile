@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --disable-pip-version-check -q -e '.[optuna]'
+	$(VENV)/bin/pip install --disable-pip-version-check -q -e '.[optuna,deploy]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -53,7 +53,7 @@ def resolve_config(method: str, args: argparse.Namespace, extra: dict[str, Any] 
     base = load_yaml(args.config) if args.config else {}
     overrides = {**shortcut_overrides(args), **(extra or {})}
     overrides.update(parse_override(item) for item in args.overrides)
-    return build_config(METHOD_CONFIGS[method], base, overrides)
+    return build_config(METHOD_CONFIGS[method], base, overrides, source=args.config)
 
 
 def exits_cleanly(main: Callable[..., int | None]) -> Callable[..., int]:

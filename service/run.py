@@ -21,6 +21,7 @@ from service.cli import add_config_args, exits_cleanly, resolve_config
 from service.tracking import MLflowReporter, resolve_tracking_uri, standard_tags
 from trainers.config import dump_yaml, flatten, to_plain
 from trainers.errors import InputError
+from trainers.io import stable_hash
 from trainers.plots import plot_confusion, plot_t_curve
 from trainers.tdsm_fit import (BEST, evaluate_split, fit_tdsm, load_best_weights, training_fingerprint)
 from trainers.tdsm_model import count_parameters
@@ -74,11 +75,15 @@ def main(argv: list[str] | None = None) -> int:
     uri = resolve_tracking_uri(args.tracking_uri)
     id_file = run_dir / "mlflow_run.json"
     previous = json.loads(id_file.read_text()) if id_file.is_file() else {}
+    # The run dir is keyed by the training config only; MLflow params cannot change, so a resume under other
+    # evaluation settings opens a new MLflow run (training still resumes from last.pt).
+    config_hash = stable_hash(to_plain(cfg))
+    same_run = previous.get("tracking_uri") == uri and previous.get("config_hash") == config_hash
     reporter = MLflowReporter.start(
         uri, args.experiment_name or f"tdsm-{task.name}", run_dir.name,
         tags=standard_tags(split=task.name, phase="run", method="tdsm"),
-        run_id=previous.get("run_id") if previous.get("tracking_uri") == uri else None)
-    id_file.write_text(json.dumps({"run_id": reporter.run_id, "tracking_uri": uri}))
+        run_id=previous.get("run_id") if same_run else None)
+    id_file.write_text(json.dumps({"run_id": reporter.run_id, "tracking_uri": uri, "config_hash": config_hash}))
     print(f"run dir {run_dir}  |  mlflow run {reporter.run_id} at {uri}", file=sys.stderr)
     try:
         reporter.log_params(flatten(to_plain(cfg)))

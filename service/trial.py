@@ -18,7 +18,7 @@ from ray.train import Checkpoint
 
 from service.tracking import MLflowReporter, standard_tags
 from trainers.config import TDSMConfig, build_config, dump_yaml, flatten, to_plain
-from trainers.tdsm_fit import BEST, LAST, fit_tdsm
+from trainers.tdsm_fit import BEST, LAST, build_model, fit_tdsm
 from trainers.tdsm_model import count_parameters
 from trainers.zsl import ZSLCurve
 
@@ -44,9 +44,11 @@ def find_or_start_child_run(uri: str, experiment: str, parent_run_id: str, trial
 class RayTrainReporter:
     """Reporter for a Train worker: every rank reports to Ray Train; rank 0 also logs to MLflow and checkpoints."""
 
-    def __init__(self, rank: int, mlflow: MLflowReporter | None):
+    def __init__(self, rank: int, mlflow: MLflowReporter | None, final_step: int, names: list[str]):
         self.rank = rank
         self.mlflow = mlflow
+        self.final_step = final_step
+        self.names = names
         self.best = float("-inf")
         self.last_curve: ZSLCurve | None = None
 
@@ -64,6 +66,9 @@ class RayTrainReporter:
             self.mlflow.log_metrics({k: v for k, v in out.items() if k != "step"}, step)
             if metrics["val/zsl_top1"] >= self.best:
                 self.mlflow.set_tags({"best_t_test": int(metrics["val/best_t_test"]), "best_step": step})
+        if self.mlflow is not None and step >= self.final_step:
+            # Before the last report: once Tune has it, the scheduler may stop the trial at once.
+            self._log_final_artifacts(curve, checkpoint_dir)
         if self.rank == 0 and checkpoint_dir is not None:
             with tempfile.TemporaryDirectory() as tmp:
                 for name in (LAST, BEST):
@@ -72,6 +77,14 @@ class RayTrainReporter:
                 ray.train.report(out, checkpoint=Checkpoint.from_directory(tmp))
         else:
             ray.train.report(out)
+
+
+    def _log_final_artifacts(self, curve: ZSLCurve, checkpoint_dir: Path | None) -> None:
+        from service.run import log_zsl_plots
+
+        log_zsl_plots(self.mlflow, curve, self.names, curve.best().t_test, "val")
+        if checkpoint_dir is not None and (checkpoint_dir / BEST).is_file():
+            self.mlflow.log_artifact(checkpoint_dir / BEST, "checkpoints")
 
 
 def tdsm_worker(loop: dict[str, Any]) -> None:
@@ -88,9 +101,11 @@ def tdsm_worker(loop: dict[str, Any]) -> None:
         mlflow = find_or_start_child_run(
             loop["tracking_uri"], loop["experiment"], loop["parent_run_id"], loop["trial_id"], loop["trial_name"],
             standard_tags(split=loop["split"], phase="sweep", method="tdsm", ray_trial_name=loop["trial_name"]))
-        mlflow.log_params({**flatten(to_plain(cfg)), "derived.workers": world})
+        with torch.device("meta"):  # size only: no memory, no init
+            n_params = count_parameters(build_model(cfg, task.feature_dim, text))
+        mlflow.log_params({**flatten(to_plain(cfg)), "derived.workers": world, "derived.num_parameters": n_params})
         mlflow.log_text(dump_yaml(cfg), "config.yaml")
-    reporter = RayTrainReporter(rank, mlflow)
+    reporter = RayTrainReporter(rank, mlflow, cfg.train.steps, names)
 
     run_dir = Path(tempfile.mkdtemp(prefix="tdsm-trial-"))
     checkpoint = ray.train.get_checkpoint()
@@ -100,16 +115,9 @@ def tdsm_worker(loop: dict[str, Any]) -> None:
                 if (Path(d) / name).is_file():
                     shutil.copy2(Path(d) / name, run_dir / name)
     wrap = ray.train.torch.prepare_model if world > 1 else None
-    result = fit_tdsm(cfg, fit_train, fit_classes, val, task.val, text, reporter, run_dir, eval_prefix="val",
+    fit_tdsm(cfg, fit_train, fit_classes, val, task.val, text, reporter, run_dir, eval_prefix="val",
                       progress=False, wrap_model=wrap)
     if mlflow is not None:
-        from service.run import log_zsl_plots
-
-        mlflow.log_params({"derived.num_parameters": count_parameters(result.model)})
-        if result.last_curve is not None:
-            log_zsl_plots(mlflow, result.last_curve, names, result.last_curve.best().t_test, "val")
-        if (run_dir / BEST).is_file():
-            mlflow.log_artifact(run_dir / BEST, "checkpoints")
         mlflow.finish()
     shutil.rmtree(run_dir, ignore_errors=True)
 

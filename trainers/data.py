@@ -76,19 +76,24 @@ def load_array(path: Path, ndim: int, what: str) -> np.ndarray:
     return arr
 
 
-def load_class_ids(spec: Path | list[int], num_classes: int, key: str) -> list[int]:
+def load_class_ids(spec: Path | list[int], num_classes: int, key: str,
+                   class_list: str = "the class list") -> list[int]:
     """A split given as a .npy file of 0-based class ids or as a list; checked against the class count."""
     ids = load_array(Path(spec), 1, "0-based class ids").tolist() if isinstance(spec, (str, Path)) else list(spec)
     where = f"{spec}" if isinstance(spec, (str, Path)) else key
-    bad = [c for c in ids if not (isinstance(c, (int, np.integer)) and 0 <= int(c) < num_classes)]
+    not_int = [c for c in ids if not isinstance(c, (int, np.integer)) or isinstance(c, bool)]
+    if not_int:
+        raise InputError(f"{where}: class ids must be integers, got {not_int[:5]}")
+    bad = [c for c in ids if not 0 <= int(c) < num_classes]
     if bad:
-        raise InputError(f"{where}: class ids {bad[:5]} outside the class list (0..{num_classes - 1})")
+        raise InputError(f"{where}: class ids {bad[:5]} outside {class_list} (0..{num_classes - 1})")
     if len(set(ids)) != len(ids):
         raise InputError(f"{where}: repeated class ids")
     return sorted(int(c) for c in ids)
 
 
-def load_feature_split(folder: Path, feat_name: str, label_name: str, num_classes: int) -> FeatureSplit:
+def load_feature_split(folder: Path, feat_name: str, label_name: str, num_classes: int,
+                       class_list: str = "the class list") -> FeatureSplit:
     """One (features, labels) pair of the SA-DVAE layout, validated."""
     x = load_array(folder / feat_name, 2, "N x D features")
     y = load_array(folder / label_name, 1, "N integer labels")
@@ -99,7 +104,7 @@ def load_feature_split(folder: Path, feat_name: str, label_name: str, num_classe
             raise InputError(f"{folder / label_name}: labels must be integers, got dtype {y.dtype}")
         y = y.astype(np.int64)
     if y.size and (y.min() < 0 or y.max() >= num_classes):
-        raise InputError(f"{folder / label_name}: labels outside the class list (0..{num_classes - 1}): "
+        raise InputError(f"{folder / label_name}: labels outside {class_list} (0..{num_classes - 1}): "
                          f"min {y.min()}, max {y.max()}")
     if not np.isfinite(x).all():
         raise InputError(f"{folder / feat_name}: contains NaN or inf")
@@ -114,11 +119,13 @@ def carve_validation(seen: list[int], count: int, seed: int) -> list[int]:
     return sorted(int(c) for c in rng.choice(seen, size=count, replace=False))
 
 
-def resolve_split(cfg: DataConfig, num_classes: int, default_unseen: list[int]) -> tuple[list[int], list[int], list[int]]:
+def resolve_split(cfg: DataConfig, num_classes: int, default_unseen: list[int],
+                  class_list: str = "the class list") -> tuple[list[int], list[int], list[int]]:
     """(seen, unseen, val) from the config, checked for overlaps and unknown classes."""
-    unseen = load_class_ids(cfg.unseen, num_classes, "data.unseen") if cfg.unseen is not None else default_unseen
+    unseen = (load_class_ids(cfg.unseen, num_classes, "data.unseen", class_list) if cfg.unseen is not None
+              else default_unseen)
     if cfg.seen is not None:
-        seen = load_class_ids(cfg.seen, num_classes, "data.seen")
+        seen = load_class_ids(cfg.seen, num_classes, "data.seen", class_list)
         overlap = sorted(set(seen) & set(unseen))
         if overlap:
             raise InputError(f"data.seen ({cfg.seen}) and data.unseen overlap on classes {overlap}")
@@ -127,7 +134,7 @@ def resolve_split(cfg: DataConfig, num_classes: int, default_unseen: list[int]) 
     if isinstance(cfg.val_unseen, int):
         val = carve_validation(seen, cfg.val_unseen, cfg.val_seed)
     else:
-        val = load_class_ids(cfg.val_unseen, num_classes, "data.val_unseen")
+        val = load_class_ids(cfg.val_unseen, num_classes, "data.val_unseen", class_list)
         outside = sorted(set(val) - set(seen))
         if outside:
             raise InputError(f"data.val_unseen ({cfg.val_unseen}): classes {outside} are not seen classes "
@@ -137,28 +144,33 @@ def resolve_split(cfg: DataConfig, num_classes: int, default_unseen: list[int]) 
     return seen, unseen, val
 
 
-def load_feature_task(cfg: DataConfig, num_classes: int) -> ZSLTask:
-    """Pre-extracted features in the SA-DVAE layout (METHODS.md §3) plus the zero-shot split."""
+def load_feature_task(cfg: DataConfig, num_classes: int, class_list: str = "the class list") -> ZSLTask:
+    """Pre-extracted features in the SA-DVAE layout (METHODS.md §3) plus the zero-shot split.
+
+    class_list: where the class count comes from (e.g. the class-names file), named in label errors.
+    """
     if cfg.features_dir is None:
         raise InputError("data.features_dir is required with data.source=features (--features DIR)")
     folder = Path(cfg.features_dir)
     if not folder.is_dir():
         raise InputError(f"{folder}: features folder not found")
-    train = load_feature_split(folder, "train.npy", "train_label.npy", num_classes)
-    test = load_feature_split(folder, "ztest.npy", "z_label.npy", num_classes)
+    train = load_feature_split(folder, "train.npy", "train_label.npy", num_classes, class_list)
+    test = load_feature_split(folder, "ztest.npy", "z_label.npy", num_classes, class_list)
     if train.features.shape[1] != test.features.shape[1]:
         raise InputError(f"{folder / 'ztest.npy'}: feature width {test.features.shape[1]} differs from "
                          f"train.npy's {train.features.shape[1]}")
     default_unseen = sorted(set(test.labels.tolist()))
-    seen, unseen, val = resolve_split(cfg, num_classes, default_unseen)
+    seen, unseen, val = resolve_split(cfg, num_classes, default_unseen, class_list)
+    remapped = len(test) > 0 and max(test.labels.tolist()) < len(unseen)
+    hint = " (z_label.npy's labels look remapped to 0..k-1; expected original class ids)" if remapped else ""
     stray_test = sorted(set(test.labels.tolist()) - set(unseen))
     if stray_test:
-        hint = (" (labels look remapped to 0..k-1; expected original class ids)"
-                if max(test.labels.tolist()) < len(unseen) else "")
         raise InputError(f"{folder / 'z_label.npy'}: labels {stray_test[:5]} are not unseen classes{hint}")
     stray_train = sorted(set(train.labels.tolist()) - set(seen))
     if stray_train:
-        raise InputError(f"{folder / 'train_label.npy'}: labels {stray_train[:5]} are not seen classes")
+        # Without data.unseen the unseen classes are z_label's, so remapped test labels surface here.
+        hint = hint if cfg.unseen is None else ""
+        raise InputError(f"{folder / 'train_label.npy'}: labels {stray_train[:5]} are not seen classes{hint}")
     missing = sorted(set(val) - set(train.labels.tolist()))
     if missing:
         raise InputError(f"data.val_unseen: validation classes {missing} have no samples in train.npy")

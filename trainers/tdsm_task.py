@@ -48,5 +48,5 @@ def prepare_tdsm(cfg: TDSMConfig) -> tuple[ZSLTask, list[str], TextFeatures]:
     if cfg.data.source == "synthetic":
         task = generate_synthetic_task(cfg.data, text.global_feats)
     else:
-        task = load_feature_task(cfg.data, len(names))
+        task = load_feature_task(cfg.data, len(names), f"the {len(names)} classes of {prompt_files(cfg)[0]}")
     return task, names, text

@@ -82,6 +82,7 @@ class ZSLMetrics:
     classes: list[int]
     top1: float                  # mean over draws (the paper's protocol), in %
     top1_std: float              # std over draws
+    top1_draws: list[float]      # accuracy of each draw
     top1_ensemble: float         # argmin of the draw-averaged error (the official code's summed errors)
     top5: float | None           # mean over draws; None with fewer than 5 candidates
     per_class: list[float]       # accuracy per candidate class over all draws, in %
@@ -106,7 +107,8 @@ def metrics_from_errors(errors: torch.Tensor, labels: torch.Tensor, classes: lis
     per_class = np.where(support > 0, np.diag(confusion) / np.maximum(support, 1) * 100, np.nan)
     return ZSLMetrics(
         t_test=t_test, classes=list(classes), top1=float(acc_draws.mean()),
-        top1_std=float(acc_draws.std(unbiased=False)), top1_ensemble=float((ens == y).float().mean() * 100),
+        top1_std=float(acc_draws.std(unbiased=False)), top1_draws=[float(a) for a in acc_draws],
+        top1_ensemble=float((ens == y).float().mean() * 100),
         top5=top5, per_class=[float(v) for v in per_class], confusion=confusion,
     )
 

@@ -1,0 +1,668 @@
+"""Benchmarks: `python -m service.bench tdsm [--device auto|cpu|cuda] [--quick] [--out bench-tdsm.json]`.
+
+One subcommand per benchmark, each a plain function registered in `BENCHMARKS`. Every benchmark prints a
+readable table on stdout, progress on stderr, and writes the full numbers (with the machine they came from)
+as JSON.
+
+`tdsm` measures, for the paper-size denoiser and a small one (256-d skeleton features, 2048-d global and
+local text, M_l = 35 text tokens):
+  1. one training step (forward + backward + AdamW over 2B rows: each sample with its positive and its
+     negative prompt, as in `trainers.tdsm_fit`), fp32 vs bf16 autocast;
+  2. zero-shot scoring throughput, `score_candidates` (all candidates and draws in one forward) vs
+     `score_candidates_loop` (one forward per draw and class), bf16 autocast, and fp32 for the batched path;
+  3. the peak memory of each phase.
+Each size runs in its own fresh subprocess, so its memory peaks and allocator state owe nothing to the other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import ctypes.util
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, ContextManager
+
+import torch
+
+from service.cli import exits_cleanly
+from trainers.config import TDSMConfig, build_config
+from trainers.diffusion import NoiseSchedule
+from trainers.errors import InputError
+from trainers.losses import sample_negative_classes, triplet_diffusion_loss
+from trainers.runtime import autocast, cpu_has_fast_bf16, seed_everything
+from trainers.tdsm_fit import build_schedule
+from trainers.tdsm_model import TDSMDenoiser, count_parameters
+from trainers.zsl import evaluation_noise, score_candidates, score_candidates_loop
+
+MIB = 2**20
+
+
+def log(msg: str) -> None:
+    """Progress goes to stderr so stdout holds only the table."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Machine, timing and memory
+# ----------------------------------------------------------------------------------------------
+
+def resolve_bench_device(name: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu; asking for cuda without one is an input error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name from /proc/cpuinfo (Linux), else what `platform` knows."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def describe_machine(device: torch.device) -> dict[str, Any]:
+    """What the numbers were measured on; the load average exposes other work sharing the cores."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    info: dict[str, Any] = {
+        "device": str(device),
+        "cpu_model": cpu_model(),
+        "cpu_cores_logical": os.cpu_count(),
+        "cpu_cores_usable": usable,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "cpu_amx": bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()),
+        "cpu_avx512_bf16": bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()),
+        "cpu_fast_bf16": cpu_has_fast_bf16(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        # Threading knobs that change CPU timings a lot on a shared machine.
+        "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT",
+                                               "MKL_NUM_THREADS")},
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["gpu_bf16"] = torch.cuda.is_bf16_supported()
+        info["gpu_memory_mib"] = round(torch.cuda.get_device_properties(device).total_memory / MIB)
+    return info
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn: Callable[[], Any], warmup: int, iters: int, device: torch.device, label: str
+               ) -> tuple[list[float], Any]:
+    """Wall seconds of `iters` calls after `warmup` untimed ones (kernel selection, first-touch allocations),
+    and the last call's result."""
+    result = None
+    for i in range(warmup):
+        start = time.perf_counter()
+        result = fn()
+        synchronize(device)
+        log(f"  {label}: warm-up {i + 1}/{warmup} {format_seconds(time.perf_counter() - start)}")
+    times = []
+    for i in range(iters):
+        synchronize(device)
+        start = time.perf_counter()
+        result = fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+        log(f"  {label}: {i + 1}/{iters} {format_seconds(times[-1])}")
+    return times, result
+
+
+def _libc_malloc_trim() -> Callable[[], None]:
+    """glibc's malloc_trim(0): hand freed heap pages back to the OS so the next phase starts from a true RSS."""
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        trim = None
+    return (lambda: trim(0)) if trim is not None else (lambda: None)
+
+
+_malloc_trim = _libc_malloc_trim()
+
+
+def _proc_status_kib(key: str) -> int | None:
+    """A 'VmRSS:' / 'VmHWM:' line of /proc/self/status in KiB, or None off Linux."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return None
+
+
+def _reset_rss_peak() -> bool:
+    """Reset the kernel's RSS high-water mark to the current RSS (Linux >= 4.0, clear_refs mode 5)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def _ru_maxrss_kib() -> int:
+    scale = 1024 if sys.platform == "darwin" else 1   # bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // scale
+
+
+def memory_method(device: torch.device) -> str:
+    """How `PeakMemory` measures on this device, in words (written into the report)."""
+    if device.type == "cuda":
+        return ("CUDA: torch.cuda.max_memory_allocated() during the phase minus memory_allocated() at its start "
+                "(tensors only, not the caching allocator's reserve)")
+    if _proc_status_kib("VmHWM") is not None and _reset_rss_peak():
+        return ("CPU: process RSS high-water mark (VmHWM, reset per phase via /proc/self/clear_refs) minus RSS at "
+                "the phase start, after gc and malloc_trim; one fresh process per model size")
+    return ("CPU: increase of getrusage ru_maxrss over the phase (a lower bound: a phase below an earlier peak "
+            "reads 0); one fresh process per model size")
+
+
+class PeakMemory:
+    """Peak memory of one phase above its starting point, in MiB (`peak_mib` after the block exits)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak_mib = 0.0
+
+    def __enter__(self) -> "PeakMemory":
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+            return self
+        _malloc_trim()
+        self._hwm = _proc_status_kib("VmHWM") is not None and _reset_rss_peak()
+        self._start = _proc_status_kib("VmRSS") if self._hwm else _ru_maxrss_kib()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_mib = (torch.cuda.max_memory_allocated(self.device) - self._start) / MIB
+        else:
+            end = _proc_status_kib("VmHWM") if self._hwm else _ru_maxrss_kib()
+            self.peak_mib = max(0, end - self._start) / 1024
+
+
+def format_seconds(s: float) -> str:
+    return f"{s:.2f} s" if s >= 1 else f"{s * 1e3:.1f} ms"
+
+
+# ----------------------------------------------------------------------------------------------
+# TDSM: sizes and settings
+# ----------------------------------------------------------------------------------------------
+
+SKELETON_DIM = 256       # pre-extracted skeleton feature (Shift-GCN, SA-DVAE layout)
+TEXT_DIM = 2048          # global and local text feature width of the paper's text encoder
+TEXT_TOKENS = 35         # M_l (paper)
+NUM_CLASSES = 60         # text table rows (NTU-60); training draws positives/negatives among 55 seen ones
+NUM_SEEN = 55
+
+
+@dataclass(frozen=True)
+class SizePlan:
+    """How hard to benchmark one model size. A paper-size row costs ~6.5 GFLOP forward (36 tokens through
+    12 blocks of C=768), so one training step of 128 rows is ~2.5 TFLOP and a scoring call of 8 samples x
+    3 draws x 20 candidates ~3 TFLOP: tens of seconds each in fp32 on 2 CPU cores. The paper size gets few calls."""
+
+    preset: str
+    train_warmup: int      # untimed training steps before timing
+    train_iters: int       # timed training steps; the median is reported
+    score_warmup: int      # untimed scoring calls (each scores every sample, draw and candidate once)
+    score_iters: int       # timed scoring calls
+    score_samples: int     # test samples N per scoring call
+
+
+SIZE_PLANS: dict[str, SizePlan] = {
+    "paper": SizePlan("paper", train_warmup=1, train_iters=2, score_warmup=1, score_iters=1, score_samples=8),
+    "small": SizePlan("small", train_warmup=2, train_iters=5, score_warmup=1, score_iters=2, score_samples=64),
+    "tiny": SizePlan("tiny", train_warmup=1, train_iters=2, score_warmup=1, score_iters=1, score_samples=8),
+}
+DEFAULT_SIZES = ["paper", "small"]
+DEFAULT_CANDIDATES = (5, 20)
+
+
+@dataclass(frozen=True)
+class TDSMBenchSettings:
+    """What one size is benchmarked with (its plan after --quick and explicit flags)."""
+
+    size: str
+    batch: int                     # training samples per step -> 2 * batch rows
+    train_warmup: int
+    train_iters: int
+    score_warmup: int
+    score_iters: int
+    score_samples: int             # test samples N per scoring call
+    draws: int                     # evaluation noise draws K
+    candidates: tuple[int, ...]    # candidate class counts C, one scoring run each
+    t_test: int = 25
+    seed: int = 0
+
+
+def settings_for(size: str, args: argparse.Namespace) -> TDSMBenchSettings:
+    """The size's plan, made lighter by --quick; --iters/--warmup/--score-samples/--candidates win."""
+    plan = SIZE_PLANS[size]
+    train_warmup, train_iters, score_warmup, score_iters = (plan.train_warmup, plan.train_iters, plan.score_warmup,
+                                                            plan.score_iters)
+    candidates = DEFAULT_CANDIDATES
+    if args.quick:
+        train_warmup, train_iters = 1, max(1, train_iters // 2 if size != "paper" else 1)
+        score_iters, candidates = 1, DEFAULT_CANDIDATES[:1]
+    if args.warmup is not None:
+        train_warmup = score_warmup = args.warmup
+    if args.iters is not None:
+        train_iters = score_iters = args.iters
+    return TDSMBenchSettings(
+        size=size, batch=args.batch, train_warmup=train_warmup, train_iters=train_iters,
+        score_warmup=score_warmup, score_iters=score_iters,
+        score_samples=args.score_samples if args.score_samples is not None else plan.score_samples,
+        draws=args.draws, candidates=tuple(args.candidates) if args.candidates else candidates, seed=args.seed,
+    )
+
+
+def bench_config(size: str) -> TDSMConfig:
+    """Default TDSM config (loss, AdamW, grad clip, schedule) with the size's model preset."""
+    return build_config(TDSMConfig, {}, {"model.preset": SIZE_PLANS[size].preset})
+
+
+def build_denoiser(cfg: TDSMConfig, seed: int, device: torch.device) -> TDSMDenoiser:
+    """The denoiser at the bench's input widths; the seed makes every phase start from the same weights."""
+    torch.manual_seed(seed)
+    return TDSMDenoiser(cfg.model, SKELETON_DIM, TEXT_DIM, TEXT_DIM, TEXT_TOKENS).to(device)
+
+
+def open_gates(model: TDSMDenoiser, gen: torch.Generator, std: float = 0.02) -> TDSMDenoiser:
+    """Give the adaLN-Zero layers non-zero weights: at init every prediction is 0 and all candidates tie,
+    which would make the batched-vs-loop agreement check vacuous (compute cost is unchanged)."""
+    zero_init = [model.final_layer.adaLN_modulation[-1], model.final_layer.linear]
+    zero_init += [s.adaLN_modulation[-1] for b in model.blocks for s in (b.x_stream, b.l_stream)]
+    with torch.no_grad():
+        for layer in zero_init:
+            for p in (layer.weight, layer.bias):
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# TDSM: one training step
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainBatch:
+    """One fixed training batch; the timed steps reuse it so only compute is measured."""
+
+    x0: torch.Tensor      # (B, D_x) skeleton features
+    y: torch.Tensor       # (B,) positive class ids
+    neg: torch.Tensor     # (B,) negative class ids
+    t: torch.Tensor       # (B,) diffusion steps
+    eps: torch.Tensor     # (B, D_x) training noise
+
+
+def make_train_batch(batch: int, num_steps: int, gen: torch.Generator, device: torch.device) -> TrainBatch:
+    y = torch.randint(NUM_SEEN, (batch,), generator=gen)
+    neg = sample_negative_classes(y, torch.arange(NUM_SEEN), gen)
+    return TrainBatch(
+        x0=torch.randn(batch, SKELETON_DIM, generator=gen).to(device), y=y.to(device), neg=neg.to(device),
+        t=torch.randint(num_steps, (batch,), generator=gen).to(device),
+        eps=torch.randn(batch, SKELETON_DIM, generator=gen).to(device),
+    )
+
+
+def tdsm_train_step(model: TDSMDenoiser, opt: torch.optim.Optimizer, schedule: NoiseSchedule, cfg: TDSMConfig,
+                    b: TrainBatch, text_g: torch.Tensor, text_l: torch.Tensor,
+                    amp: Callable[[], ContextManager]) -> torch.Tensor:
+    """The body of `fit_tdsm`'s loop: positive and negative prompts in one forward of 2B rows, triplet
+    diffusion loss, backward, gradient clipping, AdamW step."""
+    z_t = schedule.add_noise(b.x0, b.eps, b.t)                                   # (B, D_x)
+    cls = torch.cat([b.y, b.neg])                                                 # (2B,)
+    with amp():
+        pred = model(torch.cat([z_t, z_t]), torch.cat([b.t, b.t]), text_g[cls], text_l[cls])   # (2B, D_x)
+    pred_pos, pred_neg = pred.float().chunk(2)                                    # 2 x (B, D_x)
+    losses = triplet_diffusion_loss(schedule.target(b.x0, b.eps, b.t), pred_pos, pred_neg, b.neg != b.y,
+                                    cfg.loss.margin, cfg.loss.triplet_weight)
+    opt.zero_grad(set_to_none=True)
+    losses["loss"].backward()
+    if cfg.optim.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+    opt.step()
+    return losses["loss"].detach()
+
+
+def bench_train_step(cfg: TDSMConfig, s: TDSMBenchSettings, precision: str, device: torch.device,
+                     text_g: torch.Tensor, text_l: torch.Tensor) -> dict[str, Any]:
+    """Median step time of a freshly built model + AdamW; the memory peak covers weights, gradients,
+    optimizer state and activations (everything training this model needs)."""
+    schedule = build_schedule(cfg)
+    batch = make_train_batch(s.batch, cfg.diffusion.num_train_timesteps, torch.Generator().manual_seed(s.seed),
+                             device)
+    with PeakMemory(device) as mem:
+        model = build_denoiser(cfg, s.seed, device).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+        step = lambda: tdsm_train_step(model, opt, schedule, cfg, batch, text_g, text_l,  # noqa: E731
+                                       lambda: autocast(device, precision))
+        times, loss = time_calls(step, s.train_warmup, s.train_iters, device, f"[{s.size}] train {precision}")
+        del model, opt, step
+    median = statistics.median(times)
+    # A non-finite loss would mean the timing measured garbage (e.g. a broken bf16 path).
+    return {"median_s": median, "times_s": times, "samples_per_s": s.batch / median,
+            "rows_per_s": 2 * s.batch / median, "peak_mib": mem.peak_mib, "loss_finite": bool(torch.isfinite(loss))}
+
+
+# ----------------------------------------------------------------------------------------------
+# TDSM: zero-shot scoring
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class ScoringInputs:
+    """Test features, evaluation noise and candidate texts for one scoring run."""
+
+    features: torch.Tensor      # (N, D_x)
+    noise: torch.Tensor         # (K, N, D_x)
+    cand_global: torch.Tensor   # (C, D_g)
+    cand_local: torch.Tensor    # (C, M_l, D_l)
+
+
+def make_scoring_inputs(samples: int, draws: int, candidates: int, seed: int, device: torch.device) -> ScoringInputs:
+    gen = torch.Generator().manual_seed(seed)
+    return ScoringInputs(
+        features=torch.randn(samples, SKELETON_DIM, generator=gen).to(device),
+        noise=evaluation_noise(draws, samples, SKELETON_DIM, seed),
+        cand_global=torch.randn(candidates, TEXT_DIM, generator=gen).to(device),
+        cand_local=torch.randn(candidates, TEXT_TOKENS, TEXT_DIM, generator=gen).to(device),
+    )
+
+
+def time_scoring(model: TDSMDenoiser, schedule: NoiseSchedule, inputs: ScoringInputs, t_test: int, mode: str,
+                 precision: str, device: torch.device, warmup: int, iters: int, label: str
+                 ) -> tuple[dict[str, Any], torch.Tensor]:
+    """Time `score_candidates` ('batched': every sample, draw and candidate in one forward, as evaluation
+    sizes it) or `score_candidates_loop` ('loop'); returns the timing and the (K, N, C) errors."""
+    K, N, _ = inputs.noise.shape
+    C = inputs.cand_global.shape[0]
+    amp = lambda: autocast(device, precision)  # noqa: E731  (a fresh context per use)
+    args = (model, schedule, inputs.features, inputs.noise, t_test, inputs.cand_global, inputs.cand_local)
+    if mode == "batched":
+        call = lambda: score_candidates(*args, max_rows=N * K * C, amp=amp)  # noqa: E731
+    elif mode == "loop":
+        call = lambda: score_candidates_loop(*args, amp=amp)  # noqa: E731
+    else:
+        raise ValueError(f"unknown scoring mode {mode!r}")
+    with PeakMemory(device) as mem:
+        times, errors = time_calls(call, warmup, iters, device, label)
+    median = statistics.median(times)
+    return ({"median_s": median, "times_s": times, "pairs_per_s": N * C / median, "rows_per_s": N * K * C / median,
+             "peak_mib": mem.peak_mib}, errors)
+
+
+def compare_scores(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
+    """How far two (K, N, C) error tensors are apart, and how often they pick the same class."""
+    diff = (a - b).abs().max()
+    return {"max_abs_diff": float(diff), "max_rel_diff": float(diff / a.abs().mean().clamp(min=1e-12)),
+            "argmin_agreement": float((a.argmin(-1) == b.argmin(-1)).float().mean())}
+
+
+def bench_scoring(cfg: TDSMConfig, s: TDSMBenchSettings, device: torch.device) -> list[dict[str, Any]]:
+    """Batched vs per-class scoring (bf16) and batched fp32, for each candidate count. Memory peaks are above
+    the resident model: activations and the repeated inputs the batched path materialises."""
+    schedule = build_schedule(cfg)
+    model = open_gates(build_denoiser(cfg, s.seed, device), torch.Generator().manual_seed(s.seed)).eval()
+    results = []
+    for C in s.candidates:
+        inputs = make_scoring_inputs(s.score_samples, s.draws, C, s.seed, device)
+        row: dict[str, Any] = {"candidates": C, "samples": s.score_samples, "draws": s.draws}
+        scores = {}
+        for mode, precision in (("batched", "bf16"), ("loop", "bf16"), ("batched", "fp32")):
+            key, label = f"{mode}_{precision}", f"[{s.size}] score C={C} {mode} {precision}"
+            row[key], scores[key] = time_scoring(model, schedule, inputs, s.t_test, mode, precision, device,
+                                                 s.score_warmup, s.score_iters, label)
+        row["batched_over_loop"] = row["loop_bf16"]["median_s"] / row["batched_bf16"]["median_s"]
+        row["bf16_over_fp32"] = row["batched_fp32"]["median_s"] / row["batched_bf16"]["median_s"]
+        row["agreement_bf16_batched_vs_loop"] = compare_scores(scores["batched_bf16"], scores["loop_bf16"])
+        row["agreement_bf16_vs_fp32"] = compare_scores(scores["batched_fp32"], scores["batched_bf16"])
+        results.append(row)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# TDSM: one size, all sizes
+# ----------------------------------------------------------------------------------------------
+
+def run_tdsm_size(s: TDSMBenchSettings, device: torch.device) -> dict[str, Any]:
+    """Every TDSM measurement for one model size (run it in a fresh process for meaningful memory peaks)."""
+    cfg = bench_config(s.size)
+    seed_everything(s.seed)
+    gen = torch.Generator().manual_seed(s.seed)
+    text_g = torch.randn(NUM_CLASSES, TEXT_DIM, generator=gen).to(device)                 # (classes, D_g)
+    text_l = torch.randn(NUM_CLASSES, TEXT_TOKENS, TEXT_DIM, generator=gen).to(device)    # (classes, M_l, D_l)
+    with torch.device("meta"):   # shapes only: no memory, no init cost
+        params = count_parameters(TDSMDenoiser(cfg.model, SKELETON_DIM, TEXT_DIM, TEXT_DIM, TEXT_TOKENS))
+    start, load_start = time.perf_counter(), os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    log(f"[{s.size}] {params / 1e6:.1f}M parameters on {device}")
+    train = {p: bench_train_step(cfg, s, p, device, text_g, text_l) for p in ("fp32", "bf16")}
+    train["bf16_speedup"] = train["fp32"]["median_s"] / train["bf16"]["median_s"]
+    score = bench_scoring(cfg, s, device)
+    return {
+        "settings": asdict(s),
+        "model": {"preset": s.size, **{k: getattr(cfg.model, k) for k in ("hidden_size", "depth", "num_heads",
+                                                                          "mlp_ratio")},
+                  "parameters": params, "weights_mib": params * 4 / MIB, "skeleton_dim": SKELETON_DIM,
+                  "text_global_dim": TEXT_DIM, "text_local_dim": TEXT_DIM, "text_tokens": TEXT_TOKENS},
+        "train": {"batch": s.batch, "rows": 2 * s.batch, **train},
+        "score": score,
+        "memory_method": memory_method(device),
+        "wall_s": time.perf_counter() - start,
+        "load_average_1m": [load_start, os.getloadavg()[0] if hasattr(os, "getloadavg") else None],
+    }
+
+
+def run_size_in_subprocess(s: TDSMBenchSettings, device: torch.device) -> dict[str, Any]:
+    """Run one size in a fresh interpreter (its own RSS baseline and allocator); progress streams to stderr."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "size.json"
+        cmd = [sys.executable, "-m", "service.bench", "tdsm", "--worker", json.dumps(asdict(s)),
+               "--device", device.type, "--threads", str(torch.get_num_threads()), "--out", str(out)]
+        proc = subprocess.run(cmd, stdout=subprocess.DEVNULL)
+        if proc.returncode != 0 or not out.is_file():
+            return {"settings": asdict(s), "error": f"worker exited with code {proc.returncode}"}
+        return json.loads(out.read_text())
+
+
+# ----------------------------------------------------------------------------------------------
+# TDSM: table
+# ----------------------------------------------------------------------------------------------
+
+def format_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def contention_warning(machine: dict[str, Any]) -> str | None:
+    """A warning when other processes kept the CPU busy: timings are then inflated and noisy."""
+    load, cores = (machine.get("load_average") or [0.0])[0], machine.get("cpu_cores_usable") or 1
+    if machine["device"].startswith("cuda") or load < cores / 2:
+        return None
+    return (f"WARNING: 1-min load average {load:.1f} on {cores} cores before the bench started: other processes "
+            "share the CPU, so timings are inflated and noisy (oversubscribed OpenMP threads suffer most; "
+            "compare --threads 1 or OMP_WAIT_POLICY=PASSIVE)")
+
+
+def format_tdsm_report(report: dict[str, Any]) -> str:
+    """The human-readable tables; every number is also in the JSON."""
+    m = report["machine"]
+    bf16 = "fast (AMX/AVX512-BF16)" if m["cpu_fast_bf16"] else "no AMX/AVX512-BF16"
+    omp = {k: v for k, v in m["env"].items() if v is not None}
+    lines = [
+        f"machine: {m['cpu_model']}, {m['cpu_cores_usable']} usable cores, torch {m['torch']}, "
+        f"{m['torch_threads']} torch threads, CPU bf16: {bf16}, device {m['device']}"
+        + (f" ({m['gpu']}, bf16 {m['gpu_bf16']})" if "gpu" in m else "")
+        + (f", {' '.join(f'{k}={v}' for k, v in omp.items())}" if omp else ""),
+        f"load average (1/5/15 min): {' '.join(f'{v:.1f}' for v in m['load_average'] or [])} at start, "
+        f"{' '.join(f'{v:.1f}' for v in m['load_average_end'] or [])} at end",
+        f"memory: {report['memory_method']}",
+    ]
+    warning = contention_warning(m)
+    lines += [warning, ""] if warning else [""]
+    train_rows, score_rows = [], []
+    for name, r in report["sizes"].items():
+        if "error" in r:
+            lines.append(f"{name}: {r['error']}")
+            continue
+        t, st = r["train"], r["settings"]
+        train_rows.append([
+            name, f"{r['model']['parameters'] / 1e6:.1f}M", f"{t['batch']}/{t['rows']}",
+            f"{st['train_warmup']}+{st['train_iters']}",
+            format_seconds(t["fp32"]["median_s"]), format_seconds(t["bf16"]["median_s"]), f"{t['bf16_speedup']:.2f}x",
+            f"{t['fp32']['samples_per_s']:.1f}", f"{t['bf16']['samples_per_s']:.1f}",
+            f"{t['fp32']['peak_mib']:.0f}", f"{t['bf16']['peak_mib']:.0f}",
+        ])
+        for row in r["score"]:
+            agree = row["agreement_bf16_batched_vs_loop"]
+            score_rows.append([
+                name, str(row["candidates"]), f"{row['samples']}x{row['draws']}",
+                f"{st['score_warmup']}+{st['score_iters']}",
+                f"{row['batched_bf16']['pairs_per_s']:.1f}", f"{row['loop_bf16']['pairs_per_s']:.1f}",
+                f"{row['batched_fp32']['pairs_per_s']:.1f}", f"{row['batched_over_loop']:.2f}x",
+                f"{row['bf16_over_fp32']:.2f}x",
+                "/".join(f"{row[k]['peak_mib']:.0f}" for k in ("batched_bf16", "loop_bf16", "batched_fp32")),
+                f"{agree['max_rel_diff']:.1e} / {agree['argmin_agreement']:.2f}",
+            ])
+    lines += [
+        "training step: forward + backward + AdamW over 2B rows (each sample with its positive and a negative "
+        "prompt); median of the timed steps",
+        format_table(["size", "params", "B/rows", "warm+timed", "fp32", "bf16", "bf16 speed-up", "fp32 samp/s",
+                      "bf16 samp/s", "peak MiB fp32", "peak MiB bf16"], train_rows),
+        "",
+        "zero-shot scoring: (sample x candidate) pairs/s, each pair over all K noise draws; batched = "
+        "score_candidates, loop = score_candidates_loop",
+        format_table(["size", "C", "N x K", "warm+timed", "batched bf16", "loop bf16", "batched fp32",
+                      "batched/loop", "bf16/fp32", "peak MiB b-bf16/loop/b-fp32", "batched vs loop: rel diff / argmin"],
+                     score_rows),
+        "",
+        "peak MiB: training = weights + grads + AdamW state + activations of a freshly built model; "
+        "scoring = above the resident model (activations, repeated inputs)",
+    ]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Subcommands
+# ----------------------------------------------------------------------------------------------
+
+def add_tdsm_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda if available")
+    p.add_argument("--out", type=Path, default=Path("bench-tdsm.json"), help="JSON report (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=64,
+                   help="training samples per step; each is scored with its positive and a negative prompt, "
+                        "so a step is 2x this many rows (default: %(default)s -> 128 rows, sized for a CPU; "
+                        "TDSM's optim.batch_size defaults to 256)")
+    p.add_argument("--iters", type=int,
+                   help="timed calls per measurement (default: training 2 paper / 5 small, scoring 1 / 2)")
+    p.add_argument("--warmup", type=int, help="untimed calls first (default: training 1 paper / 2 small, scoring 1)")
+    p.add_argument("--candidates", type=int, nargs="+", help="candidate class counts C to score (default: 5 20)")
+    p.add_argument("--score-samples", type=int, help="test samples N per scoring call (default: 8 paper, 64 small)")
+    p.add_argument("--draws", type=int, default=3, help="evaluation noise draws K (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--quick", action="store_true", help="fewer timed calls, C=5 only")
+    p.add_argument("--sizes", nargs="+", choices=list(SIZE_PLANS), default=DEFAULT_SIZES, help=argparse.SUPPRESS)
+    p.add_argument("--worker", help=argparse.SUPPRESS)   # JSON settings of one size: run it, write --out
+
+
+def check_tdsm_arguments(args: argparse.Namespace) -> None:
+    """Counts must be positive (warm-up may be 0); the message names the flag."""
+    for flag, value, least in (("--batch", args.batch, 1), ("--iters", args.iters, 1), ("--warmup", args.warmup, 0),
+                               ("--score-samples", args.score_samples, 1), ("--draws", args.draws, 1),
+                               ("--threads", args.threads, 0)):
+        if value is not None and value < least:
+            raise InputError(f"{flag} must be >= {least} (got {value})")
+    if args.candidates and min(args.candidates) < 1:
+        raise InputError(f"--candidates must all be >= 1 (got {args.candidates})")
+
+
+def bench_tdsm(args: argparse.Namespace) -> int:
+    """TDSM training step and zero-shot scoring, paper size and small size; table on stdout, JSON to --out."""
+    check_tdsm_arguments(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_bench_device(args.device)
+    if args.worker:
+        fields = json.loads(args.worker)
+        s = TDSMBenchSettings(**{**fields, "candidates": tuple(fields["candidates"])})
+        args.out.write_text(json.dumps(run_tdsm_size(s, device)))
+        return 0
+    start = time.perf_counter()
+    machine = describe_machine(device)
+    log(f"bench tdsm on {device}: {machine['cpu_model']}, torch {machine['torch']}, "
+        f"{machine['torch_threads']} threads, load average {machine['load_average']}")
+    sizes = {}
+    for size in args.sizes:
+        s = settings_for(size, args)
+        sizes[size] = run_size_in_subprocess(s, device)
+    report = {
+        "benchmark": "tdsm",
+        "machine": {**machine, "load_average_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
+        "memory_method": memory_method(device),
+        "isolation": "one subprocess per size",
+        "sizes": sizes,
+        "wall_s": time.perf_counter() - start,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(format_tdsm_report(report))
+    print(f"\nwall time {report['wall_s']:.0f} s; JSON written to {args.out}")
+    return 1 if any("error" in r for r in sizes.values()) else 0
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """One `python -m service.bench NAME` subcommand: its flags and the function that runs it."""
+
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+BENCHMARKS: dict[str, Benchmark] = {
+    "tdsm": Benchmark("TDSM training step (fp32 vs bf16) and zero-shot scoring (batched vs per-class loop)",
+                      add_tdsm_arguments, bench_tdsm),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m service.bench", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    for name, bench in BENCHMARKS.items():
+        bench.add_arguments(sub.add_parser(name, help=bench.help, description=bench.help))
+    return p
+
+
+@exits_cleanly
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return BENCHMARKS[args.benchmark].run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

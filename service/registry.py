@@ -1,0 +1,65 @@
+"""The registered artefact of a final run: an MLflow pyfunc that classifies skeleton features zero-shot.
+
+Input: (N, D) skeleton features. Output: (N,) predicted class ids among the unseen classes it was built with.
+The bundle holds the denoiser weights, the resolved config and the candidate classes' encoded text, so the
+model scores without the text encoder or the datasets.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+
+from trainers.config import TDSMConfig, to_plain
+from trainers.tdsm_fit import build_model, build_schedule
+from trainers.text import TextFeatures
+from trainers.zsl import evaluation_noise, score_candidates
+
+
+class ZeroShotTDSM(mlflow.pyfunc.PythonModel):
+    """pyfunc wrapper: features -> argmin over candidate classes of the draw-averaged denoising error."""
+
+    def load_context(self, context) -> None:
+        blob = torch.load(context.artifacts["bundle"], map_location="cpu", weights_only=False)
+        self.cfg = TDSMConfig.model_validate(blob["config"])
+        self.classes = list(blob["classes"])
+        self.text = TextFeatures(blob["text_global"], blob["text_local"])
+        self.model = build_model(self.cfg, blob["feature_dim"], self.text)
+        self.model.load_state_dict(blob["model"])
+        self.model.eval()
+        self.schedule = build_schedule(self.cfg)
+
+    def predict(self, context, model_input, params=None) -> np.ndarray:
+        x = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
+        e = self.cfg.eval
+        noise = evaluation_noise(e.noise_draws, x.shape[0], x.shape[1], e.seed)
+        errors = score_candidates(self.model, self.schedule, x, noise, e.t_test, self.text.global_feats,
+                                  self.text.local_feats)                     # (K, N, C)
+        return np.asarray(self.classes)[errors.mean(0).argmin(-1).numpy()]
+
+
+def log_zero_shot_model(run_id: str, cfg: TDSMConfig, model, classes: list[int], names: list[str],
+                        text: TextFeatures, registered_name: str) -> str:
+    """Log the bundle as a pyfunc model under `run_id`, register it, alias it 'final'; returns the version."""
+    idx = torch.tensor(classes)
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = Path(tmp) / "tdsm_zero_shot.pt"
+        torch.save({"config": to_plain(cfg), "model": {k: v.cpu() for k, v in model.state_dict().items()},
+                    "classes": classes, "class_names": [names[c] for c in classes],
+                    "feature_dim": model.skeleton_dim, "text_global": text.global_feats[idx],
+                    "text_local": text.local_feats[idx]}, bundle)
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name="zero_shot_model", python_model=ZeroShotTDSM(), artifacts={"bundle": str(bundle)},
+                input_example=np.zeros((2, model.skeleton_dim), dtype=np.float32),
+                registered_model_name=registered_name,
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
+                                  "skeldiff"])
+    client = mlflow.tracking.MlflowClient()
+    version = str(info.registered_model_version)
+    client.set_registered_model_alias(registered_name, "final", version)
+    return version

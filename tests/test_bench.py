@@ -1,0 +1,88 @@
+"""`python -m service.bench tdsm` on the tiny size: the report's shape, scoring agreement, the memory probe.
+
+Timings are never asserted. Tests pin torch to one thread: on a shared, oversubscribed CPU two OpenMP threads
+can make tiny ops 100x slower, and the numbers here only need to exist.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from service.bench import (BENCHMARKS, PeakMemory, bench_config, build_denoiser, compare_scores, main,
+                           make_scoring_inputs, memory_method, open_gates, time_scoring)
+from trainers.tdsm_fit import build_schedule
+
+CPU = torch.device("cpu")
+TINY_ARGS = ["--sizes", "tiny", "--batch", "4", "--iters", "1", "--warmup", "0", "--candidates", "3",
+             "--score-samples", "4", "--draws", "2", "--threads", "1"]
+
+
+@pytest.fixture
+def one_thread():
+    """Run on one torch thread and give the session its thread count back afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_registry_has_tdsm():
+    assert "tdsm" in BENCHMARKS and callable(BENCHMARKS["tdsm"].run)
+
+
+def test_tdsm_report_has_every_measurement(tmp_path, capsys, one_thread):
+    out = tmp_path / "bench.json"
+    assert main(["tdsm", *TINY_ARGS, "--out", str(out)]) == 0   # the size runs in a fresh subprocess
+    report = json.loads(out.read_text())
+    assert report["benchmark"] == "tdsm" and report["isolation"] == "one subprocess per size"
+    for key in ("cpu_model", "cpu_cores_usable", "torch", "torch_threads", "cpu_fast_bf16", "device"):
+        assert key in report["machine"]
+    assert report["machine"]["torch_threads"] == 1
+    tiny = report["sizes"]["tiny"]
+    assert tiny["model"]["parameters"] > 0 and tiny["model"]["text_tokens"] == 35
+    train = tiny["train"]
+    assert train["rows"] == 2 * train["batch"] == 8
+    for precision in ("fp32", "bf16"):
+        assert train[precision]["median_s"] > 0 and train[precision]["samples_per_s"] > 0
+        assert train[precision]["peak_mib"] >= 0 and train[precision]["loss_finite"]
+    assert train["bf16_speedup"] > 0
+    (row,) = tiny["score"]
+    assert (row["candidates"], row["samples"], row["draws"]) == (3, 4, 2)
+    for key in ("batched_bf16", "loop_bf16", "batched_fp32"):
+        assert row[key]["pairs_per_s"] > 0 and row[key]["rows_per_s"] == pytest.approx(2 * row[key]["pairs_per_s"])
+        assert row[key]["peak_mib"] >= 0
+    assert row["batched_over_loop"] > 0 and row["bf16_over_fp32"] > 0
+    assert 0 <= row["agreement_bf16_batched_vs_loop"]["argmin_agreement"] <= 1
+    table = capsys.readouterr().out
+    assert "training step" in table and "zero-shot scoring" in table and "tiny" in table
+
+
+def test_batched_and_loop_scoring_agree_in_fp32(one_thread):
+    cfg = bench_config("tiny")
+    model = open_gates(build_denoiser(cfg, 0, CPU), torch.Generator().manual_seed(0)).eval()
+    inputs = make_scoring_inputs(samples=5, draws=2, candidates=4, seed=0, device=CPU)
+    timed = {mode: time_scoring(model, build_schedule(cfg), inputs, 25, mode, "fp32", CPU, 0, 1, mode)
+             for mode in ("batched", "loop")}
+    batched, loop = timed["batched"][1], timed["loop"][1]
+    assert batched.shape == (2, 5, 4)
+    assert batched.std(-1).min() > 0          # open gates: candidates do not tie
+    assert torch.allclose(batched, loop, atol=1e-5)
+    agreement = compare_scores(batched, loop)
+    assert agreement["argmin_agreement"] == 1.0 and agreement["max_abs_diff"] < 1e-5
+
+
+def test_peak_memory_sees_a_freed_allocation():
+    if not memory_method(CPU).startswith("CPU: process RSS high-water mark"):
+        pytest.skip("no resettable RSS high-water mark on this OS")
+    with PeakMemory(CPU) as mem:
+        x = torch.ones(32 * 2**20 // 4)       # 32 MiB, touched
+        del x
+    assert mem.peak_mib > 24
+
+
+def test_bad_counts_are_input_errors(tmp_path, capsys):
+    assert main(["tdsm", "--iters", "0", "--out", str(tmp_path / "x.json")]) == 2
+    assert "--iters must be >= 1" in capsys.readouterr().err
