@@ -124,13 +124,13 @@ def connect_ray(address: str | None) -> None:
     tuned = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600"}
     for key, value in tuned.items():
         os.environ.setdefault(key, value)
-    env = {"env_vars": {key: os.environ[key] for key in tuned}}
+    # Inside `ray job submit`, Ray merges this with the job's runtime env and refuses conflicting keys: only
+    # add what the job did not set itself.
+    job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}").get("runtime_env") or {}
+    preset = set((job_env.get("env_vars") or {}))
+    env = {"env_vars": {key: os.environ[key] for key in tuned if key not in preset}}
     address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, runtime_env=None if os.environ.get("RAY_JOB_SUBMISSION_ID") else env,
-                 log_to_driver=True)
-    else:
-        ray.init(runtime_env=env)
+    ray.init(address=address or None, runtime_env=env)
 
 
 def default_concurrency(workers: int, cpus_per_worker: float, gpus_per_worker: float) -> int:

@@ -19,6 +19,16 @@ from trainers.tdsm_task import prepare_tdsm
 from trainers.text import TextFeatures
 from trainers.tracking import ListReporter
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: these matrices are too small to gain from two, and two spin badly on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ----------------------------------------------------------------------------------------------
 # Learning-rate schedule
 # ----------------------------------------------------------------------------------------------
@@ -263,20 +273,11 @@ def test_no_training_samples_is_input_error(tiny_task):
 COMPONENT_STEPS = 400
 
 
-@pytest.fixture
-def restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_learns_unseen_classes_from_text(restore_threads):
+def test_learns_unseen_classes_from_text():
     cfg = tiny_config(**{"train.steps": COMPONENT_STEPS, "optim.batch_size": 64, "optim.lr": 1e-3,
                          "optim.warmup_steps": 20, "train.eval_every": COMPONENT_STEPS,
                          "train.checkpoint_every": COMPONENT_STEPS, "train.precision": "fp32",
-                         "data.synthetic.samples_per_class": 30, "eval.t_test_grid": [25], "eval.noise_draws": 2,
-                         # One thread: small matrices gain nothing from two, and lose much on a busy machine.
-                         "train.threads": 1})
+                         "data.synthetic.samples_per_class": 30, "eval.t_test_grid": [25], "eval.noise_draws": 2})
     task, names, text = prepare_tdsm(cfg)
     train, test, seen = task.final_split()
     assert len(task.unseen) == 5 and len(test) == 5 * 30

@@ -44,9 +44,12 @@ def encode_class_texts(cfg: TDSMConfig) -> tuple[list[str], TextFeatures]:
 
 def prepare_tdsm(cfg: TDSMConfig) -> tuple[ZSLTask, list[str], TextFeatures]:
     """The zero-shot task, the class names and the encoded class texts a TDSM run needs."""
-    names, text = encode_class_texts(cfg)
     if cfg.data.source == "synthetic":
-        task = generate_synthetic_task(cfg.data, text.global_feats)
-    else:
-        task = load_feature_task(cfg.data, len(names), f"the {len(names)} classes of {prompt_files(cfg)[0]}")
+        names, text = encode_class_texts(cfg)
+        return generate_synthetic_task(cfg.data, text.global_feats), names, text
+    # Features and splits are checked before the text encoder loads, so bad data fails fast.
+    names_file = prompt_files(cfg)[0]
+    num_classes = len(read_prompt_file(names_file))
+    task = load_feature_task(cfg.data, num_classes, f"the {num_classes} classes of {names_file}")
+    names, text = encode_class_texts(cfg)
     return task, names, text

@@ -1,0 +1,217 @@
+"""`python -m service.run tdsm` as a user runs it: config printing, one-line bad-input errors with exit code 2, and a
+tiny end-to-end run on a generated SA-DVAE folder whose MLflow run, artifacts and resume are read back."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from conftest import write_feature_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+NUM_CLASSES = 12
+UNSEEN = [2, 7]
+NAMES = ["wave", "clap", "jump up", "sit down", "stand up", "kick", "punch", "walk", "run", "drink water",
+         "eat a meal", "read a book"]
+TINY = ["--set", "model.preset=tiny", "--set", "train.steps=8", "--set", "train.eval_every=4",
+        "--set", "train.checkpoint_every=4", "--set", "optim.batch_size=16", "--set", "optim.warmup_steps=2",
+        "--set", "eval.noise_draws=1", "--set", "eval.t_test_grid=[10, 25]", "--set", "train.threads=1",
+        "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory) -> Path:
+    """A workspace: a generated SA-DVAE folder, split files and prompt files (some deliberately wrong)."""
+    root = tmp_path_factory.mktemp("cli")
+    write_feature_folder(root / "feats", num_classes=NUM_CLASSES, unseen=UNSEEN)
+    np.save(root / "ru.npy", np.array(UNSEEN))
+    np.save(root / "rv.npy", np.array([0, 9]))
+    np.save(root / "rs_overlap.npy", np.array([0, 1, 2, 3]))
+    (root / "names.txt").write_text("\n".join(NAMES) + "\n")
+    (root / "desc.txt").write_text("\n".join(f"a person is doing this: {n}" for n in NAMES) + "\n")
+    (root / "names_short.txt").write_text("\n".join(NAMES[:8]) + "\n")
+    (root / "desc_short.txt").write_text("\n".join(NAMES[:10]) + "\n")
+    (root / "bad_key.yaml").write_text("optim:\n  lrr: 0.1\n")
+    return root
+
+
+def env() -> dict[str, str]:
+    out = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    out.pop("MLFLOW_TRACKING_URI", None)
+    return out
+
+
+def command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "service.run", "tdsm", *args]
+
+
+def run_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(command(*args), cwd=cwd, env=env(), capture_output=True, text=True, timeout=600)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: all commands start at once (each pays the torch + MLflow import), then each test reads its result
+# ----------------------------------------------------------------------------------------------
+
+BAD_INPUTS = {
+    "unknown_set_key": (["--set", "optim.lrr=0.1"], "unknown config key 'optim.lrr'"),
+    "unknown_section": (["--set", "optimizer.lr=0.1"], "unknown config key 'optimizer'"),
+    "t_test_not_below_T": (["--set", "eval.t_test=50"], "eval.t_test=50 must be < diffusion.num_train_timesteps"),
+    "bad_yaml_key": (["--config", "{ws}/bad_key.yaml"], "{ws}/bad_key.yaml: unknown config key 'optim.lrr'"),
+    "missing_yaml": (["--config", "{ws}/nope.yaml"], "{ws}/nope.yaml: config file not found"),
+    "features_missing": (["--features", "{ws}/nowhere", "--class-names", "{ws}/names.txt"],
+                         "{ws}/nowhere: features folder not found"),
+    "class_names_short": (["--features", "{ws}/feats", "--class-names", "{ws}/names_short.txt"],
+                          "{ws}/feats/train_label.npy: labels outside the 8 classes of {ws}/names_short.txt"),
+    "descriptions_count": (["--features", "{ws}/feats", "--class-names", "{ws}/names.txt", "--descriptions",
+                            "{ws}/desc_short.txt"], "{ws}/desc_short.txt: 10 prompts, expected 12"),
+    "unseen_seen_overlap": (["--features", "{ws}/feats", "--class-names", "{ws}/names.txt", "--unseen",
+                             "{ws}/ru.npy", "--seen", "{ws}/rs_overlap.npy"], "overlap on classes [2]"),
+    "unseen_file_missing": (["--features", "{ws}/feats", "--class-names", "{ws}/names.txt", "--unseen",
+                             "{ws}/ru_missing.npy"], "{ws}/ru_missing.npy: missing"),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_runs(ws) -> dict[str, subprocess.CompletedProcess]:
+    procs = {}
+    for name, (args, _) in BAD_INPUTS.items():
+        cwd = ws / f"cwd_{name}"
+        cwd.mkdir()
+        procs[name] = subprocess.Popen(command(*[a.format(ws=ws) for a in args], *TINY), cwd=cwd, env=env(),
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out = {}
+    for name, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=600)
+        out[name] = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(BAD_INPUTS))
+def test_bad_input_is_one_line_error_with_exit_code_2(bad_runs, ws, name):
+    result = bad_runs[name]
+    expected = BAD_INPUTS[name][1].format(ws=ws)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and result.stderr.rstrip().endswith(errors[0]), result.stderr
+    assert expected in errors[0]
+    assert not (ws / f"cwd_{name}" / "runs").exists()           # nothing started
+
+
+# ----------------------------------------------------------------------------------------------
+# --print-config
+# ----------------------------------------------------------------------------------------------
+
+def test_print_config_round_trips(ws, tmp_path):
+    first = run_cli(tmp_path, "--features", str(ws / "feats"), "--val-unseen", "3", "--set", "optim.lr=3e-4", *TINY,
+                    "--print-config")
+    assert first.returncode == 0, first.stderr
+    tree = yaml.safe_load(first.stdout)
+    assert tree["optim"]["lr"] == 3e-4 and tree["data"]["source"] == "features" and tree["data"]["val_unseen"] == 3
+    assert tree["model"]["preset"] == "tiny" and tree["eval"]["t_test_grid"] == [10, 25]
+    (tmp_path / "resolved.yaml").write_text(first.stdout)
+    second = run_cli(tmp_path, "--config", str(tmp_path / "resolved.yaml"), "--print-config")
+    assert second.returncode == 0, second.stderr
+    assert second.stdout == first.stdout
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end, resume
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def e2e(ws, tmp_path_factory):
+    """The run command, its working directory and tracking URI, and the results of running it twice."""
+    cwd = tmp_path_factory.mktemp("e2e")
+    uri = f"sqlite:///{cwd / 'm.db'}"
+    args = ["--features", str(ws / "feats"), "--unseen", str(ws / "ru.npy"), "--val-unseen", str(ws / "rv.npy"),
+            "--class-names", str(ws / "names.txt"), "--descriptions", str(ws / "desc.txt"),
+            "--text-encoder", "minilm", "--tracking-uri", uri, *TINY]
+    first = run_cli(cwd, *args)
+    assert first.returncode == 0, first.stderr
+    summary = json.loads(first.stdout.strip().splitlines()[-1])
+    run_dir = cwd / summary["run_dir"]
+    last_before = (run_dir / "last.pt").read_bytes()
+    second = run_cli(cwd, *args)
+    assert second.returncode == 0, second.stderr
+    return {"args": args, "cwd": cwd, "uri": uri, "first": first, "second": second, "summary": summary,
+            "run_dir": run_dir, "last_before": last_before}
+
+
+def client(uri: str):
+    from mlflow.tracking import MlflowClient
+    return MlflowClient(uri)
+
+
+def all_runs(uri: str):
+    c = client(uri)
+    return c.search_runs([e.experiment_id for e in c.search_experiments()])
+
+
+def artifact_paths(uri: str, run_id: str, path: str | None = None) -> list[str]:
+    out = []
+    for info in client(uri).list_artifacts(run_id, path):
+        out += artifact_paths(uri, run_id, info.path) if info.is_dir else [info.path]
+    return out
+
+
+def test_end_to_end_prints_final_metrics(e2e):
+    summary = e2e["summary"]
+    for key in ("val/zsl_top1", "test/zsl_top1", "val/best_t_test", "test/zsl_top1_ensemble"):
+        assert 0 <= summary[key] <= 100 if "top1" in key else key in summary
+    assert not any(k.endswith(("_t010", "_t025")) for k in summary)          # grid points stay in MLflow
+    assert (e2e["run_dir"] / "best.pt").is_file() and (e2e["run_dir"] / "last.pt").is_file()
+
+
+def test_end_to_end_mlflow_run(e2e):
+    runs = all_runs(e2e["uri"])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.run_id == e2e["summary"]["mlflow_run_id"] and run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["model.preset"] == "tiny" and params["train.steps"] == "8" and params["data.source"] == "features"
+    assert params["data.val_unseen"] == str(e2e["args"][5]) and params["derived.val_classes"] == "[0, 9]"
+    assert params["derived.unseen_classes"] == str(UNSEEN) and int(params["derived.num_parameters"]) > 0
+    assert {"val/zsl_top1", "test/zsl_top1", "train/loss", "train/lr", "val/zsl_top1_t010"} <= set(run.data.metrics)
+    assert run.data.metrics["test/zsl_top1"] == pytest.approx(e2e["summary"]["test/zsl_top1"], abs=1e-3)
+    artifacts = artifact_paths(e2e["uri"], run.info.run_id)
+    assert "config.yaml" in artifacts and "checkpoints/best.pt" in artifacts
+    plots = {p for p in artifacts if p.startswith("plots/") and p.endswith(".png")}
+    assert {"plots/val_t_test_curve.png", "plots/val_confusion.png", "plots/test_t_test_curve.png",
+            "plots/test_confusion.png"} <= plots
+    logged = yaml.safe_load(Path(client(e2e["uri"]).download_artifacts(run.info.run_id, "config.yaml")).read_text())
+    assert logged["model"]["preset"] == "tiny" and logged["data"]["unseen"] == str(e2e["args"][3])
+
+
+def test_rerun_resumes_without_new_run_or_steps(e2e):
+    second = json.loads(e2e["second"].stdout.strip().splitlines()[-1])
+    assert second["mlflow_run_id"] == e2e["summary"]["mlflow_run_id"] and second["run_dir"] == e2e["summary"]["run_dir"]
+    assert len(all_runs(e2e["uri"])) == 1
+    assert (e2e["run_dir"] / "last.pt").read_bytes() == e2e["last_before"]       # no training step was taken
+    assert torch.load(e2e["run_dir"] / "last.pt", weights_only=False)["step"] == 8
+    history = client(e2e["uri"]).get_metric_history(second["mlflow_run_id"], "train/loss")
+    steps = [m.step for m in history]
+    assert len(steps) == len(set(steps)) and max(steps) == 8
+    assert second["val/zsl_top1"] == e2e["summary"]["val/zsl_top1"]
+
+
+def test_rerun_with_other_evaluation_settings_reuses_training(e2e):
+    # The run dir is keyed by the training config: new evaluation settings reuse the checkpoint, and get their own
+    # MLflow run because MLflow params cannot change.
+    third = run_cli(e2e["cwd"], *e2e["args"], "--set", "eval.noise_draws=2")
+    assert third.returncode == 0, third.stderr
+    summary = json.loads(third.stdout.strip().splitlines()[-1])
+    assert summary["run_dir"] == e2e["summary"]["run_dir"] and summary["mlflow_run_id"] != e2e["summary"]["mlflow_run_id"]
+    assert (e2e["run_dir"] / "last.pt").read_bytes() == e2e["last_before"]
+    runs = {r.info.run_id: r for r in all_runs(e2e["uri"])}
+    assert len(runs) == 2 and runs[summary["mlflow_run_id"]].data.params["eval.noise_draws"] == "2"
