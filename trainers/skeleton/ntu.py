@@ -78,7 +78,8 @@ def load_missing_list(path: str | Path) -> set[str]:
         text = line.strip()
         if not text:
             continue
-        if names or SAMPLE_NAME_RE.fullmatch(text) or text[0] == "S" and text[1:2].isdigit():
+        looks_like_name = text[0] == "S" and text[1:2].isdigit()
+        if names or looks_like_name:                # past the header: every line must be a valid name
             names.append(str(parse_sample_name(text, source=f"{path}:{lineno}")))
             continue
         head = re.match(r"(\d+)\s", text)           # header prose, e.g. "302 of the captured samples ..."
@@ -148,7 +149,8 @@ def read_skeleton(path: str | Path) -> SkeletonSequence:
             where = f"body {b + 1} of frame {t + 1}"
             tracking_id, info = cursor.info_line(where)
             if tracking_id in seen:
-                raise InputError(f"{path}:{cursor.lineno}: tracking id {tracking_id} appears twice in frame {t + 1}")
+                raise InputError(f"{path}:{cursor.lineno}: tracking id {tracking_id} appears twice in "
+                                 f"frame {t + 1}")
             seen.add(tracking_id)
             n_joints = cursor.count(f"the joint count of {where}")
             if n_joints != NUM_JOINTS:
@@ -275,8 +277,8 @@ class _Cursor:
             except ValueError:
                 out[k] = np.nan
             if not np.isfinite(out[k]):
-                raise InputError(f"{self.path}:{lineno}: expected a finite number in field {k + first_field} of {what}, "
-                                 f"got {field!r}")
+                raise InputError(f"{self.path}:{lineno}: expected a finite number in field {k + first_field} "
+                                 f"of {what}, got {field!r}")
         return out
 
     def expect_end(self, num_frames: int) -> None:
