@@ -270,7 +270,9 @@ def test_no_training_samples_is_input_error(tiny_task):
 # Component: learn the unseen classes of the generated task from their text
 # ----------------------------------------------------------------------------------------------
 
-COMPONENT_STEPS = 400
+# Measured (fp32, batch 64): 200 steps reach 74-77% top-1 on the 5 unseen classes (seeds 2025 and 1), 300-600 steps
+# about the same; one thread trains them in ~15 s of CPU.
+COMPONENT_STEPS = 200
 
 
 def test_learns_unseen_classes_from_text():
@@ -286,4 +288,4 @@ def test_learns_unseen_classes_from_text():
     metrics, _ = evaluate_split(cfg, result.model, test, task.unseen, text, "test")
     print(f"component: {COMPONENT_STEPS} steps in {time.perf_counter() - start:.1f}s, "
           f"test/zsl_top1 {metrics['test/zsl_top1']:.1f}%")
-    assert metrics["test/zsl_top1"] > 35.0          # chance: 20% over 5 unseen classes
+    assert metrics["test/zsl_top1"] > 50.0          # chance: 20% over 5 unseen classes

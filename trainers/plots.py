@@ -41,7 +41,7 @@ def plot_confusion(metrics: ZSLMetrics, class_names: list[str], path: Path, titl
     cm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     labels = [class_names[c] if c < len(class_names) else str(c) for c in metrics.classes]
     n = len(labels)
-    size = min(16.0, 2.5 + 0.35 * n)
+    size = min(16.0, 4.5 + 0.35 * n)
     fig, ax = plt.subplots(figsize=(size, size * 0.85), dpi=110)
     im = ax.imshow(cm, vmin=0, vmax=1, cmap="Blues")
     ax.set_xticks(range(n), labels, rotation=60, ha="right", fontsize=7)
@@ -53,7 +53,7 @@ def plot_confusion(metrics: ZSLMetrics, class_names: list[str], path: Path, titl
                         color="white" if cm[i, j] > 0.5 else "black")
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(title or f"confusion at t_test={metrics.t_test} (top-1 {metrics.top1:.1f}%)")
+    ax.set_title(title or f"confusion at t_test={metrics.t_test} (top-1 {metrics.top1:.1f}%)", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
     fig.savefig(path)

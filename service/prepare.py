@@ -1,0 +1,482 @@
+"""Raw skeletons -> compact arrays: `python -m service.prepare {ntu60,ntu120,pku,kinetics,synthetic} --raw DIR --out DIR`.
+
+Every file is parsed and preprocessed in worker processes (chunks of files, a progress bar on stderr), each
+finished chunk is cached as a shard under `<out>/.parts/`, so a run that crashed resumes where it stopped;
+a run whose inputs and options match `<out>/prepare.json` does nothing. Outputs, each written atomically:
+
+- `data.npy`   (N, C=3, T=--frames, V, M=2) float32 (float16 with --dtype float16): the joint stream after
+               centring on the spine middle, aligning spine/shoulders to y/x and resampling (NTU, PKU,
+               synthetic); Kinetics (V=18: x, y, OpenPose score) is only resampled.
+- `label.npy`  (N,) int64: 0-based class ids (NTU/PKU/synthetic action - 1; Kinetics label_index as written).
+- `index.tsv`  one row per sample, in data.npy order: name, label, setup, camera, performer, replication and
+               one train/test column per benchmark ('-' where the sample is outside it; NTU fields empty for
+               PKU and Kinetics).
+- `skipped.tsv` name, path, reason of every file that could not be used (corrupt, truncated, empty, bad name,
+               duplicate); those files are never zero-filled into data.npy.
+- `prepare.json` the options, counts and the stamp that makes a re-run a no-op (written last).
+- synthetic only: `class_names.txt`, `descriptions.txt` copied from the generated set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from service.cli import exits_cleanly
+from trainers.errors import InputError
+from trainers.io import _atomic, atomic_write_text, stable_hash
+from trainers.skeleton.kinetics import read_kinetics
+from trainers.skeleton.ntu import load_missing_list, parse_sample_name, read_skeleton, to_array
+from trainers.skeleton.pku import read_pku_labels, read_pku_skeleton
+from trainers.skeleton.preprocess import image_pipeline, ntu_pipeline
+from trainers.skeleton.splits import BENCHMARKS, get_benchmark
+from trainers.skeleton.synthetic import NUM_CLASSES as SYNTHETIC_CLASSES
+from trainers.skeleton.synthetic import SyntheticOptions, synthetic_set_matches, write_synthetic_dataset
+
+PIPELINE_VERSION = 1          # bump when parsing or preprocessing changes: invalidates shards and stamps
+BODIES = 2
+DATASETS = ("ntu60", "ntu120", "pku", "kinetics", "synthetic")
+DEFAULT_BENCHMARKS = {"ntu60": ["ntu60-xsub", "ntu60-xview"], "ntu120": ["ntu120-xsub", "ntu120-xset"],
+                      "synthetic": ["ntu60-xsub", "ntu60-xview"], "pku": [], "kinetics": []}
+NTU_LIMITS = {"ntu60": (60, 17), "ntu120": (120, 32), "synthetic": (SYNTHETIC_CLASSES, 17)}   # (actions, setups)
+INDEX_FIELDS = ["name", "label", "setup", "camera", "performer", "replication"]
+
+
+@dataclass(frozen=True)
+class Job:
+    """One input file (PKU: a skeleton file and its label file) and how to turn it into samples."""
+
+    dataset: str
+    path: str
+    labels: str = ""                    # PKU label file
+
+    def fingerprint(self) -> list:
+        files = [self.path] + ([self.labels] if self.labels else [])
+        return [[f, *_size_mtime(Path(f))] for f in files]
+
+
+def _size_mtime(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+# ----------------------------------------------------------------------------------------------
+# Parsing one file (runs in worker processes)
+# ----------------------------------------------------------------------------------------------
+
+Result = tuple   # ("ok", name, label, array (M, T, V, C) float32) | ("skip", name, path, reason)
+
+
+def process_job(job: Job, frames: int) -> list[Result]:
+    """Parse and preprocess one file; bad input becomes a ("skip", ...) result, never an exception."""
+    path = Path(job.path)
+    try:
+        if job.dataset == "kinetics":
+            arr, label = read_kinetics(path, max_people=BODIES)
+            return [("ok", path.stem, int(label), image_pipeline(frames, BODIES)(arr))]
+        if job.dataset == "pku":
+            # per labelled segment, so one bad label line costs that segment only (frames as in read_pku_segments)
+            skeleton = read_pku_skeleton(path)                                     # (M, T, V, C)
+            out: list[Result] = []
+            for k, label in enumerate(read_pku_labels(job.labels), start=1):
+                name = f"{path.stem}_{k:03d}"
+                try:
+                    if label.start < 0 or label.end >= skeleton.shape[1]:
+                        raise InputError(f"frames {label.start}..{label.end} fall outside the sequence "
+                                         f"(frames 0..{skeleton.shape[1] - 1})")
+                    segment = skeleton[:, label.start:label.end + 1]
+                    out.append(("ok", name, label.action - 1, ntu_pipeline(frames, BODIES)(segment)))
+                except InputError as err:
+                    out.append(("skip", name, job.path, f"{job.labels} segment {k}: {_one_line(str(err))}"))
+            return out
+        sample = parse_sample_name(path.name.split(".")[0], source=path)
+        arr = to_array(read_skeleton(path), max_bodies=BODIES)
+        return [("ok", path.name.split(".")[0], sample.label0, ntu_pipeline(frames, BODIES)(arr))]
+    except InputError as err:
+        return [("skip", path.name.split(".")[0], job.path, _one_line(str(err)))]   # the message names the file
+
+
+def process_chunk(jobs: list[Job], frames: int) -> list[Result]:
+    return [r for job in jobs for r in process_job(job, frames)]
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding inputs
+# ----------------------------------------------------------------------------------------------
+
+def find_jobs(dataset: str, raw: Path, labels: Path | None, missing: Path | None,
+              log) -> tuple[list[Job], list[tuple[str, str, str]]]:
+    """(jobs sorted by file name, pre-parse skips (name, path, reason)); missing-list samples are dropped."""
+    if not raw.is_dir():
+        raise InputError(f"--raw {raw}: not a folder")
+    skips: list[tuple[str, str, str]] = []
+    if dataset == "kinetics":
+        files = sorted(raw.rglob("*.json"), key=lambda p: (p.name, str(p)))
+    elif dataset == "pku":
+        files = sorted(raw.rglob("*.txt"), key=lambda p: (p.name, str(p)))
+    else:
+        files = sorted(raw.rglob("*.skeleton"), key=lambda p: (p.name, str(p)))
+    if not files:
+        raise InputError(f"--raw {raw}: no {'.json' if dataset == 'kinetics' else '.txt' if dataset == 'pku' else '.skeleton'} "
+                         "files found")
+
+    exclude: set[str] = set()
+    if missing is not None:
+        exclude = load_missing_list(missing) if dataset != "pku" else _read_name_list(missing)
+
+    jobs: list[Job] = []
+    seen: dict[str, Path] = {}
+    outside = dropped = 0
+    for path in files:
+        name = path.name.split(".")[0]
+        if name in seen:
+            skips.append((name, str(path), f"{path}: duplicate of {seen[name]}"))
+            continue
+        seen[name] = path
+        if name in exclude:
+            dropped += 1
+            continue
+        if dataset in NTU_LIMITS:
+            try:
+                sample = parse_sample_name(name, source=path)
+            except InputError as err:
+                skips.append((name, str(path), str(err)))
+                continue
+            actions, setups = NTU_LIMITS[dataset]
+            if sample.action > actions or sample.setup > setups:
+                outside += 1
+                continue
+        if dataset == "pku":
+            label_file = labels / path.name
+            if not label_file.is_file():
+                skips.append((name, str(path), f"{path}: no label file {label_file}"))
+                continue
+            jobs.append(Job(dataset, str(path), str(label_file)))
+        else:
+            jobs.append(Job(dataset, str(path)))
+    if dropped:
+        log(f"dropped {dropped} samples listed in {missing}")
+    if outside:
+        limits = NTU_LIMITS[dataset]
+        log(f"ignored {outside} files outside {dataset} (actions 1..{limits[0]}, setups 1..{limits[1]})")
+    return jobs, skips
+
+
+def _read_name_list(path: Path) -> set[str]:
+    """PKU-MMD missing-skeleton lists: one sequence name a line."""
+    try:
+        return {line.strip() for line in path.read_text().splitlines() if line.strip()}
+    except OSError as err:
+        raise InputError(f"--missing {path}: cannot read ({err.strerror})") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Shards
+# ----------------------------------------------------------------------------------------------
+
+def chunked(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def shard_key(chunk: list[Job], frames: int) -> str:
+    """Names a chunk's shard: its files (with sizes and mtimes) and everything that changes the arrays."""
+    return stable_hash({"v": PIPELINE_VERSION, "frames": frames, "bodies": BODIES,
+                        "jobs": [[j.dataset, j.fingerprint()] for j in chunk]})[:24]
+
+
+def save_shard(path: Path, results: list[Result], frames: int, joints: int) -> None:
+    ok = [r for r in results if r[0] == "ok"]
+    skip = [r for r in results if r[0] == "skip"]
+    data = np.stack([r[3] for r in ok]) if ok else np.zeros((0, BODIES, frames, joints, 3), np.float32)
+    arrays = dict(data=data.astype(np.float32), names=np.array([r[1] for r in ok], dtype=str),
+                  labels=np.array([r[2] for r in ok], dtype=np.int64),
+                  skip_names=np.array([r[1] for r in skip], dtype=str),
+                  skip_paths=np.array([r[2] for r in skip], dtype=str),
+                  skip_reasons=np.array([r[3] for r in skip], dtype=str))
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:                 # a file object: np.savez would append .npz to the temp name
+            np.savez(f, **arrays)
+
+    _atomic(path, write)
+
+
+def load_shard(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def run_chunks(chunks: list[list[Job]], frames: int, workers: int, on_done) -> None:
+    """process_chunk over every chunk (in-process for workers=1); on_done(index, results) as each finishes."""
+    if workers <= 1:
+        for i, chunk in enumerate(chunks):
+            on_done(i, process_chunk(chunk, frames))
+        return
+    pool = ProcessPoolExecutor(max_workers=workers)
+    try:
+        futures = {pool.submit(process_chunk, chunk, frames): i for i, chunk in enumerate(chunks)}
+        for fut in as_completed(futures):
+            on_done(futures[fut], fut.result())
+    except BaseException:                          # Ctrl-C or a bug: do not wait for the queued chunks
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown()
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole preparation
+# ----------------------------------------------------------------------------------------------
+
+def split_columns(name: str, benchmarks: list[str]) -> list[str]:
+    sample = parse_sample_name(name)
+    out = []
+    for b in benchmarks:
+        bench = BENCHMARKS[b]
+        inside = sample.action <= bench.num_classes and sample.setup <= bench.num_setups
+        out.append(("train" if bench.is_train(sample) else "test") if inside else "-")
+    return out
+
+
+def index_rows(dataset: str, names: Iterable[str], labels: Iterable[int], benchmarks: list[str]) -> list[str]:
+    rows = ["\t".join(INDEX_FIELDS + benchmarks)]
+    for name, label in zip(names, labels):
+        if dataset in NTU_LIMITS:
+            s = parse_sample_name(name)
+            fields = [name, str(label), str(s.setup), str(s.camera), str(s.performer), str(s.replication)]
+            fields += split_columns(name, benchmarks)
+        else:
+            fields = [name, str(label), "", "", "", ""]
+        rows.append("\t".join(fields))
+    return rows
+
+
+def prepare(dataset: str, raw: Path, out: Path, frames: int = 64, workers: int = 1,
+            benchmarks: list[str] | None = None, missing: Path | None = None, labels: Path | None = None,
+            dtype: str = "float32", chunk_size: int = 32, keep_parts: bool = False, progress: bool = True,
+            log=None) -> dict:
+    """Prepare `raw` into `out` (see the module docstring); returns the summary also stored in prepare.json."""
+    log = log or (lambda msg: print(f"prepare: {msg}", file=sys.stderr))
+    start = time.perf_counter()
+    if dataset not in DATASETS:
+        raise InputError(f"dataset {dataset!r}: expected one of {', '.join(DATASETS)}")
+    if frames < 1:
+        raise InputError(f"--frames {frames}: expected at least 1")
+    if chunk_size < 1:
+        raise InputError(f"--chunk-size {chunk_size}: expected at least 1")
+    if dtype not in ("float32", "float16"):
+        raise InputError(f"--dtype {dtype}: expected float32 or float16")
+    benchmarks = list(DEFAULT_BENCHMARKS[dataset] if benchmarks is None else benchmarks)
+    for b in benchmarks:
+        get_benchmark(b)
+        if dataset not in NTU_LIMITS:
+            raise InputError(f"--benchmark {b}: benchmarks apply to NTU-named data (ntu60, ntu120, synthetic), "
+                             f"not {dataset}")
+    if dataset == "pku" and (labels is None or not labels.is_dir()):
+        raise InputError(f"--labels {labels or ''}: pku needs the folder of PKU-MMD label files (same names as "
+                         "the skeleton files)")
+    if missing is not None and not missing.is_file():
+        raise InputError(f"--missing {missing}: file not found")
+
+    jobs, pre_skips = find_jobs(dataset, raw, labels, missing, log)
+    joints = 18 if dataset == "kinetics" else 25
+    stamp = stable_hash({"v": PIPELINE_VERSION, "dataset": dataset, "frames": frames, "dtype": dtype,
+                         "benchmarks": benchmarks, "jobs": [j.fingerprint() for j in jobs],
+                         "pre_skips": pre_skips,
+                         "missing": missing.read_text() if missing is not None else None})
+    meta_path = out / "prepare.json"
+    outputs = [out / n for n in ("data.npy", "label.npy", "index.tsv", "skipped.tsv")]
+    if meta_path.is_file() and all(p.is_file() for p in outputs):
+        try:
+            previous = json.loads(meta_path.read_text())
+        except json.JSONDecodeError:
+            previous = {}
+        if previous.get("stamp") == stamp:
+            log(f"up to date: {out} ({previous.get('samples')} samples; inputs and options unchanged)")
+            return {**previous, "up_to_date": True}
+
+    parts = out / ".parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    chunks = chunked(jobs, chunk_size)
+    shard_paths = [parts / f"{shard_key(c, frames)}.npz" for c in chunks]
+    todo = [i for i, p in enumerate(shard_paths) if not p.is_file()]
+    workers = max(1, min(workers, len(todo)))
+    log(f"{len(jobs)} files in {len(chunks)} chunks: {len(chunks) - len(todo)} cached, {len(todo)} to parse "
+        f"with {workers} worker{'s' if workers != 1 else ''}")
+
+    bar = tqdm(total=sum(len(chunks[i]) for i in todo), desc=f"prepare {dataset}", unit="file",
+               file=sys.stderr, disable=not progress)
+
+    def on_done(k: int, results: list[Result]) -> None:
+        i = todo[k]
+        for r in results:
+            if r[0] == "skip":
+                bar.write(f"skipped: {r[3]}", file=sys.stderr)
+        save_shard(shard_paths[i], results, frames, joints)
+        bar.update(len(chunks[i]))
+
+    try:
+        run_chunks([chunks[i] for i in todo], frames, workers, on_done)
+    finally:
+        bar.close()
+    for name, path, reason in pre_skips:
+        log(f"skipped: {reason}")
+
+    summary = assemble(dataset, out, shard_paths, pre_skips, benchmarks, frames, joints, dtype)
+    summary.update(dataset=dataset, raw=str(raw), frames=frames, dtype=dtype, benchmarks=benchmarks,
+                   layout="N, C, T, V, M", stamp=stamp, seconds=round(time.perf_counter() - start, 3))
+    atomic_write_text(meta_path, json.dumps(summary, indent=1) + "\n")         # last: marks the output complete
+    keep = {p.name for p in shard_paths}
+    if keep_parts:
+        for stale in parts.glob("*.npz"):
+            if stale.name not in keep:
+                stale.unlink()
+    else:
+        shutil.rmtree(parts, ignore_errors=True)
+    log(f"wrote {summary['samples']} samples to {out / 'data.npy'} {tuple(summary['shape'])} {dtype}; "
+        f"{summary['skipped']} skipped")
+    return summary
+
+
+def assemble(dataset: str, out: Path, shard_paths: list[Path], pre_skips: list[tuple[str, str, str]],
+             benchmarks: list[str], frames: int, joints: int, dtype: str) -> dict:
+    """Stream the shards into data.npy (N, C, T, V, M), label.npy, index.tsv and skipped.tsv."""
+    counts, names, labels, skips = [], [], [], list(pre_skips)
+    for path in shard_paths:                       # pass 1: the small arrays only
+        with np.load(path, allow_pickle=False) as z:
+            counts.append(int(z["labels"].shape[0]))
+            names += z["names"].tolist()
+            labels += z["labels"].tolist()
+            skips += list(zip(z["skip_names"].tolist(), z["skip_paths"].tolist(), z["skip_reasons"].tolist()))
+    skipped = ["name\tpath\treason"] + [f"{n}\t{p}\t{_one_line(r)}" for n, p, r in skips]
+    atomic_write_text(out / "skipped.tsv", "\n".join(skipped) + "\n")
+    total = sum(counts)
+    if total == 0:
+        raise InputError(f"no usable samples: all {len(skips)} inputs were skipped (listed in {out / 'skipped.tsv'})")
+    shape = (total, 3, frames, joints, BODIES)
+
+    def write_data(tmp: Path) -> None:             # pass 2: one shard at a time into a memory map
+        data = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(dtype), shape=shape)
+        row = 0
+        for path, n in zip(shard_paths, counts):
+            if n:
+                chunk = load_shard(path)["data"]                                 # (n, M, T, V, C)
+                data[row:row + n] = chunk.transpose(0, 4, 2, 3, 1)               # (n, C, T, V, M)
+                row += n
+        data.flush()
+        del data
+
+    def write_labels(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, np.asarray(labels, dtype=np.int64))
+
+    _atomic(out / "data.npy", write_data)
+    _atomic(out / "label.npy", write_labels)
+    atomic_write_text(out / "index.tsv", "\n".join(index_rows(dataset, names, labels, benchmarks)) + "\n")
+    return {"samples": total, "skipped": len(skips), "shape": list(shape),
+            "classes_seen": len(set(labels))}
+
+
+# ----------------------------------------------------------------------------------------------
+# Benchmark
+# ----------------------------------------------------------------------------------------------
+
+def bench_prepare(n_files: int, workers: int, frames: int = 64, chunk_size: int = 8, seed: int = 0) -> dict:
+    """Generate `n_files` synthetic `.skeleton` files in a temp dir and time parse + preprocess over them.
+
+    Times only the parsing and preprocessing (process pool start-up included, writing excluded).
+    """
+    if n_files < 1 or workers < 1:
+        raise InputError(f"bench_prepare(n_files={n_files}, workers={workers}): expected both >= 1")
+    classes = min(n_files, SYNTHETIC_CLASSES)
+    with tempfile.TemporaryDirectory(prefix="skeldiff-bench-") as tmp:
+        t0 = time.perf_counter()
+        paths = write_synthetic_dataset(tmp, num_classes=classes, per_class=math.ceil(n_files / classes),
+                                        seed=seed)[:n_files]
+        gen_s = time.perf_counter() - t0
+        jobs = [Job("synthetic", str(p)) for p in paths]
+        size = sum(p.stat().st_size for p in paths)
+        done = [0]
+        t0 = time.perf_counter()
+        run_chunks(chunked(jobs, chunk_size), frames, workers,
+                   lambda i, results: done.__setitem__(0, done[0] + sum(r[0] == "ok" for r in results)))
+        seconds = time.perf_counter() - t0
+    rate = n_files / seconds
+    return {"files": n_files, "ok": done[0], "workers": workers, "seconds": round(seconds, 3),
+            "files_per_s": round(rate, 2), "files_per_s_per_core": round(rate / workers, 2),
+            "mb_per_s": round(size / 1e6 / seconds, 2), "mean_file_kb": round(size / n_files / 1e3, 1),
+            "generate_seconds": round(gen_s, 3), "cpu_count": os.cpu_count()}
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m service.prepare", description=__doc__.splitlines()[0])
+    p.add_argument("dataset", choices=DATASETS)
+    p.add_argument("--raw", type=Path, help="folder of raw files, searched recursively (synthetic: generated "
+                   "here, default <out>/raw)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="parser processes")
+    p.add_argument("--frames", type=int, default=64, help="frames per sample after resampling (default 64)")
+    p.add_argument("--benchmark", nargs="+", help=f"split columns in index.tsv ({', '.join(BENCHMARKS)}); "
+                   "default: the dataset's two standard benchmarks")
+    p.add_argument("--missing", type=Path, help="list of samples with missing skeletons to drop")
+    p.add_argument("--labels", type=Path, help="pku: folder of label files (same file names as the skeletons)")
+    p.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="data.npy dtype")
+    p.add_argument("--chunk-size", type=int, default=32, help="files per worker task and per cached shard")
+    p.add_argument("--keep-parts", action="store_true", help="keep <out>/.parts/ after a successful run")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("synthetic")
+    g.add_argument("--classes", type=int, default=SYNTHETIC_CLASSES, help=f"classes (1..{SYNTHETIC_CLASSES})")
+    g.add_argument("--per-class", type=int, default=10, help="samples per class")
+    g.add_argument("--seed", type=int, default=0, help="generator seed")
+    return p
+
+
+@exits_cleanly
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.workers < 1:
+        raise InputError(f"--workers {args.workers}: expected at least 1")
+    raw = args.raw
+    if args.dataset == "synthetic":
+        raw = raw or args.out / "raw"
+        options = SyntheticOptions(args.classes, args.per_class, args.seed)
+        if synthetic_set_matches(raw, options):
+            print(f"prepare: {raw} already holds this synthetic set", file=sys.stderr)
+        else:
+            print(f"prepare: generating {args.classes} classes x {args.per_class} synthetic samples in {raw}",
+                  file=sys.stderr)
+            write_synthetic_dataset(raw, args.classes, args.per_class, args.seed)
+        for text in ("class_names.txt", "descriptions.txt"):
+            atomic_write_text(args.out / text, (raw / text).read_text())
+    elif raw is None:
+        raise InputError(f"--raw: required for {args.dataset}")
+    summary = prepare(args.dataset, raw, args.out, frames=args.frames, workers=args.workers,
+                      benchmarks=args.benchmark, missing=args.missing, labels=args.labels, dtype=args.dtype,
+                      chunk_size=args.chunk_size, keep_parts=args.keep_parts, progress=not args.no_progress)
+    print(json.dumps({k: summary[k] for k in ("samples", "skipped", "shape", "dtype", "up_to_date", "seconds")
+                      if k in summary}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
