@@ -1,4 +1,6 @@
-"""Raw skeletons -> compact arrays: `python -m service.prepare {ntu60,ntu120,pku,kinetics,synthetic} --raw DIR --out DIR`.
+"""Raw skeletons -> compact arrays: `python -m service.prepare DATASET --raw DIR --out DIR`.
+
+DATASET is one of ntu60, ntu120, pku, kinetics, synthetic.
 
 Every file is parsed and preprocessed in worker processes (chunks of files, a progress bar on stderr), each
 finished chunk is cached as a shard under `<out>/.parts/`, so a run that crashed resumes where it stopped;
@@ -27,17 +29,17 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from service.cli import exits_cleanly
 from trainers.errors import InputError
-from trainers.io import _atomic, atomic_write_text, stable_hash
+from trainers.io import atomic_write, atomic_write_text, stable_hash
 from trainers.skeleton.kinetics import read_kinetics
 from trainers.skeleton.ntu import load_missing_list, parse_sample_name, read_skeleton, to_array
 from trainers.skeleton.pku import read_pku_labels, read_pku_skeleton
@@ -134,8 +136,8 @@ def find_jobs(dataset: str, raw: Path, labels: Path | None, missing: Path | None
     else:
         files = sorted(raw.rglob("*.skeleton"), key=lambda p: (p.name, str(p)))
     if not files:
-        raise InputError(f"--raw {raw}: no {'.json' if dataset == 'kinetics' else '.txt' if dataset == 'pku' else '.skeleton'} "
-                         "files found")
+        suffix = {"kinetics": ".json", "pku": ".txt"}.get(dataset, ".skeleton")
+        raise InputError(f"--raw {raw}: no {suffix} files found")
 
     exclude: set[str] = set()
     if missing is not None:
@@ -205,17 +207,17 @@ def save_shard(path: Path, results: list[Result], frames: int, joints: int) -> N
     ok = [r for r in results if r[0] == "ok"]
     skip = [r for r in results if r[0] == "skip"]
     data = np.stack([r[3] for r in ok]) if ok else np.zeros((0, BODIES, frames, joints, 3), np.float32)
-    arrays = dict(data=data.astype(np.float32), names=np.array([r[1] for r in ok], dtype=str),
-                  labels=np.array([r[2] for r in ok], dtype=np.int64),
-                  skip_names=np.array([r[1] for r in skip], dtype=str),
-                  skip_paths=np.array([r[2] for r in skip], dtype=str),
-                  skip_reasons=np.array([r[3] for r in skip], dtype=str))
+    arrays = {"data": data.astype(np.float32), "names": np.array([r[1] for r in ok], dtype=str),
+              "labels": np.array([r[2] for r in ok], dtype=np.int64),
+              "skip_names": np.array([r[1] for r in skip], dtype=str),
+              "skip_paths": np.array([r[2] for r in skip], dtype=str),
+              "skip_reasons": np.array([r[3] for r in skip], dtype=str)}
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:                 # a file object: np.savez would append .npz to the temp name
             np.savez(f, **arrays)
 
-    _atomic(path, write)
+    atomic_write(path, write)
 
 
 def load_shard(path: Path) -> dict[str, np.ndarray]:
@@ -386,8 +388,8 @@ def assemble(dataset: str, out: Path, shard_paths: list[Path], pre_skips: list[t
         with open(tmp, "wb") as f:
             np.save(f, np.asarray(labels, dtype=np.int64))
 
-    _atomic(out / "data.npy", write_data)
-    _atomic(out / "label.npy", write_labels)
+    atomic_write(out / "data.npy", write_data)
+    atomic_write(out / "label.npy", write_labels)
     atomic_write_text(out / "index.tsv", "\n".join(index_rows(dataset, names, labels, benchmarks)) + "\n")
     return {"samples": total, "skipped": len(skips), "shape": list(shape),
             "classes_seen": len(set(labels))}
@@ -400,7 +402,9 @@ def assemble(dataset: str, out: Path, shard_paths: list[Path], pre_skips: list[t
 def bench_prepare(n_files: int, workers: int, frames: int = 64, chunk_size: int = 8, seed: int = 0) -> dict:
     """Generate `n_files` synthetic `.skeleton` files in a temp dir and time parse + preprocess over them.
 
-    Times only the parsing and preprocessing (process pool start-up included, writing excluded).
+    Times only the parsing and preprocessing (process pool start-up included, writing excluded). On a shared
+    machine wall-clock rates depend on the load; `files_per_cpu_s` (files per CPU-second, workers included)
+    is the per-core throughput that does not.
     """
     if n_files < 1 or workers < 1:
         raise InputError(f"bench_prepare(n_files={n_files}, workers={workers}): expected both >= 1")
@@ -413,15 +417,23 @@ def bench_prepare(n_files: int, workers: int, frames: int = 64, chunk_size: int 
         jobs = [Job("synthetic", str(p)) for p in paths]
         size = sum(p.stat().st_size for p in paths)
         done = [0]
-        t0 = time.perf_counter()
+        cpu0, t0 = _cpu_seconds(), time.perf_counter()
         run_chunks(chunked(jobs, chunk_size), frames, workers,
                    lambda i, results: done.__setitem__(0, done[0] + sum(r[0] == "ok" for r in results)))
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
     rate = n_files / seconds
     return {"files": n_files, "ok": done[0], "workers": workers, "seconds": round(seconds, 3),
             "files_per_s": round(rate, 2), "files_per_s_per_core": round(rate / workers, 2),
+            "cpu_seconds": round(cpu, 3), "files_per_cpu_s": round(n_files / cpu, 2) if cpu > 0 else None,
             "mb_per_s": round(size / 1e6 / seconds, 2), "mean_file_kb": round(size / n_files / 1e3, 1),
-            "generate_seconds": round(gen_s, 3), "cpu_count": os.cpu_count()}
+            "generate_seconds": round(gen_s, 3), "cpu_count": os.cpu_count(),
+            "load_avg_1min": round(os.getloadavg()[0], 2)}
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process and its finished children (pool workers, once joined)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 # ----------------------------------------------------------------------------------------------
@@ -466,8 +478,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"prepare: generating {args.classes} classes x {args.per_class} synthetic samples in {raw}",
                   file=sys.stderr)
             write_synthetic_dataset(raw, args.classes, args.per_class, args.seed)
-        for text in ("class_names.txt", "descriptions.txt"):
-            atomic_write_text(args.out / text, (raw / text).read_text())
+        for text in ("class_names.txt", "descriptions.txt"):              # rewritten only when they differ
+            content = (raw / text).read_text()
+            if not (args.out / text).is_file() or (args.out / text).read_text() != content:
+                atomic_write_text(args.out / text, content)
     elif raw is None:
         raise InputError(f"--raw: required for {args.dataset}")
     summary = prepare(args.dataset, raw, args.out, frames=args.frames, workers=args.workers,

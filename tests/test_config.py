@@ -42,7 +42,7 @@ def test_unknown_nested_key_names_dotted_key():
 
 def test_unknown_top_level_key_names_it():
     assert "'optimizer'" in error_of({"optimizer": {"lr": 1e-3}})
-    assert "'foo'" in error_of(**{"foo": 1})
+    assert "'foo'" in error_of(foo=1)
 
 
 def test_value_where_section_expected_is_one_line_error():
@@ -133,8 +133,10 @@ def test_preset_fills_sizes(preset):
     assert cfg.model.preset == preset and sizes(cfg) == MODEL_PRESETS[preset]
 
 
-def test_default_is_small():
-    assert build().model.preset == "small" and sizes(build()) == MODEL_PRESETS["small"]
+def test_default_sizes_are_the_default_preset():
+    default = build().model.preset
+    assert default in MODEL_PRESETS and sizes(build()) == MODEL_PRESETS[default]
+    assert build({"model": {"depth": MODEL_PRESETS[default]["depth"]}}).model.preset == default
 
 
 def test_explicit_sizes_win_and_preset_becomes_custom():
@@ -185,6 +187,14 @@ def test_yaml_syntax_error_names_file(tmp_path):
     with pytest.raises(InputError) as err:
         load_yaml(path)
     assert str(err.value).startswith(f"{path}: not valid YAML") and "\n" not in str(err.value)
+
+
+def test_yaml_unreadable_file_names_it(tmp_path):
+    (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe\x00\x01")
+    for path in (tmp_path, tmp_path / "binary.yaml"):
+        with pytest.raises(InputError) as err:
+            load_yaml(path)
+        assert str(err.value).startswith(f"{path}: unreadable config file")
 
 
 def test_yaml_not_a_mapping_names_file(tmp_path):

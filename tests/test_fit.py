@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -37,7 +38,7 @@ def one_thread():
 def test_lr_warmup_is_linear_to_peak():
     lrs = [lr_at(s, 100, 1e-3, 10, 0.0) for s in range(10)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[-1] == pytest.approx(1e-3)
-    assert all(b - a == pytest.approx(1e-4) for a, b in zip(lrs, lrs[1:]))
+    assert all(b - a == pytest.approx(1e-4) for a, b in pairwise(lrs))
 
 
 def test_lr_cosine_after_warmup():
@@ -45,7 +46,7 @@ def test_lr_cosine_after_warmup():
     assert lr_at(60, 110, 1.0, 10, 0.0) == pytest.approx(0.5)
     assert lr_at(35, 110, 1.0, 10, 0.0) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
     lrs = [lr_at(s, 110, 1.0, 10, 0.0) for s in range(10, 111)]
-    assert all(b <= a for a, b in zip(lrs, lrs[1:]))
+    assert all(b <= a for a, b in pairwise(lrs))
 
 
 @pytest.mark.parametrize("floor", [0.0, 0.1])
@@ -280,7 +281,7 @@ def test_learns_unseen_classes_from_text():
                          "optim.warmup_steps": 20, "train.eval_every": COMPONENT_STEPS,
                          "train.checkpoint_every": COMPONENT_STEPS, "train.precision": "fp32",
                          "data.synthetic.samples_per_class": 30, "eval.t_test_grid": [25], "eval.noise_draws": 2})
-    task, names, text = prepare_tdsm(cfg)
+    task, _, text = prepare_tdsm(cfg)
     train, test, seen = task.final_split()
     assert len(task.unseen) == 5 and len(test) == 5 * 30
     start = time.perf_counter()

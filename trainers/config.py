@@ -283,6 +283,8 @@ def load_yaml(path: Path) -> dict[str, Any]:
         data = yaml.load(Path(path).read_text(), Loader=_YamlLoader)
     except FileNotFoundError:
         raise InputError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(f"{path}: unreadable config file ({type(err).__name__})") from None
     except yaml.YAMLError as err:
         raise InputError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     if data is None:

@@ -7,19 +7,27 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 
-def _atomic(path: Path, write) -> Path:
-    """Run write(tmp_path) then os.replace(tmp, path); a crash leaves the old file (or none), never half of one."""
+def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
+    """Run write(tmp_path), fsync, then os.replace(tmp, path): a crash leaves the old file (or none), never half.
+
+    The file gets the usual umask permissions (mkstemp alone would leave it private, 0600).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -29,12 +37,12 @@ def _atomic(path: Path, write) -> Path:
 
 def atomic_torch_save(obj: Any, path: Path) -> Path:
     """torch.save through a temporary file."""
-    return _atomic(path, lambda tmp: torch.save(obj, tmp))
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def atomic_write_text(path: Path, text: str) -> Path:
     """Write text through a temporary file."""
-    return _atomic(path, lambda tmp: tmp.write_text(text))
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def stable_hash(obj: Any) -> str:

@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, Sequence
@@ -30,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from trainers.errors import InputError
+from trainers.io import atomic_torch_save
 
 logger = logging.getLogger(__name__)
 
@@ -482,8 +482,7 @@ def encode_prompt_sets(
         raise RuntimeError(f"{identity} returned {features.num_tokens} local tokens, expected {max_tokens}")
 
     if path is not None:
-        _save_atomically(
-            path,
+        atomic_torch_save(
             {
                 "format": CACHE_FORMAT_VERSION,
                 "key": key,
@@ -493,6 +492,7 @@ def encode_prompt_sets(
                 "global_feats": features.global_feats,
                 "local_feats": features.local_feats,
             },
+            path,
         )
     return features
 
@@ -512,21 +512,6 @@ def _load_cached(path: Path, key: str, num_prompts: int, max_tokens: int) -> Tex
         logger.warning("ignoring unusable text-feature cache %s (%s); recomputing", path, _first_line(e))
         return None
     return features
-
-
-def _save_atomically(path: Path, blob: dict) -> None:
-    """torch.save to a temp file in the same directory, then rename: readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(blob, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
 
 
 def _first_line(error: BaseException, limit: int = 200) -> str:

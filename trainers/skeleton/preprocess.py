@@ -18,8 +18,9 @@ Conventions (NTU-25, 0-based joint indices; the NTU documentation numbers them 1
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
 

@@ -18,9 +18,9 @@ action = 1-based class id), plus `class_names.txt`, `descriptions.txt` (one line
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -114,8 +114,8 @@ def hold(s: np.ndarray, ramp: float = 0.3) -> np.ndarray:
     """0 -> 1 -> hold -> 0 over the phase s in [0, 1], smooth ramps of length `ramp`."""
     up = np.clip(s / ramp, 0, 1)
     down = np.clip((1 - s) / ramp, 0, 1)
-    ease = lambda u: u * u * (3 - 2 * u)                                          # noqa: E731 (smoothstep)
-    return ease(np.minimum(up, down))
+    u = np.minimum(up, down)
+    return u * u * (3 - 2 * u)                                                    # smoothstep
 
 
 def wave(s: np.ndarray, cycles: float, phase: float = 0.0) -> np.ndarray:
@@ -291,20 +291,21 @@ class PrimitiveSpec:
 
 
 PRIMITIVES: dict[str, PrimitiveSpec] = {
-    "raise": PrimitiveSpec(_raise, 1, "raise {part}", "A person lifts {the_part} up, holds it there briefly, "
-                           "then lowers it back to rest."),
+    "raise": PrimitiveSpec(_raise, 1, "raise {part}", "A person lifts {the_part} up, holds {it} there "
+                           "briefly, then lowers {it} back to rest."),
     "wave": PrimitiveSpec(_wave, 3, "wave {part}", "A person holds {the_part} up to the side and waves the "
-                          "forearm back and forth several times."),
+                          "{forearm} back and forth several times."),
     "circle": PrimitiveSpec(_circle, 2, "circle {part}", "A person moves {the_part} around in slow circles."),
-    "push": PrimitiveSpec(_push, 1, "push with {part}", "A person bends {the_part} at the elbow and slowly "
-                          "pushes forward until straight, as if pushing something away."),
+    "push": PrimitiveSpec(_push, 1, "push with {part}", "A person draws {the_part} back to the chest and slowly "
+                          "pushes forward to full reach, as if pushing something away."),
     "punch": PrimitiveSpec(_punch, 3, "punch with {part}", "A person throws several quick straight punches "
                            "forward with {the_part}."),
     "swing": PrimitiveSpec(_swing, 2, "swing {part}", "A person swings {the_part} forward and backward like "
                            "a pendulum."),
-    "bend": PrimitiveSpec(_bend, 2, "bend {part}", "A person bends {the_part} and then straightens it again."),
+    "bend": PrimitiveSpec(_bend, 2, "bend {part}", "A person bends {the_part} at the {elbow} and "
+                          "straightens {it} again, several times."),
     "stretch": PrimitiveSpec(_stretch, 1, "stretch {part} sideways", "A person stretches {the_part} out to "
-                             "the side, holds it, and brings it back down."),
+                             "the side, holds {it}, and brings {it} back down."),
     "kick": PrimitiveSpec(_kick, 2, "kick with {part}", "A person kicks forward with {the_part}, swinging the "
                           "foot up quickly, and puts it back down."),
     "clap": PrimitiveSpec(_clap, 4, "clap hands", "A person raises {the_part} in front of the chest and claps "
@@ -363,8 +364,10 @@ def action_catalogue() -> list[ActionClass]:
     out = []
     for k, (prim, part) in enumerate(_CLASS_PLAN):
         spec = PRIMITIVES[prim]
-        the_part = "the head" if part == "head" else ("the torso" if part == "torso" else f"the {part}")
-        sentence = _SPECIAL_SENTENCES.get((prim, part), spec.sentence.format(the_part=the_part))
+        both = part.startswith("both")
+        words = {"the_part": part if both else f"the {part}", "it": "them" if both else "it",
+                 "forearm": "forearms" if both else "forearm", "elbow": "elbows" if both else "elbow"}
+        sentence = _SPECIAL_SENTENCES.get((prim, part), spec.sentence.format(**words))
         out.append(ActionClass(k, prim, part, spec.name.format(part=part), sentence))
     return out
 

@@ -1,0 +1,397 @@
+"""CoCoDiff (METHODS.md §2): config, denoiser init, KL contrastive loss, gradients of every loss term, no
+inference cost of the exported classifier, a short fit on a separable toy task, resume, data and helpers.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pydantic import BaseModel
+
+from trainers.cocodiff import (CoCoDiffConfig, CoCoDiffModule, LatentDenoiser, build_module, build_schedule,
+                               cocodiff_loss, draw_diffusion_inputs, kl_contrastive_loss)
+from trainers.cocodiff_fit import (BEST, LAST, SkeletonClassifier, accuracy_metrics, batch_indices,
+                                   build_classifier, compute_losses, ensemble_logits, evaluate_classifier,
+                                   export_classifier, fit_cocodiff, load_classifier, load_cocodiff_data,
+                                   load_prepared, prepare_cocodiff, run_ablation, step_times, synthetic_skeletons)
+from trainers.config import build_config, flatten, to_plain
+from trainers.errors import InputError
+from trainers.skeleton.gcn import build_encoder
+from trainers.tdsm_model import count_parameters
+from trainers.tracking import ListReporter, NullReporter
+
+ROOT = Path(__file__).resolve().parents[1]
+NUM_CLASSES, FINE_DIM, COARSE_DIM = 4, 24, 20
+TINY = {"backbone.encoder": "stgcn", "backbone.base_channels": 8, "backbone.units_per_stage": [1, 1, 1],
+        "module.hidden": 32, "module.depth": 1, "module.align_dim": 16, "optim.batch_size": 16,
+        "optim.warmup_steps": 5, "optim.lr": 3e-3, "train.steps": 60, "train.eval_every": 30,
+        "train.checkpoint_every": 30, "train.device": "cpu", "train.precision": "fp32"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny convs run fastest on one thread, and the test machine's cores are shared; module scope so that the
+    module-scoped runs use it too (runs compared for bit-identical weights need the same thread count)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_config(**overrides) -> CoCoDiffConfig:
+    return build_config(CoCoDiffConfig, {}, {**TINY, **overrides})
+
+
+def texts(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(NUM_CLASSES, FINE_DIM, generator=g), torch.randn(NUM_CLASSES, COARSE_DIM, generator=g)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    """The embedded toy task (4 classes of sinusoidal joint motion, (N, 3, 16, 25, 2)) and random class texts."""
+    data = load_cocodiff_data(tiny_config())
+    return data, *texts()
+
+
+def fit(cfg, toy, run_dir=None, reporter=None):
+    data, fine, coarse = toy
+    return fit_cocodiff(cfg, data.train_x, data.train_y, data.val_x, data.val_y, fine, coarse,
+                        reporter or ListReporter(), run_dir, progress=False)
+
+
+def weights(*modules) -> dict[str, torch.Tensor]:
+    return {f"{i}.{k}": v.detach().clone() for i, m in enumerate(modules) for k, v in m.state_dict().items()}
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"weights differ: {different[:5]}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------
+
+def test_defaults_follow_methods_md():
+    cfg = CoCoDiffConfig()
+    assert cfg.backbone.encoder == "ctrgcn" and cfg.module.num_train_timesteps == 100 and cfg.optim.batch_size == 64
+    assert (cfg.module.hidden, cfg.module.depth, cfg.module.w_diff, cfg.module.w_gen, cfg.module.w_coarse) == \
+        (512, 3, 1.0, 0.5, 0.1)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("module.w_gan", 1.0, "unknown config key 'module.w_gan'"),
+    ("data.benchmark", "ntu61-xsub", "data.benchmark"),
+    ("data.source", "prepared", "data.prepared_dir is required"),
+    ("backbone.units_per_stage", [2, 0], "backbone.units_per_stage"),
+    ("module.beta_start", 0.5, "module.beta_start=0.5 must be < module.beta_end"),
+])
+def test_bad_config_is_one_line_error(key, value, message):
+    overrides = {key: value, **({"module.beta_schedule": "linear"} if key == "module.beta_start" else {})}
+    with pytest.raises(InputError, match=message):
+        build_config(CoCoDiffConfig, {}, overrides)
+
+
+def _leaves(cls: type[BaseModel], prefix: str = "") -> list[str]:
+    out = []
+    for name, field in cls.model_fields.items():
+        sub = field.annotation if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel) else None
+        out += _leaves(sub, f"{prefix}{name}.") if sub else [f"{prefix}{name}"]
+    return out
+
+
+def test_every_config_field_is_read():
+    """Each leaf is read as an attribute somewhere outside the config classes (method: a constant tag)."""
+    read = set()
+    for name in ("cocodiff.py", "cocodiff_fit.py"):
+        tree = ast.parse((ROOT / "trainers" / name).read_text())
+        code = [n for n in tree.body if not (isinstance(n, ast.ClassDef) and n.name.endswith("Config"))]
+        read |= {n.attr for node in code for n in ast.walk(node) if isinstance(n, ast.Attribute)}
+    leaves = _leaves(CoCoDiffConfig)
+    assert set(leaves) == set(flatten(to_plain(CoCoDiffConfig())))
+    unread = [k for k in leaves if k.rsplit(".", 1)[-1] not in read and k != "method"]
+    assert not unread, f"config fields that no code reads: {unread}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Denoiser and module
+# ----------------------------------------------------------------------------------------------
+
+def test_module_shapes_and_identity_at_init():
+    """x̂_0 == x_t at init (adaLN-Zero blocks, zero output layer over the x_t skip)."""
+    cfg = tiny_config()
+    module = build_module(cfg.module, 32, FINE_DIM, COARSE_DIM)
+    schedule = build_schedule(cfg.module)
+    g = torch.Generator().manual_seed(0)
+    x0, fine = torch.randn(6, 32, generator=g), torch.randn(6, FINE_DIM, generator=g)
+    t, noise, keep = draw_diffusion_inputs(6, 32, cfg.module.num_train_timesteps, 0.5, g)
+    assert t.shape == (6,) and noise.shape == (6, 32) and keep.dtype == torch.bool
+    x0_hat = module(x0, fine, t, noise, schedule, keep)
+    assert x0_hat.shape == (6, 32)
+    torch.testing.assert_close(x0_hat, schedule.add_noise(x0, noise, t))
+    skel, text = module.align(x0_hat, torch.randn(4, COARSE_DIM))
+    assert skel.shape == (6, 16) and text.shape == (4, 16)
+    assert math.isclose(float(module.logit_scale().detach()), 1 / 0.07, rel_tol=1e-5)
+    # t = 0 of the cosine schedule is almost noise-free, so the initial module almost returns x_0.
+    zero = torch.zeros(6, dtype=torch.long)
+    assert (module(x0, fine, zero, noise, schedule) - x0).std() < 0.05      # sqrt(1 - abar_0) ≈ 0.025
+    assert draw_diffusion_inputs(6, 32, 10, 0.0, g)[2] is None
+
+
+def test_denoiser_uses_time_and_fine_text_once_trained_away_from_init():
+    den = LatentDenoiser(8, 5, 16, 2)
+    for p in den.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x, t, fine = torch.randn(3, 8), torch.tensor([0, 5, 9]), torch.randn(3, 5)
+    base = den(x, t, fine)
+    assert not torch.allclose(base, den(x, t + 1, fine))
+    assert not torch.allclose(base, den(x, t, fine + 1))
+    dropped = den(x, t, fine, torch.tensor([False, True, True]))
+    assert torch.allclose(dropped[1:], base[1:]) and not torch.allclose(dropped[0], base[0])
+    # A dropped sample's prediction does not depend on its fine text.
+    torch.testing.assert_close(dropped[:1], den(x[:1], t[:1], torch.randn(1, 5), torch.tensor([False])))
+
+
+# ----------------------------------------------------------------------------------------------
+# KL contrastive loss
+# ----------------------------------------------------------------------------------------------
+
+def test_kl_loss_near_zero_when_aligned_larger_when_shuffled():
+    g = torch.Generator().manual_seed(0)
+    class_text = torch.linalg.qr(torch.randn(16, NUM_CLASSES, generator=g))[0].T     # (C, 16) orthonormal
+    labels = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 0, 0])                           # duplicates of each class
+    scale = torch.tensor(100.0)
+    aligned = kl_contrastive_loss(class_text[labels], class_text[labels], labels, scale)
+    shuffled = kl_contrastive_loss(class_text[labels.roll(1)], class_text[labels], labels, scale)
+    assert aligned < 1e-3 < 1.0 < shuffled
+    # Class texts instead of one text per sample: same answer when features sit on their class text.
+    per_class = kl_contrastive_loss(class_text[labels], class_text, labels, scale, torch.arange(NUM_CLASSES))
+    assert per_class < 1e-3
+
+
+def test_kl_loss_is_symmetric_in_its_two_directions():
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(8, 6, generator=g), torch.randn(8, 6, generator=g)
+    labels = torch.tensor([0, 0, 1, 2, 2, 2, 3, 1])
+    torch.testing.assert_close(kl_contrastive_loss(a, b, labels, torch.tensor(10.0)),
+                               kl_contrastive_loss(b, a, labels, torch.tensor(10.0)))
+
+
+def test_kl_loss_targets_are_row_normalised_same_label_matrices():
+    """Against a hand-written KL: class 0 appears twice, so each of its rows puts 1/2 on both positives."""
+    g = torch.Generator().manual_seed(2)
+    feat, text = torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g)
+    labels, scale = torch.tensor([0, 0, 1]), torch.tensor(4.0)
+    logits = scale * torch.nn.functional.normalize(feat, dim=-1) @ torch.nn.functional.normalize(text, dim=-1).T
+    target = torch.tensor([[0.5, 0.5, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 1.0]])
+
+    def kl(lg):
+        logq = lg.log_softmax(-1)
+        return sum(p * (math.log(p) - logq[i, j]) for i in range(3) for j in range(3)
+                   if (p := float(target[i, j])) > 0) / 3
+
+    torch.testing.assert_close(kl_contrastive_loss(feat, text, labels, scale), 0.5 * (kl(logits) + kl(logits.T)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Gradients and the classifier
+# ----------------------------------------------------------------------------------------------
+
+def test_every_loss_term_reaches_the_backbone(toy):
+    data, fine, coarse = toy
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    classifier = build_classifier(cfg.backbone, NUM_CLASSES)
+    module = build_module(cfg.module, classifier.encoder.feature_dim, FINE_DIM, COARSE_DIM)
+    x, y = data.train_x[:8], data.train_y[:8]
+    losses = compute_losses(classifier, module, build_schedule(cfg.module), cfg, x, y, fine, coarse,
+                            torch.Generator().manual_seed(0), lambda: torch.autocast("cpu", enabled=False))
+    assert set(losses) == {"loss", "loss_cls", "loss_diff", "loss_gen", "loss_coarse"}
+    backbone = list(classifier.encoder.units.parameters())
+    for term in ("loss_cls", "loss_diff", "loss_gen", "loss_coarse"):
+        grads = torch.autograd.grad(losses[term], backbone, retain_graph=True, allow_unused=True)
+        assert sum(float(g.abs().sum()) for g in grads if g is not None) > 0, term
+    # The diffusion target is detached: its gradient reaches the backbone only through x_t.
+    x0 = torch.randn(4, 3, requires_grad=True)
+    x0_hat = torch.zeros(4, 3, requires_grad=True)
+    cocodiff_loss(torch.zeros(4, 2), torch.zeros(4, 2), x0, x0_hat, torch.randn(4, 2), torch.randn(4, 2),
+                  torch.tensor([0, 1, 0, 1]), torch.tensor(1.0), 1.0, 1.0, 1.0)["loss_diff"].backward()
+    assert x0.grad is None and x0_hat.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("stream", ["joint", "bone", "motion"])
+def test_classifier_shapes_and_streams(stream):
+    cfg = tiny_config(**{"backbone.stream": stream})
+    model = build_classifier(cfg.backbone, NUM_CLASSES).eval()
+    x, _ = synthetic_skeletons(NUM_CLASSES, 1, 16, 0.1, 0)
+    assert x.shape == (NUM_CLASSES, 3, 16, 25, 2)
+    assert model(x).shape == (NUM_CLASSES, NUM_CLASSES) and model.features(x).shape == (NUM_CLASSES, 32)
+    if stream == "joint":
+        assert torch.equal(model.to_stream(x), x)
+    else:
+        assert not torch.equal(model.to_stream(x), x)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fit, export, no inference cost, resume
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def runs(toy, tmp_path_factory):
+    """60-step runs of the baseline and of +module (the latter with checkpoints)."""
+    run_dir = tmp_path_factory.mktemp("cocodiff")
+    reporter = ListReporter()
+    return {"baseline": fit(tiny_config(**{"module.enabled": False}), toy),
+            "cocodiff": fit(tiny_config(), toy, run_dir, reporter), "run_dir": run_dir, "reporter": reporter}
+
+
+@pytest.mark.parametrize("arm", ["baseline", "cocodiff"])
+def test_short_fit_beats_chance(runs, arm):
+    result = runs[arm]
+    assert result.step == 60 and result.best_metric > 2 * 100 / NUM_CLASSES       # chance is 25 %
+    assert (result.module is None) == (arm == "baseline")
+
+
+def test_reports_and_checkpoints(runs):
+    reporter, run_dir = runs["reporter"], runs["run_dir"]
+    assert [s for s, *_ in reporter.evaluations] == [30, 60]
+    step, metrics, curve, ckpt = reporter.evaluations[-1]
+    assert set(metrics) == {"val/top1", "val/top5"} and curve is None and ckpt == run_dir
+    logged = reporter.metrics[-1][1]
+    assert {"train/loss", "train/loss_diff", "train/loss_gen", "train/loss_coarse", "train/lr"} <= set(logged)
+    best = torch.load(run_dir / BEST, weights_only=False)
+    assert set(best["classifier"]) == set(runs["cocodiff"].classifier.state_dict())   # no module weights
+    assert best["val_logits"].shape == (len(best["val_labels"]), NUM_CLASSES)
+    assert accuracy_metrics(best["val_logits"], best["val_labels"]) == best["metrics"]
+
+
+def test_exported_classifier_costs_nothing_extra(runs, toy):
+    """Same parameter count and outputs as a backbone+head built without the module."""
+    cfg, result = tiny_config(), runs["cocodiff"]
+    exported = export_classifier(result)
+    plain = build_encoder("stgcn", NUM_CLASSES, 3, "ntu-rgb+d", 8, (1, 1, 1), 0.0)
+    assert count_parameters(exported) == count_parameters(plain) == count_parameters(build_classifier(cfg.backbone, 4))
+    assert not any(isinstance(m, (CoCoDiffModule, LatentDenoiser)) for m in exported.modules())
+    plain.load_state_dict(exported.encoder.state_dict())
+    x = toy[0].val_x[:8]
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), plain.eval()(x))
+    assert export_classifier(result, "last").training is False
+
+
+def test_evaluation_never_builds_the_module(runs, toy, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("diffusion part constructed during evaluation")
+
+    monkeypatch.setattr(LatentDenoiser, "__init__", refuse)
+    monkeypatch.setattr(CoCoDiffModule, "__init__", refuse)
+    data = toy[0]
+    metrics, logits = evaluate_classifier(export_classifier(runs["cocodiff"]), data.val_x, data.val_y, batch_size=7)
+    assert metrics == runs["cocodiff"].best_metrics and logits.shape == (len(data.val_y), NUM_CLASSES)
+    loaded, ckpt = load_classifier(runs["run_dir"] / BEST)
+    assert isinstance(loaded, SkeletonClassifier)
+    torch.testing.assert_close(evaluate_classifier(loaded, data.val_x, data.val_y)[1], ckpt["val_logits"])
+
+
+class CrashAfter(ListReporter):
+    """Raises on the first training-metrics report after `step` (after that step's checkpoint was written)."""
+
+    def __init__(self, step: int):
+        super().__init__()
+        self.step = step
+
+    def log_metrics(self, metrics, step):
+        if step > self.step:
+            raise KeyboardInterrupt("simulated crash")
+        super().log_metrics(metrics, step)
+
+
+def test_resume_gives_identical_weights(runs, toy, tmp_path):
+    cfg = tiny_config()
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, toy, tmp_path, CrashAfter(30))
+    assert torch.load(tmp_path / LAST, weights_only=False)["step"] == 30
+    reporter = ListReporter()
+    resumed = fit(cfg, toy, tmp_path, reporter)
+    assert resumed.step == 60 and min(step for step, _ in reporter.metrics) > 30
+    full = runs["cocodiff"]
+    assert_same_weights(weights(resumed.classifier, resumed.module), weights(full.classifier, full.module))
+    assert resumed.best_metrics == full.best_metrics and torch.equal(resumed.val_logits, full.val_logits)
+
+
+def test_resume_refused_under_another_training_config(runs, toy):
+    with pytest.raises(InputError, match="different training config"):
+        fit(tiny_config(**{"module.w_gen": 0.7}), toy, runs["run_dir"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Data, ensembles, ablation, step cost
+# ----------------------------------------------------------------------------------------------
+
+def test_batches_are_a_pure_function_of_the_step():
+    epoch = torch.cat([batch_indices(s, 4, 10, 3) for s in range(2)])
+    assert epoch.unique().numel() == 8 and torch.equal(batch_indices(1, 4, 10, 3), batch_indices(1, 4, 10, 3))
+    assert not torch.equal(batch_indices(0, 4, 10, 3), batch_indices(2, 4, 10, 3))     # a new epoch reshuffles
+    assert len(batch_indices(5, 16, 10, 0)) == 10                                       # fewer samples than a batch
+
+
+def test_load_prepared_splits_by_benchmark(tmp_path):
+    split = ["train"] * 20 + ["test"] * 5 + ["-"]
+    np.save(tmp_path / "data.npy", np.arange(26 * 12, dtype=np.float32).reshape(26, 3, 2, 2, 1))
+    np.save(tmp_path / "label.npy", np.arange(26) % 60)
+    rows = ["name\tlabel\tsetup\tcamera\tperformer\treplication\tntu60-xsub"]
+    rows += [f"S{i}\t0\t1\t1\t1\t1\t{s}" for i, s in enumerate(split)]
+    (tmp_path / "index.tsv").write_text("\n".join(rows) + "\n")
+    data = load_prepared(tmp_path, "ntu60-xsub", 0.1, 0)
+    assert (len(data.train_y), len(data.val_y), len(data.test_y), data.num_classes) == (18, 2, 5, 60)
+    assert torch.equal(data.test_y, torch.arange(20, 25))
+    assert set(data.train_y.tolist()) | set(data.val_y.tolist()) == set(range(20))
+    torch.testing.assert_close(data.test_x[0].flatten(), torch.arange(240, 252, dtype=torch.float32))
+    with pytest.raises(InputError, match="no 'ntu60-xview' column"):
+        load_prepared(tmp_path, "ntu60-xview", 0.1, 0)
+
+
+def test_baseline_preparation_encodes_no_text():
+    data, names, fine, coarse = prepare_cocodiff(tiny_config(**{"module.enabled": False}))
+    assert names is fine is coarse is None and data.num_classes == NUM_CLASSES
+    assert data.train_x.shape == (NUM_CLASSES * 24, 3, 16, 25, 2) and len(data.val_y) == NUM_CLASSES * 12
+
+
+def test_ensemble_logits():
+    a, b = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 3.0]])
+    torch.testing.assert_close(ensemble_logits([a, b], [2.0, 1.0]), torch.tensor([[2.0, 3.0]]))
+    torch.testing.assert_close(ensemble_logits([a, b]), a + b)
+    with pytest.raises(InputError, match="weights"):
+        ensemble_logits([a, b], [1.0])
+    with pytest.raises(InputError, match="shape"):
+        ensemble_logits([a, torch.zeros(2, 2)])
+
+
+def test_run_ablation_trains_both_arms_per_seed(toy):
+    data, fine, coarse = toy
+    cfg = tiny_config(**{"train.steps": 4, "train.eval_every": 4})
+    out = run_ablation(cfg, data.train_x, data.train_y, data.val_x, data.val_y, fine, coarse, seeds=[0, 1])
+    assert [r["seed"] for r in out["baseline"]] == [r["seed"] for r in out["cocodiff"]] == [0.0, 1.0]
+    assert all(r["step"] == 4 and 0 <= r["val/top1"] <= 100 for arm in out.values() for r in arm)
+
+
+def test_step_times_measures_both_arms(toy):
+    data = toy[0]
+    times = step_times(tiny_config(), (data.train_x[:8], data.train_y[:8]), *texts(), iters=1, warmup=0)
+    assert set(times) == {"baseline_s", "cocodiff_s", "overhead"} and times["baseline_s"] > 0 < times["cocodiff_s"]
+
+
+def test_fit_input_errors(toy):
+    data, fine, coarse = toy
+    with pytest.raises(InputError, match="needs fine_text and coarse_text"):
+        fit_cocodiff(tiny_config(), data.train_x, data.train_y, None, None, None, None, NullReporter(), progress=False)
+    with pytest.raises(InputError, match="classes"):
+        fit_cocodiff(tiny_config(), data.train_x, data.train_y, None, None, fine, coarse[:3], NullReporter(),
+                     progress=False)

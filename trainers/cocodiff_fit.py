@@ -1,0 +1,625 @@
+"""CoCoDiff fit loop, classification evaluation and the inference-only export (METHODS.md §2).
+
+Training runs backbone + head, and with `module.enabled` the CoCoDiff module beside them; evaluation and
+export touch backbone + head only (`SkeletonClassifier`), so the module adds no inference cost. The loop
+reports through `trainers.tracking.Reporter` (curve=None), checkpoints atomically (last.pt resumable,
+best.pt = best `val/top1`, holding the classifier only and its validation logits for stream ensembles).
+
+Batches are a pure function of (seed, step) and the diffusion draws come from one seeded generator whose
+state is checkpointed, so a resumed run trains exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from trainers.cocodiff import (BackboneConfig, CoCoDiffConfig, CoCoDiffModule, build_module, build_schedule,
+                               classification_loss, cocodiff_loss, draw_diffusion_inputs)
+from trainers.config import flatten, to_plain
+from trainers.diffusion import NoiseSchedule
+from trainers.errors import InputError
+from trainers.io import atomic_torch_save, stable_hash
+from trainers.runtime import autocast, resolve_device, resolve_precision, seed_everything
+from trainers.skeleton.gcn import Encoder, build_encoder, joint_to_bone, joint_to_motion
+from trainers.skeleton.splits import BENCHMARKS
+from trainers.tdsm_fit import lr_at
+from trainers.tdsm_task import EMBEDDED_DESCRIPTIONS, EMBEDDED_NAMES, default_cache_dir
+from trainers.text import encode_prompt_sets, read_prompt_file
+from trainers.tracking import Reporter
+
+LAST = "last.pt"
+BEST = "best.pt"
+# Config keys that do not change what training computes: a checkpoint stays valid when only these differ.
+NON_TRAINING_KEYS = ("eval.", "train.eval_every", "train.checkpoint_every", "train.device", "train.threads",
+                     "text.cache_dir")
+# Only the pooled (global) text features are used; MiniLM's local features need at least [CLS] and [SEP].
+UNUSED_LOCAL_TOKENS = 2
+TOP_K = 5
+
+
+# ----------------------------------------------------------------------------------------------
+# The inference model: backbone + head
+# ----------------------------------------------------------------------------------------------
+
+class SkeletonClassifier(nn.Module):
+    """GCN backbone + linear head on one input stream: everything that runs at inference.
+
+    Reads the joint array (N, C, T, V, M) and derives its stream (bone / motion) itself, so every stream's
+    classifier takes the same input and their logits can be ensembled. No parameters beyond the encoder's.
+    """
+
+    def __init__(self, encoder: Encoder, stream: str = "joint"):
+        super().__init__()
+        if stream not in ("joint", "bone", "motion"):
+            raise InputError(f"backbone.stream {stream!r}: expected joint, bone or motion")
+        self.encoder = encoder
+        self.stream = stream
+
+    def to_stream(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, T, V, M) joints -> the same shape in this classifier's stream."""
+        if self.stream == "bone":
+            return joint_to_bone(x, self.encoder.graph.bone_pairs)
+        if self.stream == "motion":
+            return joint_to_motion(x)
+        return x
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, T, V, M) joints -> pooled feature x_0 (N, D)."""
+        return self.encoder.forward_features(self.to_stream(x))
+
+    def head(self, feats: torch.Tensor) -> torch.Tensor:
+        """(N, D) features (real x_0 or generated x̂_0) -> logits (N, num_classes), dropout as in Encoder.forward."""
+        return self.encoder.fc(self.encoder.drop(feats))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))                                 # (N, num_classes)
+
+
+def build_classifier(cfg: BackboneConfig, num_classes: int, in_channels: int = 3) -> SkeletonClassifier:
+    """Backbone + head sized by the config; never builds any diffusion part."""
+    encoder = build_encoder(cfg.encoder, num_classes, in_channels, cfg.layout, cfg.base_channels,
+                            tuple(cfg.units_per_stage), cfg.dropout)
+    return SkeletonClassifier(encoder, cfg.stream)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: prepared arrays or the embedded toy task
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class SkeletonData:
+    """Joint arrays (N, C, T, V, M) float32 and labels (N,) int64 of the three splits."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    num_classes: int
+
+
+def synthetic_skeletons(num_classes: int, per_class: int, frames: int, noise: float, seed: int,
+                        num_joints: int = 25, persons: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Toy sequences (N, 3, T, V, M), labels (N,): class k oscillates joints {v : v mod K = k} along axis k mod 3.
+
+    Cycles over the clip are 1 + k // 3, phase and amplitude are random per sample, joint jitter is
+    `noise` × N(0, 1); only the first person moves, the others are zero (as absent NTU bodies). The rest pose
+    is fixed, so draws with different seeds share it.
+    """
+    g = torch.Generator().manual_seed(seed)
+    n = num_classes * per_class
+    y = torch.arange(num_classes).repeat_interleave(per_class)                                  # (N,)
+    pose = torch.randn(3, num_joints, generator=torch.Generator().manual_seed(0)) * 0.3           # (3, V)
+    k = torch.arange(num_classes)
+    mask = torch.zeros(num_classes, 3, num_joints)
+    mask[k[:, None], (k % 3)[:, None], torch.arange(num_joints)[None]] = (
+        torch.arange(num_joints)[None] % num_classes == k[:, None]).float()                         # (K, 3, V)
+    s = torch.linspace(0, 1, frames)                                                              # (T,)
+    phase = torch.rand(n, 1, generator=g) * 2 * torch.pi
+    amp = 0.5 + 0.5 * torch.rand(n, 1, generator=g)
+    cycles = (1 + k // 3).float()[y][:, None]
+    motion = amp * torch.sin(2 * torch.pi * cycles * s[None] + phase)                             # (N, T)
+    x = pose[None, :, None, :] + mask[y][:, :, None, :] * motion[:, None, :, None]                # (N, 3, T, V)
+    x = x + noise * torch.randn(x.shape, generator=g)
+    others = torch.zeros(n, 3, frames, num_joints, persons - 1)
+    return torch.cat([x.unsqueeze(-1), others], dim=-1), y                                        # (N, 3, T, V, M)
+
+
+def load_prepared(folder: Path, benchmark: str, val_fraction: float, val_seed: int) -> SkeletonData:
+    """data.npy / label.npy / index.tsv of `service.prepare`: the benchmark's train rows minus a seeded
+    validation draw, its test rows as test."""
+    folder = Path(folder)
+    for name in ("data.npy", "label.npy", "index.tsv"):
+        if not (folder / name).is_file():
+            raise InputError(f"{folder / name}: not found (run `python -m service.prepare` first)")
+    header, *rows = [line.split("\t") for line in (folder / "index.tsv").read_text().splitlines() if line]
+    if benchmark not in header:
+        columns = [c for c in header if c in BENCHMARKS]
+        raise InputError(f"{folder / 'index.tsv'}: no {benchmark!r} column (has: {', '.join(columns) or 'none'})")
+    col = header.index(benchmark)
+    split = np.array([r[col] for r in rows])
+    data = np.load(folder / "data.npy", mmap_mode="r")
+    labels = np.load(folder / "label.npy")
+    if not len(data) == len(labels) == len(rows):
+        raise InputError(f"{folder}: data.npy, label.npy and index.tsv disagree on the sample count "
+                         f"({len(data)}, {len(labels)}, {len(rows)})")
+    train_idx, test_idx = np.flatnonzero(split == "train"), np.flatnonzero(split == "test")
+    if len(train_idx) < 2:
+        raise InputError(f"{folder}: fewer than two {benchmark} training samples")
+    perm = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(val_seed)).numpy()
+    n_val = max(1, round(val_fraction * len(train_idx)))
+    val_idx, fit_idx = np.sort(train_idx[perm[:n_val]]), np.sort(train_idx[perm[n_val:]])
+    num_classes = BENCHMARKS[benchmark].num_classes
+
+    def take(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        y = labels[idx].astype(np.int64)
+        if y.size and (y.min() < 0 or y.max() >= num_classes):
+            raise InputError(f"{folder / 'label.npy'}: labels outside 0..{num_classes - 1} for {benchmark}")
+        return torch.from_numpy(np.ascontiguousarray(data[idx], dtype=np.float32)), torch.from_numpy(y)
+
+    return SkeletonData(*take(fit_idx), *take(val_idx), *take(test_idx), num_classes)
+
+
+def load_cocodiff_data(cfg: CoCoDiffConfig) -> SkeletonData:
+    """The splits named by cfg.data: the prepared benchmark, or the toy task (three independent draws)."""
+    d = cfg.data
+    if d.source == "prepared":
+        return load_prepared(d.prepared_dir, d.benchmark, d.val_fraction, d.val_seed)
+    s = d.synthetic
+    held_out = max(2, s.per_class // 2)
+    train = synthetic_skeletons(s.num_classes, s.per_class, s.frames, s.noise, s.seed)
+    val = synthetic_skeletons(s.num_classes, held_out, s.frames, s.noise, s.seed + 1)
+    test = synthetic_skeletons(s.num_classes, held_out, s.frames, s.noise, s.seed + 2)
+    return SkeletonData(*train, *val, *test, s.num_classes)
+
+
+def encode_cocodiff_texts(cfg: CoCoDiffConfig, num_classes: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """(class names, fine text (C, D_f), coarse text (C, D_c)): pooled features, prompt files concatenated.
+
+    Defaults are the embedded NTU-60 names (coarse) and descriptions (fine); the toy task takes their first
+    C lines. Explicit files must hold exactly one line per class.
+    """
+    t = cfg.text
+    embedded = t.class_names is None
+    if t.descriptions is None and not embedded:
+        raise InputError("text.descriptions (fine text) is required when text.class_names is given")
+    names_file = EMBEDDED_NAMES if embedded else Path(t.class_names)
+    fine_files = [EMBEDDED_DESCRIPTIONS] if t.descriptions is None else [Path(p) for p in t.descriptions]
+    truncate = embedded and t.descriptions is None and cfg.data.source == "synthetic"
+
+    def read(path: Path) -> list[str]:
+        if truncate:
+            return read_prompt_file(path)[:num_classes]
+        return read_prompt_file(path, expected_count=num_classes)
+
+    names = read(names_file)
+    cache = Path(t.cache_dir) if t.cache_dir else default_cache_dir() / "text"
+    coarse = encode_prompt_sets(t.encoder, [names] + [read(Path(p)) for p in t.synonyms], UNUSED_LOCAL_TOKENS, cache)
+    fine = encode_prompt_sets(t.encoder, [read(p) for p in fine_files], UNUSED_LOCAL_TOKENS, cache)
+    return names, fine.global_feats, coarse.global_feats
+
+
+def prepare_cocodiff(cfg: CoCoDiffConfig) -> tuple[SkeletonData, list[str] | None, torch.Tensor | None,
+                                                   torch.Tensor | None]:
+    """(data, class names, fine text, coarse text); the texts are None (never encoded) for the baseline."""
+    data = load_cocodiff_data(cfg)
+    if not cfg.module.enabled:
+        return data, None, None, None
+    return (data, *encode_cocodiff_texts(cfg, data.num_classes))
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation and ensembles
+# ----------------------------------------------------------------------------------------------
+
+def accuracy_metrics(logits: torch.Tensor, labels: torch.Tensor, prefix: str = "val") -> dict[str, float]:
+    """{prefix/top1, prefix/top5} in %; top-5 is top-min(5, C)."""
+    labels = labels.to(logits.device)
+    k = min(TOP_K, logits.shape[1])
+    top = logits.topk(k, dim=1).indices                                         # (N, k)
+    return {f"{prefix}/top1": float((top[:, 0] == labels).float().mean() * 100),
+            f"{prefix}/top5": float((top == labels[:, None]).any(1).float().mean() * 100)}
+
+
+@torch.no_grad()
+def evaluate_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256,
+                        prefix: str = "val", precision: str = "fp32") -> tuple[dict[str, float], torch.Tensor]:
+    """(top-1/top-5 metrics, per-sample logits (N, C) float32 CPU) of any backbone+head module.
+
+    Runs the model alone, in eval mode (restored afterwards), on the device of its parameters.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    chunks = []
+    for start in range(0, len(x), batch_size):
+        with autocast(device, precision):
+            chunks.append(model(x[start:start + batch_size].to(device)).float().cpu())   # (B, C)
+    model.train(was_training)
+    logits = torch.cat(chunks)                                                           # (N, C)
+    return accuracy_metrics(logits, y, prefix), logits
+
+
+def ensemble_logits(logits: Sequence[torch.Tensor], weights: Sequence[float] | None = None) -> torch.Tensor:
+    """Weighted sum of per-stream logits (N, C) (the usual joint/bone/motion score fusion); equal weights by default."""
+    if not logits:
+        raise InputError("ensemble_logits: no logits given")
+    weights = [1.0] * len(logits) if weights is None else list(weights)
+    if len(weights) != len(logits):
+        raise InputError(f"ensemble_logits: {len(logits)} logits but {len(weights)} weights")
+    shapes = {tuple(lg.shape) for lg in logits}
+    if len(shapes) != 1:
+        raise InputError(f"ensemble_logits: logits differ in shape {sorted(shapes)}")
+    return sum(w * lg.float() for w, lg in zip(weights, logits))
+
+
+# ----------------------------------------------------------------------------------------------
+# One training step
+# ----------------------------------------------------------------------------------------------
+
+def batch_indices(step: int, batch_size: int, n: int, seed: int) -> torch.Tensor:
+    """Sample ids of a step: epochs of seeded permutations, the remainder of each epoch dropped (pure function)."""
+    per_epoch = max(1, n // batch_size)
+    epoch, k = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return perm[k * batch_size:(k + 1) * batch_size]
+
+
+def compute_losses(classifier: SkeletonClassifier, module: CoCoDiffModule | None, schedule: NoiseSchedule,
+                   cfg: CoCoDiffConfig, x: torch.Tensor, y: torch.Tensor, fine_text: torch.Tensor | None,
+                   coarse_text: torch.Tensor | None, gen: torch.Generator, amp) -> dict[str, torch.Tensor]:
+    """Loss terms of one batch x (N, C, T, V, M), y (N,); the module's t, noise and mask come from `gen`."""
+    with amp():
+        x0 = classifier.features(x)                                               # (N, D)
+        logits = classifier.head(x0)                                              # (N, K)
+    if module is None:
+        return classification_loss(logits, y)
+    m = cfg.module
+    t, noise, keep = draw_diffusion_inputs(len(y), x0.shape[1], m.num_train_timesteps, m.fine_dropout, gen,
+                                           x0.device)
+    with amp():
+        x0_hat = module(x0.float(), fine_text[y], t, noise, schedule, keep)         # (N, D)
+        logits_gen = classifier.head(x0_hat)                                      # (N, K)
+        skel_emb, text_emb = module.align(x0_hat, coarse_text[y])                 # (N, A), (N, A)
+    return cocodiff_loss(logits, logits_gen, x0, x0_hat, skel_emb, text_emb, y, module.logit_scale(),
+                         m.w_diff, m.w_gen, m.w_coarse)
+
+
+def make_optimizer(cfg: CoCoDiffConfig, modules: Sequence[nn.Module]) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices and conv kernels only (not on biases, norms, scales, shifts)."""
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.optim.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr)
+
+
+def training_step(classifier: SkeletonClassifier, module: CoCoDiffModule | None, schedule: NoiseSchedule,
+                  opt: torch.optim.Optimizer, cfg: CoCoDiffConfig, x: torch.Tensor, y: torch.Tensor,
+                  fine_text: torch.Tensor | None, coarse_text: torch.Tensor | None, gen: torch.Generator,
+                  amp) -> dict[str, torch.Tensor]:
+    """Forward, backward, clip, step; returns the detached loss terms."""
+    losses = compute_losses(classifier, module, schedule, cfg, x, y, fine_text, coarse_text, gen, amp)
+    opt.zero_grad(set_to_none=True)
+    losses["loss"].backward()
+    if cfg.optim.grad_clip > 0:
+        params = [p for group in opt.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+    opt.step()
+    return {k: v.detach() for k, v in losses.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Fit
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class CoCoDiffResult:
+    """A finished fit: the final classifier, the training-only module, and the best evaluation point."""
+
+    classifier: SkeletonClassifier               # final weights
+    module: CoCoDiffModule | None                # None for the baseline; never needed at inference
+    step: int
+    last_metrics: dict[str, float]
+    best_metric: float                           # best val/top1 (-1 when nothing was evaluated)
+    best_step: int
+    best_metrics: dict[str, float]
+    best_state: dict[str, torch.Tensor] | None   # classifier weights at best_step (CPU)
+    val_logits: torch.Tensor | None              # (N_val, C) logits at best_step
+
+
+def training_fingerprint(cfg: CoCoDiffConfig, train_x: torch.Tensor, num_classes: int,
+                         text_dims: tuple[int, int] | None) -> str:
+    """Hash of everything that changes what training computes (resuming under another config is refused)."""
+    flat = flatten(to_plain(cfg))
+    keys = {k: v for k, v in flat.items() if not k.startswith(NON_TRAINING_KEYS)}
+    return stable_hash({**keys, "data_shape": list(train_x.shape), "num_classes": num_classes, "text": text_dims})
+
+
+def _check_inputs(train_x, train_y, val_x, val_y, fine_text, coarse_text, enabled: bool) -> int:
+    """The class count (rows of the text, else 1 + the largest label); InputError naming what is wrong."""
+    if len(train_x) == 0 or len(train_x) != len(train_y):
+        raise InputError(f"training data: {len(train_x)} sequences, {len(train_y)} labels (need equal, > 0)")
+    if train_x.ndim != 5:
+        raise InputError(f"training data: expected (N, C, T, V, M), got shape {tuple(train_x.shape)}")
+    if val_x is not None and len(val_x) != len(val_y):
+        raise InputError(f"validation data: {len(val_x)} sequences, {len(val_y)} labels")
+    if enabled:
+        if fine_text is None or coarse_text is None:
+            raise InputError("module.enabled needs fine_text and coarse_text (one row per class)")
+        if fine_text.shape[0] != coarse_text.shape[0]:
+            raise InputError(f"fine text has {fine_text.shape[0]} classes, coarse text {coarse_text.shape[0]}")
+        num_classes = fine_text.shape[0]
+    else:
+        num_classes = int(max(train_y.max(), val_y.max() if val_y is not None and len(val_y) else 0)) + 1
+        if fine_text is not None:
+            num_classes = max(num_classes, fine_text.shape[0])
+    if int(train_y.max()) >= num_classes or int(train_y.min()) < 0:
+        raise InputError(f"training labels must be in 0..{num_classes - 1}")
+    return num_classes
+
+
+def fit_cocodiff(cfg: CoCoDiffConfig, train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor | None,
+                 val_y: torch.Tensor | None, fine_text: torch.Tensor | None, coarse_text: torch.Tensor | None,
+                 reporter: Reporter, run_dir: Path | None = None, progress: bool = True,
+                 num_classes: int | None = None) -> CoCoDiffResult:
+    """Train backbone + head (+ the CoCoDiff module when cfg.module.enabled) on (train_x (N, C, T, V, M), train_y).
+
+    fine_text (K, D_f), coarse_text (K, D_c): one row per class (may be None for the baseline). Evaluates
+    top-1/top-5 on (val_x, val_y) every train.eval_every steps as `val/top1`, `val/top5`. run_dir holds
+    last.pt (resumable) and best.pt (best val/top1: classifier weights + validation logits); None keeps
+    nothing on disk. num_classes defaults to the text rows (or 1 + the largest label for the baseline).
+    """
+    enabled = cfg.module.enabled
+    inferred = _check_inputs(train_x, train_y, val_x, val_y, fine_text, coarse_text, enabled)
+    num_classes = num_classes or inferred
+    device = resolve_device(cfg.train.device)
+    precision = resolve_precision(cfg.train.precision, device)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    gen = seed_everything(cfg.train.seed)
+    classifier = build_classifier(cfg.backbone, num_classes, train_x.shape[1]).to(device)
+    module, schedule, text_dims = None, build_schedule(cfg.module), None
+    if enabled:
+        text_dims = (fine_text.shape[1], coarse_text.shape[1])
+        module = build_module(cfg.module, classifier.encoder.feature_dim, *text_dims).to(device)
+        fine_text, coarse_text = fine_text.float().to(device), coarse_text.float().to(device)
+    trained = [classifier] + ([module] if module is not None else [])
+    opt = make_optimizer(cfg, trained)
+    amp = lambda: autocast(device, precision)  # noqa: E731  (a fresh context per use)
+    fingerprint = training_fingerprint(cfg, train_x, num_classes, text_dims)
+
+    state = _FitState()
+    if run_dir is not None and (Path(run_dir) / LAST).is_file():
+        state = _resume(Path(run_dir), fingerprint, classifier, module, opt, gen)
+    evaluating = val_x is not None and len(val_x) > 0
+    total, B = cfg.train.steps, cfg.optim.batch_size
+    log_every = max(1, min(50, total // 20))
+    bar = tqdm(total=total, initial=state.step, desc="cocodiff" if enabled else "baseline", disable=not progress,
+               file=sys.stderr, mininterval=1.0, dynamic_ncols=True)
+    for m in trained:
+        m.train()
+    while state.step < total:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(state.step, total, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio)
+        idx = batch_indices(state.step, B, len(train_x), cfg.train.seed)
+        x, y = train_x[idx].to(device, non_blocking=True), train_y[idx].to(device)
+        losses = training_step(classifier, module, schedule, opt, cfg, x, y, fine_text, coarse_text, gen, amp)
+        state.step += 1
+        bar.update(1)
+        step = state.step
+        if step % log_every == 0 or step == total:
+            scalars = {f"train/{k}": float(v) for k, v in losses.items()}
+            scalars["train/lr"] = opt.param_groups[0]["lr"]
+            if module is not None:
+                scalars["train/logit_scale"] = float(module.logit_scale().detach())
+            reporter.log_metrics(scalars, step)
+            bar.set_postfix(loss=f"{scalars['train/loss']:.4f}", refresh=False)
+        is_eval = evaluating and (step % cfg.train.eval_every == 0 or step == total)
+        is_ckpt = step % cfg.train.checkpoint_every == 0 or step == total
+        if is_eval:
+            state.last_metrics, logits = evaluate_classifier(classifier, val_x, val_y, cfg.eval.batch_size, "val",
+                                                             precision)
+            bar.set_postfix(loss=f"{float(losses['loss']):.4f}", val=f"{state.last_metrics['val/top1']:.1f}")
+            if state.last_metrics["val/top1"] > state.best:
+                state.best, state.best_step, state.best_metrics = state.last_metrics["val/top1"], step, state.last_metrics
+                state.best_state = {k: v.detach().cpu().clone() for k, v in classifier.state_dict().items()}
+                state.val_logits = logits
+                if run_dir is not None:
+                    _save_best(Path(run_dir) / BEST, state, val_y, cfg, num_classes, train_x.shape[1])
+        if run_dir is not None and (is_ckpt or is_eval):
+            _save_last(Path(run_dir) / LAST, fingerprint, classifier, module, opt, gen, state, cfg)
+        if is_eval:
+            reporter.log_evaluation(state.last_metrics, step, None, Path(run_dir) if run_dir is not None else None)
+    bar.close()
+    for m in trained:
+        m.eval()
+    return CoCoDiffResult(classifier, module, state.step, state.last_metrics, state.best, state.best_step,
+                          state.best_metrics, state.best_state, state.val_logits)
+
+
+@dataclass
+class _FitState:
+    """What a resumed run must know beyond the weights."""
+
+    step: int = 0
+    best: float = -1.0
+    best_step: int = 0
+    best_metrics: dict[str, float] | None = None
+    best_state: dict[str, torch.Tensor] | None = None
+    val_logits: torch.Tensor | None = None
+    last_metrics: dict[str, float] | None = None
+
+    def __post_init__(self):
+        self.best_metrics = self.best_metrics or {}
+        self.last_metrics = self.last_metrics or {}
+
+
+def _save_best(path: Path, state: _FitState, val_y: torch.Tensor, cfg: CoCoDiffConfig, num_classes: int,
+               in_channels: int) -> None:
+    """best.pt: the classifier only (what inference needs) with the config to rebuild it and its val logits."""
+    atomic_torch_save({
+        "classifier": state.best_state, "step": state.best_step, "metrics": state.best_metrics,
+        "val_logits": state.val_logits, "val_labels": val_y.cpu(), "num_classes": num_classes,
+        "in_channels": in_channels, "config": to_plain(cfg),
+    }, path)
+
+
+def _save_last(path: Path, fingerprint: str, classifier, module, opt, gen: torch.Generator, state: _FitState,
+               cfg: CoCoDiffConfig) -> None:
+    atomic_torch_save({
+        "classifier": classifier.state_dict(), "module": module.state_dict() if module is not None else None,
+        "optimizer": opt.state_dict(), "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "step": state.step, "best": state.best, "best_step": state.best_step, "best_metrics": state.best_metrics,
+        "last_metrics": state.last_metrics, "fingerprint": fingerprint, "config": to_plain(cfg),
+    }, path)
+
+
+def _load(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - any unreadable checkpoint gets the same one-line answer
+        raise InputError(f"{path}: unreadable checkpoint ({type(err).__name__}); delete it to start over") from None
+
+
+def _resume(run_dir: Path, fingerprint: str, classifier, module, opt, gen: torch.Generator) -> _FitState:
+    """Load last.pt (and best.pt's weights and logits) into the run; refuse a checkpoint of another config."""
+    state = _load(run_dir / LAST)
+    if state.get("fingerprint") != fingerprint:
+        raise InputError(f"{run_dir / LAST}: written with a different training config; use another run dir or delete it")
+    classifier.load_state_dict(state["classifier"])
+    if module is not None:
+        module.load_state_dict(state["module"])
+    opt.load_state_dict(state["optimizer"])
+    gen.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    if state.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    out = _FitState(int(state["step"]), float(state["best"]), int(state["best_step"]), state["best_metrics"],
+                    last_metrics=state["last_metrics"])
+    if (run_dir / BEST).is_file():
+        best = _load(run_dir / BEST)
+        out.best_state, out.val_logits = best["classifier"], best["val_logits"]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Export: what inference runs
+# ----------------------------------------------------------------------------------------------
+
+def export_classifier(result: CoCoDiffResult, weights: str = "best") -> SkeletonClassifier:
+    """An independent copy of backbone + head (eval mode) with the best-on-validation weights, or the final
+    ones (weights='last', or when nothing was evaluated). No diffusion part is copied or referenced."""
+    if weights not in ("best", "last"):
+        raise InputError(f"export_classifier: weights={weights!r}, expected 'best' or 'last'")
+    model = copy.deepcopy(result.classifier)
+    if weights == "best" and result.best_state is not None:
+        model.load_state_dict(result.best_state)
+    return model.eval()
+
+
+def load_classifier(path: Path, map_location: str | torch.device = "cpu") -> tuple[SkeletonClassifier, dict[str, Any]]:
+    """(classifier, checkpoint) from a best.pt: rebuilt from its stored backbone config, no diffusion code."""
+    ckpt = _load(Path(path))
+    model = build_classifier(BackboneConfig.model_validate(ckpt["config"]["backbone"]), ckpt["num_classes"],
+                             ckpt["in_channels"])
+    model.load_state_dict(ckpt["classifier"])
+    return model.to(map_location).eval(), ckpt
+
+
+# ----------------------------------------------------------------------------------------------
+# Ablation and step cost
+# ----------------------------------------------------------------------------------------------
+
+def with_overrides(cfg: CoCoDiffConfig, **sections: dict[str, Any]) -> CoCoDiffConfig:
+    """A validated copy of cfg with fields of named sections replaced, e.g. module={'enabled': False}."""
+    tree = to_plain(cfg)
+    for section, values in sections.items():
+        tree[section] = {**tree[section], **values}
+    return CoCoDiffConfig.model_validate(tree)
+
+
+def run_ablation(cfg: CoCoDiffConfig, train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor,
+                 val_y: torch.Tensor, fine_text: torch.Tensor, coarse_text: torch.Tensor, seeds: Sequence[int],
+                 reporter_factory=None, run_root: Path | None = None,
+                 progress: bool = False) -> dict[str, list[dict[str, float]]]:
+    """The same backbone trained with the module disabled ('baseline') and enabled ('cocodiff'), per seed.
+
+    Each entry: {seed, step, best_step, val/top1, val/top5} at the best evaluation. reporter_factory(arm, seed)
+    gives each run its reporter (default: a NullReporter); run_root/<arm>-s<seed> holds checkpoints.
+    """
+    from trainers.tracking import NullReporter
+
+    out: dict[str, list[dict[str, float]]] = {"baseline": [], "cocodiff": []}
+    num_classes = fine_text.shape[0]
+    for seed in seeds:
+        for arm, enabled in (("baseline", False), ("cocodiff", True)):
+            arm_cfg = with_overrides(cfg, module={"enabled": enabled}, train={"seed": int(seed)})
+            reporter = reporter_factory(arm, seed) if reporter_factory is not None else NullReporter()
+            run_dir = Path(run_root) / f"{arm}-s{seed}" if run_root is not None else None
+            result = fit_cocodiff(arm_cfg, train_x, train_y, val_x, val_y, fine_text, coarse_text, reporter, run_dir,
+                                  progress, num_classes=num_classes)
+            out[arm].append({"seed": float(seed), "step": float(result.step), "best_step": float(result.best_step),
+                             **result.best_metrics})
+    return out
+
+
+def step_times(cfg: CoCoDiffConfig, batch: tuple[torch.Tensor, torch.Tensor], fine_text: torch.Tensor | None = None,
+               coarse_text: torch.Tensor | None = None, iters: int = 5, warmup: int = 2) -> dict[str, float]:
+    """Mean seconds of one training step (the fit loop's own `training_step`) without and with the module.
+
+    batch: (x (N, C, T, V, M), y (N,)); texts default to seeded random 384-d rows (MiniLM's width) for
+    1 + max(y) classes. Runs on cfg.train.device with cfg.train.precision; nothing is asserted here.
+    """
+    x, y = batch
+    num_classes = fine_text.shape[0] if fine_text is not None else int(y.max()) + 1
+    g = torch.Generator().manual_seed(0)
+    fine_text = fine_text if fine_text is not None else torch.randn(num_classes, 384, generator=g)
+    coarse_text = coarse_text if coarse_text is not None else torch.randn(num_classes, 384, generator=g)
+    device = resolve_device(cfg.train.device)
+    precision = resolve_precision(cfg.train.precision, device)
+    amp = lambda: autocast(device, precision)  # noqa: E731
+    x, y = x.to(device), y.to(device)
+    out = {}
+    for arm, enabled in (("baseline", False), ("cocodiff", True)):
+        seed_everything(cfg.train.seed)
+        gen = torch.Generator().manual_seed(cfg.train.seed)
+        classifier = build_classifier(cfg.backbone, num_classes, x.shape[1]).to(device).train()
+        module = build_module(cfg.module, classifier.encoder.feature_dim, fine_text.shape[1],
+                              coarse_text.shape[1]).to(device).train() if enabled else None
+        opt = make_optimizer(cfg, [classifier] + ([module] if module is not None else []))
+        schedule = build_schedule(cfg.module)
+        ft, ct = fine_text.float().to(device), coarse_text.float().to(device)
+        for i in range(warmup + iters):
+            if i == warmup:
+                _synchronize(device)
+                start = time.perf_counter()
+            training_step(classifier, module, schedule, opt, cfg, x, y, ft, ct, gen, amp)
+        _synchronize(device)
+        out[f"{arm}_s"] = (time.perf_counter() - start) / iters
+    out["overhead"] = out["cocodiff_s"] / out["baseline_s"] - 1.0
+    return out
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+__all__ = [
+    "BEST", "LAST", "CoCoDiffResult", "SkeletonClassifier", "SkeletonData", "accuracy_metrics", "batch_indices",
+    "build_classifier", "compute_losses", "encode_cocodiff_texts", "ensemble_logits", "evaluate_classifier",
+    "export_classifier", "fit_cocodiff", "load_classifier", "load_cocodiff_data", "load_prepared",
+    "prepare_cocodiff", "run_ablation", "step_times", "synthetic_skeletons", "training_step", "with_overrides",
+]
