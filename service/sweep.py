@@ -69,8 +69,26 @@ def load_splits(path: Path, names: list[str]) -> list[tuple[str, dict[str, Any]]
     for name in names:
         if name not in table:
             raise InputError(f"--splits {name}: unknown split; known in {path}: {', '.join(table)}")
-        out.append((name, {k: _expand(v) for k, v in (table[name] or {}).items()}))
+        out.append((name, {k: (v if k == "chain" else _expand(v)) for k, v in (table[name] or {}).items()}))
     return out
+
+
+def resolve_chain(overrides: dict[str, Any], storage: Path) -> dict[str, Any]:
+    """A split with `chain:` runs the cached skeleton chain (service.encoder) and points the data at its output."""
+    if "chain" not in overrides:
+        return overrides
+    from service.encoder import default_synthetic_unseen, synthetic_skeleton_features
+    from trainers.encoder_fit import EncoderConfig
+
+    opts = dict(overrides.pop("chain") or {})
+    encoder = build_config(EncoderConfig, opts.pop("encoder", {}))
+    unseen = default_synthetic_unseen(int(opts.pop("unseen_count", 6)))
+    made = synthetic_skeleton_features(storage / "chain", int(opts.pop("per_class", 12)), encoder, unseen)
+    if opts:
+        raise InputError(f"splits chain options {sorted(opts)}: unknown (expected per_class, unseen_count, encoder)")
+    return {**overrides, "data.source": "features", "data.features_dir": made["features_dir"],
+            "data.unseen": made["unseen"], "text.class_names": made["class_names"],
+            "text.descriptions": [made["descriptions"]]}
 
 
 def _expand(value: Any) -> Any:
@@ -319,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     uri = resolve_tracking_uri(args.tracking_uri)
     split_trees = []
     for split, overrides in splits:
+        overrides = resolve_chain(overrides, args.storage_path.expanduser().resolve())
         tree = absolute_paths(build_config(TDSMConfig, to_plain(cfg), overrides).model_dump(mode="json"))
         check_against_config(space, TDSMConfig, tree, space_path)
         split_trees.append((split, tree))

@@ -18,11 +18,14 @@ from trainers.cocodiff import (CoCoDiffConfig, CoCoDiffModule, LatentDenoiser, b
 from trainers.cocodiff_fit import (BEST, LAST, SkeletonClassifier, accuracy_metrics, batch_indices,
                                    build_classifier, compute_losses, ensemble_logits, evaluate_classifier,
                                    export_classifier, fit_cocodiff, load_classifier, load_cocodiff_data,
-                                   load_prepared, prepare_cocodiff, run_ablation, step_times, synthetic_skeletons)
+                                   encode_cocodiff_texts, load_prepared, prepare_cocodiff, run_ablation, step_times,
+                                   synthetic_skeletons)
+from trainers import cocodiff_fit
 from trainers.config import build_config, flatten, to_plain
 from trainers.errors import InputError
 from trainers.skeleton.gcn import build_encoder
 from trainers.tdsm_model import count_parameters
+from trainers.text import TextFeatures
 from trainers.tracking import ListReporter, NullReporter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -170,7 +173,7 @@ def test_kl_loss_near_zero_when_aligned_larger_when_shuffled():
     scale = torch.tensor(100.0)
     aligned = kl_contrastive_loss(class_text[labels], class_text[labels], labels, scale)
     shuffled = kl_contrastive_loss(class_text[labels.roll(1)], class_text[labels], labels, scale)
-    assert aligned < 1e-3 < 1.0 < shuffled
+    assert aligned < 1e-3 and shuffled > 1.0
     # Class texts instead of one text per sample: same answer when features sit on their class text.
     per_class = kl_contrastive_loss(class_text[labels], class_text, labels, scale, torch.arange(NUM_CLASSES))
     assert per_class < 1e-3
@@ -262,7 +265,7 @@ def test_short_fit_beats_chance(runs, arm):
 def test_reports_and_checkpoints(runs):
     reporter, run_dir = runs["reporter"], runs["run_dir"]
     assert [s for s, *_ in reporter.evaluations] == [30, 60]
-    step, metrics, curve, ckpt = reporter.evaluations[-1]
+    _, metrics, curve, ckpt = reporter.evaluations[-1]
     assert set(metrics) == {"val/top1", "val/top5"} and curve is None and ckpt == run_dir
     logged = reporter.metrics[-1][1]
     assert {"train/loss", "train/loss_diff", "train/loss_gen", "train/loss_coarse", "train/lr"} <= set(logged)
@@ -362,6 +365,35 @@ def test_baseline_preparation_encodes_no_text():
     data, names, fine, coarse = prepare_cocodiff(tiny_config(**{"module.enabled": False}))
     assert names is fine is coarse is None and data.num_classes == NUM_CLASSES
     assert data.train_x.shape == (NUM_CLASSES * 24, 3, 16, 25, 2) and len(data.val_y) == NUM_CLASSES * 12
+
+
+def test_texts_split_into_coarse_and_fine(tmp_path, monkeypatch):
+    """Names + synonyms are the coarse text, descriptions the fine text; set k of the fake encoder reads k."""
+    calls = []
+
+    def fake_encode(spec, sets, max_tokens, cache_dir):
+        calls.append([list(s) for s in sets])
+        feats = torch.cat([torch.full((len(sets[0]), 3), float(k)) for k in range(len(sets))], dim=1)
+        return TextFeatures(feats, torch.zeros(len(sets[0]), max_tokens, 3))
+
+    monkeypatch.setattr(cocodiff_fit, "encode_prompt_sets", fake_encode)
+    files = {}
+    for name in ("names", "synonyms", "fine"):
+        files[name] = tmp_path / f"{name}.txt"
+        files[name].write_text("".join(f"{name} {c}\n" for c in range(NUM_CLASSES)))
+    cfg = tiny_config(**{"text.class_names": str(files["names"]), "text.synonyms": [str(files["synonyms"])],
+                         "text.descriptions": [str(files["fine"])]})
+    names, fine, coarse = encode_cocodiff_texts(cfg, NUM_CLASSES)
+    assert names == [f"names {c}" for c in range(NUM_CLASSES)] and len(calls) == 1
+    assert torch.equal(coarse, torch.cat([torch.zeros(4, 3), torch.ones(4, 3)], 1)) and torch.equal(fine, torch.full((4, 3), 2.0))
+    # The embedded NTU-60 texts serve the toy task with their first C lines.
+    names, fine, coarse = encode_cocodiff_texts(tiny_config(), NUM_CLASSES)
+    assert names[0] == "drink water" and len(names) == NUM_CLASSES == fine.shape[0] == coarse.shape[0]
+    with pytest.raises(InputError, match="6 prompts, expected 4"):
+        files["fine"].write_text("x\n" * 6)
+        encode_cocodiff_texts(cfg, NUM_CLASSES)
+    with pytest.raises(InputError, match="text.descriptions"):
+        encode_cocodiff_texts(tiny_config(**{"text.class_names": str(files["names"])}), NUM_CLASSES)
 
 
 def test_ensemble_logits():

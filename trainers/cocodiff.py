@@ -77,7 +77,7 @@ class CoCoDiffModuleConfig(Section):
         0.0, ge=0, lt=1, description="Probability of dropping a sample's fine-text conditioning (zero vector).")
 
     @model_validator(mode="after")
-    def _check_betas(self) -> "CoCoDiffModuleConfig":
+    def _check_betas(self) -> CoCoDiffModuleConfig:
         if self.beta_schedule != "cosine" and self.beta_start >= self.beta_end:
             raise ValueError(f"module.beta_start={self.beta_start} must be < module.beta_end={self.beta_end}")
         return self
@@ -113,7 +113,7 @@ class SkeletonDataConfig(Section):
         return value
 
     @model_validator(mode="after")
-    def _prepared_needs_dir(self) -> "SkeletonDataConfig":
+    def _prepared_needs_dir(self) -> SkeletonDataConfig:
         if self.source == "prepared" and self.prepared_dir is None:
             raise ValueError("data.prepared_dir is required with data.source=prepared")
         return self

@@ -14,9 +14,10 @@ from __future__ import annotations
 import copy
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -204,10 +205,14 @@ def encode_cocodiff_texts(cfg: CoCoDiffConfig, num_classes: int) -> tuple[list[s
         return read_prompt_file(path, expected_count=num_classes)
 
     names = read(names_file)
+    coarse_sets = [names] + [read(Path(p)) for p in t.synonyms]
+    fine_sets = [read(p) for p in fine_files]
     cache = Path(t.cache_dir) if t.cache_dir else default_cache_dir() / "text"
-    coarse = encode_prompt_sets(t.encoder, [names] + [read(Path(p)) for p in t.synonyms], UNUSED_LOCAL_TOKENS, cache)
-    fine = encode_prompt_sets(t.encoder, [read(p) for p in fine_files], UNUSED_LOCAL_TOKENS, cache)
-    return names, fine.global_feats, coarse.global_feats
+    # One call: the encoder loads once and the sets come back concatenated, each the encoder's width.
+    feats = encode_prompt_sets(t.encoder, coarse_sets + fine_sets, UNUSED_LOCAL_TOKENS, cache).global_feats
+    width = feats.shape[1] // (len(coarse_sets) + len(fine_sets))
+    split = len(coarse_sets) * width
+    return names, feats[:, split:].contiguous(), feats[:, :split].contiguous()     # fine (C, D_f), coarse (C, D_c)
 
 
 def prepare_cocodiff(cfg: CoCoDiffConfig) -> tuple[SkeletonData, list[str] | None, torch.Tensor | None,
@@ -383,6 +388,8 @@ def fit_cocodiff(cfg: CoCoDiffConfig, train_x: torch.Tensor, train_y: torch.Tens
     enabled = cfg.module.enabled
     inferred = _check_inputs(train_x, train_y, val_x, val_y, fine_text, coarse_text, enabled)
     num_classes = num_classes or inferred
+    if enabled and num_classes != fine_text.shape[0]:
+        raise InputError(f"num_classes={num_classes} but the texts have {fine_text.shape[0]} rows (one per class)")
     device = resolve_device(cfg.train.device)
     precision = resolve_precision(cfg.train.precision, device)
     if cfg.train.threads:
@@ -396,7 +403,7 @@ def fit_cocodiff(cfg: CoCoDiffConfig, train_x: torch.Tensor, train_y: torch.Tens
         fine_text, coarse_text = fine_text.float().to(device), coarse_text.float().to(device)
     trained = [classifier] + ([module] if module is not None else [])
     opt = make_optimizer(cfg, trained)
-    amp = lambda: autocast(device, precision)  # noqa: E731  (a fresh context per use)
+    amp = lambda: autocast(device, precision)  # a fresh context per use
     fingerprint = training_fingerprint(cfg, train_x, num_classes, text_dims)
 
     state = _FitState()
@@ -589,7 +596,7 @@ def step_times(cfg: CoCoDiffConfig, batch: tuple[torch.Tensor, torch.Tensor], fi
     coarse_text = coarse_text if coarse_text is not None else torch.randn(num_classes, 384, generator=g)
     device = resolve_device(cfg.train.device)
     precision = resolve_precision(cfg.train.precision, device)
-    amp = lambda: autocast(device, precision)  # noqa: E731
+    amp = lambda: autocast(device, precision)
     x, y = x.to(device), y.to(device)
     out = {}
     for arm, enabled in (("baseline", False), ("cocodiff", True)):

@@ -40,6 +40,17 @@ def atomic_torch_save(obj: Any, path: Path) -> Path:
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
+def atomic_save_npy(array, path: Path) -> Path:
+    """np.save through a temporary file (a file handle, so numpy does not append '.npy' to the temp name)."""
+    import numpy as np
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+
+    return atomic_write(path, write)
+
+
 def atomic_write_text(path: Path, text: str) -> Path:
     """Write text through a temporary file."""
     return atomic_write(path, lambda tmp: tmp.write_text(text))
