@@ -12,6 +12,8 @@ local text, M_l = 35 text tokens):
      `score_candidates_loop` (one forward per draw and class), bf16 autocast, and fp32 for the batched path;
   3. the peak memory of each phase.
 Each size runs in its own fresh subprocess, so its memory peaks and allocator state owe nothing to the other.
+Every timing records the CPU share it got: on a shared CPU, other processes can slow two OpenMP threads by an
+order of magnitude, and the table says so instead of reporting such numbers as the machine's speed.
 """
 
 from __future__ import annotations
@@ -107,10 +109,39 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_calls(fn: Callable[[], Any], warmup: int, iters: int, device: torch.device, label: str
-               ) -> tuple[list[float], Any]:
-    """Wall seconds of `iters` calls after `warmup` untimed ones (kernel selection, first-touch allocations),
-    and the last call's result."""
+def cpu_busy_fraction(interval: float = 0.5) -> float | None:
+    """Share of all CPUs busy over `interval` seconds (/proc/stat); sampled while this process idles, it is
+    the load from everything else."""
+    def sample() -> tuple[int, int]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + fields[4]                                  # idle + iowait
+        return sum(fields[:8]) - idle, sum(fields[:8])
+    try:
+        busy0, total0 = sample()
+        time.sleep(interval)
+        busy1, total1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return (busy1 - busy0) / max(1, total1 - total0)
+
+
+@dataclass
+class Timed:
+    """Wall seconds of the timed calls, the CPU share they got, and the last call's result."""
+
+    times_s: list[float]
+    # Process CPU seconds / (wall seconds x torch threads) over the timed calls, on CPU devices. Near 1 for
+    # compute-bound work on an idle machine; well below 1 means other processes took the cores.
+    cpu_share: float | None
+    result: Any
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.times_s)
+
+
+def time_calls(fn: Callable[[], Any], warmup: int, iters: int, device: torch.device, label: str) -> Timed:
+    """Time `iters` calls after `warmup` untimed ones (kernel selection, first-touch allocations)."""
     result = None
     for i in range(warmup):
         start = time.perf_counter()
@@ -118,6 +149,7 @@ def time_calls(fn: Callable[[], Any], warmup: int, iters: int, device: torch.dev
         synchronize(device)
         log(f"  {label}: warm-up {i + 1}/{warmup} {format_seconds(time.perf_counter() - start)}")
     times = []
+    cpu_start = time.process_time()
     for i in range(iters):
         synchronize(device)
         start = time.perf_counter()
@@ -125,7 +157,10 @@ def time_calls(fn: Callable[[], Any], warmup: int, iters: int, device: torch.dev
         synchronize(device)
         times.append(time.perf_counter() - start)
         log(f"  {label}: {i + 1}/{iters} {format_seconds(times[-1])}")
-    return times, result
+    cpu_share = None
+    if device.type == "cpu" and times:
+        cpu_share = (time.process_time() - cpu_start) / (sum(times) * torch.get_num_threads())
+    return Timed(times, cpu_share, result)
 
 
 def _libc_malloc_trim() -> Callable[[], None]:
@@ -235,7 +270,7 @@ class SizePlan:
 
 SIZE_PLANS: dict[str, SizePlan] = {
     "paper": SizePlan("paper", train_warmup=1, train_iters=2, score_warmup=1, score_iters=1, score_samples=8),
-    "small": SizePlan("small", train_warmup=2, train_iters=5, score_warmup=1, score_iters=2, score_samples=64),
+    "small": SizePlan("small", train_warmup=2, train_iters=5, score_warmup=1, score_iters=2, score_samples=32),
     "tiny": SizePlan("tiny", train_warmup=1, train_iters=2, score_warmup=1, score_iters=1, score_samples=8),
 }
 DEFAULT_SIZES = ["paper", "small"]
@@ -360,12 +395,13 @@ def bench_train_step(cfg: TDSMConfig, s: TDSMBenchSettings, precision: str, devi
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
         step = lambda: tdsm_train_step(model, opt, schedule, cfg, batch, text_g, text_l,  # noqa: E731
                                        lambda: autocast(device, precision))
-        times, loss = time_calls(step, s.train_warmup, s.train_iters, device, f"[{s.size}] train {precision}")
+        timed = time_calls(step, s.train_warmup, s.train_iters, device, f"[{s.size}] train {precision}")
         del model, opt, step
-    median = statistics.median(times)
+    median = timed.median_s
     # A non-finite loss would mean the timing measured garbage (e.g. a broken bf16 path).
-    return {"median_s": median, "times_s": times, "samples_per_s": s.batch / median,
-            "rows_per_s": 2 * s.batch / median, "peak_mib": mem.peak_mib, "loss_finite": bool(torch.isfinite(loss))}
+    return {"median_s": median, "times_s": timed.times_s, "samples_per_s": s.batch / median,
+            "rows_per_s": 2 * s.batch / median, "cpu_share": timed.cpu_share, "peak_mib": mem.peak_mib,
+            "loss_finite": bool(torch.isfinite(timed.result))}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -408,10 +444,10 @@ def time_scoring(model: TDSMDenoiser, schedule: NoiseSchedule, inputs: ScoringIn
     else:
         raise ValueError(f"unknown scoring mode {mode!r}")
     with PeakMemory(device) as mem:
-        times, errors = time_calls(call, warmup, iters, device, label)
-    median = statistics.median(times)
-    return ({"median_s": median, "times_s": times, "pairs_per_s": N * C / median, "rows_per_s": N * K * C / median,
-             "peak_mib": mem.peak_mib}, errors)
+        timed = time_calls(call, warmup, iters, device, label)
+    median = timed.median_s
+    return ({"median_s": median, "times_s": timed.times_s, "pairs_per_s": N * C / median,
+             "rows_per_s": N * K * C / median, "cpu_share": timed.cpu_share, "peak_mib": mem.peak_mib}, timed.result)
 
 
 def compare_scores(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
@@ -498,14 +534,36 @@ def format_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def contention_warning(machine: dict[str, Any]) -> str | None:
-    """A warning when other processes kept the CPU busy: timings are then inflated and noisy."""
-    load, cores = (machine.get("load_average") or [0.0])[0], machine.get("cpu_cores_usable") or 1
-    if machine["device"].startswith("cuda") or load < cores / 2:
+def min_cpu_share(*timings: dict[str, Any]) -> float | None:
+    shares = [t["cpu_share"] for t in timings if t.get("cpu_share") is not None]
+    return min(shares) if shares else None
+
+
+def format_share(share: float | None) -> str:
+    return "-" if share is None else f"{share:.2f}"
+
+
+CONTENDED_SHARE = 0.7    # below this CPU share a measurement is flagged as starved by other processes
+CONTENDED_BUSY = 0.25    # above this share of busy CPUs before the start, the machine was not idle
+
+
+def contention_warning(report: dict[str, Any]) -> str | None:
+    """A warning when other processes took the CPU before or during the measurements."""
+    m = report["machine"]
+    if m["device"].startswith("cuda"):
         return None
-    return (f"WARNING: 1-min load average {load:.1f} on {cores} cores before the bench started: other processes "
-            "share the CPU, so timings are inflated and noisy (oversubscribed OpenMP threads suffer most; "
-            "compare --threads 1 or OMP_WAIT_POLICY=PASSIVE)")
+    starved = sorted({name for name, r in report["sizes"].items() if "error" not in r and any(
+        (share := t.get("cpu_share")) is not None and share < CONTENDED_SHARE
+        for t in [r["train"]["fp32"], r["train"]["bf16"]]
+        + [row[k] for row in r["score"] for k in ("batched_bf16", "loop_bf16", "batched_fp32")])})
+    busy = [b for b in (m.get("cpu_busy_before"), m.get("cpu_busy_after")) if b is not None]
+    if not starved and not (busy and max(busy) > CONTENDED_BUSY):
+        return None
+    return (f"WARNING: the CPU was shared: {max(busy, default=0) * 100:.0f}% busy with other work around the run"
+            + (f", measurements of {', '.join(starved)} got < {CONTENDED_SHARE} of their threads' CPU time"
+               if starved else "")
+            + ". Timings are inflated and noisy; oversubscribed OpenMP threads suffer most "
+              "(compare --threads 1 or OMP_WAIT_POLICY=PASSIVE).")
 
 
 def format_tdsm_report(report: dict[str, Any]) -> str:
@@ -513,16 +571,19 @@ def format_tdsm_report(report: dict[str, Any]) -> str:
     m = report["machine"]
     bf16 = "fast (AMX/AVX512-BF16)" if m["cpu_fast_bf16"] else "no AMX/AVX512-BF16"
     omp = {k: v for k, v in m["env"].items() if v is not None}
+    busy = " / ".join("?" if b is None else f"{b * 100:.0f}%" for b in (m.get("cpu_busy_before"),
+                                                                       m.get("cpu_busy_after")))
     lines = [
         f"machine: {m['cpu_model']}, {m['cpu_cores_usable']} usable cores, torch {m['torch']}, "
         f"{m['torch_threads']} torch threads, CPU bf16: {bf16}, device {m['device']}"
         + (f" ({m['gpu']}, bf16 {m['gpu_bf16']})" if "gpu" in m else "")
         + (f", {' '.join(f'{k}={v}' for k, v in omp.items())}" if omp else ""),
-        f"load average (1/5/15 min): {' '.join(f'{v:.1f}' for v in m['load_average'] or [])} at start, "
+        f"other work: CPUs {busy} busy before / after the run; load average (1/5/15 min) "
+        f"{' '.join(f'{v:.1f}' for v in m['load_average'] or [])} at start, "
         f"{' '.join(f'{v:.1f}' for v in m['load_average_end'] or [])} at end",
         f"memory: {report['memory_method']}",
     ]
-    warning = contention_warning(m)
+    warning = contention_warning(report)
     lines += [warning, ""] if warning else [""]
     train_rows, score_rows = [], []
     for name, r in report["sizes"].items():
@@ -536,6 +597,7 @@ def format_tdsm_report(report: dict[str, Any]) -> str:
             format_seconds(t["fp32"]["median_s"]), format_seconds(t["bf16"]["median_s"]), f"{t['bf16_speedup']:.2f}x",
             f"{t['fp32']['samples_per_s']:.1f}", f"{t['bf16']['samples_per_s']:.1f}",
             f"{t['fp32']['peak_mib']:.0f}", f"{t['bf16']['peak_mib']:.0f}",
+            format_share(min_cpu_share(t["fp32"], t["bf16"])),
         ])
         for row in r["score"]:
             agree = row["agreement_bf16_batched_vs_loop"]
@@ -547,21 +609,25 @@ def format_tdsm_report(report: dict[str, Any]) -> str:
                 f"{row['bf16_over_fp32']:.2f}x",
                 "/".join(f"{row[k]['peak_mib']:.0f}" for k in ("batched_bf16", "loop_bf16", "batched_fp32")),
                 f"{agree['max_rel_diff']:.1e} / {agree['argmin_agreement']:.2f}",
+                format_share(min_cpu_share(row["batched_bf16"], row["loop_bf16"], row["batched_fp32"])),
             ])
     lines += [
         "training step: forward + backward + AdamW over 2B rows (each sample with its positive and a negative "
         "prompt); median of the timed steps",
         format_table(["size", "params", "B/rows", "warm+timed", "fp32", "bf16", "bf16 speed-up", "fp32 samp/s",
-                      "bf16 samp/s", "peak MiB fp32", "peak MiB bf16"], train_rows),
+                      "bf16 samp/s", "peak MiB fp32", "peak MiB bf16", "cpu share"], train_rows),
         "",
         "zero-shot scoring: (sample x candidate) pairs/s, each pair over all K noise draws; batched = "
         "score_candidates, loop = score_candidates_loop",
         format_table(["size", "C", "N x K", "warm+timed", "batched bf16", "loop bf16", "batched fp32",
-                      "batched/loop", "bf16/fp32", "peak MiB b-bf16/loop/b-fp32", "batched vs loop: rel diff / argmin"],
+                      "batched/loop", "bf16/fp32", "peak MiB b-bf16/loop/b-fp32", "batched vs loop: rel diff / argmin",
+                      "cpu share"],
                      score_rows),
         "",
         "peak MiB: training = weights + grads + AdamW state + activations of a freshly built model; "
         "scoring = above the resident model (activations, repeated inputs)",
+        "cpu share: lowest process CPU time / (wall time x torch threads) of the row's timed calls; "
+        f"< {CONTENDED_SHARE} means other processes took the cores",
     ]
     return "\n".join(lines)
 
@@ -581,7 +647,7 @@ def add_tdsm_arguments(p: argparse.ArgumentParser) -> None:
                    help="timed calls per measurement (default: training 2 paper / 5 small, scoring 1 / 2)")
     p.add_argument("--warmup", type=int, help="untimed calls first (default: training 1 paper / 2 small, scoring 1)")
     p.add_argument("--candidates", type=int, nargs="+", help="candidate class counts C to score (default: 5 20)")
-    p.add_argument("--score-samples", type=int, help="test samples N per scoring call (default: 8 paper, 64 small)")
+    p.add_argument("--score-samples", type=int, help="test samples N per scoring call (default: 8 paper, 32 small)")
     p.add_argument("--draws", type=int, default=3, help="evaluation noise draws K (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's choice)")
@@ -613,7 +679,7 @@ def bench_tdsm(args: argparse.Namespace) -> int:
         args.out.write_text(json.dumps(run_tdsm_size(s, device)))
         return 0
     start = time.perf_counter()
-    machine = describe_machine(device)
+    machine = {**describe_machine(device), "cpu_busy_before": cpu_busy_fraction()}
     log(f"bench tdsm on {device}: {machine['cpu_model']}, torch {machine['torch']}, "
         f"{machine['torch_threads']} threads, load average {machine['load_average']}")
     sizes = {}
@@ -622,7 +688,8 @@ def bench_tdsm(args: argparse.Namespace) -> int:
         sizes[size] = run_size_in_subprocess(s, device)
     report = {
         "benchmark": "tdsm",
-        "machine": {**machine, "load_average_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
+        "machine": {**machine, "cpu_busy_after": cpu_busy_fraction(),
+                    "load_average_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
         "memory_method": memory_method(device),
         "isolation": "one subprocess per size",
         "sizes": sizes,
@@ -633,6 +700,122 @@ def bench_tdsm(args: argparse.Namespace) -> int:
     print(format_tdsm_report(report))
     print(f"\nwall time {report['wall_s']:.0f} s; JSON written to {args.out}")
     return 1 if any("error" in r for r in sizes.values()) else 0
+
+
+# ----------------------------------------------------------------------------------------------
+# CoCoDiff: training-step overhead of the module, inference cost of the exported classifier
+# ----------------------------------------------------------------------------------------------
+
+# Dotted overrides of CoCoDiffConfig per size. 'default' is the config's own: CTR-GCN, 64 base channels,
+# units 4,3,3 (256-d x_0), a 512-wide, 3-block denoiser. 'tiny' is the smoke-sweep size.
+COCODIFF_BENCH_SIZES: dict[str, dict[str, Any]] = {
+    "default": {},
+    "tiny": {"backbone.encoder": "stgcn", "backbone.base_channels": 8, "backbone.units_per_stage": [1, 1, 1],
+             "module.hidden": 64, "module.depth": 2, "module.align_dim": 32},
+}
+COCODIFF_TEXT_DIM = 384   # MiniLM's width (the default text encoder)
+
+
+def add_cocodiff_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda if available")
+    p.add_argument("--out", type=Path, default=Path("bench-cocodiff.json"), help="JSON report (default: %(default)s)")
+    p.add_argument("--sizes", nargs="+", choices=list(COCODIFF_BENCH_SIZES), default=["default"],
+                   help="model sizes (default: default = CoCoDiffConfig's own)")
+    p.add_argument("--batch", type=int, default=16,
+                   help="training sequences per step (default: %(default)s, sized for a CPU; the paper uses 64)")
+    p.add_argument("--infer-batch", type=int, default=32, help="sequences per inference call (default: %(default)s)")
+    p.add_argument("--frames", type=int, default=64, help="frames per sequence (default: %(default)s, the paper's)")
+    p.add_argument("--classes", type=int, default=60, help="classes of the head and text tables (default: NTU-60)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="as train.precision")
+    p.add_argument("--iters", type=int, default=3, help="timed calls per measurement (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls first (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's choice)")
+
+
+def _param_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def bench_cocodiff(args: argparse.Namespace) -> int:
+    """Training step without / with the CoCoDiff module (`step_times`), and inference throughput of the
+    exported classifier of a module-enabled fit vs the same backbone built without the module."""
+    from trainers.cocodiff import CoCoDiffConfig
+    from trainers.cocodiff_fit import (build_classifier, export_classifier, fit_cocodiff, step_times,
+                                       with_overrides)
+    from trainers.runtime import resolve_precision
+    from trainers.tracking import NullReporter
+
+    for flag, value, least in (("--batch", args.batch, 1), ("--infer-batch", args.infer_batch, 1),
+                               ("--frames", args.frames, 4), ("--classes", args.classes, 2),
+                               ("--iters", args.iters, 1), ("--warmup", args.warmup, 0),
+                               ("--threads", args.threads, 0)):
+        if value < least:
+            raise InputError(f"{flag} must be >= {least} (got {value})")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_bench_device(args.device)
+    start = time.perf_counter()
+    machine = describe_machine(device)
+    precision = resolve_precision(args.precision, device)
+    log(f"bench cocodiff on {device} ({precision}): {machine['cpu_model']}, {machine['torch_threads']} threads")
+    sizes: dict[str, Any] = {}
+    for size in args.sizes:
+        cfg = build_config(CoCoDiffConfig, {}, {**COCODIFF_BENCH_SIZES[size], "train.device": str(device),
+                                                "train.precision": args.precision, "optim.batch_size": args.batch})
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(args.batch, 3, args.frames, 25, 2, generator=g)                  # (B, C, T, V, M)
+        y = torch.arange(args.batch) % args.classes
+        fine = torch.randn(args.classes, COCODIFF_TEXT_DIM, generator=g)
+        coarse = torch.randn(args.classes, COCODIFF_TEXT_DIM, generator=g)
+        log(f"[{size}] training step, backbone alone vs + module ({args.warmup}+{args.iters} steps each) ...")
+        train = step_times(cfg, (x, y), fine, coarse, iters=args.iters, warmup=args.warmup)
+        # The classifier a module-enabled fit exports (one step is enough: only its structure matters here),
+        # against the same backbone built without any module.
+        one_step = with_overrides(cfg, train={"steps": 1})
+        result = fit_cocodiff(one_step, x, y, None, None, fine, coarse, NullReporter(), None, progress=False,
+                              num_classes=args.classes)
+        exported = export_classifier(result, "last")
+        plain = build_classifier(cfg.backbone, args.classes, 3).to(device).eval()
+        xi = torch.randn(args.infer_batch, 3, args.frames, 25, 2, generator=g).to(device)
+
+        def infer(model):
+            with torch.no_grad(), autocast(device, precision):
+                return model(xi)
+
+        timed = {name: time_calls(lambda m=m: infer(m), args.warmup, args.iters, device, f"[{size}] infer {name}")
+                 for name, m in (("exported", exported), ("plain", plain))}
+        per_s = {name: args.infer_batch / statistics.median(t.times_s) for name, t in timed.items()}
+        sizes[size] = {
+            "overrides": COCODIFF_BENCH_SIZES[size],
+            "parameters": {"classifier_exported": count_parameters(exported),
+                           "classifier_plain": count_parameters(plain),
+                           "module_training_only": count_parameters(result.module)},
+            "train": {**train, "batch": args.batch,
+                      "baseline_samples_per_s": args.batch / train["baseline_s"],
+                      "cocodiff_samples_per_s": args.batch / train["cocodiff_s"]},
+            "inference": {"batch": args.infer_batch, "exported_samples_per_s": per_s["exported"],
+                          "plain_samples_per_s": per_s["plain"],
+                          "exported_over_plain": per_s["exported"] / per_s["plain"],
+                          "same_architecture": _param_shapes(exported) == _param_shapes(plain)},
+        }
+    report = {"benchmark": "cocodiff", "machine": machine, "precision": precision, "frames": args.frames,
+              "classes": args.classes, "sizes": sizes, "wall_s": time.perf_counter() - start}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    rows = [[name, f"{r['parameters']['classifier_exported'] / 1e6:.2f}M",
+             f"{r['parameters']['module_training_only'] / 1e6:.2f}M",
+             format_seconds(r["train"]["baseline_s"]), format_seconds(r["train"]["cocodiff_s"]),
+             f"{r['train']['overhead'] * 100:+.0f}%", f"{r['inference']['plain_samples_per_s']:.1f}",
+             f"{r['inference']['exported_samples_per_s']:.1f}", f"{r['inference']['exported_over_plain']:.2f}x",
+             str(r["inference"]["same_architecture"])] for name, r in sizes.items()]
+    print(f"machine: {machine['cpu_model']}, {machine['cpu_cores_usable']} usable cores, {machine['torch_threads']} "
+          f"torch threads, device {device}, {precision}; {args.frames} frames, {args.classes} classes")
+    print(f"training step: batch {args.batch}, mean of {args.iters} after {args.warmup} warm-up; inference: batch "
+          f"{args.infer_batch}, median of {args.iters}")
+    print(format_table(["size", "classifier", "module", "step backbone", "step +module", "overhead",
+                        "infer plain seq/s", "infer exported seq/s", "exported/plain", "same arch"], rows))
+    print(f"\nwall time {report['wall_s']:.0f} s; JSON written to {args.out}")
+    return 0 if all(r["inference"]["same_architecture"] for r in sizes.values()) else 1
 
 
 @dataclass(frozen=True)
@@ -647,6 +830,8 @@ class Benchmark:
 BENCHMARKS: dict[str, Benchmark] = {
     "tdsm": Benchmark("TDSM training step (fp32 vs bf16) and zero-shot scoring (batched vs per-class loop)",
                       add_tdsm_arguments, bench_tdsm),
+    "cocodiff": Benchmark("CoCoDiff training-step overhead of the module, and inference of the exported classifier "
+                          "vs the same backbone without it", add_cocodiff_arguments, bench_cocodiff),
 }
 
 

@@ -8,31 +8,39 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from trainers.cocodiff import CoCoDiffConfig
 from trainers.config import TDSMConfig, build_config, load_yaml, parse_override
 from trainers.errors import InputError
 
-METHOD_CONFIGS = {"tdsm": TDSMConfig}
+METHOD_CONFIGS = {"tdsm": TDSMConfig, "cocodiff": CoCoDiffConfig}
+# Shortcuts that name zero-shot inputs (feature folders, class splits): TDSM's data model only.
+TDSM_ONLY_SHORTCUTS = ("features", "unseen", "seen", "val_unseen")
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
-    """--config/--set/--print-config and the data/text shortcuts every TDSM command accepts."""
+    """--config/--set/--print-config and the data/text shortcuts (the data ones are TDSM-only)."""
     g = parser.add_argument_group("configuration")
     g.add_argument("--config", type=Path, help="YAML config (nested, same keys as --print-config)")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one dotted key, e.g. --set optim.lr=3e-4 (repeatable; wins over shortcuts)")
     g.add_argument("--print-config", action="store_true", help="print the fully resolved config as YAML and exit")
     d = parser.add_argument_group("data and text shortcuts")
-    d.add_argument("--features", type=Path, help="folder of pre-extracted features (SA-DVAE layout)")
-    d.add_argument("--unseen", type=Path, help="unseen (test) class ids, ru*.npy")
-    d.add_argument("--seen", type=Path, help="seen class ids, rs*.npy (default: all other classes)")
-    d.add_argument("--val-unseen", help="validation classes within the seen ones: rv*.npy or a count N")
+    d.add_argument("--features", type=Path, help="tdsm: folder of pre-extracted features (SA-DVAE layout)")
+    d.add_argument("--unseen", type=Path, help="tdsm: unseen (test) class ids, ru*.npy")
+    d.add_argument("--seen", type=Path, help="tdsm: seen class ids, rs*.npy (default: all other classes)")
+    d.add_argument("--val-unseen", help="tdsm: validation classes within the seen ones: rv*.npy or a count N")
     d.add_argument("--class-names", type=Path, help="one class name per line")
     d.add_argument("--descriptions", type=Path, action="append", help="class descriptions, one per line (repeatable)")
     d.add_argument("--text-encoder", help="minilm | open_clip:MODEL:PRETRAINED_OR_PATH")
 
 
-def shortcut_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """Dotted overrides implied by the shortcut flags that were given."""
+def shortcut_overrides(args: argparse.Namespace, method: str = "tdsm") -> dict[str, Any]:
+    """Dotted overrides implied by the shortcut flags that were given; TDSM-only flags are refused otherwise."""
+    if method != "tdsm":
+        given = [f"--{flag.replace('_', '-')}" for flag in TDSM_ONLY_SHORTCUTS if getattr(args, flag) is not None]
+        if given:
+            raise InputError(f"{', '.join(given)}: zero-shot data flags are TDSM-only; for {method} set the data with "
+                             "--set data.source=prepared --set data.prepared_dir=DIR (or --config)")
     out: dict[str, Any] = {}
     if args.features is not None:
         out["data.source"] = "features"
@@ -51,7 +59,7 @@ def shortcut_overrides(args: argparse.Namespace) -> dict[str, Any]:
 def resolve_config(method: str, args: argparse.Namespace, extra: dict[str, Any] | None = None):
     """--config, then shortcuts, then `extra`, then --set; validated into the method's config."""
     base = load_yaml(args.config) if args.config else {}
-    overrides = {**shortcut_overrides(args), **(extra or {})}
+    overrides = {**shortcut_overrides(args, method), **(extra or {})}
     overrides.update(parse_override(item) for item in args.overrides)
     return build_config(METHOD_CONFIGS[method], base, overrides, source=args.config)
 

@@ -1,8 +1,14 @@
-"""Final runs from a sweep's best config: `python -m service.final --from PATH_OR_RUN_ID [--seeds N]`.
+"""Final runs from a sweep's best config: `python -m service.final --from PATH_OR_RUN_ID [--seeds N] [--ablation]`.
 
-Retrains on all seen classes (training + validation classes) once per seed, evaluates the unseen test classes
-once per seed over K evaluation noise draws (the paper averages 10), reports mean ± std, writes a markdown
-table per split (like the paper's Table 1) and registers the seed-0 model in the MLflow model registry.
+The method is the config's own (`method:`).
+- tdsm: retrains on all seen classes (training + validation classes) once per seed, evaluates the unseen test
+  classes once per seed over K evaluation noise draws (the paper averages 10), reports mean ± std, writes a
+  markdown table per split (like the paper's Table 1) and registers the seed-0 model in the MLflow registry.
+- cocodiff: retrains on training + validation data once per seed for train.steps steps (nothing is held out,
+  so the final weights are used), evaluates the test split once per seed with the exported classifier
+  (backbone + head only), reports mean ± std, writes a markdown table and registers the seed-0 classifier.
+  `--ablation` trains the same config twice per seed, module.enabled=false (baseline) and true (+CoCoDiff),
+  under the same protocol, and reports both and their paired difference (nothing is registered).
 """
 
 from __future__ import annotations
@@ -15,13 +21,24 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
-from service.cli import exits_cleanly
-from service.run import log_zsl_plots
+from service.cli import METHOD_CONFIGS, exits_cleanly
+from service.run import log_classification_outputs, log_zsl_plots
 from service.sweep import REPO_SPACES, STATE_FILE, absolute_paths, load_splits
 from service.tracking import MLflowReporter, resolve_tracking_uri, standard_tags
-from trainers.config import TDSMConfig, build_config, dump_yaml, flatten, load_yaml, parse_override, to_plain
+from trainers import cocodiff_fit
+from trainers.cocodiff import CoCoDiffConfig
+from trainers.config import (
+    TDSMConfig,
+    build_config,
+    dump_yaml,
+    flatten,
+    load_yaml,
+    parse_override,
+    to_plain,
+)
 from trainers.errors import InputError
 from trainers.io import atomic_write_text
 from trainers.tdsm_fit import evaluate_split, fit_tdsm
@@ -33,12 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="source", required=True,
                    help="best_config.yaml written by a sweep, or an MLflow run id (sweep parent or trial)")
     p.add_argument("--seeds", type=int, default=3, help="training seeds (default 3)")
-    p.add_argument("--noise-draws", type=int, default=10, help="evaluation noise draws per seed (paper: 10)")
-    p.add_argument("--splits", nargs="+", help="re-target the config to named splits (default: its own data)")
+    p.add_argument("--noise-draws", type=int, default=10, help="tdsm: evaluation noise draws per seed (paper: 10)")
+    p.add_argument("--ablation", action="store_true",
+                   help="cocodiff: baseline (module.enabled=false) vs +CoCoDiff, same seeds and protocol")
+    p.add_argument("--splits", nargs="+", help="tdsm: re-target the config to named splits (default: its own data)")
     p.add_argument("--splits-file", type=Path, default=REPO_SPACES / "splits.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
-    p.add_argument("--experiment-name", help="MLflow experiment (default: tdsm-<split>)")
+    p.add_argument("--experiment-name", help="MLflow experiment (default: <method>-<split>)")
     p.add_argument("--out", type=Path, default=Path("final"), help="folder for tables and checkpoints")
     p.add_argument("--no-register", action="store_true", help="skip the model registry")
     p.add_argument("--no-progress", action="store_true")
@@ -66,7 +85,7 @@ def load_source(source: str, uri: str) -> tuple[dict[str, Any], str | None]:
         if name not in names:
             raise InputError(f"--from {source}: run has no best_config.yaml or config.yaml artifact")
         tree = yaml.safe_load(Path(client.download_artifacts(source, name, tmp)).read_text())
-    if name == "config.yaml" and "best_t_test" in run.data.tags:
+    if name == "config.yaml" and "best_t_test" in run.data.tags and tree.get("method", "tdsm") == "tdsm":
         tree["eval"].update(t_test=int(run.data.tags["best_t_test"]), tune_t_test=False)
     return tree, run.data.tags.get("split")
 
@@ -157,12 +176,153 @@ def run_split(args, split: str, tree: dict[str, Any], uri: str) -> dict[str, Any
     return row
 
 
+# ----------------------------------------------------------------------------------------------
+# CoCoDiff
+# ----------------------------------------------------------------------------------------------
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and population std (0 for one value)."""
+    return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
+
+
+def cocodiff_seeds(args, cfg: CoCoDiffConfig, data, texts, names: list[str], uri: str, experiment: str,
+                   parent: MLflowReporter, split: str, arm: str) -> tuple[list[dict[str, float]], object]:
+    """Train on training + validation data once per seed, test once per seed; (per-seed metrics, seed-0 classifier)."""
+    fine, coarse = texts
+    train_x = torch.cat([data.train_x, data.val_x])
+    train_y = torch.cat([data.train_y, data.val_y])
+    per_seed, first = [], None
+    for i in range(args.seeds):
+        seed_cfg = cocodiff_fit.with_overrides(cfg, train={"seed": cfg.train.seed + i})
+        child = MLflowReporter.start(uri, experiment, f"final-{split}-{arm}-seed{i}", parent_run_id=parent.run_id,
+                                     tags=standard_tags(split=split, phase="final", method="cocodiff", arm=arm,
+                                                        seed=seed_cfg.train.seed))
+        child.log_params({"train.seed": seed_cfg.train.seed, "module.enabled": seed_cfg.module.enabled})
+        print(f"[{split}] {arm} seed {i + 1}/{args.seeds}: training on {len(train_y)} sequences ...", file=sys.stderr)
+        result = cocodiff_fit.fit_cocodiff(seed_cfg, train_x, train_y, None, None, fine, coarse, child, None,
+                                           progress=not args.no_progress, num_classes=data.num_classes)
+        classifier = cocodiff_fit.export_classifier(result, "last")        # nothing held out: the final weights
+        metrics, logits = cocodiff_fit.evaluate_split(seed_cfg, classifier, data.test_x, data.test_y, "test")
+        child.log_metrics(metrics, result.step)
+        log_classification_outputs(child, logits, data.test_y, names, "test")
+        child.finish()
+        per_seed.append({"seed": seed_cfg.train.seed, **metrics})
+        first = classifier if first is None else first
+    return per_seed, first
+
+
+def cocodiff_row(split: str, arm: str, per_seed: list[dict[str, float]], cfg: CoCoDiffConfig, data) -> dict[str, Any]:
+    """One table row: mean ± std over seeds of test top-1 / top-5."""
+    top1, top1_std = mean_std([m["test/top1"] for m in per_seed])
+    top5, top5_std = mean_std([m["test/top5"] for m in per_seed])
+    return {"split": split, "arm": arm, "classes": data.num_classes, "seeds": len(per_seed),
+            "steps": cfg.train.steps, "train_samples": len(data.train_y) + len(data.val_y),
+            "test_samples": len(data.test_y), "test/top1_mean": top1, "test/top1_std_seeds": top1_std,
+            "test/top5_mean": top5, "test/top5_std_seeds": top5_std,
+            "test/top1_per_seed": [round(m["test/top1"], 3) for m in per_seed]}
+
+
+def cocodiff_table(rows: list[dict[str, Any]]) -> str:
+    """One row per (split, arm); a paired-difference row when both arms of a split are present."""
+    head = ("| split | arm | classes | top-1 % (mean ± std over seeds) | top-5 % | per-seed top-1 | seeds | steps | "
+            "train / test sequences |\n|---|---|---|---|---|---|---|---|---|\n")
+    lines = [f"| {r['split']} | {r['arm']} | {r['classes']} | "
+             f"{r['test/top1_mean']:.2f} ± {r['test/top1_std_seeds']:.2f} "
+             f"| {r['test/top5_mean']:.2f} ± {r['test/top5_std_seeds']:.2f} | "
+             f"{', '.join(f'{v:.1f}' for v in r['test/top1_per_seed'])} | {r['seeds']} | {r['steps']} | "
+             f"{r['train_samples']} / {r['test_samples']} |" for r in rows]
+    for r in rows:
+        if "delta/top1_mean" in r:
+            lines.append(f"| {r['split']} | Δ +CoCoDiff − baseline (paired by seed) | | "
+                         f"{r['delta/top1_mean']:+.2f} ± "
+                         f"{r['delta/top1_std_seeds']:.2f} | | | {r['seeds']} | | |")
+    return head + "\n".join(lines) + "\n"
+
+
+def run_cocodiff_split(args, split: str, tree: dict[str, Any], uri: str) -> list[dict[str, Any]]:
+    """The final protocol for one config (and, with --ablation, for its baseline too); returns the table rows."""
+    overrides = dict(parse_override(item) for item in args.overrides)
+    cfg = build_config(CoCoDiffConfig, tree, overrides)
+    arms = ([("baseline", False), ("cocodiff", True)] if args.ablation
+            else [("cocodiff" if cfg.module.enabled else "baseline", cfg.module.enabled)])
+    # Texts are encoded once for both arms (the baseline ignores them).
+    data, names, fine, coarse = cocodiff_fit.prepare_cocodiff(
+        cocodiff_fit.with_overrides(cfg, module={"enabled": any(enabled for _, enabled in arms)}))
+    names = names or cocodiff_fit.read_class_names(cfg, data.num_classes)
+    experiment = args.experiment_name or f"cocodiff-{split}"
+    phase = "ablation" if args.ablation else "final"
+    parent = MLflowReporter.start(uri, experiment, f"{phase}-{split}",
+                                  tags=standard_tags(split=split, phase=phase, method="cocodiff"))
+    parent.log_params(flatten(to_plain(cfg)))
+    parent.log_params({"final.seeds": args.seeds, "final.ablation": args.ablation})
+    parent.log_text(dump_yaml(cfg), "config.yaml")
+    rows, per_arm = [], {}
+    try:
+        for arm, enabled in arms:
+            arm_cfg = cocodiff_fit.with_overrides(cfg, module={"enabled": enabled})
+            per_seed, first = cocodiff_seeds(args, arm_cfg, data, (fine, coarse), names, uri, experiment, parent,
+                                             split, arm)
+            per_arm[arm] = per_seed
+            row = cocodiff_row(split, arm, per_seed, arm_cfg, data)
+            parent.log_metrics({f"{arm}/{k}": v for k, v in row.items() if k.startswith("test/") and
+                                isinstance(v, float)}, 0)
+            if not args.ablation and not args.no_register:
+                row["registered_version"] = register_classifier(parent, uri, arm_cfg, first, data, names,
+                                                                f"cocodiff-{split}")
+            rows.append(row)
+        if args.ablation:
+            deltas = [c["test/top1"] - b["test/top1"] for b, c in zip(per_arm["baseline"], per_arm["cocodiff"])]
+            rows[-1]["delta/top1_mean"], rows[-1]["delta/top1_std_seeds"] = mean_std(deltas)
+            parent.log_metrics({"delta/top1_mean": rows[-1]["delta/top1_mean"],
+                                "delta/top1_std_seeds": rows[-1]["delta/top1_std_seeds"]}, 0)
+        args.out.mkdir(parents=True, exist_ok=True)
+        out = atomic_write_text(args.out / f"{phase}-cocodiff-{split}.md", cocodiff_table(rows))
+        parent.log_artifact(out)
+    except BaseException:
+        parent.finish("FAILED")
+        raise
+    parent.finish()
+    for row in rows:
+        row["parent_run_id"] = parent.run_id
+    return rows
+
+
+def register_classifier(reporter: MLflowReporter, uri: str, cfg: CoCoDiffConfig, classifier, data,
+                        names: list[str], name: str) -> str:
+    """Log the seed-0 exported classifier (backbone + head) as a pyfunc and register it; returns the version."""
+    import mlflow
+
+    from service.registry import log_classifier_model
+
+    mlflow.set_tracking_uri(uri)
+    version = log_classifier_model(reporter.run_id, cfg, classifier, data.num_classes, tuple(data.test_x.shape[1:]),
+                                   names, name)
+    reporter.set_tags({"registered_model": f"{name}/{version}"})
+    return version
+
+
 @exits_cleanly
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     uri = resolve_tracking_uri(args.tracking_uri)
     tree, split_name = load_source(args.source, uri)
-    cfg = build_config(TDSMConfig, tree, source=args.source)  # fail early, naming the offending key
+    method = tree.get("method", "tdsm")
+    if method not in METHOD_CONFIGS:
+        raise InputError(f"--from {args.source}: method {method!r} is not one of {', '.join(METHOD_CONFIGS)}")
+    cfg = build_config(METHOD_CONFIGS[method], tree, source=args.source)  # fail early, naming the offending key
+    if args.seeds < 1:
+        raise InputError(f"--seeds must be >= 1 (got {args.seeds})")
+    if method == "cocodiff":
+        if args.splits:
+            raise InputError("--splits names zero-shot (tdsm) splits; for cocodiff set the data with --set")
+        rows = run_cocodiff_split(args, split_name or cocodiff_fit.dataset_label(cfg), tree, uri)
+        table = cocodiff_table(rows)
+        print(table, file=sys.stderr)
+        print(json.dumps({"method": method, "rows": [{k: (round(v, 3) if isinstance(v, float) else v)
+                                                      for k, v in r.items()} for r in rows], "table": table}))
+        return 0
+    if args.ablation:
+        raise InputError("--ablation: cocodiff only (baseline vs +CoCoDiff module)")
     if args.splits:
         targets = [(name, absolute_paths(build_config(TDSMConfig, tree, ov).model_dump(mode="json")))
                    for name, ov in load_splits(args.splits_file, args.splits)]

@@ -1,8 +1,11 @@
-"""The registered artefact of a final run: an MLflow pyfunc that classifies skeleton features zero-shot.
+"""The registered artefacts of final runs, as MLflow pyfunc models.
 
-Input: (N, D) skeleton features. Output: (N,) predicted class ids among the unseen classes it was built with.
-The bundle holds the denoiser weights, the resolved config and the candidate classes' encoded text, so the
-model scores without the text encoder or the datasets.
+TDSM (`ZeroShotTDSM`): input (N, D) skeleton features; output (N,) predicted class ids among the unseen classes
+it was built with. The bundle holds the denoiser weights, the resolved config and the candidate classes'
+encoded text, so the model scores without the text encoder or the datasets.
+
+CoCoDiff (`SkeletonClassifierModel`): input (N, C, T, V, M) joint sequences; output (N,) class ids. The bundle
+is the exported classifier only (backbone + head, the best.pt layout): no diffusion module, no text.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import mlflow
 import numpy as np
 import torch
 
+from trainers.cocodiff import CoCoDiffConfig
+from trainers.cocodiff_fit import SkeletonClassifier, load_classifier
 from trainers.config import TDSMConfig, to_plain
 from trainers.tdsm_fit import build_model, build_schedule
 from trainers.text import TextFeatures
@@ -42,6 +47,10 @@ class ZeroShotTDSM(mlflow.pyfunc.PythonModel):
         return np.asarray(self.classes)[errors.mean(0).argmin(-1).numpy()]
 
 
+def _pip_requirements() -> list[str]:
+    return [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", "skeldiff"]
+
+
 def log_zero_shot_model(run_id: str, cfg: TDSMConfig, model, classes: list[int], names: list[str],
                         text: TextFeatures, registered_name: str) -> str:
     """Log the bundle as a pyfunc model under `run_id`, register it, alias it 'final'; returns the version."""
@@ -57,8 +66,40 @@ def log_zero_shot_model(run_id: str, cfg: TDSMConfig, model, classes: list[int],
                 name="zero_shot_model", python_model=ZeroShotTDSM(), artifacts={"bundle": str(bundle)},
                 input_example=np.zeros((2, model.skeleton_dim), dtype=np.float32),
                 registered_model_name=registered_name,
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
-                                  "skeldiff"])
+                pip_requirements=_pip_requirements())
+    client = mlflow.tracking.MlflowClient()
+    version = str(info.registered_model_version)
+    client.set_registered_model_alias(registered_name, "final", version)
+    return version
+
+
+class SkeletonClassifierModel(mlflow.pyfunc.PythonModel):
+    """pyfunc wrapper of an exported CoCoDiff classifier: joint sequences -> argmax class ids."""
+
+    def load_context(self, context) -> None:
+        self.model, _ = load_classifier(context.artifacts["bundle"])
+
+    def predict(self, context, model_input, params=None) -> np.ndarray:
+        x = torch.as_tensor(np.asarray(model_input, dtype=np.float32))       # (N, C, T, V, M)
+        with torch.no_grad():
+            return self.model(x).argmax(-1).numpy()                          # (N,)
+
+
+def log_classifier_model(run_id: str, cfg: CoCoDiffConfig, classifier: SkeletonClassifier, num_classes: int,
+                         input_shape: tuple[int, ...], names: list[str], registered_name: str) -> str:
+    """Log backbone + head as a pyfunc under `run_id`, register it, alias it 'final'; returns the version.
+
+    input_shape: one sample's (C, T, V, M), for the input example.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = Path(tmp) / "cocodiff_classifier.pt"
+        torch.save({"classifier": {k: v.cpu() for k, v in classifier.state_dict().items()}, "config": to_plain(cfg),
+                    "num_classes": num_classes, "in_channels": input_shape[0], "class_names": names}, bundle)
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name="classifier", python_model=SkeletonClassifierModel(), artifacts={"bundle": str(bundle)},
+                input_example=np.zeros((2, *input_shape), dtype=np.float32), registered_model_name=registered_name,
+                pip_requirements=_pip_requirements())
     client = mlflow.tracking.MlflowClient()
     version = str(info.registered_model_version)
     client.set_registered_model_alias(registered_name, "final", version)

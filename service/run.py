@@ -1,7 +1,9 @@
-"""One local run, no Ray: `python -m service.run tdsm [--config F] [--set k=v ...]`.
+"""One local run, no Ray: `python -m service.run {tdsm,cocodiff} [--config F] [--set k=v ...]`.
 
-Trains on the seen classes minus the validation classes, keeps the best-on-validation weights, evaluates the
-unseen test classes once at the end, logs everything to MLflow, and prints one JSON line of final metrics.
+tdsm: trains on the seen classes minus the validation classes, keeps the best-on-validation weights, evaluates
+the unseen test classes once at the end. cocodiff: trains the backbone (+ the CoCoDiff module) on the training
+split, keeps the best-on-validation classifier, evaluates the test split once at the end with the exported
+classifier (backbone + head only). Both log everything to MLflow and print one JSON line of final metrics.
 Re-running the same command resumes from the run directory's last checkpoint.
 """
 
@@ -15,17 +17,26 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from service.cli import add_config_args, exits_cleanly, resolve_config
 from service.tracking import MLflowReporter, resolve_tracking_uri, standard_tags
-from trainers.config import dump_yaml, flatten, to_plain
-from trainers.errors import InputError
+from trainers import cocodiff_fit
+from trainers.cocodiff import CoCoDiffConfig
+from trainers.config import TDSMConfig, dump_yaml, flatten, to_plain
 from trainers.io import stable_hash
 from trainers.plots import plot_confusion, plot_t_curve
-from trainers.tdsm_fit import (BEST, evaluate_split, fit_tdsm, load_best_weights, training_fingerprint)
+from trainers.tdsm_fit import (
+    BEST,
+    evaluate_split,
+    fit_tdsm,
+    load_best_weights,
+    training_fingerprint,
+)
 from trainers.tdsm_model import count_parameters
 from trainers.tdsm_task import prepare_tdsm
+from trainers.zsl import metrics_from_errors
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,24 +65,27 @@ def headline(metrics: dict[str, float]) -> dict[str, float]:
     return {k: round(v, 4) for k, v in metrics.items() if not re.search(r"_t\d+$", k)}
 
 
-@exits_cleanly
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.method == "cocodiff":
-        raise InputError("method 'cocodiff' is not available yet (tracked in issue 5); use 'tdsm'")
-    cfg = resolve_config(args.method, args)
-    if args.print_config:
-        print(dump_yaml(cfg), end="")
-        return 0
+def log_classification_outputs(reporter: MLflowReporter, logits: torch.Tensor, labels: torch.Tensor,
+                               names: list[str], prefix: str) -> None:
+    """Logits (N, C) and labels (N,) as .npy under predictions/ (for stream ensembles), confusion PNG under plots/."""
+    # A classifier's confusion is the zero-shot one with one "draw" whose error is -logit (argmin = argmax).
+    metrics = metrics_from_errors(-logits.float()[None], labels.cpu(), list(range(logits.shape[1])), t_test=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        np.save(Path(tmp) / f"{prefix}_logits.npy", logits.float().cpu().numpy())
+        np.save(Path(tmp) / f"{prefix}_labels.npy", labels.cpu().numpy())
+        reporter.log_artifact(Path(tmp) / f"{prefix}_logits.npy", "predictions")
+        reporter.log_artifact(Path(tmp) / f"{prefix}_labels.npy", "predictions")
+        png = plot_confusion(metrics, names, Path(tmp) / f"{prefix}_confusion.png",
+                             f"{prefix}: confusion (top-1 {metrics.top1:.1f}%)")
+        reporter.log_artifact(png, "plots")
 
-    print("preparing data and text features ...", file=sys.stderr)
-    task, names, text = prepare_tdsm(cfg)
-    fit_train, val, fit_classes = task.tuning_split()
-    run_dir = args.run_dir or Path("runs") / f"tdsm-{task.name}-{training_fingerprint(cfg)[:8]}"
+
+def open_run(args, method: str, dataset: str, fingerprint: str, cfg) -> tuple[Path, MLflowReporter]:
+    """The run dir (keyed by the training config; --fresh empties it) and its MLflow run, re-opened on resume."""
+    run_dir = args.run_dir or Path("runs") / f"{method}-{dataset}-{fingerprint[:8]}"
     if args.fresh and run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-
     uri = resolve_tracking_uri(args.tracking_uri)
     id_file = run_dir / "mlflow_run.json"
     previous = json.loads(id_file.read_text()) if id_file.is_file() else {}
@@ -80,11 +94,20 @@ def main(argv: list[str] | None = None) -> int:
     config_hash = stable_hash(to_plain(cfg))
     same_run = previous.get("tracking_uri") == uri and previous.get("config_hash") == config_hash
     reporter = MLflowReporter.start(
-        uri, args.experiment_name or f"tdsm-{task.name}", run_dir.name,
-        tags=standard_tags(split=task.name, phase="run", method="tdsm"),
+        uri, args.experiment_name or f"{method}-{dataset}", run_dir.name,
+        tags=standard_tags(split=dataset, phase="run", method=method),
         run_id=previous.get("run_id") if same_run else None)
     id_file.write_text(json.dumps({"run_id": reporter.run_id, "tracking_uri": uri, "config_hash": config_hash}))
     print(f"run dir {run_dir}  |  mlflow run {reporter.run_id} at {uri}", file=sys.stderr)
+    return run_dir, reporter
+
+
+def run_tdsm(args, cfg: TDSMConfig) -> dict:
+    """Train, keep the best-on-validation weights, test the unseen classes once; returns the final metrics."""
+    print("preparing data and text features ...", file=sys.stderr)
+    task, names, text = prepare_tdsm(cfg)
+    fit_train, val, fit_classes = task.tuning_split()
+    run_dir, reporter = open_run(args, "tdsm", task.name, training_fingerprint(cfg), cfg)
     try:
         reporter.log_params(flatten(to_plain(cfg)))
         reporter.log_params({"derived.num_train_classes": len(fit_classes), "derived.val_classes": task.val,
@@ -107,9 +130,55 @@ def main(argv: list[str] | None = None) -> int:
         reporter.finish("FAILED" if not isinstance(sys.exc_info()[1], KeyboardInterrupt) else "KILLED")
         raise
     reporter.finish()
-    final = {**headline(val_metrics), **headline(test_metrics), "mlflow_run_id": reporter.run_id,
-             "run_dir": str(run_dir)}
-    print(json.dumps(final))
+    return {**headline(val_metrics), **headline(test_metrics), "mlflow_run_id": reporter.run_id,
+            "run_dir": str(run_dir)}
+
+
+def run_cocodiff(args, cfg: CoCoDiffConfig) -> dict:
+    """Train backbone (+ module), keep the best-on-validation classifier, test it once; returns the final metrics."""
+    print("preparing data and text features ...", file=sys.stderr)
+    data, names, fine, coarse = cocodiff_fit.prepare_cocodiff(cfg)
+    names = names or cocodiff_fit.read_class_names(cfg, data.num_classes)
+    text_dims = (fine.shape[1], coarse.shape[1]) if fine is not None else None
+    fingerprint = cocodiff_fit.training_fingerprint(cfg, data.train_x, data.num_classes, text_dims)
+    run_dir, reporter = open_run(args, "cocodiff", cocodiff_fit.dataset_label(cfg), fingerprint, cfg)
+    try:
+        reporter.log_params(flatten(to_plain(cfg)))
+        reporter.log_params({"derived.num_classes": data.num_classes, "derived.train_samples": len(data.train_y),
+                             "derived.val_samples": len(data.val_y), "derived.test_samples": len(data.test_y)})
+        reporter.log_text(dump_yaml(cfg), "config.yaml")
+        result = cocodiff_fit.fit_cocodiff(cfg, data.train_x, data.train_y, data.val_x, data.val_y, fine, coarse,
+                                           reporter, run_dir, progress=not args.no_progress,
+                                           num_classes=data.num_classes)
+        classifier = cocodiff_fit.export_classifier(result)       # backbone + head, best-on-validation weights
+        reporter.log_params({"derived.num_parameters_inference": count_parameters(classifier),
+                             "derived.num_parameters_module": count_parameters(result.module) if result.module else 0})
+        test_metrics, test_logits = cocodiff_fit.evaluate_split(cfg, classifier, data.test_x, data.test_y, "test")
+        reporter.log_metrics(test_metrics, result.step)
+        if result.val_logits is not None:
+            log_classification_outputs(reporter, result.val_logits, data.val_y, names, "val")
+        log_classification_outputs(reporter, test_logits, data.test_y, names, "test")
+        if (run_dir / cocodiff_fit.BEST).is_file():
+            reporter.log_artifact(run_dir / cocodiff_fit.BEST, "checkpoints")
+    except BaseException:
+        reporter.finish("FAILED" if not isinstance(sys.exc_info()[1], KeyboardInterrupt) else "KILLED")
+        raise
+    reporter.finish()
+    return {**headline(result.best_metrics), **headline(test_metrics), "best_step": result.best_step,
+            "mlflow_run_id": reporter.run_id, "run_dir": str(run_dir)}
+
+
+RUNNERS = {"tdsm": run_tdsm, "cocodiff": run_cocodiff}
+
+
+@exits_cleanly
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = resolve_config(args.method, args)
+    if args.print_config:
+        print(dump_yaml(cfg), end="")
+        return 0
+    print(json.dumps(RUNNERS[args.method](args, cfg)))
     return 0
 
 

@@ -78,17 +78,35 @@ class SmokeSpec(BaseModel):
     inference: InferenceSpace | None = None
 
 
+# What each method's trials are ranked on by default (always a validation metric, never test).
+DEFAULT_METRICS = {"tdsm": "val/zsl_top1", "cocodiff": "val/top1"}
+# Methods scored over an inference-time grid (TDSM's t_test); the others have no `inference` section.
+INFERENCE_METHODS = ("tdsm",)
+
+
 class SearchSpace(BaseModel):
     """A method's search space."""
 
     model_config = ConfigDict(extra="forbid")
 
     method: Literal["tdsm", "cocodiff"]
-    metric: str = "val/zsl_top1"
+    metric: str | None = Field(None, description="Validation metric trials are ranked on (default: the method's).")
     mode: Literal["max", "min"] = "max"
     params: dict[str, Distribution]
-    inference: InferenceSpace
+    inference: InferenceSpace | None = Field(None, description="tdsm only: the t_test grid scored per trial.")
     smoke: SmokeSpec | None = None
+
+    @model_validator(mode="after")
+    def _method_defaults(self) -> SearchSpace:
+        """Fill the method's metric; an inference grid is required for TDSM and meaningless for the others."""
+        if self.metric is None:
+            self.metric = DEFAULT_METRICS[self.method]
+        grids = self.inference is not None or (self.smoke is not None and self.smoke.inference is not None)
+        if self.method in INFERENCE_METHODS and self.inference is None:
+            raise ValueError(f"inference: required for method {self.method} (the t_test grid)")
+        if self.method not in INFERENCE_METHODS and grids:
+            raise ValueError(f"inference: method {self.method} has no inference-time parameters; remove the section")
+        return self
 
     def for_smoke(self) -> "SearchSpace":
         """The space `--smoke` uses."""
@@ -114,21 +132,25 @@ def load_search_space(path: Path) -> SearchSpace:
 
 def check_against_config(space: SearchSpace, config_cls, base: dict[str, Any], path: Path,
                          fixed: dict[str, Any] | None = None) -> None:
-    """Every param key must be a real config leaf accepting its extreme values; t_test < T for every T."""
+    """Every param key must be a real config leaf accepting its extreme values; t_test < T for every T (TDSM)."""
     fixed = fixed or {}
     for key, dist in space.params.items():
         if key.startswith(PER_SWEEP_PREFIXES):
             raise InputError(f"{path}: params.{key}: data/text settings are per sweep (use --splits or the "
                              "data/text flags), not searchable")
         for value in dist.extremes():
-            T = value if key == T_KEY else build_config(config_cls, base, fixed).diffusion.num_train_timesteps
             try:
-                if not any(t < int(T) for t in space.inference.t_test):
-                    raise InputError(f"inference.t_test={space.inference.t_test} has no value < T={T} "
-                                     "(t_test must be < diffusion.num_train_timesteps)")
-                build_config(config_cls, base, {**fixed, **trial_overrides(space, {key: value}, int(T))})
+                T = None
+                if space.inference is not None:
+                    T = value if key == T_KEY else build_config(config_cls, base, fixed).diffusion.num_train_timesteps
+                    if not any(t < int(T) for t in space.inference.t_test):
+                        raise InputError(f"inference.t_test={space.inference.t_test} has no value < T={T} "
+                                         "(t_test must be < diffusion.num_train_timesteps)")
+                build_config(config_cls, base, {**fixed, **trial_overrides(space, {key: value}, T)})
             except InputError as err:
                 raise InputError(f"{path}: params.{key}={value!r}: {err}") from None
+    if space.inference is None:
+        return
     if T_KEY not in space.params:
         T = build_config(config_cls, base, fixed).diffusion.num_train_timesteps
         if not any(t < T for t in space.inference.t_test):
@@ -138,7 +160,9 @@ def check_against_config(space: SearchSpace, config_cls, base: dict[str, Any], p
         raise InputError(f"{path}: inference.t_test values {bad} must be >= 0")
 
 
-def trial_overrides(space: SearchSpace, sampled: dict[str, Any], T: int) -> dict[str, Any]:
-    """Dotted overrides of one trial: the sampled params plus its t_test grid (values < T)."""
+def trial_overrides(space: SearchSpace, sampled: dict[str, Any], T: int | None = None) -> dict[str, Any]:
+    """Dotted overrides of one trial: the sampled params, plus its t_test grid (values < T) when the space has one."""
+    if space.inference is None:
+        return dict(sampled)
     grid = sorted({t for t in space.inference.t_test if t < T})
     return {**sampled, "eval.t_test_grid": grid, "eval.t_test": grid[len(grid) // 2], "eval.tune_t_test": True}

@@ -1,8 +1,10 @@
-"""Hyper-parameter sweeps: `python -m service.sweep tdsm [--smoke] [--splits NAME ...]`.
+"""Hyper-parameter sweeps: `python -m service.sweep {tdsm,cocodiff} [--smoke] [--splits NAME ...]`.
 
 Ray Tune samples configs from search_spaces/<method>.yaml; each trial trains with a Ray Train TorchTrainer
-(1..N workers) and is ranked on validation classes carved from the seen ones. Every trial is a nested MLflow
-run under one parent run per split; the best config is written as YAML for `python -m service.final`.
+(1..N workers) and is ranked on validation data (TDSM: classes carved from the seen ones; CoCoDiff: a draw of
+the training split), never on test. Every trial is a nested MLflow run under one parent run per split; the
+best config is written as YAML for `python -m service.final`. The driver, Tuner and MLflow parent logic is
+shared; what differs per method is in `SWEEP_METHODS` here and `service.trial.WORKERS`.
 """
 
 from __future__ import annotations
@@ -12,15 +14,18 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 from ray import tune
 
-from service.cli import add_config_args, exits_cleanly, resolve_config
+from service.cli import METHOD_CONFIGS, add_config_args, exits_cleanly, resolve_config
 from service.search_space import SearchSpace, check_against_config, load_search_space
 from service.tracking import MLflowReporter, resolve_tracking_uri, standard_tags
+from trainers.cocodiff import CoCoDiffConfig
 from trainers.config import TDSMConfig, build_config, dump_yaml, to_plain
 from trainers.errors import InputError
 from trainers.io import atomic_write_text
@@ -37,11 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", choices=["asha", "fifo"], default="asha")
     p.add_argument("--search", choices=["random", "optuna"], default="random")
     p.add_argument("--max-concurrent", type=int, help="concurrent trials (default: fit the cluster's CPUs/GPUs)")
-    p.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers per trial (DDP when > 1)")
+    p.add_argument("--workers-per-trial", type=int, default=1,
+                   help="Ray Train workers per trial (DDP when > 1; tdsm only)")
     p.add_argument("--gpus-per-worker", type=float, default=0.0)
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="also the torch thread count per worker")
     p.add_argument("--trial-retries", type=int, default=1, help="restarts of a crashed trial (from its checkpoint)")
-    p.add_argument("--splits", nargs="+", help="named splits from --splits-file (default: the data flags, or synthetic-u5)")
+    p.add_argument("--splits", nargs="+",
+                   help="tdsm: named zero-shot splits from --splits-file (default: the data flags, or synthetic-u5)")
     p.add_argument("--splits-file", type=Path, default=REPO_SPACES / "splits.yaml")
     p.add_argument("--experiment-name", help="MLflow experiment (default: <method>-<split>)")
     p.add_argument("--name", help="sweep name (default: <method>-<split>[-smoke]-<time>; --resume: the latest)")
@@ -102,18 +109,39 @@ def _expand(value: Any) -> Any:
     return value
 
 
-def absolute_paths(tree: dict[str, Any]) -> dict[str, Any]:
+def _resolve(p: Any) -> Any:
+    """An absolute path string for a path-like value; None and non-paths (lists of ids, counts) unchanged."""
+    return None if p is None else (str(Path(p).resolve()) if isinstance(p, (str, Path)) else p)
+
+
+def tdsm_absolute_paths(tree: dict[str, Any]) -> dict[str, Any]:
     """Resolve relative data/text paths: trials and Ray jobs run in other working directories."""
     cfg = build_config(TDSMConfig, tree)
     d, t = cfg.data, cfg.text
-    fix = lambda p: None if p is None else (str(Path(p).resolve()) if isinstance(p, (str, Path)) else p)  # noqa: E731
     tree = to_plain(cfg)
-    tree["data"].update(features_dir=fix(d.features_dir), unseen=fix(d.unseen), seen=fix(d.seen),
-                        val_unseen=fix(d.val_unseen) if not isinstance(d.val_unseen, int) else d.val_unseen)
-    tree["text"].update(class_names=fix(t.class_names),
-                        descriptions=[fix(p) for p in t.descriptions] if t.descriptions else t.descriptions,
-                        cache_dir=fix(t.cache_dir))
+    tree["data"].update(features_dir=_resolve(d.features_dir), unseen=_resolve(d.unseen), seen=_resolve(d.seen),
+                        val_unseen=_resolve(d.val_unseen) if not isinstance(d.val_unseen, int) else d.val_unseen)
+    tree["text"].update(class_names=_resolve(t.class_names),
+                        descriptions=[_resolve(p) for p in t.descriptions] if t.descriptions else t.descriptions,
+                        cache_dir=_resolve(t.cache_dir))
     return tree
+
+
+def cocodiff_absolute_paths(tree: dict[str, Any]) -> dict[str, Any]:
+    """Resolve relative data/text paths of a CoCoDiff config (see tdsm_absolute_paths)."""
+    cfg = build_config(CoCoDiffConfig, tree)
+    t = cfg.text
+    tree = to_plain(cfg)
+    tree["data"]["prepared_dir"] = _resolve(cfg.data.prepared_dir)
+    tree["text"].update(class_names=_resolve(t.class_names), synonyms=[_resolve(p) for p in t.synonyms],
+                        descriptions=[_resolve(p) for p in t.descriptions] if t.descriptions else t.descriptions,
+                        cache_dir=_resolve(t.cache_dir))
+    return tree
+
+
+def absolute_paths(tree: dict[str, Any], method: str = "tdsm") -> dict[str, Any]:
+    """The method's config tree with its data/text paths made absolute."""
+    return SWEEP_METHODS[method].absolute_paths(tree)
 
 
 def sweep_dir_name(method: str, split: str, smoke: bool, storage: Path, name: str | None, resume: bool) -> str:
@@ -127,6 +155,67 @@ def sweep_dir_name(method: str, split: str, smoke: bool, storage: Path, name: st
             raise InputError(f"--resume: no sweep named {prefix}* under {storage}")
         return found[-1]
     return prefix + time.strftime("%Y%m%d-%H%M%S")
+
+
+# ----------------------------------------------------------------------------------------------
+# What the shared driver needs to know about each method
+# ----------------------------------------------------------------------------------------------
+
+def prepare_tdsm_sweep(cfg: TDSMConfig) -> tuple:
+    """(task, class names, text features): shared by every trial of a split through the object store."""
+    from trainers.tdsm_task import prepare_tdsm
+
+    return prepare_tdsm(cfg)
+
+
+def prepare_cocodiff_sweep(cfg: CoCoDiffConfig) -> tuple:
+    """(data, class names, fine text, coarse text); names are read even when no text is encoded (baseline)."""
+    from trainers.cocodiff_fit import prepare_cocodiff, read_class_names
+
+    data, names, fine, coarse = prepare_cocodiff(cfg)
+    return data, names or read_class_names(cfg, data.num_classes), fine, coarse
+
+
+def tdsm_best_config(tree: dict[str, Any], run) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Fix the trial's t_test to the one it chose on validation (final runs do not tune it again)."""
+    t_best = int(run.data.tags.get("best_t_test", tree["eval"]["t_test"]))
+    tree["eval"].update(t_test=t_best, tune_t_test=False)
+    return tree, {"best_t_test": t_best}
+
+
+def cocodiff_best_config(tree: dict[str, Any], run) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The trial's config as is (a classifier has no inference-time choice)."""
+    return tree, {"best_step": int(run.data.tags.get("best_step", 0))}
+
+
+def tdsm_split_name(cfg: TDSMConfig) -> str:
+    return Path(cfg.data.features_dir).name if cfg.data.source == "features" else "synthetic-u5"
+
+
+def cocodiff_split_name(cfg: CoCoDiffConfig) -> str:
+    from trainers.cocodiff_fit import dataset_label
+
+    return dataset_label(cfg)
+
+
+@dataclass(frozen=True)
+class SweepMethod:
+    """Per-method pieces of the sweep driver (the worker loops are in `service.trial.WORKERS`)."""
+
+    prepare: Callable[[Any], tuple]                        # config -> data shared by every trial of a split
+    absolute_paths: Callable[[dict[str, Any]], dict[str, Any]]
+    split_name: Callable[[Any], str]                       # default split name when --splits is not given
+    best_config: Callable[[dict[str, Any], Any], tuple[dict[str, Any], dict[str, Any]]]  # (tree, run) -> (tree, notes)
+    named_splits: bool                                     # accepts --splits (zero-shot split table)
+    multi_worker: bool                                     # its fit loop supports DDP (--workers-per-trial > 1)
+
+
+SWEEP_METHODS: dict[str, SweepMethod] = {
+    "tdsm": SweepMethod(prepare_tdsm_sweep, tdsm_absolute_paths, tdsm_split_name, tdsm_best_config,
+                        named_splits=True, multi_worker=True),
+    "cocodiff": SweepMethod(prepare_cocodiff_sweep, cocodiff_absolute_paths, cocodiff_split_name,
+                            cocodiff_best_config, named_splits=False, multi_worker=False),
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -206,10 +295,9 @@ def run_split(args, method: str, split: str, base: dict[str, Any], space: Search
     """Sweep one split; returns the summary (best trial, metric, best-config path)."""
     import ray
 
-    from service.trial import tdsm_trial
-    from trainers.tdsm_task import prepare_tdsm
+    from service.trial import tune_trial
 
-    cfg = build_config(TDSMConfig, base)
+    cfg = build_config(METHOD_CONFIGS[method], base)
     storage = args.storage_path.expanduser().resolve()
     name = sweep_dir_name(method, split, args.smoke, storage, args.name, args.resume)
     sweep_path = storage / name
@@ -219,8 +307,7 @@ def run_split(args, method: str, split: str, base: dict[str, Any], space: Search
 
     print(f"[{split}] preparing data and text once for the whole sweep ...", file=sys.stderr)
     t0 = time.perf_counter()
-    task, names, text = prepare_tdsm(cfg)
-    data_ref = ray.put((task, names, text))
+    data_ref = ray.put(SWEEP_METHODS[method].prepare(cfg))
     prep_s = time.perf_counter() - t0
 
     parent = MLflowReporter.start(uri, experiment, name, run_id=state.get("parent_run_id"),
@@ -236,7 +323,8 @@ def run_split(args, method: str, split: str, base: dict[str, Any], space: Search
                                                   "experiment": experiment, "split": split}))
 
     settings = {
-        "base": base, "space": space.model_dump(mode="json"), "default_T": cfg.diffusion.num_train_timesteps,
+        "method": method, "metric": space.metric, "base": base, "space": space.model_dump(mode="json"),
+        "default_T": cfg.diffusion.num_train_timesteps if space.inference is not None else None,
         "seed": args.seed, "workers_per_trial": args.workers_per_trial, "gpus_per_worker": args.gpus_per_worker,
         "cpus_per_worker": args.cpus_per_worker, "trial_retries": args.trial_retries,
         "tracking_uri": uri, "experiment": experiment, "parent_run_id": parent.run_id, "split": split,
@@ -244,8 +332,8 @@ def run_split(args, method: str, split: str, base: dict[str, Any], space: Search
     }
     # The trial function only launches a TorchTrainer: it needs almost no CPU of its own, so trials x workers
     # x cpus_per_worker is the whole reservation (a full CPU per trial driver deadlocks 2-CPU machines).
-    trainable = tune.with_resources(tune.with_parameters(tdsm_trial, settings=settings),
-                                    {"cpu": 0.001, "memory": 64 * 1024**2})
+    trainable = tune.with_resources(tune.with_parameters(tune_trial, settings=settings),
+                                    {"cpu": 0, "memory": 64 * 1024**2})
     n_evals = -(-cfg.train.steps // cfg.train.eval_every)
     scheduler = (tune.schedulers.ASHAScheduler(time_attr="training_iteration", max_t=n_evals, grace_period=1,
                                                reduction_factor=2)
@@ -279,17 +367,17 @@ def run_split(args, method: str, split: str, base: dict[str, Any], space: Search
     t1 = time.perf_counter()
     results = tuner.fit()
     fit_s = time.perf_counter() - t1
-    summary = finish_split(parent, experiment, uri, name, sweep_path, split, space)
+    summary = finish_split(parent, experiment, uri, name, sweep_path, split, space, method)
     summary.update(prepare_s=round(prep_s, 2), fit_s=round(fit_s, 1), errors=results.num_errors,
                    trials=len(results))
     parent.log_metrics({"sweep/fit_seconds": fit_s, "sweep/prepare_seconds": prep_s,
-                        "sweep/best_val_zsl_top1": summary.get("best_metric", float("nan"))}, 0)
+                        f"sweep/best_{space.metric.replace('/', '_')}": summary.get("best_metric", float("nan"))}, 0)
     parent.finish("FINISHED")
     return summary
 
 
 def finish_split(parent: MLflowReporter, experiment: str, uri: str, name: str, sweep_path: Path, split: str,
-                 space: SearchSpace) -> dict[str, Any]:
+                 space: SearchSpace, method: str = "tdsm") -> dict[str, Any]:
     """Pick the best child run from MLflow (robust to a stale Tune snapshot) and write its config."""
     client = parent.client
     exp = client.get_experiment_by_name(experiment)
@@ -301,28 +389,33 @@ def finish_split(parent: MLflowReporter, experiment: str, uri: str, name: str, s
         return {"split": split, "best_run_id": None, "children": len(children)}
     best = max(scored, key=lambda r: r.data.metrics[metric] if space.mode == "max" else -r.data.metrics[metric])
     local = Path(client.download_artifacts(best.info.run_id, "config.yaml", str(sweep_path)))
-    best_tree = yaml.safe_load(local.read_text())
-    t_best = int(best.data.tags.get("best_t_test", best_tree["eval"]["t_test"]))
-    best_tree["eval"].update(t_test=t_best, tune_t_test=False)
-    best_cfg = build_config(TDSMConfig, best_tree)
+    best_tree, notes = SWEEP_METHODS[method].best_config(yaml.safe_load(local.read_text()), best)
+    best_cfg = build_config(METHOD_CONFIGS[method], best_tree)
+    chosen = "".join(f", {k} = {v}" for k, v in notes.items())
     header = (f"# best config of sweep {name} (split {split})\n# trial run {best.info.run_id}: "
-              f"{metric}={best.data.metrics[metric]:.2f}, t_test chosen on validation = {t_best}\n"
+              f"{metric}={best.data.metrics[metric]:.2f}{chosen} (chosen on validation)\n"
               f"# parent run {parent.run_id}; tracking {uri}\n")
     out = atomic_write_text(sweep_path / "best_config.yaml", header + dump_yaml(best_cfg))
     parent.log_artifact(out)
     parent.set_tags({"best_run_id": best.info.run_id, "best_config": str(out)})
     return {"split": split, "best_run_id": best.info.run_id, "best_trial": best.data.tags.get("ray_trial_name"),
-            "best_metric": round(best.data.metrics[metric], 3), "metric": metric, "best_t_test": t_best,
+            "best_metric": round(best.data.metrics[metric], 3), "metric": metric, **notes,
             "best_config": str(out), "children": len(children), "parent_run_id": parent.run_id}
 
 
 @exits_cleanly
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.method == "cocodiff":
-        raise InputError("method 'cocodiff' is not available yet (tracked in issue 5); use 'tdsm'")
+    method = SWEEP_METHODS[args.method]
+    if args.splits and not method.named_splits:
+        raise InputError(f"--splits names zero-shot (tdsm) splits; for {args.method} set the data with --set/--config")
+    if args.workers_per_trial > 1 and not method.multi_worker:
+        raise InputError(f"--workers-per-trial {args.workers_per_trial}: {args.method} trials run one worker "
+                         "(its fit loop has no DDP yet)")
     space_path = args.space or REPO_SPACES / f"{args.method}.yaml"
     space = load_search_space(space_path)
+    if space.method != args.method:
+        raise InputError(f"{space_path}: a search space for {space.method}, not {args.method}")
     smoke_cfg = space.smoke.config if (args.smoke and space.smoke) else {}
     if args.smoke:
         space = space.for_smoke()
@@ -331,22 +424,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(dump_yaml(cfg), end="")
         return 0
-    data_flags = args.features is not None or cfg.data.source == "features"
-    splits = (load_splits(args.splits_file, args.splits) if args.splits
-              else [(Path(cfg.data.features_dir).name if data_flags else "synthetic-u5", {})])
+    splits = load_splits(args.splits_file, args.splits) if args.splits else [(method.split_name(cfg), {})]
     uri = resolve_tracking_uri(args.tracking_uri)
+    config_cls = METHOD_CONFIGS[args.method]
     split_trees = []
     for split, overrides in splits:
         overrides = resolve_chain(overrides, args.storage_path.expanduser().resolve())
-        tree = absolute_paths(build_config(TDSMConfig, to_plain(cfg), overrides).model_dump(mode="json"))
-        check_against_config(space, TDSMConfig, tree, space_path)
+        tree = method.absolute_paths(build_config(config_cls, to_plain(cfg), overrides).model_dump(mode="json"))
+        check_against_config(space, config_cls, tree, space_path)
         split_trees.append((split, tree))
 
     connect_ray(args.address)
     summaries = [run_split(args, args.method, split, tree, space, num_samples, uri) for split, tree in split_trees]
     for s in summaries:
+        at = f" at t_test={s['best_t_test']}" if "best_t_test" in s else ""
         print(f"[{s['split']}] best trial {s.get('best_trial')} ({s.get('best_run_id')}): "
-              f"{s.get('metric')}={s.get('best_metric')} at t_test={s.get('best_t_test')}; "
+              f"{s.get('metric')}={s.get('best_metric')}{at}; "
               f"{s.get('children')} trial runs in {s.get('fit_s')} s", file=sys.stderr)
         print(f"[{s['split']}] best config: {s.get('best_config')}", file=sys.stderr)
         print(f"[{s['split']}] final runs: python -m service.final --from {s.get('best_config')}", file=sys.stderr)

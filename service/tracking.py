@@ -113,7 +113,7 @@ class MLflowReporter:
         for i in range(0, len(items), BATCH):
             self.client.log_batch(self.run_id, metrics=items[i:i + BATCH])
 
-    def log_evaluation(self, metrics: dict[str, float], step: int, curve: ZSLCurve,
+    def log_evaluation(self, metrics: dict[str, float], step: int, curve: ZSLCurve | None,
                        checkpoint_dir: Path | None) -> None:
         self.log_metrics(metrics, step)
         self.last_curve = curve

@@ -1,13 +1,17 @@
-"""One Tune trial = one Ray Train run: the worker loop, its Reporter, and the Tune function that launches it.
+"""One Tune trial = one Ray Train run: the worker loops, their Reporter, and the Tune function that launches them.
 
 Ray 2.60 (Train V2) supports Train inside Tune as a Tune *function* trainable that builds a TorchTrainer and
 calls fit(); TuneReportCallback forwards rank-0 metrics (and the checkpoint path) to Tune, where ASHA acts.
+What every method shares (config, data from the object store, the MLflow child run, checkpoint restore, the
+reporter) lives in `TrialWorker` and `RayTrainReporter`; each method adds only its fit call (`WORKERS`).
 """
 
 from __future__ import annotations
 
+import functools
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +20,19 @@ import ray.train
 import torch
 from ray.train import Checkpoint
 
+from service.cli import METHOD_CONFIGS
 from service.tracking import MLflowReporter, standard_tags
-from trainers.config import TDSMConfig, build_config, dump_yaml, flatten, to_plain
-from trainers.tdsm_fit import BEST, LAST, build_model, fit_tdsm
+from trainers import cocodiff_fit, tdsm_fit
+from trainers.cocodiff import build_module
+from trainers.config import build_config, dump_yaml, flatten, to_plain
 from trainers.tdsm_model import count_parameters
 from trainers.zsl import ZSLCurve
 
 TRIAL_TAG = "ray_trial_id"
+# Files a worker's run dir may hold and a retried trial restores (both fit loops use these names).
+CHECKPOINT_FILES = tuple(dict.fromkeys((tdsm_fit.LAST, tdsm_fit.BEST, cocodiff_fit.LAST, cocodiff_fit.BEST)))
+# (MLflow run, last evaluation's curve or None, checkpoint folder or None): artifacts logged before the last report.
+FinalArtifacts = Callable[[MLflowReporter, "ZSLCurve | None", "Path | None"], None]
 
 
 def find_or_start_child_run(uri: str, experiment: str, parent_run_id: str, trial_id: str, run_name: str,
@@ -42,13 +52,19 @@ def find_or_start_child_run(uri: str, experiment: str, parent_run_id: str, trial
 
 
 class RayTrainReporter:
-    """Reporter for a Train worker: every rank reports to Ray Train; rank 0 also logs to MLflow and checkpoints."""
+    """Reporter for a Train worker: every rank reports to Ray Train; rank 0 also logs to MLflow and checkpoints.
 
-    def __init__(self, rank: int, mlflow: MLflowReporter | None, final_step: int, names: list[str]):
+    Tracks the running maximum of `metric` as `<metric>_max`: the sweep ranks trials on it (an ASHA-stopped or
+    restored trial's last value is not its best).
+    """
+
+    def __init__(self, rank: int, mlflow: MLflowReporter | None, final_step: int, metric: str,
+                 final_artifacts: FinalArtifacts):
         self.rank = rank
         self.mlflow = mlflow
         self.final_step = final_step
-        self.names = names
+        self.metric = metric
+        self.final_artifacts = final_artifacts
         self.best = float("-inf")
         self.last_curve: ZSLCurve | None = None
 
@@ -57,21 +73,24 @@ class RayTrainReporter:
         if self.mlflow is not None:
             self.mlflow.log_metrics(metrics, step)
 
-    def log_evaluation(self, metrics: dict[str, float], step: int, curve: ZSLCurve,
+    def log_evaluation(self, metrics: dict[str, float], step: int, curve: ZSLCurve | None,
                        checkpoint_dir: Path | None) -> None:
         self.last_curve = curve
-        self.best = max(self.best, metrics["val/zsl_top1"])
-        out = {**metrics, "val/zsl_top1_max": self.best, "step": step}
+        self.best = max(self.best, metrics[self.metric])
+        out = {**metrics, f"{self.metric}_max": self.best, "step": step}
         if self.mlflow is not None:
             self.mlflow.log_metrics({k: v for k, v in out.items() if k != "step"}, step)
-            if metrics["val/zsl_top1"] >= self.best:
-                self.mlflow.set_tags({"best_t_test": int(metrics["val/best_t_test"]), "best_step": step})
-        if self.mlflow is not None and step >= self.final_step:
-            # Before the last report: once Tune has it, the scheduler may stop the trial at once.
-            self._log_final_artifacts(curve, checkpoint_dir)
+            if metrics[self.metric] >= self.best:
+                tags: dict[str, Any] = {"best_step": step}
+                if "val/best_t_test" in metrics:           # zero-shot fits choose t_test on validation
+                    tags["best_t_test"] = int(metrics["val/best_t_test"])
+                self.mlflow.set_tags(tags)
+            if step >= self.final_step:
+                # Before the last report: once Tune has it, the scheduler may stop the trial at once.
+                self.final_artifacts(self.mlflow, curve, checkpoint_dir)
         if self.rank == 0 and checkpoint_dir is not None:
             with tempfile.TemporaryDirectory() as tmp:
-                for name in (LAST, BEST):
+                for name in CHECKPOINT_FILES:
                     if (checkpoint_dir / name).is_file():
                         shutil.copy2(checkpoint_dir / name, Path(tmp) / name)
                 ray.train.report(out, checkpoint=Checkpoint.from_directory(tmp))
@@ -79,51 +98,116 @@ class RayTrainReporter:
             ray.train.report(out)
 
 
-    def _log_final_artifacts(self, curve: ZSLCurve, checkpoint_dir: Path | None) -> None:
-        from service.run import log_zsl_plots
+# ----------------------------------------------------------------------------------------------
+# Worker loops
+# ----------------------------------------------------------------------------------------------
 
-        log_zsl_plots(self.mlflow, curve, self.names, curve.best().t_test, "val")
-        if checkpoint_dir is not None and (checkpoint_dir / BEST).is_file():
-            self.mlflow.log_artifact(checkpoint_dir / BEST, "checkpoints")
+class TrialWorker:
+    """What every method's worker loop shares: the trial's config, the sweep's data, the latest checkpoint
+    restored into a fresh run dir, and (rank 0) the trial's MLflow child run with every flattened config param."""
+
+    def __init__(self, loop: dict[str, Any]):
+        ctx = ray.train.get_context()
+        self.loop = loop
+        self.method = loop["method"]
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        torch.set_num_threads(loop["threads"])
+        self.cfg = build_config(METHOD_CONFIGS[self.method], loop["base"],
+                                {**loop["overrides"], "train.seed": loop["seed"] + self.rank})
+        self.data = ray.get(loop["data"])  # prepared once per sweep by the driver (object store)
+        self.mlflow: MLflowReporter | None = None
+        self.run_dir = Path(tempfile.mkdtemp(prefix=f"{self.method}-trial-"))
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:  # a retried or resumed trial continues from its latest checkpoint
+            with checkpoint.as_directory() as d:
+                for name in CHECKPOINT_FILES:
+                    if (Path(d) / name).is_file():
+                        shutil.copy2(Path(d) / name, self.run_dir / name)
+
+    def reporter(self, derived: dict[str, Any], final_artifacts: FinalArtifacts) -> RayTrainReporter:
+        """Open (or find, on a retry) the MLflow child run on rank 0; derived.* params describe the model."""
+        loop = self.loop
+        if self.rank == 0:
+            self.mlflow = find_or_start_child_run(
+                loop["tracking_uri"], loop["experiment"], loop["parent_run_id"], loop["trial_id"], loop["trial_name"],
+                standard_tags(split=loop["split"], phase="sweep", method=self.method,
+                              ray_trial_name=loop["trial_name"]))
+            self.mlflow.log_params({**flatten(to_plain(self.cfg)), "derived.workers": self.world,
+                                    **{f"derived.{k}": v for k, v in derived.items()}})
+            self.mlflow.log_text(dump_yaml(self.cfg), "config.yaml")
+        return RayTrainReporter(self.rank, self.mlflow, self.cfg.train.steps, loop["metric"], final_artifacts)
+
+    def close(self) -> None:
+        if self.mlflow is not None:
+            self.mlflow.finish()
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+def log_best_checkpoint(mlflow: MLflowReporter, checkpoint_dir: Path | None) -> None:
+    if checkpoint_dir is not None and (checkpoint_dir / tdsm_fit.BEST).is_file():
+        mlflow.log_artifact(checkpoint_dir / tdsm_fit.BEST, "checkpoints")
+
+
+def tdsm_final_artifacts(mlflow: MLflowReporter, curve: ZSLCurve | None, checkpoint_dir: Path | None, *,
+                         names: list[str]) -> None:
+    """Validation t_test curve and confusion at the best t_test, and best.pt."""
+    from service.run import log_zsl_plots
+
+    log_zsl_plots(mlflow, curve, names, curve.best().t_test, "val")
+    log_best_checkpoint(mlflow, checkpoint_dir)
+
+
+def cocodiff_final_artifacts(mlflow: MLflowReporter, curve: None, checkpoint_dir: Path | None, *,
+                             names: list[str]) -> None:
+    """The best classifier's validation logits/labels and confusion (read back from best.pt), and best.pt."""
+    from service.run import log_classification_outputs
+
+    best = checkpoint_dir / cocodiff_fit.BEST if checkpoint_dir is not None else None
+    if best is not None and best.is_file():
+        ckpt = torch.load(best, map_location="cpu", weights_only=False)
+        log_classification_outputs(mlflow, ckpt["val_logits"], ckpt["val_labels"], names, "val")
+    log_best_checkpoint(mlflow, checkpoint_dir)
 
 
 def tdsm_worker(loop: dict[str, Any]) -> None:
-    """Ray Train worker loop: rebuild the trial's config, restore the latest checkpoint, fit, log artifacts."""
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(loop["threads"])
-    cfg: TDSMConfig = build_config(TDSMConfig, loop["base"], {**loop["overrides"], "train.seed": loop["seed"] + rank})
-    task, names, text = ray.get(loop["data"])  # prepared once per sweep by the driver (object store)
+    """Ray Train worker loop of a TDSM trial (DDP through Ray Train when the trial has several workers)."""
+    w = TrialWorker(loop)
+    task, names, text = w.data
     fit_train, val, fit_classes = task.tuning_split()
-
-    mlflow = None
-    if rank == 0:
-        mlflow = find_or_start_child_run(
-            loop["tracking_uri"], loop["experiment"], loop["parent_run_id"], loop["trial_id"], loop["trial_name"],
-            standard_tags(split=loop["split"], phase="sweep", method="tdsm", ray_trial_name=loop["trial_name"]))
-        with torch.device("meta"):  # size only: no memory, no init
-            n_params = count_parameters(build_model(cfg, task.feature_dim, text))
-        mlflow.log_params({**flatten(to_plain(cfg)), "derived.workers": world, "derived.num_parameters": n_params})
-        mlflow.log_text(dump_yaml(cfg), "config.yaml")
-    reporter = RayTrainReporter(rank, mlflow, cfg.train.steps, names)
-
-    run_dir = Path(tempfile.mkdtemp(prefix="tdsm-trial-"))
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:  # a retried or resumed trial continues from its latest checkpoint
-        with checkpoint.as_directory() as d:
-            for name in (LAST, BEST):
-                if (Path(d) / name).is_file():
-                    shutil.copy2(Path(d) / name, run_dir / name)
-    wrap = ray.train.torch.prepare_model if world > 1 else None
-    fit_tdsm(cfg, fit_train, fit_classes, val, task.val, text, reporter, run_dir, eval_prefix="val",
+    with torch.device("meta"):  # size only: no memory, no init
+        n_params = count_parameters(tdsm_fit.build_model(w.cfg, task.feature_dim, text))
+    reporter = w.reporter({"num_parameters": n_params}, functools.partial(tdsm_final_artifacts, names=names))
+    wrap = ray.train.torch.prepare_model if w.world > 1 else None
+    tdsm_fit.fit_tdsm(w.cfg, fit_train, fit_classes, val, task.val, text, reporter, w.run_dir, eval_prefix="val",
                       progress=False, wrap_model=wrap)
-    if mlflow is not None:
-        mlflow.finish()
-    shutil.rmtree(run_dir, ignore_errors=True)
+    w.close()
 
 
-def tdsm_trial(config: dict[str, Any], *, settings: dict[str, Any]) -> None:
-    """Tune function trainable: launch a TorchTrainer for this trial's config and wait for it."""
+def cocodiff_worker(loop: dict[str, Any]) -> None:
+    """Ray Train worker loop of a CoCoDiff trial (one worker: fit_cocodiff has no DDP wrapping)."""
+    w = TrialWorker(loop)
+    data, names, fine, coarse = w.data
+    cfg = w.cfg
+    with torch.device("meta"):  # sizes only
+        classifier = cocodiff_fit.build_classifier(cfg.backbone, data.num_classes, data.train_x.shape[1])
+        module_params = (count_parameters(build_module(cfg.module, classifier.encoder.feature_dim, fine.shape[1],
+                                                       coarse.shape[1])) if cfg.module.enabled else 0)
+    derived = {"num_parameters_inference": count_parameters(classifier), "num_parameters_module": module_params}
+    reporter = w.reporter(derived, functools.partial(cocodiff_final_artifacts, names=names))
+    cocodiff_fit.fit_cocodiff(cfg, data.train_x, data.train_y, data.val_x, data.val_y, fine, coarse, reporter,
+                              w.run_dir, progress=False, num_classes=data.num_classes)
+    w.close()
+
+
+WORKERS: dict[str, Callable[[dict[str, Any]], None]] = {"tdsm": tdsm_worker, "cocodiff": cocodiff_worker}
+
+
+# ----------------------------------------------------------------------------------------------
+# The Tune function trainable
+# ----------------------------------------------------------------------------------------------
+
+def tune_trial(config: dict[str, Any], *, settings: dict[str, Any]) -> None:
+    """Tune function trainable: launch a TorchTrainer running the method's worker loop and wait for it."""
     from ray import tune
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -133,8 +217,9 @@ def tdsm_trial(config: dict[str, Any], *, settings: dict[str, Any]) -> None:
     workers, gpus = settings["workers_per_trial"], settings["gpus_per_worker"]
     resources = {"CPU": settings["cpus_per_worker"], **({"GPU": gpus} if gpus else {})}
     trainer = TorchTrainer(
-        tdsm_worker,
+        WORKERS[settings["method"]],
         train_loop_config={
+            "method": settings["method"], "metric": settings["metric"],
             "base": settings["base"], "overrides": overrides, "seed": settings["seed"],
             "threads": max(1, int(settings["cpus_per_worker"])), "data": settings["data_ref"],
             "tracking_uri": settings["tracking_uri"], "experiment": settings["experiment"],
@@ -153,9 +238,9 @@ def tdsm_trial(config: dict[str, Any], *, settings: dict[str, Any]) -> None:
 
 
 def trial_overrides_from_config(config: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
-    """Sampled params -> full dotted overrides for this trial (adds the t_test grid below the trial's T)."""
-    from service.search_space import SearchSpace, trial_overrides
+    """Sampled params -> full dotted overrides for this trial (TDSM: adds the t_test grid below the trial's T)."""
+    from service.search_space import T_KEY, SearchSpace, trial_overrides
 
     space = SearchSpace.model_validate(settings["space"])
-    T = int(config.get("diffusion.num_train_timesteps", settings["default_T"]))
+    T = int(config.get(T_KEY, settings["default_T"])) if space.inference is not None else None
     return trial_overrides(space, dict(config), T)

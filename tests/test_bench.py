@@ -6,13 +6,15 @@ can make tiny ops 100x slower, and the numbers here only need to exist.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 
 import pytest
 import torch
 
-from service.bench import (BENCHMARKS, PeakMemory, bench_config, build_denoiser, compare_scores, main,
-                           make_scoring_inputs, memory_method, open_gates, time_scoring)
+from service.bench import (BENCHMARKS, PeakMemory, bench_config, build_denoiser, compare_scores, contention_warning,
+                           main, make_scoring_inputs, memory_method, open_gates, time_scoring)
 from trainers.tdsm_fit import build_schedule
 
 CPU = torch.device("cpu")
@@ -29,16 +31,28 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> tuple[dict, str]:
+    """One CLI run on the tiny size (its size runs in a fresh subprocess): the JSON report and the table."""
+    out, table = tmp_path_factory.mktemp("bench") / "bench.json", io.StringIO()
+    before = torch.get_num_threads()
+    try:
+        with contextlib.redirect_stdout(table):
+            assert main(["tdsm", *TINY_ARGS, "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(before)
+    return json.loads(out.read_text()), table.getvalue()
+
+
 def test_registry_has_tdsm():
     assert "tdsm" in BENCHMARKS and callable(BENCHMARKS["tdsm"].run)
 
 
-def test_tdsm_report_has_every_measurement(tmp_path, capsys, one_thread):
-    out = tmp_path / "bench.json"
-    assert main(["tdsm", *TINY_ARGS, "--out", str(out)]) == 0   # the size runs in a fresh subprocess
-    report = json.loads(out.read_text())
+def test_tdsm_report_has_every_measurement(tiny_run):
+    report, table = tiny_run
     assert report["benchmark"] == "tdsm" and report["isolation"] == "one subprocess per size"
-    for key in ("cpu_model", "cpu_cores_usable", "torch", "torch_threads", "cpu_fast_bf16", "device"):
+    for key in ("cpu_model", "cpu_cores_usable", "torch", "torch_threads", "cpu_fast_bf16", "device",
+                "cpu_busy_before", "load_average"):
         assert key in report["machine"]
     assert report["machine"]["torch_threads"] == 1
     tiny = report["sizes"]["tiny"]
@@ -48,6 +62,7 @@ def test_tdsm_report_has_every_measurement(tmp_path, capsys, one_thread):
     for precision in ("fp32", "bf16"):
         assert train[precision]["median_s"] > 0 and train[precision]["samples_per_s"] > 0
         assert train[precision]["peak_mib"] >= 0 and train[precision]["loss_finite"]
+        assert train[precision]["cpu_share"] > 0
     assert train["bf16_speedup"] > 0
     (row,) = tiny["score"]
     assert (row["candidates"], row["samples"], row["draws"]) == (3, 4, 2)
@@ -56,8 +71,26 @@ def test_tdsm_report_has_every_measurement(tmp_path, capsys, one_thread):
         assert row[key]["peak_mib"] >= 0
     assert row["batched_over_loop"] > 0 and row["bf16_over_fp32"] > 0
     assert 0 <= row["agreement_bf16_batched_vs_loop"]["argmin_agreement"] <= 1
-    table = capsys.readouterr().out
     assert "training step" in table and "zero-shot scoring" in table and "tiny" in table
+
+
+def starved_copy(report: dict, share: float, busy: float) -> dict:
+    """The report with every cpu_share and the machine's busy fractions replaced."""
+    report = json.loads(json.dumps(report))
+    report["machine"].update(cpu_busy_before=busy, cpu_busy_after=busy)
+    for r in report["sizes"].values():
+        timings = [r["train"]["fp32"], r["train"]["bf16"]]
+        timings += [row[k] for row in r["score"] for k in ("batched_bf16", "loop_bf16", "batched_fp32")]
+        for t in timings:
+            t["cpu_share"] = share
+    return report
+
+
+def test_contention_is_flagged(tiny_run):
+    report, _ = tiny_run
+    assert contention_warning(starved_copy(report, share=1.0, busy=0.0)) is None
+    assert "tiny" in contention_warning(starved_copy(report, share=0.2, busy=0.0))
+    assert "90% busy" in contention_warning(starved_copy(report, share=1.0, busy=0.9))
 
 
 def test_batched_and_loop_scoring_agree_in_fp32(one_thread):

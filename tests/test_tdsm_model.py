@@ -68,7 +68,7 @@ def test_batch_independence(gen):
     z, t, g, l = inputs(6, gen)
     full = model(z, t, g, l)
     part = model(z[:2], t[:2], g[:2], l[:2])
-    assert torch.allclose(full[:2], part, atol=1e-5)
+    assert torch.allclose(full[:2], part, atol=1e-4)   # batched kernels may reorder fp32 sums
 
 
 def test_paper_preset_has_paper_size():

@@ -185,12 +185,9 @@ def load_cocodiff_data(cfg: CoCoDiffConfig) -> SkeletonData:
     return SkeletonData(*train, *val, *test, s.num_classes)
 
 
-def encode_cocodiff_texts(cfg: CoCoDiffConfig, num_classes: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-    """(class names, fine text (C, D_f), coarse text (C, D_c)): pooled features, prompt files concatenated.
-
-    Defaults are the embedded NTU-60 names (coarse) and descriptions (fine); the toy task takes their first
-    C lines. Explicit files must hold exactly one line per class.
-    """
+def _prompt_reader(cfg: CoCoDiffConfig, num_classes: int):
+    """(read(path) -> one prompt per class, names file, fine files): the embedded NTU-60 texts by default,
+    whose first C lines serve the toy task; explicit files must hold exactly one line per class."""
     t = cfg.text
     embedded = t.class_names is None
     if t.descriptions is None and not embedded:
@@ -204,6 +201,28 @@ def encode_cocodiff_texts(cfg: CoCoDiffConfig, num_classes: int) -> tuple[list[s
             return read_prompt_file(path)[:num_classes]
         return read_prompt_file(path, expected_count=num_classes)
 
+    return read, names_file, fine_files
+
+
+def read_class_names(cfg: CoCoDiffConfig, num_classes: int) -> list[str]:
+    """The class names (coarse text) without encoding anything: labels for plots, also for the baseline."""
+    read, names_file, _ = _prompt_reader(cfg, num_classes)
+    return read(names_file)
+
+
+def dataset_label(cfg: CoCoDiffConfig) -> str:
+    """Short name of the data a config trains on, for run and experiment names: 'synthetic' or the benchmark."""
+    return "synthetic" if cfg.data.source == "synthetic" else cfg.data.benchmark
+
+
+def encode_cocodiff_texts(cfg: CoCoDiffConfig, num_classes: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """(class names, fine text (C, D_f), coarse text (C, D_c)): pooled features, prompt files concatenated.
+
+    Defaults are the embedded NTU-60 names (coarse) and descriptions (fine); the toy task takes their first
+    C lines. Explicit files must hold exactly one line per class.
+    """
+    t = cfg.text
+    read, names_file, fine_files = _prompt_reader(cfg, num_classes)
     names = read(names_file)
     coarse_sets = [names] + [read(Path(p)) for p in t.synonyms]
     fine_sets = [read(p) for p in fine_files]
@@ -254,6 +273,13 @@ def evaluate_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batc
     model.train(was_training)
     logits = torch.cat(chunks)                                                           # (N, C)
     return accuracy_metrics(logits, y, prefix), logits
+
+
+def evaluate_split(cfg: CoCoDiffConfig, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                   prefix: str) -> tuple[dict[str, float], torch.Tensor]:
+    """`evaluate_classifier` at the config's evaluation batch and training precision (as validation in the fit)."""
+    precision = resolve_precision(cfg.train.precision, next(model.parameters()).device)
+    return evaluate_classifier(model, x, y, cfg.eval.batch_size, prefix, precision)
 
 
 def ensemble_logits(logits: Sequence[torch.Tensor], weights: Sequence[float] | None = None) -> torch.Tensor:
@@ -626,7 +652,8 @@ def _synchronize(device: torch.device) -> None:
 
 __all__ = [
     "BEST", "LAST", "CoCoDiffResult", "SkeletonClassifier", "SkeletonData", "accuracy_metrics", "batch_indices",
-    "build_classifier", "compute_losses", "encode_cocodiff_texts", "ensemble_logits", "evaluate_classifier",
-    "export_classifier", "fit_cocodiff", "load_classifier", "load_cocodiff_data", "load_prepared",
-    "prepare_cocodiff", "run_ablation", "step_times", "synthetic_skeletons", "training_step", "with_overrides",
+    "build_classifier", "compute_losses", "dataset_label", "encode_cocodiff_texts", "ensemble_logits",
+    "evaluate_classifier", "evaluate_split", "export_classifier", "fit_cocodiff", "load_classifier",
+    "load_cocodiff_data", "load_prepared", "prepare_cocodiff", "read_class_names", "run_ablation", "step_times",
+    "synthetic_skeletons", "training_step", "with_overrides",
 ]

@@ -64,7 +64,7 @@ def training_fingerprint(cfg: TDSMConfig) -> str:
 def zsl_metric_dict(curve: ZSLCurve, t_test: int, prefix: str, tuned: bool = False) -> dict[str, float]:
     """Scalars of a curve: accuracy at t_test (at the best grid point when `tuned`), the best t_test, every point."""
     best = curve.best()
-    at = best if tuned or t_test not in curve.by_t else curve.at(t_test)
+    at = best if tuned else curve.at(t_test)
     out = {
         f"{prefix}/zsl_top1": at.top1,
         f"{prefix}/zsl_top1_std": at.top1_std,

@@ -15,9 +15,10 @@ class Reporter(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Frequent scalars (training loss, learning rate)."""
 
-    def log_evaluation(self, metrics: dict[str, float], step: int, curve: ZSLCurve,
+    def log_evaluation(self, metrics: dict[str, float], step: int, curve: ZSLCurve | None,
                        checkpoint_dir: Path | None) -> None:
-        """An evaluation point: scalar metrics, the full t_test curve, and the checkpoint just written."""
+        """An evaluation point: scalar metrics, the full t_test curve (zero-shot fits; None for classifiers
+        such as CoCoDiff), and the folder of the checkpoint just written."""
 
 
 @dataclass
@@ -30,7 +31,7 @@ class ListReporter:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self.metrics.append((step, dict(metrics)))
 
-    def log_evaluation(self, metrics: dict[str, float], step: int, curve: ZSLCurve,
+    def log_evaluation(self, metrics: dict[str, float], step: int, curve: ZSLCurve | None,
                        checkpoint_dir: Path | None) -> None:
         self.evaluations.append((step, dict(metrics), curve, checkpoint_dir))
 
@@ -41,6 +42,6 @@ class NullReporter(ListReporter):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         pass
 
-    def log_evaluation(self, metrics: dict[str, float], step: int, curve: ZSLCurve,
+    def log_evaluation(self, metrics: dict[str, float], step: int, curve: ZSLCurve | None,
                        checkpoint_dir: Path | None) -> None:
         pass
