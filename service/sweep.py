@@ -335,7 +335,7 @@ def run_split(args, method: str, split: str, base: dict[str, Any], space: Search
     trainable = tune.with_resources(tune.with_parameters(tune_trial, settings=settings),
                                     {"cpu": 0, "memory": 64 * 1024**2})
     n_evals = -(-cfg.train.steps // cfg.train.eval_every)
-    scheduler = (tune.schedulers.ASHAScheduler(time_attr="training_iteration", max_t=n_evals, grace_period=1,
+    scheduler = (tune.schedulers.ASHAScheduler(time_attr="training_iteration", max_t=n_evals + 1, grace_period=1,
                                                reduction_factor=2)
                  if args.scheduler == "asha" and n_evals > 1 else tune.schedulers.FIFOScheduler())
     search_alg = None

@@ -231,7 +231,10 @@ def tune_trial(config: dict[str, Any], *, settings: dict[str, Any]) -> None:
             name=f"train-{ctx.get_trial_id()}",       # stable name: a restarted trial finds its checkpoints
             storage_path=settings["storage_path"],
             callbacks=[TuneReportCallback()],
-            failure_config=ray.train.FailureConfig(max_failures=settings["trial_retries"]),
+            # Retries happen at the Tune level (a new TorchTrainer with this name resumes from the checkpoint). A
+            # Train-level retry would also fire when the scheduler stops the trial, and its new worker group
+            # then holds resources that the next trial waits for.
+            failure_config=ray.train.FailureConfig(max_failures=0),
         ),
     )
     trainer.fit()
