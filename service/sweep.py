@@ -436,6 +436,9 @@ def main(argv: list[str] | None = None) -> int:
 
     connect_ray(args.address)
     summaries = [run_split(args, args.method, split, tree, space, num_samples, uri) for split, tree in split_trees]
+    import ray
+
+    ray.shutdown()  # flush the workers' forwarded logs now, so the JSON summary stays the last stdout line
     for s in summaries:
         at = f" at t_test={s['best_t_test']}" if "best_t_test" in s else ""
         print(f"[{s['split']}] best trial {s.get('best_trial')} ({s.get('best_run_id')}): "

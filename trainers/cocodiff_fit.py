@@ -442,6 +442,7 @@ def fit_cocodiff(cfg: CoCoDiffConfig, train_x: torch.Tensor, train_y: torch.Tens
                file=sys.stderr, mininterval=1.0, dynamic_ncols=True)
     for m in trained:
         m.train()
+    start_step = state.step
     while state.step < total:
         for group in opt.param_groups:
             group["lr"] = lr_at(state.step, total, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio)
@@ -474,6 +475,10 @@ def fit_cocodiff(cfg: CoCoDiffConfig, train_x: torch.Tensor, train_y: torch.Tens
             _save_last(Path(run_dir) / LAST, fingerprint, classifier, module, opt, gen, state, cfg)
         if is_eval:
             reporter.log_evaluation(state.last_metrics, step, None, Path(run_dir) if run_dir is not None else None)
+    if start_step >= total and evaluating:
+        # Resumed after the last step: report the final metrics again for whoever restarted the run.
+        state.last_metrics, _ = evaluate_classifier(classifier, val_x, val_y, cfg.eval.batch_size, "val", precision)
+        reporter.log_evaluation(state.last_metrics, state.step, None, Path(run_dir) if run_dir is not None else None)
     bar.close()
     for m in trained:
         m.eval()

@@ -120,6 +120,15 @@ def fit_tdsm(cfg: TDSMConfig, train: FeatureSplit, train_classes: list[int], eva
     if run_dir is not None and (Path(run_dir) / LAST).is_file():
         step, best = _resume(Path(run_dir) / LAST, fingerprint, model, opt, gen)
 
+    start_step = step
+    evaluating = evaluation is not None and len(evaluation) > 0
+
+    def evaluate_now(grid: list[int]) -> tuple[ZSLCurve, dict[str, float]]:
+        c = evaluate_zsl(model, schedule, evaluation.features.to(device), evaluation.labels, eval_classes,
+                         text_g, text_l, grid, cfg.eval.noise_draws, cfg.eval.seed,
+                         cfg.eval.batch_size * cfg.eval.noise_draws * len(eval_classes), amp)
+        return c, zsl_metric_dict(c, cfg.eval.t_test, eval_prefix, cfg.eval.tune_t_test)
+
     train_model = wrap_model(model) if wrap_model is not None else model
     total, B, T = cfg.train.steps, cfg.optim.batch_size, cfg.diffusion.num_train_timesteps
     log_every = max(1, min(50, total // 20))
@@ -158,13 +167,10 @@ def fit_tdsm(cfg: TDSMConfig, train: FeatureSplit, train_classes: list[int], eva
             bar.set_postfix(loss=f"{scalars['train/loss']:.4f}", refresh=False)
         is_eval = step % cfg.train.eval_every == 0 or step == total
         is_ckpt = step % cfg.train.checkpoint_every == 0 or step == total
-        if is_eval and evaluation is not None and len(evaluation):
+        if is_eval and evaluating:
             # Intermediate evaluations score t_test only; the last one scores the whole grid (the curve).
-            grid = cfg.eval.t_test_grid if step == total or cfg.eval.tune_t_test else [cfg.eval.t_test]
-            curve = evaluate_zsl(model, schedule, evaluation.features.to(device), evaluation.labels, eval_classes,
-                                 text_g, text_l, grid, cfg.eval.noise_draws, cfg.eval.seed,
-                                 cfg.eval.batch_size * cfg.eval.noise_draws * len(eval_classes), amp)
-            last_metrics = zsl_metric_dict(curve, cfg.eval.t_test, eval_prefix, cfg.eval.tune_t_test)
+            curve, last_metrics = evaluate_now(
+                cfg.eval.t_test_grid if step == total or cfg.eval.tune_t_test else [cfg.eval.t_test])
             bar.set_postfix(loss=f"{losses['loss'].item():.4f}",
                             **{eval_prefix: f"{last_metrics[f'{eval_prefix}/zsl_top1']:.1f}"})
             if run_dir is not None and last_metrics[f"{eval_prefix}/zsl_top1"] > best:
@@ -173,8 +179,13 @@ def fit_tdsm(cfg: TDSMConfig, train: FeatureSplit, train_classes: list[int], eva
                                    "config": to_plain(cfg)}, Path(run_dir) / BEST)
         if run_dir is not None and (is_ckpt or is_eval):
             _save_last(Path(run_dir) / LAST, fingerprint, model, opt, gen, step, best, cfg)
-        if is_eval and evaluation is not None and len(evaluation):
+        if is_eval and evaluating:
             reporter.log_evaluation(last_metrics, step, curve, Path(run_dir) if run_dir is not None else None)
+    if start_step >= total and evaluating:
+        # Resumed after the last step (a trial restarted after its final checkpoint): report the final metrics
+        # again so whoever restarted it (a Tune scheduler, a resumed sweep) sees them.
+        curve, last_metrics = evaluate_now(cfg.eval.t_test_grid)
+        reporter.log_evaluation(last_metrics, step, curve, Path(run_dir) if run_dir is not None else None)
     bar.close()
     model.eval()
     return FitResult(model, curve, last_metrics, best, step)
