@@ -34,7 +34,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, ContextManager
+from typing import Any, Callable
 
 import torch
 
@@ -42,9 +42,9 @@ from service.cli import exits_cleanly
 from trainers.config import TDSMConfig, build_config
 from trainers.diffusion import NoiseSchedule
 from trainers.errors import InputError
-from trainers.losses import sample_negative_classes, triplet_diffusion_loss
+from trainers.losses import sample_negative_classes
 from trainers.runtime import autocast, cpu_has_fast_bf16, seed_everything
-from trainers.tdsm_fit import build_schedule
+from trainers.tdsm_fit import TrainBatch, build_schedule, train_step
 from trainers.tdsm_model import TDSMDenoiser, count_parameters
 from trainers.zsl import evaluation_noise, score_candidates, score_candidates_loop
 
@@ -342,17 +342,6 @@ def open_gates(model: TDSMDenoiser, gen: torch.Generator, std: float = 0.02) -> 
 # TDSM: one training step
 # ----------------------------------------------------------------------------------------------
 
-@dataclass
-class TrainBatch:
-    """One fixed training batch; the timed steps reuse it so only compute is measured."""
-
-    x0: torch.Tensor      # (B, D_x) skeleton features
-    y: torch.Tensor       # (B,) positive class ids
-    neg: torch.Tensor     # (B,) negative class ids
-    t: torch.Tensor       # (B,) diffusion steps
-    eps: torch.Tensor     # (B, D_x) training noise
-
-
 def make_train_batch(batch: int, num_steps: int, gen: torch.Generator, device: torch.device) -> TrainBatch:
     y = torch.randint(NUM_SEEN, (batch,), generator=gen)
     neg = sample_negative_classes(y, torch.arange(NUM_SEEN), gen)
@@ -361,26 +350,6 @@ def make_train_batch(batch: int, num_steps: int, gen: torch.Generator, device: t
         t=torch.randint(num_steps, (batch,), generator=gen).to(device),
         eps=torch.randn(batch, SKELETON_DIM, generator=gen).to(device),
     )
-
-
-def tdsm_train_step(model: TDSMDenoiser, opt: torch.optim.Optimizer, schedule: NoiseSchedule, cfg: TDSMConfig,
-                    b: TrainBatch, text_g: torch.Tensor, text_l: torch.Tensor,
-                    amp: Callable[[], ContextManager]) -> torch.Tensor:
-    """The body of `fit_tdsm`'s loop: positive and negative prompts in one forward of 2B rows, triplet
-    diffusion loss, backward, gradient clipping, AdamW step."""
-    z_t = schedule.add_noise(b.x0, b.eps, b.t)                                   # (B, D_x)
-    cls = torch.cat([b.y, b.neg])                                                 # (2B,)
-    with amp():
-        pred = model(torch.cat([z_t, z_t]), torch.cat([b.t, b.t]), text_g[cls], text_l[cls])   # (2B, D_x)
-    pred_pos, pred_neg = pred.float().chunk(2)                                    # 2 x (B, D_x)
-    losses = triplet_diffusion_loss(schedule.target(b.x0, b.eps, b.t), pred_pos, pred_neg, b.neg != b.y,
-                                    cfg.loss.margin, cfg.loss.triplet_weight)
-    opt.zero_grad(set_to_none=True)
-    losses["loss"].backward()
-    if cfg.optim.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-    opt.step()
-    return losses["loss"].detach()
 
 
 def bench_train_step(cfg: TDSMConfig, s: TDSMBenchSettings, precision: str, device: torch.device,
@@ -393,8 +362,8 @@ def bench_train_step(cfg: TDSMConfig, s: TDSMBenchSettings, precision: str, devi
     with PeakMemory(device) as mem:
         model = build_denoiser(cfg, s.seed, device).train()
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-        step = lambda: tdsm_train_step(model, opt, schedule, cfg, batch, text_g, text_l,  # noqa: E731
-                                       lambda: autocast(device, precision))
+        step = lambda: train_step(model, opt, schedule, cfg, batch, text_g, text_l,  # noqa: E731
+                                  lambda: autocast(device, precision))["loss"].detach()
         timed = time_calls(step, s.train_warmup, s.train_iters, device, f"[{s.size}] train {precision}")
         del model, opt, step
     median = timed.median_s

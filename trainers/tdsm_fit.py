@@ -80,6 +80,48 @@ def zsl_metric_dict(curve: ZSLCurve, t_test: int, prefix: str, tuned: bool = Fal
 
 
 @dataclass
+class TrainBatch:
+    """One TDSM training batch."""
+
+    x0: torch.Tensor      # (B, D_x) skeleton features
+    y: torch.Tensor       # (B,) positive class ids
+    neg: torch.Tensor     # (B,) negative class ids (may equal y: those pairs are masked)
+    t: torch.Tensor       # (B,) diffusion steps
+    eps: torch.Tensor     # (B, D_x) training noise
+
+
+def draw_batch(x_all: torch.Tensor, y_all: torch.Tensor, pool: torch.Tensor, batch_size: int, num_steps: int,
+               gen: torch.Generator) -> TrainBatch:
+    """Samples, negatives, t and eps from one generator (its state is checkpointed: resumes are exact)."""
+    device = x_all.device
+    idx = torch.randint(len(x_all), (batch_size,), generator=gen).to(device)
+    y = y_all[idx]
+    neg = sample_negative_classes(y, pool, gen)
+    t = torch.randint(num_steps, (batch_size,), generator=gen).to(device)
+    eps = torch.randn(batch_size, x_all.shape[1], generator=gen).to(device)
+    return TrainBatch(x_all[idx], y, neg, t, eps)
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, schedule: NoiseSchedule, cfg: TDSMConfig,
+               b: TrainBatch, text_g: torch.Tensor, text_l: torch.Tensor,
+               amp: Callable[[], Any]) -> dict[str, torch.Tensor]:
+    """One optimisation step: positive and negative prompts share t and eps (paper §3.3), one forward of 2B rows."""
+    z_t = schedule.add_noise(b.x0, b.eps, b.t)                                           # (B, D_x)
+    cls = torch.cat([b.y, b.neg])                                                         # (2B,)
+    with amp():
+        pred = model(torch.cat([z_t, z_t]), torch.cat([b.t, b.t]), text_g[cls], text_l[cls])   # (2B, D_x)
+    pred_pos, pred_neg = pred.float().chunk(2)                                            # 2 x (B, D_x)
+    losses = triplet_diffusion_loss(schedule.target(b.x0, b.eps, b.t), pred_pos, pred_neg, b.neg != b.y,
+                                    cfg.loss.margin, cfg.loss.triplet_weight)
+    opt.zero_grad(set_to_none=True)
+    losses["loss"].backward()
+    if cfg.optim.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+    opt.step()
+    return losses
+
+
+@dataclass
 class FitResult:
     """The trained model (best-on-eval weights are in run_dir/best.pt when evaluation ran)."""
 
@@ -139,25 +181,8 @@ def fit_tdsm(cfg: TDSMConfig, train: FeatureSplit, train_classes: list[int], eva
     while step < total:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, total, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio)
-        idx = torch.randint(len(train), (B,), generator=gen)
-        y = y_all[idx.to(device)]
-        neg = sample_negative_classes(y, pool, gen)
-        t = torch.randint(T, (B,), generator=gen).to(device)
-        eps = torch.randn(B, x_all.shape[1], generator=gen).to(device)
-        x0 = x_all[idx.to(device)]
-        z_t = schedule.add_noise(x0, eps, t)
-        # Positive and negative prompts share t and eps (paper §3.3): one forward over 2B rows.
-        cls = torch.cat([y, neg])
-        with amp():
-            pred = train_model(torch.cat([z_t, z_t]), torch.cat([t, t]), text_g[cls], text_l[cls])
-        pred_pos, pred_neg = pred.float().chunk(2)
-        losses = triplet_diffusion_loss(schedule.target(x0, eps, t), pred_pos, pred_neg, neg != y,
-                                        cfg.loss.margin, cfg.loss.triplet_weight)
-        opt.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        if cfg.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        opt.step()
+        losses = train_step(train_model, opt, schedule, cfg, draw_batch(x_all, y_all, pool, B, T, gen),
+                            text_g, text_l, amp)
         step += 1
         bar.update(1)
         if step % log_every == 0 or step == total:
