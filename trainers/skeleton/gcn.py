@@ -174,16 +174,14 @@ class SpatialGraphConv(nn.Module):
         return torch.einsum("bkctj,kij->bcti", x, a.to(x.dtype))                         # (B, C', T, V)
 
 
-class STGCNUnit(nn.Module):
-    """Spatial graph conv -> BN, ReLU, temporal conv (9 × 1), BN, dropout; + residual; ReLU."""
+class GCNUnit(nn.Module):
+    """One encoder unit: spatial (graph) module -> temporal module; + residual; ReLU (all three encoders)."""
 
-    def __init__(self, c_in: int, c_out: int, A: np.ndarray, stride: int, residual: bool, dropout: float,
-                 edge_importance: bool, temporal_kernel: int = 9):
+    def __init__(self, gcn: nn.Module, tcn: nn.Module, residual: nn.Module | None):
         super().__init__()
-        self.gcn = SpatialGraphConv(c_in, c_out, A, edge_importance)
-        self.tcn = nn.Sequential(nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
-                                 conv_bn(c_out, c_out, temporal_kernel, stride), nn.Dropout(dropout))
-        self.residual = unit_residual(c_in, c_out, stride, residual)
+        self.gcn = gcn
+        self.tcn = tcn
+        self.residual = residual
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -203,8 +201,10 @@ class STGCN(Encoder):
         if not 0.0 <= dropout < 1.0:
             raise InputError(f"dropout {dropout}: expected a probability in [0, 1)")
         for i, (c_in, c_out, stride) in enumerate(self.plan):
-            self.units.append(STGCNUnit(c_in, c_out, self.graph.A, stride, residual=i > 0, dropout=dropout,
-                                        edge_importance=edge_importance))
+            tcn = nn.Sequential(nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),   # BN, ReLU, conv (9 x 1), BN, dropout
+                                conv_bn(c_out, c_out, 9, stride), nn.Dropout(dropout))
+            self.units.append(GCNUnit(SpatialGraphConv(c_in, c_out, self.graph.A, edge_importance), tcn,
+                                      unit_residual(c_in, c_out, stride, i > 0)))
         self.init_weights()
 
 
@@ -292,20 +292,6 @@ class ShiftTemporalConv(nn.Module):
         return self.bn_out(self.shift_out(x))                        # (B, C', T/stride, V)
 
 
-class ShiftGCNUnit(nn.Module):
-    """Spatial shift conv -> temporal shift conv; + residual; ReLU."""
-
-    def __init__(self, c_in: int, c_out: int, num_joints: int, stride: int, residual: bool):
-        super().__init__()
-        self.gcn = SpatialShiftConv(c_in, c_out, num_joints)
-        self.tcn = ShiftTemporalConv(c_out, c_out, stride)
-        self.residual = unit_residual(c_in, c_out, stride, residual)
-        self.relu = nn.ReLU(inplace=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.relu(add_residual(self.tcn(self.gcn(x)), x, self.residual))
-
-
 class ShiftGCN(Encoder):
     """Shift-GCN: shift graph operations + point-wise convs in place of graph and temporal convolutions.
 
@@ -319,7 +305,8 @@ class ShiftGCN(Encoder):
         super().__init__(in_channels, num_classes, layout, base_channels, units_per_stage, dropout,
                          data_bn_persons)
         for i, (c_in, c_out, stride) in enumerate(self.plan):
-            self.units.append(ShiftGCNUnit(c_in, c_out, self.num_joints, stride, residual=i > 0))
+            self.units.append(GCNUnit(SpatialShiftConv(c_in, c_out, self.num_joints),
+                                      ShiftTemporalConv(c_out, c_out, stride), unit_residual(c_in, c_out, stride, i > 0)))
         self.init_weights()
 
 
@@ -394,20 +381,6 @@ class MultiScaleTemporalConv(nn.Module):
         return torch.cat([branch(x) for branch in self.branches], dim=1)   # (B, C', T/stride, V)
 
 
-class CTRGCNUnit(nn.Module):
-    """CTR graph conv -> multi-scale temporal conv; + residual; ReLU."""
-
-    def __init__(self, c_in: int, c_out: int, A: np.ndarray, stride: int, residual: bool):
-        super().__init__()
-        self.gcn = CTRGraphConv(c_in, c_out, A)
-        self.tcn = MultiScaleTemporalConv(c_out, c_out, stride)
-        self.residual = unit_residual(c_in, c_out, stride, residual)
-        self.relu = nn.ReLU(inplace=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.relu(add_residual(self.tcn(self.gcn(x)), x, self.residual))
-
-
 class CTRGCN(Encoder):
     """CTR-GCN: channel-wise topology refinement graph convs and multi-scale temporal convs.
 
@@ -420,7 +393,8 @@ class CTRGCN(Encoder):
         super().__init__(in_channels, num_classes, layout, base_channels, units_per_stage, dropout,
                          data_bn_persons)
         for i, (c_in, c_out, stride) in enumerate(self.plan):
-            self.units.append(CTRGCNUnit(c_in, c_out, self.graph.A, stride, residual=i > 0))
+            self.units.append(GCNUnit(CTRGraphConv(c_in, c_out, self.graph.A), MultiScaleTemporalConv(c_out, c_out, stride),
+                                      unit_residual(c_in, c_out, stride, i > 0)))
         self.init_weights()
 
     def init_weights(self) -> None:
