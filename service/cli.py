@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from trainers.cocodiff import CoCoDiffConfig
 from trainers.config import TDSMConfig, build_config, load_yaml, parse_override
 from trainers.errors import InputError
 
 METHOD_CONFIGS = {"tdsm": TDSMConfig, "cocodiff": CoCoDiffConfig}
+# Ray results and checkpoints, and the cached skeleton chain (service.encoder): shared storage on a cluster.
+DEFAULT_STORAGE = Path(os.environ.get("SKELDIFF_RESULTS", "~/skeldiff_results"))
+# Shortcut flags and config keys that name the data a run trains on (their absence means: the embedded default).
+DATA_FLAGS = ("features", "unseen", "seen", "val_unseen", "class_names", "descriptions")
+DATA_KEYS = ("data.", "text.class_names", "text.descriptions", "text.synonyms")
 # Shortcuts that name zero-shot inputs (feature folders, class splits): TDSM's data model only.
 TDSM_ONLY_SHORTCUTS = ("features", "unseen", "seen", "val_unseen")
 
@@ -54,6 +61,16 @@ def shortcut_overrides(args: argparse.Namespace, method: str = "tdsm") -> dict[s
     if args.descriptions:
         out["text.descriptions"] = [str(p) for p in args.descriptions]
     return out
+
+
+def names_data(args: argparse.Namespace) -> bool:
+    """Whether the command line names its data (a shortcut flag, a data/text-file --set, a --config data section)."""
+    if any(getattr(args, flag, None) for flag in DATA_FLAGS):
+        return True
+    if any(item.split("=", 1)[0].strip().startswith(DATA_KEYS) for item in args.overrides):
+        return True
+    tree = load_yaml(args.config) if getattr(args, "config", None) else {}
+    return "data" in tree or any(k in (tree.get("text") or {}) for k in ("class_names", "descriptions", "synonyms"))
 
 
 def resolve_config(method: str, args: argparse.Namespace, extra: dict[str, Any] | None = None):

@@ -1,6 +1,7 @@
 """GCN feature encoders: `python -m service.encoder {train,extract}` and the cached skeleton chain.
 
-train    cross-entropy on the *seen* classes of a prepared dataset (`service.prepare` output), logged to MLflow;
+train    cross-entropy on the *seen* classes of a prepared dataset (`service.prepare` output) on Ray Train
+         workers (DDP with --workers N; --in-process without Ray), checkpointed and logged to MLflow;
 extract  features in the SA-DVAE layout (train / ztest / gtest + labels) that `service.run tdsm --features`
          and `service.sweep tdsm --features` read directly.
 
@@ -12,7 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
+import shutil
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +27,15 @@ import torch
 
 from service.cli import exits_cleanly
 from trainers.config import build_config, parse_override
-from trainers.encoder_fit import EncoderConfig, extract_features, fit_encoder, load_encoder
+from trainers.encoder_fit import (
+    LAST,
+    EncoderConfig,
+    extract_features,
+    fit_encoder,
+    load_encoder,
+)
 from trainers.errors import InputError
-from trainers.io import atomic_save_npy, atomic_write_text, stable_hash
+from trainers.io import atomic_save_npy, atomic_write, atomic_write_text, stable_hash
 from trainers.tracking import NullReporter
 
 FEATURE_FILES = ("train", "ztest", "gtest")
@@ -65,14 +77,140 @@ def parse_classes(spec: str | list[int], num_classes: int) -> list[int]:
     return load_class_ids(spec if isinstance(spec, list) else Path(spec), num_classes, "--unseen")
 
 
+def seen_class_data(prepared: Path, unseen: list[int], benchmark: str | None = None):
+    """(x, y, seen classes, held-out (x, y)): the benchmark's training rows of the seen classes, and its test
+    rows of the seen classes (never trained on; scored once at the end of encoder training)."""
+    data, labels, train_mask, _ = load_prepared(prepared, benchmark)
+    is_seen = ~np.isin(labels.numpy(), unseen)
+    keep, held = train_mask & is_seen, ~train_mask & is_seen
+    if not keep.any():
+        raise InputError(f"{prepared}: no training samples of the seen classes")
+    seen = sorted(set(labels[keep].tolist()))
+    held &= np.isin(labels.numpy(), seen)
+    return data[keep], labels[keep], seen, (data[held], labels[held])
+
+
 def train_encoder(prepared: Path, unseen: list[int], cfg: EncoderConfig, out: Path, benchmark: str | None = None,
                   reporter=None, progress: bool = True) -> Path:
-    """Train on the seen classes of the benchmark's training split; returns out/encoder.pt."""
-    data, labels, train_mask, _ = load_prepared(prepared, benchmark)
-    keep = train_mask & ~np.isin(labels.numpy(), unseen)
-    seen = sorted(set(labels[keep].tolist()))
-    fit_encoder(cfg, data[keep], labels[keep], seen, reporter or NullReporter(), out, progress)
+    """Train in this process on the seen classes of the benchmark's training split; returns out/encoder.pt.
+
+    Re-running with the same inputs resumes from out/last.pt (or returns at once when training finished)."""
+    x, y, seen, held_out = seen_class_data(prepared, unseen, benchmark)
+    fit_encoder(cfg, x, y, seen, reporter or NullReporter(), out, progress, held_out)
     return Path(out) / "encoder.pt"
+
+
+# ----------------------------------------------------------------------------------------------
+# On Ray Train workers
+# ----------------------------------------------------------------------------------------------
+
+class EncoderWorkerReporter:
+    """Reporter of an encoder Train worker: rank 0 logs to MLflow and prints a progress line; every rank
+    reports each checkpoint to Ray Train (rank 0 with the files, so a restarted run resumes from them)."""
+
+    def __init__(self, rank: int, mlflow, total_steps: int):
+        self.rank, self.mlflow, self.total_steps = rank, mlflow, total_steps
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if self.mlflow is not None:
+            self.mlflow.log_metrics(metrics, step)
+        if self.rank == 0:   # through logging: Ray forwards a Train worker's print()s twice, log records once
+            logging.getLogger("skeldiff.encoder").info(
+                "encoder step %d/%d: loss %.3f, train top-1 %.1f %%", step, self.total_steps,
+                metrics["encoder/loss"], metrics["encoder/train_top1"])
+
+    def log_evaluation(self, metrics: dict[str, float], step: int, curve, checkpoint_dir: Path | None) -> None:
+        import ray.train
+
+        if self.mlflow is not None:
+            self.mlflow.log_metrics(metrics, step)
+        if self.rank == 0 and checkpoint_dir is not None:
+            with tempfile.TemporaryDirectory() as tmp:
+                for name in (LAST, "encoder.pt"):
+                    if (checkpoint_dir / name).is_file():
+                        shutil.copy2(checkpoint_dir / name, Path(tmp) / name)
+                ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report({**metrics, "step": step})
+
+
+def encoder_worker(loop: dict[str, Any]) -> None:
+    """Ray Train worker loop: DDP over the workers (gloo on CPU, NCCL on GPU) when there are several."""
+    import ray.train
+    import ray.train.torch
+
+    from service.tracking import MLflowReporter
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(loop["threads"])
+    cfg = EncoderConfig.model_validate(loop["config"])
+    x, y, seen, held_out = seen_class_data(Path(loop["prepared"]), loop["unseen"], loop["benchmark"])
+    run_dir = Path(tempfile.mkdtemp(prefix="encoder-"))
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:                      # a restarted run continues from its latest checkpoint
+        with checkpoint.as_directory() as d:
+            if (Path(d) / LAST).is_file():
+                shutil.copy2(Path(d) / LAST, run_dir / LAST)
+    mlflow = (MLflowReporter.start(loop["tracking_uri"], loop["experiment"], "", run_id=loop["run_id"])
+              if rank == 0 and loop["run_id"] else None)
+    wrap = ray.train.torch.prepare_model if world > 1 else None
+    try:
+        fit_encoder(cfg, x, y, seen, EncoderWorkerReporter(rank, mlflow, cfg.steps), run_dir, progress=False,
+                    held_out=held_out, wrap_model=wrap, rank=rank, world=world)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def train_encoder_on_ray(prepared: Path, unseen: list[int], cfg: EncoderConfig, out: Path, *, storage: Path,
+                         benchmark: str | None = None, workers: int = 1, cpus_per_worker: float = 1.0,
+                         gpus_per_worker: float = 0.0, tracking_uri: str | None = None,
+                         experiment: str | None = None, retries: int = 1) -> Path:
+    """Train on Ray Train workers (a TorchTrainer; DDP when workers > 1) and write out/encoder.pt.
+
+    The prepared folder must be readable by every worker (shared storage on a cluster). The Train run is
+    named after `out`, so re-running after a crash resumes from its latest checkpoint; with a tracking URI
+    the run is an MLflow run (params = the encoder config, metrics by step, encoder.pt as an artifact).
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from service.tracking import MLflowReporter, standard_tags
+
+    out = Path(out).resolve()
+    prepared = Path(prepared).resolve()
+    experiment = experiment or f"encoder-{prepared.name}"
+    mlflow = None
+    if tracking_uri:
+        mlflow = MLflowReporter.start(tracking_uri, experiment, f"{cfg.name}-{out.name}",
+                                      tags=standard_tags(phase="encoder", method="encoder"))
+        mlflow.log_params({**{f"encoder.{k}": v for k, v in cfg.model_dump(mode="json").items()},
+                           "encoder.unseen": unseen, "encoder.prepared": str(prepared),
+                           "encoder.benchmark": benchmark or "", "encoder.workers": workers})
+    loop = {"config": cfg.model_dump(mode="json"), "prepared": str(prepared), "unseen": list(unseen),
+            "benchmark": benchmark, "threads": max(1, int(cpus_per_worker)), "tracking_uri": tracking_uri,
+            "experiment": experiment, "run_id": mlflow.run_id if mlflow else None}
+    resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
+    trainer = TorchTrainer(
+        encoder_worker, train_loop_config=loop,
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=bool(gpus_per_worker),
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(name=f"encoder-{stable_hash(str(out))[:12]}", storage_path=str(storage),
+                                       failure_config=ray.train.FailureConfig(max_failures=retries)))
+    try:
+        result = trainer.fit()
+        if result.checkpoint is None:
+            raise RuntimeError("encoder training reported no checkpoint")
+        with result.checkpoint.as_directory() as d:
+            atomic_write(out / "encoder.pt", lambda tmp: shutil.copyfile(Path(d) / "encoder.pt", tmp))
+    except BaseException:
+        if mlflow is not None:
+            mlflow.finish("FAILED")
+        raise
+    if mlflow is not None:
+        mlflow.log_artifact(out / "encoder.pt", "checkpoints")
+        mlflow.finish()
+    return out / "encoder.pt"
 
 
 def extract_to_folder(prepared: Path, encoder_path: Path, unseen: list[int], out: Path,
@@ -114,25 +252,44 @@ def default_synthetic_unseen(count: int = 6, seed: int = 0) -> list[int]:
     return sorted(chosen)
 
 
-def synthetic_skeleton_features(root: Path, per_class: int, encoder: EncoderConfig, unseen: list[int] | None = None,
-                                seed: int = 0, log=None) -> dict[str, Any]:
-    """generate → prepare → train encoder on seen → extract, each stage cached under `root`."""
+def synthetic_prepared(root: Path, per_class: int, seed: int = 0, log=None) -> tuple[Path, Path, str]:
+    """(raw folder, prepared folder, prepare stamp) of the embedded synthetic actions under `root`.
+
+    generate (46 classes x per_class NTU-format `.skeleton` files) -> `service.prepare synthetic`; both stages
+    are no-ops when their inputs did not change. The prepared folder has the ntu60-xsub / ntu60-xview columns
+    (by performer / camera of the generated sample names) and copies of class_names.txt / descriptions.txt.
+    """
     from service.prepare import prepare
     from trainers.skeleton.synthetic import NUM_CLASSES, write_synthetic_dataset
 
-    log = log or (lambda msg: print(f"chain: {msg}", file=sys.stderr))
+    log = log or (lambda msg: print(f"synthetic: {msg}", file=sys.stderr))
     root = Path(root).expanduser().resolve()
-    unseen = unseen if unseen is not None else default_synthetic_unseen(seed=seed)
     raw = root / f"raw-{per_class}x{NUM_CLASSES}-s{seed}"
     log(f"synthetic skeletons in {raw}")
     write_synthetic_dataset(raw, NUM_CLASSES, per_class, seed)
     prepared = root / f"prepared-{raw.name}"
     summary = prepare("synthetic", raw, prepared, progress=False, log=log)
-    key = stable_hash({"prepare": summary.get("stamp"), "encoder": encoder.model_dump(mode="json"), "unseen": unseen})[:12]
+    return raw, prepared, str(summary.get("stamp"))
+
+
+# (prepared folder, unseen classes, config, out folder) -> out/encoder.pt
+EncoderTrainer = Callable[[Path, list[int], EncoderConfig, Path], Path]
+
+
+def synthetic_skeleton_features(root: Path, per_class: int, encoder: EncoderConfig, unseen: list[int] | None = None,
+                                seed: int = 0, log=None, trainer: EncoderTrainer | None = None) -> dict[str, Any]:
+    """generate → prepare → train encoder on seen → extract, each stage cached under `root`."""
+    from trainers.skeleton.synthetic import NUM_CLASSES
+
+    log = log or (lambda msg: print(f"chain: {msg}", file=sys.stderr))
+    root = Path(root).expanduser().resolve()
+    unseen = unseen if unseen is not None else default_synthetic_unseen(seed=seed)
+    raw, prepared, stamp = synthetic_prepared(root, per_class, seed, log)
+    key = stable_hash({"prepare": stamp, "encoder": encoder.model_dump(mode="json"), "unseen": unseen})[:12]
     enc_dir, feat_dir = root / f"encoder-{key}", root / f"features-{key}"
     if not (enc_dir / "encoder.pt").is_file():
         log(f"training {encoder.name} on {NUM_CLASSES - len(unseen)} seen classes -> {enc_dir}")
-        train_encoder(prepared, unseen, encoder, enc_dir)
+        (trainer or train_encoder)(prepared, unseen, encoder, enc_dir)
     else:
         log(f"encoder up to date: {enc_dir}")
     done = feat_dir / "done.json"
@@ -163,7 +320,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="encoder config, e.g. --set name=ctrgcn --set steps=2000")
     train.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
-    train.add_argument("--no-progress", action="store_true")
+    train.add_argument("--workers", type=int, default=1, help="Ray Train workers (DDP when > 1)")
+    train.add_argument("--cpus-per-worker", type=float, default=1.0, help="also the torch thread count per worker")
+    train.add_argument("--gpus-per-worker", type=float, default=0.0)
+    train.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else start a local one)")
+    train.add_argument("--storage-path", type=Path,
+                       default=Path(os.environ.get("SKELDIFF_RESULTS", "~/skeldiff_results")),
+                       help="Ray Train checkpoints (shared storage on a cluster)")
+    train.add_argument("--in-process", action="store_true", help="train in this process, without Ray")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar (--in-process)")
     sub.choices["extract"].add_argument("--encoder", type=Path, required=True, help="encoder.pt from `train`")
     return p
 
@@ -176,21 +341,36 @@ def main(argv: list[str] | None = None) -> int:
         raise InputError(f"{args.data / 'label.npy'}: missing (expected the output of `python -m service.prepare`)")
     unseen = parse_classes(args.unseen, int(labels.max()) + 1)
     if args.command == "train":
-        from service.tracking import MLflowReporter, resolve_tracking_uri, standard_tags
+        from service.tracking import resolve_tracking_uri
 
         cfg = build_config(EncoderConfig, {}, dict(parse_override(o) for o in args.overrides))
-        reporter = MLflowReporter.start(resolve_tracking_uri(args.tracking_uri), f"encoder-{args.data.name}",
-                                        f"{cfg.name}-{args.out.name}", tags=standard_tags(phase="encoder"))
-        reporter.log_params({**{f"encoder.{k}": v for k, v in cfg.model_dump(mode="json").items()},
-                             "encoder.unseen": unseen})
-        try:
-            path = train_encoder(args.data, unseen, cfg, args.out, args.benchmark, reporter, not args.no_progress)
-            reporter.log_artifact(path, "checkpoints")
-        except BaseException:
-            reporter.finish("FAILED")
-            raise
-        reporter.finish()
-        print(json.dumps({"encoder": str(path), "mlflow_run_id": reporter.run_id}))
+        uri = resolve_tracking_uri(args.tracking_uri)
+        if args.in_process:
+            from service.tracking import MLflowReporter, standard_tags
+
+            reporter = MLflowReporter.start(uri, f"encoder-{args.data.resolve().name}", f"{cfg.name}-{args.out.name}",
+                                            tags=standard_tags(phase="encoder", method="encoder"))
+            reporter.log_params({**{f"encoder.{k}": v for k, v in cfg.model_dump(mode="json").items()},
+                                 "encoder.unseen": unseen})
+            try:
+                path = train_encoder(args.data, unseen, cfg, args.out, args.benchmark, reporter, not args.no_progress)
+                reporter.log_artifact(path, "checkpoints")
+            except BaseException:
+                reporter.finish("FAILED")
+                raise
+            reporter.finish()
+        else:
+            import ray
+
+            from service.sweep import connect_ray
+
+            connect_ray(args.address)
+            path = train_encoder_on_ray(args.data, unseen, cfg, args.out, benchmark=args.benchmark,
+                                        storage=args.storage_path.expanduser().resolve(), workers=args.workers,
+                                        cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
+                                        tracking_uri=uri)
+            ray.shutdown()
+        print(json.dumps({"encoder": str(path), "tracking_uri": uri}))
     else:
         out = extract_to_folder(args.data, args.encoder, unseen, args.out, args.benchmark)
         shapes = {f: list(np.load(out / f"{f}.npy", mmap_mode="r").shape) for f in FEATURE_FILES}

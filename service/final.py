@@ -24,9 +24,11 @@ from typing import Any
 import torch
 import yaml
 
-from service.cli import METHOD_CONFIGS, exits_cleanly
+from service.cli import DEFAULT_STORAGE, METHOD_CONFIGS, exits_cleanly
+from service.cocodiff_data import prepare_cocodiff_inputs
 from service.run import log_classification_outputs, log_zsl_plots
-from service.sweep import REPO_SPACES, STATE_FILE, absolute_paths, load_splits
+from service.splits import load_splits, resolve_chain, splits_file
+from service.sweep import STATE_FILE, absolute_paths
 from service.tracking import MLflowReporter, resolve_tracking_uri, standard_tags
 from trainers import cocodiff_fit
 from trainers.cocodiff import CoCoDiffConfig
@@ -53,8 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise-draws", type=int, default=10, help="tdsm: evaluation noise draws per seed (paper: 10)")
     p.add_argument("--ablation", action="store_true",
                    help="cocodiff: baseline (module.enabled=false) vs +CoCoDiff, same seeds and protocol")
-    p.add_argument("--splits", nargs="+", help="tdsm: re-target the config to named splits (default: its own data)")
-    p.add_argument("--splits-file", type=Path, default=REPO_SPACES / "splits.yaml")
+    p.add_argument("--splits", nargs="+", help="re-target the config to named splits (default: its own data)")
+    p.add_argument("--splits-file", type=Path, help="default: search_spaces/<method>_splits.yaml")
+    p.add_argument("--storage-path", type=Path, default=DEFAULT_STORAGE,
+                   help="where a split's cached skeleton chain lives (as for service.sweep)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
     p.add_argument("--experiment-name", help="MLflow experiment (default: <method>-<split>)")
@@ -246,9 +250,8 @@ def run_cocodiff_split(args, split: str, tree: dict[str, Any], uri: str) -> list
     arms = ([("baseline", False), ("cocodiff", True)] if args.ablation
             else [("cocodiff" if cfg.module.enabled else "baseline", cfg.module.enabled)])
     # Texts are encoded once for both arms (the baseline ignores them).
-    data, names, fine, coarse = cocodiff_fit.prepare_cocodiff(
+    data, names, fine, coarse = prepare_cocodiff_inputs(
         cocodiff_fit.with_overrides(cfg, module={"enabled": any(enabled for _, enabled in arms)}))
-    names = names or cocodiff_fit.read_class_names(cfg, data.num_classes)
     experiment = args.experiment_name or f"cocodiff-{split}"
     phase = "ablation" if args.ablation else "final"
     parent = MLflowReporter.start(uri, experiment, f"{phase}-{split}",
@@ -313,9 +316,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.seeds < 1:
         raise InputError(f"--seeds must be >= 1 (got {args.seeds})")
     if method == "cocodiff":
-        if args.splits:
-            raise InputError("--splits names zero-shot (tdsm) splits; for cocodiff set the data with --set")
-        rows = run_cocodiff_split(args, split_name or cocodiff_fit.dataset_label(cfg), tree, uri)
+        if args.splits:   # the same config on other data: search_spaces/cocodiff_splits.yaml
+            targets = [(name, absolute_paths(build_config(CoCoDiffConfig, tree, ov).model_dump(mode="json"), method))
+                       for name, ov in load_splits(splits_file(method, args.splits_file), args.splits)]
+        else:
+            targets = [(split_name or cocodiff_fit.dataset_label(cfg), tree)]
+        rows = [row for split, t in targets for row in run_cocodiff_split(args, split, t, uri)]
         table = cocodiff_table(rows)
         print(table, file=sys.stderr)
         print(json.dumps({"method": method, "rows": [{k: (round(v, 3) if isinstance(v, float) else v)
@@ -324,8 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.ablation:
         raise InputError("--ablation: cocodiff only (baseline vs +CoCoDiff module)")
     if args.splits:
-        targets = [(name, absolute_paths(build_config(TDSMConfig, tree, ov).model_dump(mode="json")))
-                   for name, ov in load_splits(args.splits_file, args.splits)]
+        storage = args.storage_path.expanduser().resolve()
+        targets = [(name, absolute_paths(build_config(TDSMConfig, tree, resolve_chain(ov, storage)).model_dump(mode="json")))
+                   for name, ov in load_splits(splits_file(method, args.splits_file), args.splits)]
     else:
         name = split_name or (cfg.data.source if cfg.data.source == "synthetic" else Path(cfg.data.features_dir).name)
         targets = [(name, tree)]

@@ -20,11 +20,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from service.cli import add_config_args, exits_cleanly, resolve_config
+from service.cli import (
+    DEFAULT_STORAGE,
+    METHOD_CONFIGS,
+    add_config_args,
+    exits_cleanly,
+    resolve_config,
+)
+from service.splits import default_splits, load_splits, resolve_chain, splits_file
+from service.cocodiff_data import prepare_cocodiff_inputs
 from service.tracking import MLflowReporter, resolve_tracking_uri, standard_tags
 from trainers import cocodiff_fit
 from trainers.cocodiff import CoCoDiffConfig
-from trainers.config import TDSMConfig, dump_yaml, flatten, to_plain
+from trainers.config import TDSMConfig, build_config, dump_yaml, flatten, to_plain
 from trainers.io import stable_hash
 from trainers.plots import plot_confusion, plot_t_curve
 from trainers.tdsm_fit import (
@@ -47,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment-name", help="MLflow experiment (default: <method>-<dataset>)")
     p.add_argument("--run-dir", type=Path, help="checkpoints here (default: runs/<method>-<dataset>-<config hash>)")
     p.add_argument("--fresh", action="store_true", help="delete the run dir first instead of resuming")
+    p.add_argument("--split", help="a named split of --splits-file (default: the data flags, else the method's "
+                                   "embedded default: tdsm = synthetic-skeleton)")
+    p.add_argument("--splits-file", type=Path, help="default: search_spaces/<method>_splits.yaml")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -137,8 +148,7 @@ def run_tdsm(args, cfg: TDSMConfig) -> dict:
 def run_cocodiff(args, cfg: CoCoDiffConfig) -> dict:
     """Train backbone (+ module), keep the best-on-validation classifier, test it once; returns the final metrics."""
     print("preparing data and text features ...", file=sys.stderr)
-    data, names, fine, coarse = cocodiff_fit.prepare_cocodiff(cfg)
-    names = names or cocodiff_fit.read_class_names(cfg, data.num_classes)
+    data, names, fine, coarse = prepare_cocodiff_inputs(cfg)
     text_dims = (fine.shape[1], coarse.shape[1]) if fine is not None else None
     fingerprint = cocodiff_fit.training_fingerprint(cfg, data.train_x, data.num_classes, text_dims)
     run_dir, reporter = open_run(args, "cocodiff", cocodiff_fit.dataset_label(cfg), fingerprint, cfg)
@@ -178,6 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(dump_yaml(cfg), end="")
         return 0
+    names = [args.split] if args.split else default_splits(args.method, args)
+    if names:
+        [(_, overrides)] = load_splits(splits_file(args.method, args.splits_file), names)
+        storage = DEFAULT_STORAGE.expanduser().resolve()
+        cfg = build_config(METHOD_CONFIGS[args.method], to_plain(cfg), resolve_chain(overrides, storage))
     print(json.dumps(RUNNERS[args.method](args, cfg)))
     return 0
 

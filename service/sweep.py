@@ -10,6 +10,7 @@ shared; what differs per method is in `SWEEP_METHODS` here and `service.trial.WO
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -22,15 +23,27 @@ from typing import Any
 import yaml
 from ray import tune
 
-from service.cli import METHOD_CONFIGS, add_config_args, exits_cleanly, resolve_config
+from service.cli import (
+    DEFAULT_STORAGE,
+    METHOD_CONFIGS,
+    add_config_args,
+    exits_cleanly,
+    resolve_config,
+)
 from service.search_space import SearchSpace, check_against_config, load_search_space
+from service.splits import (
+    REPO_SPACES,
+    default_splits,
+    load_splits,
+    resolve_chain,
+    splits_file,
+)
 from service.tracking import MLflowReporter, resolve_tracking_uri, standard_tags
 from trainers.cocodiff import CoCoDiffConfig
 from trainers.config import TDSMConfig, build_config, dump_yaml, to_plain
 from trainers.errors import InputError
 from trainers.io import atomic_write_text
 
-REPO_SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
 STATE_FILE = "skeldiff_sweep.json"
 
 
@@ -48,13 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="also the torch thread count per worker")
     p.add_argument("--trial-retries", type=int, default=1, help="restarts of a crashed trial (from its checkpoint)")
     p.add_argument("--splits", nargs="+",
-                   help="tdsm: named zero-shot splits from --splits-file (default: the data flags, or synthetic-u5)")
-    p.add_argument("--splits-file", type=Path, default=REPO_SPACES / "splits.yaml")
+                   help="named splits from --splits-file (default: the data flags, else the method's embedded default)")
+    p.add_argument("--splits-file", type=Path, help="default: search_spaces/<method>_splits.yaml")
     p.add_argument("--experiment-name", help="MLflow experiment (default: <method>-<split>)")
     p.add_argument("--name", help="sweep name (default: <method>-<split>[-smoke]-<time>; --resume: the latest)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
-    p.add_argument("--storage-path", type=Path, default=Path(os.environ.get("SKELDIFF_RESULTS", "~/skeldiff_results")),
-                   help="Ray Tune/Train results and checkpoints (shared storage on a cluster)")
+    p.add_argument("--storage-path", type=Path, default=DEFAULT_STORAGE,
+                   help="Ray Tune/Train results, checkpoints and the cached skeleton chain (shared storage on a cluster)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else start a local one)")
     p.add_argument("--resume", action="store_true", help="continue the sweep named by --name (or the latest one)")
     p.add_argument("--smoke", action="store_true", help="a tiny sweep that finishes in minutes on 2 CPU cores")
@@ -66,48 +79,6 @@ def build_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------------------------
 # Splits, config, space
 # ----------------------------------------------------------------------------------------------
-
-def load_splits(path: Path, names: list[str]) -> list[tuple[str, dict[str, Any]]]:
-    """(name, dotted overrides) for each requested split; env vars expanded, relative paths made absolute."""
-    table = yaml.safe_load(Path(path).read_text()) if Path(path).is_file() else None
-    if not isinstance(table, dict):
-        raise InputError(f"{path}: splits file missing or not a mapping of split names")
-    out = []
-    for name in names:
-        if name not in table:
-            raise InputError(f"--splits {name}: unknown split; known in {path}: {', '.join(table)}")
-        out.append((name, {k: (v if k == "chain" else _expand(v)) for k, v in (table[name] or {}).items()}))
-    return out
-
-
-def resolve_chain(overrides: dict[str, Any], storage: Path) -> dict[str, Any]:
-    """A split with `chain:` runs the cached skeleton chain (service.encoder) and points the data at its output."""
-    if "chain" not in overrides:
-        return overrides
-    from service.encoder import default_synthetic_unseen, synthetic_skeleton_features
-    from trainers.encoder_fit import EncoderConfig
-
-    opts = dict(overrides.pop("chain") or {})
-    encoder = build_config(EncoderConfig, opts.pop("encoder", {}))
-    unseen = default_synthetic_unseen(int(opts.pop("unseen_count", 6)))
-    made = synthetic_skeleton_features(storage / "chain", int(opts.pop("per_class", 12)), encoder, unseen)
-    if opts:
-        raise InputError(f"splits chain options {sorted(opts)}: unknown (expected per_class, unseen_count, encoder)")
-    return {**overrides, "data.source": "features", "data.features_dir": made["features_dir"],
-            "data.unseen": made["unseen"], "text.class_names": made["class_names"],
-            "text.descriptions": [made["descriptions"]]}
-
-
-def _expand(value: Any) -> Any:
-    if isinstance(value, list):
-        return [_expand(v) for v in value]
-    if isinstance(value, str) and ("/" in value or value.startswith("$")):
-        expanded = os.path.expandvars(value)
-        if "$" in expanded:
-            raise InputError(f"split path {value!r}: environment variable not set")
-        return str(Path(expanded).resolve())
-    return value
-
 
 def _resolve(p: Any) -> Any:
     """An absolute path string for a path-like value; None and non-paths (lists of ids, counts) unchanged."""
@@ -133,7 +104,8 @@ def cocodiff_absolute_paths(tree: dict[str, Any]) -> dict[str, Any]:
     t = cfg.text
     tree = to_plain(cfg)
     tree["data"]["prepared_dir"] = _resolve(cfg.data.prepared_dir)
-    tree["text"].update(class_names=_resolve(t.class_names), synonyms=[_resolve(p) for p in t.synonyms],
+    tree["text"].update(class_names=_resolve(t.class_names),
+                        synonyms=[_resolve(p) for p in t.synonyms] if t.synonyms is not None else None,
                         descriptions=[_resolve(p) for p in t.descriptions] if t.descriptions else t.descriptions,
                         cache_dir=_resolve(t.cache_dir))
     return tree
@@ -170,10 +142,9 @@ def prepare_tdsm_sweep(cfg: TDSMConfig) -> tuple:
 
 def prepare_cocodiff_sweep(cfg: CoCoDiffConfig) -> tuple:
     """(data, class names, fine text, coarse text); names are read even when no text is encoded (baseline)."""
-    from trainers.cocodiff_fit import prepare_cocodiff, read_class_names
+    from service.cocodiff_data import prepare_cocodiff_inputs
 
-    data, names, fine, coarse = prepare_cocodiff(cfg)
-    return data, names or read_class_names(cfg, data.num_classes), fine, coarse
+    return prepare_cocodiff_inputs(cfg)
 
 
 def tdsm_best_config(tree: dict[str, Any], run) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -206,15 +177,14 @@ class SweepMethod:
     absolute_paths: Callable[[dict[str, Any]], dict[str, Any]]
     split_name: Callable[[Any], str]                       # default split name when --splits is not given
     best_config: Callable[[dict[str, Any], Any], tuple[dict[str, Any], dict[str, Any]]]  # (tree, run) -> (tree, notes)
-    named_splits: bool                                     # accepts --splits (zero-shot split table)
     multi_worker: bool                                     # its fit loop supports DDP (--workers-per-trial > 1)
 
 
 SWEEP_METHODS: dict[str, SweepMethod] = {
     "tdsm": SweepMethod(prepare_tdsm_sweep, tdsm_absolute_paths, tdsm_split_name, tdsm_best_config,
-                        named_splits=True, multi_worker=True),
+                        multi_worker=True),
     "cocodiff": SweepMethod(prepare_cocodiff_sweep, cocodiff_absolute_paths, cocodiff_split_name,
-                            cocodiff_best_config, named_splits=False, multi_worker=False),
+                            cocodiff_best_config, multi_worker=True),
 }
 
 
@@ -234,7 +204,7 @@ def connect_ray(address: str | None) -> None:
     # Inside `ray job submit`, Ray merges this with the job's runtime env and refuses conflicting keys: only
     # add what the job did not set itself.
     job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}").get("runtime_env") or {}
-    preset = set((job_env.get("env_vars") or {}))
+    preset = set(job_env.get("env_vars") or {})
     env = {"env_vars": {key: os.environ[key] for key in tuned if key not in preset}}
     address = address or os.environ.get("RAY_ADDRESS")
     ray.init(address=address or None, runtime_env=env)
@@ -407,8 +377,6 @@ def finish_split(parent: MLflowReporter, experiment: str, uri: str, name: str, s
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     method = SWEEP_METHODS[args.method]
-    if args.splits and not method.named_splits:
-        raise InputError(f"--splits names zero-shot (tdsm) splits; for {args.method} set the data with --set/--config")
     if args.workers_per_trial > 1 and not method.multi_worker:
         raise InputError(f"--workers-per-trial {args.workers_per_trial}: {args.method} trials run one worker "
                          "(its fit loop has no DDP yet)")
@@ -424,17 +392,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(dump_yaml(cfg), end="")
         return 0
-    splits = load_splits(args.splits_file, args.splits) if args.splits else [(method.split_name(cfg), {})]
+    names = args.splits or default_splits(args.method, args)
+    splits = (load_splits(splits_file(args.method, args.splits_file), names) if names
+              else [(method.split_name(cfg), {})])
     uri = resolve_tracking_uri(args.tracking_uri)
     config_cls = METHOD_CONFIGS[args.method]
-    split_trees = []
-    for split, overrides in splits:
-        overrides = resolve_chain(overrides, args.storage_path.expanduser().resolve())
+    storage = args.storage_path.expanduser().resolve()
+
+    def split_tree(overrides: dict[str, Any]) -> dict[str, Any]:
         tree = method.absolute_paths(build_config(config_cls, to_plain(cfg), overrides).model_dump(mode="json"))
         check_against_config(space, config_cls, tree, space_path)
-        split_trees.append((split, tree))
+        return tree
 
+    for _, overrides in splits:      # every config and space checked before Ray starts or a chain trains
+        split_tree({k: v for k, v in overrides.items() if k != "chain"})
     connect_ray(args.address)
+    from service.encoder import train_encoder_on_ray
+
+    encoder_on_ray = functools.partial(train_encoder_on_ray, storage=storage / "chain-train", tracking_uri=uri,
+                                       cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker)
+    split_trees = [(split, split_tree(resolve_chain(overrides, storage, encoder_on_ray))) for split, overrides in splits]
     summaries = [run_split(args, args.method, split, tree, space, num_samples, uri) for split, tree in split_trees]
     import ray
 

@@ -7,23 +7,33 @@ feature is what TDSM denoises.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
+from torch import nn
 from tqdm.auto import tqdm
 
 from trainers.config import Section
 from trainers.errors import InputError
-from trainers.io import atomic_torch_save
-from trainers.runtime import autocast, resolve_device, resolve_precision, seed_everything
+from trainers.io import atomic_torch_save, stable_hash
+from trainers.runtime import (
+    autocast,
+    epoch_batch,
+    resolve_device,
+    resolve_precision,
+    seed_everything,
+)
 from trainers.skeleton.gcn import Encoder, build_encoder, joint_to_bone, joint_to_motion
 from trainers.skeleton.graph import Graph
 from trainers.tdsm_fit import lr_at
 from trainers.tracking import Reporter
+
+LAST = "last.pt"
 
 
 class EncoderConfig(Section):
@@ -36,7 +46,8 @@ class EncoderConfig(Section):
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout (per unit for ST-GCN, before the head otherwise).")
     stream: Literal["joint", "bone", "motion"] = Field("joint", description="Input stream.")
     steps: int = Field(400, ge=1, description="Training iterations.")
-    batch_size: int = Field(32, ge=1, description="Sequences per step.")
+    batch_size: int = Field(32, ge=1, description="Sequences per step, shared by all DDP workers.")
+    checkpoint_every: int = Field(100, ge=1, description="Steps between resumable checkpoints (last.pt).")
     lr: float = Field(1e-3, gt=0, description="Peak AdamW learning rate (cosine decay, 5% warm-up).")
     weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay.")
     seed: int = Field(0, description="Seed of init and batches.")
@@ -59,18 +70,56 @@ class EncoderResult:
 
     model: Encoder
     classes: list[int]
-    train_top1: float
+    train_top1: float                             # running top-1 over the last logging window
+    step: int = 0
+    held_out_top1: float | None = None            # top-1 on held-out sequences of the seen classes
+
+
+def training_fingerprint(cfg: EncoderConfig, x: torch.Tensor, classes: list[int]) -> str:
+    """Hash of what training computes: a checkpoint written under anything else is refused on resume."""
+    keys = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in ("device", "checkpoint_every")}
+    return stable_hash({**keys, "data_shape": list(x.shape), "classes": list(classes)})
+
+
+@torch.no_grad()
+def classification_top1(model: Encoder, x: torch.Tensor, target: torch.Tensor, cfg: EncoderConfig,
+                        batch_size: int = 64) -> float:
+    """Top-1 (%) of the head on (x (N, C, T, V, M), head columns (N,)); the model is left in its mode."""
+    device = next(model.parameters()).device
+    precision = resolve_precision(cfg.precision, device)
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for s in range(0, len(x), batch_size):
+        xb = to_stream(x[s:s + batch_size].float(), cfg.stream, cfg.layout).to(device)
+        with autocast(device, precision):
+            correct += int((model(xb).argmax(-1).cpu() == target[s:s + batch_size]).sum())
+    model.train(was_training)
+    return 100.0 * correct / max(1, len(x))
 
 
 def fit_encoder(cfg: EncoderConfig, x: torch.Tensor, y: torch.Tensor, classes: list[int], reporter: Reporter,
-                run_dir: Path | None = None, progress: bool = True) -> EncoderResult:
-    """Train on (x (N, C, T, V, M), y class ids ⊂ classes) with cross-entropy; saves run_dir/encoder.pt."""
+                run_dir: Path | None = None, progress: bool = True,
+                held_out: tuple[torch.Tensor, torch.Tensor] | None = None,
+                wrap_model: Callable[[nn.Module], nn.Module] | None = None, rank: int = 0,
+                world: int = 1) -> EncoderResult:
+    """Train on (x (N, C, T, V, M), y class ids ⊂ classes) with cross-entropy.
+
+    Batches are a pure function of (seed, step): `cfg.batch_size` sequences per step in all, rank r of
+    `world` DDP workers taking every world-th of them (wrap_model, e.g. Ray Train's prepare_model, wraps the
+    model for the training forward). Rank 0 keeps run_dir/last.pt (resumable, every cfg.checkpoint_every
+    steps) and, at the end, run_dir/encoder.pt; every checkpoint is announced through
+    `reporter.log_evaluation(metrics, step, None, run_dir)` on every rank. `held_out` (sequences of the seen
+    classes never trained on) is scored once at the end as `encoder/held_out_top1`.
+    """
     stray = sorted(set(y.tolist()) - set(classes))
     if stray:
         raise InputError(f"encoder training labels {stray[:5]} are not among the seen classes")
+    if cfg.batch_size < world:
+        raise InputError(f"encoder batch_size={cfg.batch_size}: smaller than the {world} workers sharing it")
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
-    gen = seed_everything(cfg.seed)
+    seed_everything(cfg.seed)                                               # same init on every rank
     col = torch.full((max(classes) + 1,), -1, dtype=torch.long)
     col[torch.tensor(classes)] = torch.arange(len(classes))
     target = col[y]                                                         # (N,) head columns
@@ -78,41 +127,78 @@ def fit_encoder(cfg: EncoderConfig, x: torch.Tensor, y: torch.Tensor, classes: l
                           base_channels=cfg.base_channels, units_per_stage=tuple(cfg.units_per_stage),
                           dropout=cfg.dropout).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    warmup = max(1, cfg.steps // 20)
+    fingerprint = training_fingerprint(cfg, x, classes)
+    last = Path(run_dir) / LAST if run_dir is not None else None
+    step = _resume(last, fingerprint, model, opt) if last is not None and last.is_file() else 0
+    train_model = wrap_model(model) if wrap_model is not None else model
+    warmup, log_every = max(1, cfg.steps // 20), max(1, cfg.steps // 20)
     correct = seen = 0
+    metrics: dict[str, float] = {}
     model.train()
-    bar = tqdm(range(cfg.steps), desc=f"{cfg.name}", disable=not progress, file=sys.stderr, mininterval=1.0)
-    for step in bar:
+    bar = tqdm(total=cfg.steps, initial=step, desc=cfg.name, disable=not progress, file=sys.stderr,
+               mininterval=1.0, dynamic_ncols=True)
+    while step < cfg.steps:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg.steps, cfg.lr, warmup, 0.0)
-        idx = torch.randint(len(x), (cfg.batch_size,), generator=gen)
+        idx = epoch_batch(step, cfg.batch_size, len(x), cfg.seed)[rank::world]
         xb = to_stream(x[idx].float(), cfg.stream, cfg.layout).to(device)
         tb = target[idx].to(device)
         with autocast(device, precision):
-            logits = model(xb)
+            logits = train_model(xb)
         loss = F.cross_entropy(logits.float(), tb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        step += 1
+        bar.update(1)
         correct += int((logits.argmax(-1) == tb).sum())
         seen += len(tb)
-        if (step + 1) % max(1, cfg.steps // 20) == 0 or step + 1 == cfg.steps:
+        if step % log_every == 0 or step == cfg.steps:
             metrics = {"encoder/loss": float(loss.detach()), "encoder/train_top1": 100.0 * correct / seen,
                        "encoder/lr": opt.param_groups[0]["lr"]}
-            reporter.log_metrics(metrics, step + 1)
-            bar.set_postfix(loss=f"{metrics['encoder/loss']:.3f}", acc=f"{metrics['encoder/train_top1']:.1f}")
+            reporter.log_metrics(metrics, step)
+            bar.set_postfix(loss=f"{metrics['encoder/loss']:.3f}", acc=f"{metrics['encoder/train_top1']:.1f}",
+                            refresh=False)
             correct = seen = 0
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            if step == cfg.steps and held_out is not None and len(held_out[0]):
+                metrics["encoder/held_out_top1"] = classification_top1(model, held_out[0], col[held_out[1]], cfg)
+            if rank == 0 and last is not None:
+                _save_last(last, fingerprint, model, opt, step, metrics)
+                if step == cfg.steps:
+                    save_encoder(model, list(classes), cfg, Path(run_dir) / "encoder.pt")
+            reporter.log_evaluation(dict(metrics), step, None, Path(run_dir) if run_dir is not None else None)
+    bar.close()
     model.eval()
-    result = EncoderResult(model, list(classes), 100.0 * correct / max(1, seen))
-    if run_dir is not None:
-        save_encoder(result, cfg, Path(run_dir) / "encoder.pt")
-    return result
+    if not metrics and last is not None and last.is_file():         # resumed after the last step
+        metrics = torch.load(last, map_location="cpu", weights_only=False).get("metrics", {})
+    return EncoderResult(model, list(classes), metrics.get("encoder/train_top1", float("nan")), step,
+                         metrics.get("encoder/held_out_top1"))
 
 
-def save_encoder(result: EncoderResult, cfg: EncoderConfig, path: Path) -> Path:
-    return atomic_torch_save({"config": cfg.model_dump(mode="json"), "classes": result.classes,
-                              "in_channels": result.model.in_channels,
-                              "model": {k: v.cpu() for k, v in result.model.state_dict().items()}}, path)
+def _save_last(path: Path, fingerprint: str, model: nn.Module, opt, step: int, metrics: dict[str, float]) -> None:
+    atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                       "fingerprint": fingerprint, "metrics": metrics}, path)
+
+
+def _resume(path: Path, fingerprint: str, model: nn.Module, opt) -> int:
+    """Load last.pt into model/optimizer; refuse a checkpoint written under another config or data."""
+    try:
+        state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - any unreadable checkpoint gets the same one-line answer
+        raise InputError(f"{path}: unreadable checkpoint ({type(err).__name__}); delete it to start over") from None
+    if state.get("fingerprint") != fingerprint:
+        raise InputError(f"{path}: written for another encoder config or data; use another folder or delete it")
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    return int(state["step"])
+
+
+def save_encoder(model: Encoder, classes: list[int], cfg: EncoderConfig, path: Path) -> Path:
+    """encoder.pt: config, seen classes (head column order), input channels and CPU weights."""
+    return atomic_torch_save({"config": cfg.model_dump(mode="json"), "classes": list(classes),
+                              "in_channels": model.in_channels,
+                              "model": {k: v.cpu() for k, v in model.state_dict().items()}}, path)
 
 
 def load_encoder(path: Path) -> tuple[Encoder, EncoderConfig, list[int]]:

@@ -1,0 +1,179 @@
+"""GCN encoders on the seen classes (`trainers.encoder_fit`, `service.encoder`) and the cached skeleton chain.
+
+A small generated NTU-format set is prepared once per module; encoders are tiny ST-GCNs trained for a few
+steps. The Ray Train path (one and two DDP workers) runs on a real local Ray (slow).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from service.encoder import (
+    default_synthetic_unseen,
+    extract_to_folder,
+    seen_class_data,
+    synthetic_skeleton_features,
+    train_encoder,
+)
+from service.prepare import prepare
+from trainers.encoder_fit import LAST, EncoderConfig, fit_encoder, load_encoder
+from trainers.errors import InputError
+from trainers.skeleton.synthetic import action_catalogue, write_synthetic_dataset
+from trainers.tracking import ListReporter
+
+ROOT = Path(__file__).resolve().parents[1]
+UNSEEN = [1, 4]
+TINY = {"name": "stgcn", "base_channels": 8, "units_per_stage": [1, 1], "batch_size": 8, "steps": 6,
+        "checkpoint_every": 3, "precision": "fp32", "device": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    """8 generated classes x 6 samples, prepared (ntu60-xsub / ntu60-xview columns)."""
+    root = tmp_path_factory.mktemp("enc")
+    write_synthetic_dataset(root / "raw", num_classes=8, per_class=6, seed=3)
+    prepare("synthetic", root / "raw", root / "prepared", progress=False, log=lambda m: None)
+    return root / "prepared"
+
+
+def tiny(**kw) -> EncoderConfig:
+    return EncoderConfig(**{**TINY, **kw})
+
+
+def test_seen_class_data_never_holds_an_unseen_class(prepared):
+    x, y, seen, (hx, hy) = seen_class_data(prepared, UNSEEN)
+    assert set(UNSEEN).isdisjoint(y.tolist()) and set(UNSEEN).isdisjoint(hy.tolist())
+    assert seen == sorted(set(y.tolist())) and set(hy.tolist()) <= set(seen)
+    assert x.shape[1:] == (3, 64, 25, 2) and len(x) == len(y) and len(hx) == len(hy) > 0
+
+
+class CrashAt(ListReporter):
+    """Raises after the checkpoint of `step` was written: a run killed mid-way."""
+
+    def __init__(self, step: int):
+        super().__init__()
+        self.step = step
+
+    def log_evaluation(self, metrics, step, curve, checkpoint_dir):
+        super().log_evaluation(metrics, step, curve, checkpoint_dir)
+        if step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_resumed_training_equals_uninterrupted(prepared, tmp_path):
+    x, y, seen, held = seen_class_data(prepared, UNSEEN)
+    straight = fit_encoder(tiny(), x, y, seen, ListReporter(), tmp_path / "a", progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        fit_encoder(tiny(), x, y, seen, CrashAt(3), tmp_path / "b", progress=False)
+    assert not (tmp_path / "b" / "encoder.pt").exists()
+    rep = ListReporter()
+    resumed = fit_encoder(tiny(), x, y, seen, rep, tmp_path / "b", progress=False, held_out=held)
+    assert [s for s, *_ in rep.evaluations] == [6]                    # only the remaining checkpoint
+    for (k, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert resumed.held_out_top1 is not None and 0 <= resumed.held_out_top1 <= 100
+    assert (tmp_path / "b" / "encoder.pt").is_file()
+
+
+def test_a_checkpoint_of_another_config_is_refused(prepared, tmp_path):
+    x, y, seen, _ = seen_class_data(prepared, UNSEEN)
+    fit_encoder(tiny(steps=3), x, y, seen, ListReporter(), tmp_path, progress=False)
+    with pytest.raises(InputError, match="another encoder config"):
+        fit_encoder(tiny(lr=5e-3), x, y, seen, ListReporter(), tmp_path, progress=False)
+
+
+def test_train_then_extract_writes_the_sa_dvae_layout(prepared, tmp_path):
+    path = train_encoder(prepared, UNSEEN, tiny(), tmp_path / "enc", progress=False)
+    model, cfg, seen = load_encoder(path)
+    assert set(UNSEEN).isdisjoint(seen)
+    out = extract_to_folder(prepared, path, UNSEEN, tmp_path / "feats")
+    labels = np.load(prepared / "label.npy")
+    train, ztest, gtest = (np.load(out / f"{n}.npy") for n in ("train", "ztest", "gtest"))
+    assert train.shape[1] == ztest.shape[1] == gtest.shape[1] == model.feature_dim == 16   # 8 * 2 stages
+    assert set(np.load(out / "z_label.npy").tolist()) <= set(UNSEEN)
+    assert set(UNSEEN).isdisjoint(np.load(out / "train_label.npy").tolist())
+    header, *rows = [r.split("\t") for r in (prepared / "index.tsv").read_text().splitlines()]
+    is_train = np.array([r[header.index("ntu60-xsub")] == "train" for r in rows])
+    is_unseen = np.isin(labels, UNSEEN)
+    assert (len(train), len(ztest), len(gtest)) == ((is_train & ~is_unseen).sum(), (~is_train & is_unseen).sum(),
+                                                    (~is_train).sum())
+    with pytest.raises(InputError, match="unseen here"):
+        extract_to_folder(prepared, path, [seen[0]], tmp_path / "leak")
+
+
+def test_cli_bad_input_exits_2_with_one_line(prepared, tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "service.encoder", *args], capture_output=True, text=True,
+                              cwd=ROOT, timeout=300)
+
+    res = run("train", "--data", str(tmp_path / "none"), "--unseen", "1,2", "--out", str(tmp_path / "o"))
+    assert res.returncode == 2 and res.stderr.strip().count("\n") == 0 and "label.npy" in res.stderr
+    res = run("train", "--data", str(prepared), "--unseen", "1,x", "--out", str(tmp_path / "o"))
+    assert res.returncode == 2 and "--unseen" in res.stderr
+    res = run("train", "--data", str(prepared), "--unseen", "1", "--out", str(tmp_path / "o"),
+              "--set", "name=agcn", "--in-process")
+    assert res.returncode == 2 and "name" in res.stderr
+
+
+def test_chain_stages_are_cached_and_keyed_by_their_inputs(tmp_path):
+    logs: list[str] = []
+    cfg = EncoderConfig(**{**TINY, "steps": 2})
+    unseen = default_synthetic_unseen(4)
+    first = synthetic_skeleton_features(tmp_path, 2, cfg, unseen, log=logs.append)
+    assert any("training stgcn" in m for m in logs)
+    logs.clear()
+    again = synthetic_skeleton_features(tmp_path, 2, cfg, unseen, log=logs.append)
+    assert again == first and any("encoder up to date" in m for m in logs)
+    assert any("features up to date" in m for m in logs)
+    logs.clear()
+    other = synthetic_skeleton_features(tmp_path, 2, EncoderConfig(**{**TINY, "steps": 3}), unseen, log=logs.append)
+    assert other["features_dir"] != first["features_dir"] and any("training stgcn" in m for m in logs)
+    names = Path(first["class_names"]).read_text().splitlines()
+    assert len(names) == len(action_catalogue())
+    z_labels = set(np.load(Path(first["features_dir"]) / "z_label.npy").tolist())
+    assert z_labels and z_labels <= set(unseen)           # 2 per class: an unseen class may lack test samples
+
+
+def test_default_unseen_classes_are_new_combinations_of_seen_primitives_and_parts():
+    cat = action_catalogue()
+    unseen = default_synthetic_unseen(6)
+    seen = [c for c in cat if c.index not in unseen]
+    for k in unseen:
+        assert any(s.primitive == cat[k].primitive for s in seen)
+        assert any(s.part == cat[k].part for s in seen)
+
+
+# ----------------------------------------------------------------------------------------------
+# Ray Train workers
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [2])
+def test_service_encoder_train_on_ray_workers(prepared, tmp_path, workers):
+    """`service.encoder train` on a local Ray: checkpoints, an MLflow run, encoder.pt; DDP with 2 workers."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sets = [f"--set={k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in {**TINY, "steps": 4}.items()]
+    res = subprocess.run(
+        [sys.executable, "-m", "service.encoder", "train", "--data", str(prepared), "--unseen", "1,4",
+         "--out", str(tmp_path / "enc"), "--workers", str(workers), "--storage-path", str(tmp_path / "ray"),
+         "--tracking-uri", uri, *sets], capture_output=True, text=True, cwd=tmp_path, timeout=600,
+        env={**__import__("os").environ, "RAY_ADDRESS": ""})
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    model, cfg, seen = load_encoder(Path(out["encoder"]))
+    assert cfg.steps == 4 and set(seen).isdisjoint(UNSEEN)
+    client = MlflowClient(uri)
+    [run] = client.search_runs([client.get_experiment_by_name("encoder-prepared").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["encoder.workers"] == str(workers)
+    assert "encoder/held_out_top1" in run.data.metrics
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "encoder/loss")][-1] == 4
+    assert "checkpoints/encoder.pt" in {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
