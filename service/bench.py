@@ -675,12 +675,16 @@ def bench_tdsm(args: argparse.Namespace) -> int:
 # CoCoDiff: training-step overhead of the module, inference cost of the exported classifier
 # ----------------------------------------------------------------------------------------------
 
-# Dotted overrides of CoCoDiffConfig per size. 'default' is the config's own: CTR-GCN, 64 base channels,
-# units 4,3,3 (256-d x_0), a 512-wide, 3-block denoiser. 'tiny' is the smoke-sweep size.
+# Dotted overrides of CoCoDiffConfig per size. 'default' is the config's own (the embedded default's: ST-GCN,
+# 8 base channels, units 1,1,1 -> 32-d x_0, a 128-wide 2-block denoiser, batch 16); 'paper' is the
+# model of service/configs/cocodiff_paper.yaml (CTR-GCN, 64 base channels, units 4,3,3 -> 256-d x_0, a 512-wide
+# 3-block denoiser; the paper's batch is 64, --batch sets it); 'tiny' is the smoke-sweep size.
 COCODIFF_BENCH_SIZES: dict[str, dict[str, Any]] = {
     "default": {},
+    "paper": {"backbone.encoder": "ctrgcn", "backbone.base_channels": 64, "backbone.units_per_stage": [4, 3, 3],
+              "module.hidden": 512, "module.depth": 3, "module.align_dim": 256},
     "tiny": {"backbone.encoder": "stgcn", "backbone.base_channels": 8, "backbone.units_per_stage": [1, 1, 1],
-             "module.hidden": 64, "module.depth": 2, "module.align_dim": 32},
+             "module.hidden": 32, "module.depth": 1, "module.align_dim": 16},
 }
 COCODIFF_TEXT_DIM = 384   # MiniLM's width (the default text encoder)
 
@@ -691,14 +695,24 @@ def add_cocodiff_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sizes", nargs="+", choices=list(COCODIFF_BENCH_SIZES), default=["default"],
                    help="model sizes (default: default = CoCoDiffConfig's own)")
     p.add_argument("--batch", type=int, default=16,
-                   help="training sequences per step (default: %(default)s, sized for a CPU; the paper uses 64)")
+                   help="training sequences per step (default: %(default)s, the default config's; the paper uses 64)")
     p.add_argument("--infer-batch", type=int, default=32, help="sequences per inference call (default: %(default)s)")
     p.add_argument("--frames", type=int, default=64, help="frames per sequence (default: %(default)s, the paper's)")
-    p.add_argument("--classes", type=int, default=60, help="classes of the head and text tables (default: NTU-60)")
+    p.add_argument("--classes", type=int, default=46,
+                   help="classes of the head and text tables (default: %(default)s, the embedded synthetic set)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="as train.precision")
-    p.add_argument("--iters", type=int, default=3, help="timed calls per measurement (default: %(default)s)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed calls first (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--iters", type=int, default=10,
+                   help="timed calls per measurement; training steps of the two arms alternate (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls first (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch intra-op threads (default: the config's train.threads, else torch's choice)")
+
+
+def _cocodiff_share(size_report: dict[str, Any]) -> float | None:
+    """The lowest CPU share of a size's measurements (training arms and inference), None off the CPU."""
+    t = size_report["train"]
+    return min_cpu_share({"cpu_share": t.get("baseline_cpu_share")}, {"cpu_share": t.get("cocodiff_cpu_share")},
+                         {"cpu_share": size_report["inference"]["cpu_share"]})
 
 
 def _param_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
@@ -709,8 +723,13 @@ def bench_cocodiff(args: argparse.Namespace) -> int:
     """Training step without / with the CoCoDiff module (`step_times`), and inference throughput of the
     exported classifier of a module-enabled fit vs the same backbone built without the module."""
     from trainers.cocodiff import CoCoDiffConfig
-    from trainers.cocodiff_fit import (build_classifier, export_classifier, fit_cocodiff, step_times,
-                                       with_overrides)
+    from trainers.cocodiff_fit import (
+        build_classifier,
+        export_classifier,
+        fit_cocodiff,
+        step_times,
+        with_overrides,
+    )
     from trainers.runtime import resolve_precision
     from trainers.tracking import NullReporter
 
@@ -720,8 +739,9 @@ def bench_cocodiff(args: argparse.Namespace) -> int:
                                ("--threads", args.threads, 0)):
         if value < least:
             raise InputError(f"{flag} must be >= {least} (got {value})")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = args.threads or CoCoDiffConfig().train.threads
+    if threads:
+        torch.set_num_threads(threads)
     device = resolve_bench_device(args.device)
     start = time.perf_counter()
     machine = describe_machine(device)
@@ -738,6 +758,8 @@ def bench_cocodiff(args: argparse.Namespace) -> int:
         coarse = torch.randn(args.classes, COCODIFF_TEXT_DIM, generator=g)
         log(f"[{size}] training step, backbone alone vs + module ({args.warmup}+{args.iters} steps each) ...")
         train = step_times(cfg, (x, y), fine, coarse, iters=args.iters, warmup=args.warmup)
+        log(f"[{size}] step {format_seconds(train['baseline_s'])} alone, {format_seconds(train['cocodiff_s'])} "
+            f"+ module: {train['overhead'] * 100:+.1f}%")
         # The classifier a module-enabled fit exports (one step is enough: only its structure matters here),
         # against the same backbone built without any module.
         one_step = with_overrides(cfg, train={"steps": 1})
@@ -747,7 +769,7 @@ def bench_cocodiff(args: argparse.Namespace) -> int:
         plain = build_classifier(cfg.backbone, args.classes, 3).to(device).eval()
         xi = torch.randn(args.infer_batch, 3, args.frames, 25, 2, generator=g).to(device)
 
-        def infer(model):
+        def infer(model, xi=xi):
             with torch.no_grad(), autocast(device, precision):
                 return model(xi)
 
@@ -763,6 +785,7 @@ def bench_cocodiff(args: argparse.Namespace) -> int:
                       "baseline_samples_per_s": args.batch / train["baseline_s"],
                       "cocodiff_samples_per_s": args.batch / train["cocodiff_s"]},
             "inference": {"batch": args.infer_batch, "exported_samples_per_s": per_s["exported"],
+                          "cpu_share": min_cpu_share(*({"cpu_share": t.cpu_share} for t in timed.values())),
                           "plain_samples_per_s": per_s["plain"],
                           "exported_over_plain": per_s["exported"] / per_s["plain"],
                           "same_architecture": _param_shapes(exported) == _param_shapes(plain)},
@@ -774,17 +797,156 @@ def bench_cocodiff(args: argparse.Namespace) -> int:
     rows = [[name, f"{r['parameters']['classifier_exported'] / 1e6:.2f}M",
              f"{r['parameters']['module_training_only'] / 1e6:.2f}M",
              format_seconds(r["train"]["baseline_s"]), format_seconds(r["train"]["cocodiff_s"]),
-             f"{r['train']['overhead'] * 100:+.0f}%", f"{r['inference']['plain_samples_per_s']:.1f}",
+             f"{r['train']['overhead'] * 100:+.1f}%", format_share(_cocodiff_share(r)),
+             f"{r['inference']['plain_samples_per_s']:.1f}",
              f"{r['inference']['exported_samples_per_s']:.1f}", f"{r['inference']['exported_over_plain']:.2f}x",
              str(r["inference"]["same_architecture"])] for name, r in sizes.items()]
     print(f"machine: {machine['cpu_model']}, {machine['cpu_cores_usable']} usable cores, {machine['torch_threads']} "
           f"torch threads, device {device}, {precision}; {args.frames} frames, {args.classes} classes")
-    print(f"training step: batch {args.batch}, mean of {args.iters} after {args.warmup} warm-up; inference: batch "
+    print(f"training step: batch {args.batch}, median of {args.iters} after {args.warmup} warm-up; inference: batch "
           f"{args.infer_batch}, median of {args.iters}")
-    print(format_table(["size", "classifier", "module", "step backbone", "step +module", "overhead",
+    print(format_table(["size", "classifier", "module", "step backbone", "step +module", "overhead", "cpu share",
                         "infer plain seq/s", "infer exported seq/s", "exported/plain", "same arch"], rows))
+    if any((share := _cocodiff_share(r)) is not None and share < CONTENDED_SHARE for r in sizes.values()):
+        print(f"warning: cpu share below {CONTENDED_SHARE}: other processes took the cores during the measurement; "
+              "the two arms' steps alternate, so the overhead ratio is less affected than the times")
     print(f"\nwall time {report['wall_s']:.0f} s; JSON written to {args.out}")
     return 0 if all(r["inference"]["same_architecture"] for r in sizes.values()) else 1
+
+
+# ----------------------------------------------------------------------------------------------
+# prepare: parse + preprocess throughput
+# ----------------------------------------------------------------------------------------------
+
+def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--files", type=int, default=368, help="generated .skeleton files (default: %(default)s)")
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="process counts to time (default: 1 2)")
+    p.add_argument("--frames", type=int, default=64, help="frames after resampling (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=Path("bench-prepare.json"), help="JSON report (default: %(default)s)")
+
+
+def bench_prepare_cli(args: argparse.Namespace) -> int:
+    """`service.prepare`'s parse + preprocess over generated NTU-format files, per worker count."""
+    from service.prepare import bench_prepare
+
+    if args.files < 1 or any(w < 1 for w in args.workers):
+        raise InputError(f"--files {args.files} / --workers {args.workers}: expected positive counts")
+    machine = {**describe_machine(torch.device("cpu")), "cpu_busy_before": cpu_busy_fraction()}
+    runs = []
+    for workers in args.workers:
+        log(f"prepare: {args.files} files with {workers} worker(s) ...")
+        runs.append(bench_prepare(args.files, workers, args.frames))
+    report = {"benchmark": "prepare", "machine": machine, "frames": args.frames, "runs": runs}
+    write_report(args.out, report)
+    print(f"machine: {machine['cpu_model']}, {machine['cpu_cores_usable']} usable cores; {args.files} generated "
+          f"NTU .skeleton files (mean {runs[0]['mean_file_kb']} kB), parse + preprocess to {args.frames} frames")
+    print(format_table(["workers", "seconds", "files/s", "files/s per worker", "files per CPU-s", "MB/s"],
+                       [[str(r["workers"]), f"{r['seconds']:.2f}", f"{r['files_per_s']:.1f}",
+                         f"{r['files_per_s_per_core']:.1f}", f"{r['files_per_cpu_s'] or 0:.1f}", f"{r['mb_per_s']:.1f}"]
+                        for r in runs]))
+    print("files per CPU-s counts the CPU time of every worker: the per-core rate that other load does not change")
+    print(f"JSON written to {args.out}")
+    return 0 if all(r["ok"] == r["files"] for r in runs) else 1
+
+
+# ----------------------------------------------------------------------------------------------
+# encoder: GCN training and feature-extraction throughput
+# ----------------------------------------------------------------------------------------------
+
+ENCODER_BENCH_SIZES = {      # name -> EncoderConfig fields
+    "chain": {"name": "stgcn", "base_channels": 16, "units_per_stage": [1, 1, 1]},    # the embedded chain's
+    "stgcn": {"name": "stgcn", "base_channels": 64, "units_per_stage": [4, 3, 3]},    # paper-size encoders
+    "shiftgcn": {"name": "shiftgcn", "base_channels": 64, "units_per_stage": [4, 3, 3]},
+    "ctrgcn": {"name": "ctrgcn", "base_channels": 64, "units_per_stage": [4, 3, 3]},
+}
+
+
+def add_encoder_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda if available")
+    p.add_argument("--sizes", nargs="+", choices=list(ENCODER_BENCH_SIZES), default=["chain", "stgcn"],
+                   help="encoders (default: chain stgcn)")
+    p.add_argument("--batch", type=int, default=32, help="training sequences per step (default: %(default)s)")
+    p.add_argument("--extract-batch", type=int, default=64, help="sequences per extraction call (default: %(default)s)")
+    p.add_argument("--frames", type=int, default=64, help="frames per sequence (default: %(default)s)")
+    p.add_argument("--iters", type=int, default=5, help="timed calls per measurement (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls first (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--out", type=Path, default=Path("bench-encoder.json"), help="JSON report (default: %(default)s)")
+
+
+def bench_encoder(args: argparse.Namespace) -> int:
+    """Training step (forward + backward + AdamW, as `fit_encoder`) and `extract_features`, fp32 vs bf16."""
+    import torch.nn.functional as F
+
+    from trainers.encoder_fit import EncoderConfig, extract_features
+    from trainers.skeleton.gcn import build_encoder
+
+    if min(args.batch, args.extract_batch, args.frames, args.iters) < 1 or args.warmup < 0:
+        raise InputError("--batch, --extract-batch, --frames and --iters must be >= 1, --warmup >= 0")
+    device = resolve_bench_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    machine = {**describe_machine(device), "cpu_busy_before": cpu_busy_fraction()}
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(max(args.batch, args.extract_batch), 3, args.frames, 25, 2, generator=gen)
+    y = torch.randint(40, (args.batch,), generator=gen)
+    sizes: dict[str, Any] = {}
+    for size in args.sizes:
+        sizes[size] = {"config": ENCODER_BENCH_SIZES[size]}
+        for precision in ("fp32", "bf16"):
+            cfg = EncoderConfig(**ENCODER_BENCH_SIZES[size], precision=precision, device=str(device))
+            seed_everything(0)
+            model = build_encoder(cfg.name, 40, 3, cfg.layout, cfg.base_channels, tuple(cfg.units_per_stage)).to(device)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+            xb, yb = x[:args.batch].to(device), y.to(device)
+
+            def step(model=model, opt=opt, xb=xb, yb=yb, precision=precision):
+                with autocast(device, precision):
+                    logits = model(xb)
+                loss = F.cross_entropy(logits.float(), yb)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                return loss.detach()
+
+            train = time_calls(step, args.warmup, args.iters, device, f"[{size}] train {precision}")
+            model.eval()
+            xe = x[:args.extract_batch]
+            extract = time_calls(lambda model=model, cfg=cfg: extract_features(model, xe, cfg, args.extract_batch),
+                                 args.warmup, args.iters, device, f"[{size}] extract {precision}")
+            sizes[size]["parameters"] = count_parameters(model)
+            sizes[size][precision] = {
+                "train_step_s": train.median_s, "train_samples_per_s": args.batch / train.median_s,
+                "train_cpu_share": train.cpu_share, "extract_call_s": extract.median_s,
+                "extract_samples_per_s": args.extract_batch / extract.median_s, "extract_cpu_share": extract.cpu_share}
+    report = {"benchmark": "encoder", "machine": machine, "batch": args.batch, "extract_batch": args.extract_batch,
+              "frames": args.frames, "sizes": sizes}
+    write_report(args.out, report)
+    print(f"machine: {machine['cpu_model']}, {machine['cpu_cores_usable']} usable cores, {machine['torch_threads']} "
+          f"torch threads, device {device}; {args.frames} frames x 25 joints x 2 bodies, 40 classes")
+    rows = []
+    for size, r in sizes.items():
+        f32, b16 = r["fp32"], r["bf16"]
+        share = min_cpu_share(*({"cpu_share": v[k]} for v in (f32, b16) for k in ("train_cpu_share", "extract_cpu_share")))
+        rows.append([size, f"{r['parameters'] / 1e6:.2f}M", f"{f32['train_samples_per_s']:.1f}",
+                     f"{b16['train_samples_per_s']:.1f}", f"{b16['train_samples_per_s'] / f32['train_samples_per_s']:.2f}x",
+                     f"{f32['extract_samples_per_s']:.1f}", f"{b16['extract_samples_per_s']:.1f}",
+                     f"{b16['extract_samples_per_s'] / f32['extract_samples_per_s']:.2f}x", format_share(share)])
+    print(format_table(["encoder", "params", "train seq/s fp32", "train seq/s bf16", "bf16 speed-up",
+                        "extract seq/s fp32", "extract seq/s bf16", "bf16 speed-up", "cpu share"], rows))
+    print(f"training: batch {args.batch}, forward + backward + AdamW; extraction: batch {args.extract_batch}, pooled "
+          f"features; medians of {args.iters} calls after {args.warmup} warm-up")
+    if any(float(r[-1]) < CONTENDED_SHARE for r in rows if r[-1] != "-"):
+        print(f"warning: cpu share below {CONTENDED_SHARE}: other processes took the cores during the measurement")
+    print(f"JSON written to {args.out}")
+    return 0
+
+
+def write_report(path: Path, report: dict[str, Any]) -> None:
+    """The JSON report, written through a temporary name."""
+    from trainers.io import atomic_write_text
+
+    atomic_write_text(path, json.dumps(report, indent=2))
 
 
 @dataclass(frozen=True)
@@ -799,6 +961,10 @@ class Benchmark:
 BENCHMARKS: dict[str, Benchmark] = {
     "tdsm": Benchmark("TDSM training step (fp32 vs bf16) and zero-shot scoring (batched vs per-class loop)",
                       add_tdsm_arguments, bench_tdsm),
+    "prepare": Benchmark("parse + preprocess throughput of service.prepare on generated NTU .skeleton files",
+                         add_prepare_arguments, bench_prepare_cli),
+    "encoder": Benchmark("GCN encoder training and feature-extraction throughput, fp32 vs bf16",
+                         add_encoder_arguments, bench_encoder),
     "cocodiff": Benchmark("CoCoDiff training-step overhead of the module, and inference of the exported classifier "
                           "vs the same backbone without it", add_cocodiff_arguments, bench_cocodiff),
 }

@@ -44,8 +44,9 @@ def tiny_run(tmp_path_factory) -> tuple[dict, str]:
     return json.loads(out.read_text()), table.getvalue()
 
 
-def test_registry_has_tdsm():
-    assert "tdsm" in BENCHMARKS and callable(BENCHMARKS["tdsm"].run)
+def test_registry_has_every_benchmark():
+    assert {"tdsm", "cocodiff", "prepare", "encoder"} <= set(BENCHMARKS)
+    assert all(callable(b.run) for b in BENCHMARKS.values())
 
 
 def test_tdsm_report_has_every_measurement(tiny_run):
@@ -119,3 +120,23 @@ def test_peak_memory_sees_a_freed_allocation():
 def test_bad_counts_are_input_errors(tmp_path, capsys):
     assert main(["tdsm", "--iters", "0", "--out", str(tmp_path / "x.json")]) == 2
     assert "--iters must be >= 1" in capsys.readouterr().err
+
+
+def test_encoder_bench_reports_training_and_extraction_for_both_precisions(tmp_path, one_thread, capsys):
+    out = tmp_path / "enc.json"
+    assert main(["encoder", "--sizes", "chain", "--batch", "2", "--extract-batch", "3", "--frames", "8",
+                 "--iters", "1", "--warmup", "0", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    chain = report["sizes"]["chain"]
+    assert chain["parameters"] > 0
+    for precision in ("fp32", "bf16"):
+        assert chain[precision]["train_samples_per_s"] > 0 and chain[precision]["extract_samples_per_s"] > 0
+    assert "chain" in capsys.readouterr().out
+
+
+def test_prepare_bench_times_every_worker_count(tmp_path, capsys):
+    out = tmp_path / "prep.json"
+    assert main(["prepare", "--files", "3", "--workers", "1", "2", "--out", str(out)]) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["workers"] for r in runs] == [1, 2] and all(r["ok"] == 3 for r in runs)
+    assert main(["prepare", "--files", "0", "--out", str(out)]) == 2
