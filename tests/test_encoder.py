@@ -177,3 +177,47 @@ def test_service_encoder_train_on_ray_workers(prepared, tmp_path, workers):
     assert "encoder/held_out_top1" in run.data.metrics
     assert [m.step for m in client.get_metric_history(run.info.run_id, "encoder/loss")][-1] == 4
     assert "checkpoints/encoder.pt" in {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
+
+
+# ----------------------------------------------------------------------------------------------
+# The chain as a named split / the embedded default
+# ----------------------------------------------------------------------------------------------
+
+def test_names_data_decides_whether_the_embedded_default_applies(tmp_path):
+    from service.run import build_parser
+    from service.splits import default_splits
+
+    def parsed(*argv):
+        return build_parser().parse_args(["tdsm", *argv])
+
+    assert default_splits("tdsm", parsed()) == ["synthetic-skeleton"]
+    assert default_splits("tdsm", parsed("--set", "optim.lr=1e-3", "--text-encoder", "minilm")) == ["synthetic-skeleton"]
+    assert default_splits("tdsm", parsed("--features", "x")) is None
+    assert default_splits("tdsm", parsed("--set", "data.val_unseen=3")) is None
+    assert default_splits("tdsm", parsed("--set", "text.class_names=n.txt")) is None
+    (tmp_path / "c.yaml").write_text("data:\n  val_unseen: 3\n")
+    assert default_splits("tdsm", parsed("--config", str(tmp_path / "c.yaml"))) is None
+    assert default_splits("cocodiff", build_parser().parse_args(["cocodiff"])) is None
+
+
+def test_service_run_on_a_chain_split_trains_tdsm_on_the_extracted_features(tmp_path):
+    """`service.run tdsm --split NAME` with a tiny chain: generate -> prepare -> encoder -> features -> TDSM."""
+    (tmp_path / "splits.yaml").write_text(
+        "tiny-chain:\n  chain:\n    per_class: 3\n    unseen_count: 4\n"
+        "    encoder: {name: stgcn, base_channels: 8, units_per_stage: [1, 1], steps: 4, batch_size: 8}\n"
+        "  data.val_unseen: 4\n")
+    tiny_tdsm = ["--set", "model.preset=tiny", "--set", "train.steps=4", "--set", "train.eval_every=2",
+                 "--set", "train.checkpoint_every=2", "--set", "optim.batch_size=8", "--set", "optim.warmup_steps=1",
+                 "--set", "eval.noise_draws=1", "--set", "eval.t_test_grid=[10, 25]", "--set", "train.threads=1"]
+    env = {**__import__("os").environ, "SKELDIFF_RESULTS": str(tmp_path / "results")}
+    res = subprocess.run([sys.executable, "-m", "service.run", "tdsm", "--split", "tiny-chain", "--splits-file",
+                          str(tmp_path / "splits.yaml"), *tiny_tdsm, "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}",
+                          "--run-dir", str(tmp_path / "run"), "--no-progress"],
+                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    metrics = json.loads(res.stdout.strip().splitlines()[-1])
+    assert 0 <= metrics["test/zsl_top1"] <= 100 and 0 <= metrics["val/zsl_top1"] <= 100
+    assert list((tmp_path / "results" / "chain").glob("features-*/done.json"))
+    res = subprocess.run([sys.executable, "-m", "service.run", "tdsm", "--split", "nope", "--splits-file",
+                          str(tmp_path / "splits.yaml")], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert res.returncode == 2 and "nope" in res.stderr and res.stderr.strip().count("\n") == 0

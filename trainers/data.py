@@ -119,9 +119,12 @@ def carve_validation(seen: list[int], count: int, seed: int) -> list[int]:
     return sorted(int(c) for c in rng.choice(seen, size=count, replace=False))
 
 
-def resolve_split(cfg: DataConfig, num_classes: int, default_unseen: list[int],
-                  class_list: str = "the class list") -> tuple[list[int], list[int], list[int]]:
-    """(seen, unseen, val) from the config, checked for overlaps and unknown classes."""
+def resolve_split(cfg: DataConfig, num_classes: int, default_unseen: list[int], class_list: str = "the class list",
+                  present: set[int] | None = None) -> tuple[list[int], list[int], list[int]]:
+    """(seen, unseen, val) from the config, checked for overlaps and unknown classes.
+
+    A validation *count* is carved from the seen classes in `present` (those with training samples) when given.
+    """
     unseen = (load_class_ids(cfg.unseen, num_classes, "data.unseen", class_list) if cfg.unseen is not None
               else default_unseen)
     if cfg.seen is not None:
@@ -132,7 +135,7 @@ def resolve_split(cfg: DataConfig, num_classes: int, default_unseen: list[int],
     else:
         seen = [c for c in range(num_classes) if c not in set(unseen)]
     if isinstance(cfg.val_unseen, int):
-        val = carve_validation(seen, cfg.val_unseen, cfg.val_seed)
+        val = carve_validation([c for c in seen if present is None or c in present], cfg.val_unseen, cfg.val_seed)
     else:
         val = load_class_ids(cfg.val_unseen, num_classes, "data.val_unseen", class_list)
         outside = sorted(set(val) - set(seen))
@@ -160,7 +163,7 @@ def load_feature_task(cfg: DataConfig, num_classes: int, class_list: str = "the 
         raise InputError(f"{folder / 'ztest.npy'}: feature width {test.features.shape[1]} differs from "
                          f"train.npy's {train.features.shape[1]}")
     default_unseen = sorted(set(test.labels.tolist()))
-    seen, unseen, val = resolve_split(cfg, num_classes, default_unseen, class_list)
+    seen, unseen, val = resolve_split(cfg, num_classes, default_unseen, class_list, set(train.labels.tolist()))
     remapped = len(test) > 0 and max(test.labels.tolist()) < len(unseen)
     hint = " (z_label.npy's labels look remapped to 0..k-1; expected original class ids)" if remapped else ""
     stray_test = sorted(set(test.labels.tolist()) - set(unseen))
