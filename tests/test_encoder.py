@@ -141,9 +141,11 @@ def test_chain_stages_are_cached_and_keyed_by_their_inputs(tmp_path):
     assert z_labels and z_labels <= set(unseen)           # 2 per class: an unseen class may lack test samples
 
 
-def test_default_unseen_classes_are_new_combinations_of_seen_primitives_and_parts():
+@pytest.mark.parametrize("count", [6, 12])
+def test_default_unseen_classes_are_new_combinations_of_seen_primitives_and_parts(count):
     cat = action_catalogue()
-    unseen = default_synthetic_unseen(6)
+    unseen = default_synthetic_unseen(count)
+    assert len(unseen) == count
     seen = [c for c in cat if c.index not in unseen]
     for k in unseen:
         assert any(s.primitive == cat[k].primitive for s in seen)
