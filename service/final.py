@@ -238,8 +238,8 @@ def cocodiff_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         if "delta/top1_mean" in r:
             lines.append(f"| {r['split']} | Δ +CoCoDiff − baseline (paired by seed) | | "
-                         f"{r['delta/top1_mean']:+.2f} ± "
-                         f"{r['delta/top1_std_seeds']:.2f} | | | {r['seeds']} | | |")
+                         f"{r['delta/top1_mean']:+.2f} ± {r['delta/top1_std_seeds']:.2f} | "
+                         f"{r['delta/top5_mean']:+.2f} ± {r['delta/top5_std_seeds']:.2f} | | {r['seeds']} | | |")
     return head + "\n".join(lines) + "\n"
 
 
@@ -274,10 +274,10 @@ def run_cocodiff_split(args, split: str, tree: dict[str, Any], uri: str) -> list
                                                                 f"cocodiff-{split}")
             rows.append(row)
         if args.ablation:
-            deltas = [c["test/top1"] - b["test/top1"] for b, c in zip(per_arm["baseline"], per_arm["cocodiff"])]
-            rows[-1]["delta/top1_mean"], rows[-1]["delta/top1_std_seeds"] = mean_std(deltas)
-            parent.log_metrics({"delta/top1_mean": rows[-1]["delta/top1_mean"],
-                                "delta/top1_std_seeds": rows[-1]["delta/top1_std_seeds"]}, 0)
+            for k in ("top1", "top5"):
+                deltas = [c[f"test/{k}"] - b[f"test/{k}"] for b, c in zip(per_arm["baseline"], per_arm["cocodiff"])]
+                rows[-1][f"delta/{k}_mean"], rows[-1][f"delta/{k}_std_seeds"] = mean_std(deltas)
+            parent.log_metrics({k: v for k, v in rows[-1].items() if k.startswith("delta/")}, 0)
         args.out.mkdir(parents=True, exist_ok=True)
         out = atomic_write_text(args.out / f"{phase}-cocodiff-{split}.md", cocodiff_table(rows))
         parent.log_artifact(out)

@@ -10,6 +10,7 @@ Re-running the same command resumes from the run directory's last checkpoint.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import shutil
@@ -27,8 +28,9 @@ from service.cli import (
     exits_cleanly,
     resolve_config,
 )
-from service.splits import default_splits, load_splits, resolve_chain, splits_file
 from service.cocodiff_data import prepare_cocodiff_inputs
+from service.encoder import train_encoder
+from service.splits import default_splits, load_splits, resolve_chain, splits_file
 from service.tracking import MLflowReporter, resolve_tracking_uri, standard_tags
 from trainers import cocodiff_fit
 from trainers.cocodiff import CoCoDiffConfig
@@ -93,6 +95,7 @@ def log_classification_outputs(reporter: MLflowReporter, logits: torch.Tensor, l
 
 def open_run(args, method: str, dataset: str, fingerprint: str, cfg) -> tuple[Path, MLflowReporter]:
     """The run dir (keyed by the training config; --fresh empties it) and its MLflow run, re-opened on resume."""
+    dataset = args.split or dataset             # a named split names the run dir and the experiment
     run_dir = args.run_dir or Path("runs") / f"{method}-{dataset}-{fingerprint[:8]}"
     if args.fresh and run_dir.exists():
         shutil.rmtree(run_dir)
@@ -190,9 +193,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     names = [args.split] if args.split else default_splits(args.method, args)
     if names:
+        args.split = names[0]
         [(_, overrides)] = load_splits(splits_file(args.method, args.splits_file), names)
         storage = DEFAULT_STORAGE.expanduser().resolve()
-        cfg = build_config(METHOD_CONFIGS[args.method], to_plain(cfg), resolve_chain(overrides, storage))
+        trainer = functools.partial(train_encoder, progress=not args.no_progress)     # in this process, no Ray
+        cfg = build_config(METHOD_CONFIGS[args.method], to_plain(cfg), resolve_chain(overrides, storage, trainer))
     print(json.dumps(RUNNERS[args.method](args, cfg)))
     return 0
 

@@ -113,7 +113,7 @@ class TrialWorker:
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         torch.set_num_threads(loop["threads"])
         self.cfg = build_config(METHOD_CONFIGS[self.method], loop["base"],
-                                {**loop["overrides"], "train.seed": loop["seed"] + self.rank})
+                                {**loop["overrides"], "train.seed": loop["seed"]})   # same on every rank
         self.data = ray.get(loop["data"])  # prepared once per sweep by the driver (object store)
         self.mlflow: MLflowReporter | None = None
         self.run_dir = Path(tempfile.mkdtemp(prefix=f"{self.method}-trial-"))
@@ -179,15 +179,16 @@ def tdsm_worker(loop: dict[str, Any]) -> None:
     reporter = w.reporter({"num_parameters": n_params}, functools.partial(tdsm_final_artifacts, names=names))
     wrap = ray.train.torch.prepare_model if w.world > 1 else None
     tdsm_fit.fit_tdsm(w.cfg, fit_train, fit_classes, val, task.val, text, reporter, w.run_dir, eval_prefix="val",
-                      progress=False, wrap_model=wrap)
+                      progress=False, wrap_model=wrap, rank=w.rank)
     w.close()
 
 
 def cocodiff_worker(loop: dict[str, Any]) -> None:
-    """Ray Train worker loop of a CoCoDiff trial (one worker: fit_cocodiff has no DDP wrapping)."""
+    """Ray Train worker loop of a CoCoDiff trial; with several workers, DDP through Ray Train: every rank trains
+    on its own shard of each global batch, gradients are averaged, and all ranks evaluate the same weights."""
     w = TrialWorker(loop)
     data, names, fine, coarse = w.data
-    cfg = w.cfg
+    cfg = w.cfg           # one seed on every rank: fit_cocodiff shards a common batch order by rank
     with torch.device("meta"):  # sizes only
         classifier = cocodiff_fit.build_classifier(cfg.backbone, data.num_classes, data.train_x.shape[1])
         module_params = (count_parameters(build_module(cfg.module, classifier.encoder.feature_dim, fine.shape[1],
@@ -195,7 +196,9 @@ def cocodiff_worker(loop: dict[str, Any]) -> None:
     derived = {"num_parameters_inference": count_parameters(classifier), "num_parameters_module": module_params}
     reporter = w.reporter(derived, functools.partial(cocodiff_final_artifacts, names=names))
     cocodiff_fit.fit_cocodiff(cfg, data.train_x, data.train_y, data.val_x, data.val_y, fine, coarse, reporter,
-                              w.run_dir, progress=False, num_classes=data.num_classes)
+                              w.run_dir, progress=False, num_classes=data.num_classes,
+                              wrap_model=ray.train.torch.prepare_model if w.world > 1 else None,
+                              rank=w.rank, world_size=w.world)
     w.close()
 
 

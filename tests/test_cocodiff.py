@@ -1,5 +1,5 @@
 """CoCoDiff (METHODS.md §2): config, denoiser init, KL contrastive loss, gradients of every loss term, no
-inference cost of the exported classifier, a short fit on a separable toy task, resume, data and helpers.
+inference cost of the exported classifier, a short fit on a separable toy task, resume, data, texts and helpers.
 """
 
 from __future__ import annotations
@@ -13,17 +13,48 @@ import pytest
 import torch
 from pydantic import BaseModel
 
-from trainers.cocodiff import (CoCoDiffConfig, CoCoDiffModule, LatentDenoiser, build_module, build_schedule,
-                               cocodiff_loss, draw_diffusion_inputs, kl_contrastive_loss)
-from trainers.cocodiff_fit import (BEST, LAST, SkeletonClassifier, accuracy_metrics, batch_indices,
-                                   build_classifier, compute_losses, ensemble_logits, evaluate_classifier,
-                                   export_classifier, fit_cocodiff, load_classifier, load_cocodiff_data,
-                                   encode_cocodiff_texts, load_prepared, prepare_cocodiff, run_ablation, step_times,
-                                   synthetic_skeletons)
 from trainers import cocodiff_fit
+from trainers.cocodiff import (
+    CoCoDiffConfig,
+    CoCoDiffModule,
+    LatentDenoiser,
+    build_module,
+    build_schedule,
+    cocodiff_loss,
+    draw_diffusion_inputs,
+    kl_contrastive_loss,
+)
+from trainers.cocodiff_fit import (
+    BEST,
+    LAST,
+    SkeletonClassifier,
+    SkeletonData,
+    TrainingModel,
+    accuracy_metrics,
+    batch_indices,
+    build_classifier,
+    class_prompts,
+    compute_losses,
+    dataset_label,
+    encode_cocodiff_texts,
+    ensemble_logits,
+    evaluate_classifier,
+    export_classifier,
+    fit_cocodiff,
+    load_classifier,
+    load_cocodiff_data,
+    load_prepared,
+    prepare_cocodiff,
+    run_ablation,
+    step_generator,
+    step_times,
+    synthetic_prompts,
+)
 from trainers.config import build_config, flatten, to_plain
 from trainers.errors import InputError
 from trainers.skeleton.gcn import build_encoder
+from trainers.skeleton.synthetic import NUM_CLASSES as SYNTHETIC_CLASSES
+from trainers.skeleton.synthetic import action_catalogue
 from trainers.tdsm_model import count_parameters
 from trainers.text import TextFeatures
 from trainers.tracking import ListReporter, NullReporter
@@ -55,11 +86,40 @@ def texts(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(NUM_CLASSES, FINE_DIM, generator=g), torch.randn(NUM_CLASSES, COARSE_DIM, generator=g)
 
 
+def toy_skeletons(per_class: int, seed: int, frames: int = 16, noise: float = 0.3) -> tuple[torch.Tensor, torch.Tensor]:
+    """A separable toy task (N, 3, T, 25, 2), (N,): class k oscillates joints {v : v mod 4 = k} along axis k mod 3,
+    1 + k // 3 cycles per clip, random phase and amplitude, jitter `noise`; the second person is absent (zeros)."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(NUM_CLASSES).repeat_interleave(per_class)                                   # (N,)
+    pose = torch.randn(3, 25, generator=torch.Generator().manual_seed(0)) * 0.3                  # (3, V)
+    k = torch.arange(NUM_CLASSES)
+    mask = torch.zeros(NUM_CLASSES, 3, 25)
+    mask[k[:, None], (k % 3)[:, None], torch.arange(25)[None]] = (torch.arange(25)[None] % NUM_CLASSES == k[:, None]).float()
+    s = torch.linspace(0, 1, frames)                                                             # (T,)
+    phase = torch.rand(len(y), 1, generator=g) * 2 * torch.pi
+    amp = 0.5 + 0.5 * torch.rand(len(y), 1, generator=g)
+    motion = amp * torch.sin(2 * torch.pi * (1 + k // 3).float()[y][:, None] * s[None] + phase)  # (N, T)
+    x = pose[None, :, None, :] + mask[y][:, :, None, :] * motion[:, None, :, None]               # (N, 3, T, V)
+    x = x + noise * torch.randn(x.shape, generator=g)
+    return torch.stack([x, torch.zeros_like(x)], dim=-1), y                                     # (N, 3, T, V, 2)
+
+
 @pytest.fixture(scope="module")
 def toy():
-    """The embedded toy task (4 classes of sinusoidal joint motion, (N, 3, 16, 25, 2)) and random class texts."""
-    data = load_cocodiff_data(tiny_config())
+    """The toy task (24 / 12 / 12 sequences per class for train / val / test) and random class texts."""
+    data = SkeletonData(*toy_skeletons(24, 0), *toy_skeletons(12, 1), *toy_skeletons(12, 2), NUM_CLASSES)
     return data, *texts()
+
+
+def write_prepared(folder: Path, labels: np.ndarray, split: list[str], column: str = "ntu60-xsub") -> Path:
+    """A `service.prepare`-layout folder: data.npy (N, 3, 2, 2, 1) = arange, label.npy, index.tsv with one column."""
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / "data.npy", np.arange(len(labels) * 12, dtype=np.float32).reshape(len(labels), 3, 2, 2, 1))
+    np.save(folder / "label.npy", np.asarray(labels))
+    rows = [f"name\tlabel\tsetup\tcamera\tperformer\treplication\t{column}"]
+    rows += [f"S{i}\t0\t1\t1\t1\t1\t{s}" for i, s in enumerate(split)]
+    (folder / "index.tsv").write_text("\n".join(rows) + "\n")
+    return folder
 
 
 def fit(cfg, toy, run_dir=None, reporter=None):
@@ -84,15 +144,22 @@ def assert_same_weights(a: dict, b: dict) -> None:
 
 def test_defaults_follow_methods_md():
     cfg = CoCoDiffConfig()
-    assert cfg.backbone.encoder == "ctrgcn" and cfg.module.num_train_timesteps == 100 and cfg.optim.batch_size == 64
-    assert (cfg.module.hidden, cfg.module.depth, cfg.module.w_diff, cfg.module.w_gen, cfg.module.w_coarse) == \
-        (512, 3, 1.0, 0.5, 0.1)
+    assert cfg.module.num_train_timesteps == 100 and (cfg.module.w_diff, cfg.module.w_gen, cfg.module.w_coarse) == \
+        (1.0, 0.5, 0.1)
+    # The embedded default is the generated 46-class set, with as many classes in the head and the texts.
+    assert cfg.data.source == "synthetic" and cfg.data.num_classes == SYNTHETIC_CLASSES == 46
+    assert build_config(CoCoDiffConfig, {}, {"data.source": "prepared", "data.prepared_dir": "x",
+                                             "data.benchmark": "ntu120-xset"}).data.num_classes == 120
+    # Overriding one field of a section keeps the CoCoDiff defaults of the others (not the shared TDSM ones).
+    cfg = build_config(CoCoDiffConfig, {}, {"train.steps": 5, "optim.lr": 1e-3})
+    assert (cfg.train.threads, cfg.train.eval_every, cfg.optim.batch_size, cfg.optim.warmup_steps) == (1, 100, 16, 20)
 
 
 @pytest.mark.parametrize("key, value, message", [
     ("module.w_gan", 1.0, "unknown config key 'module.w_gan'"),
     ("data.benchmark", "ntu61-xsub", "data.benchmark"),
     ("data.source", "prepared", "data.prepared_dir is required"),
+    ("data.benchmark", "ntu120-xsub", "the synthetic set has ntu60-xsub and ntu60-xview only"),
     ("backbone.units_per_stage", [2, 0], "backbone.units_per_stage"),
     ("module.beta_start", 0.5, "module.beta_start=0.5 must be < module.beta_end"),
 ])
@@ -113,8 +180,8 @@ def _leaves(cls: type[BaseModel], prefix: str = "") -> list[str]:
 def test_every_config_field_is_read():
     """Each leaf is read as an attribute somewhere outside the config classes (method: a constant tag)."""
     read = set()
-    for name in ("cocodiff.py", "cocodiff_fit.py"):
-        tree = ast.parse((ROOT / "trainers" / name).read_text())
+    for name in ("trainers/cocodiff.py", "trainers/cocodiff_fit.py", "service/cocodiff_data.py"):
+        tree = ast.parse((ROOT / name).read_text())
         code = [n for n in tree.body if not (isinstance(n, ast.ClassDef) and n.name.endswith("Config"))]
         read |= {n.attr for node in code for n in ast.walk(node) if isinstance(n, ast.Attribute)}
     leaves = _leaves(CoCoDiffConfig)
@@ -214,7 +281,7 @@ def test_every_loss_term_reaches_the_backbone(toy):
     classifier = build_classifier(cfg.backbone, NUM_CLASSES)
     module = build_module(cfg.module, classifier.encoder.feature_dim, FINE_DIM, COARSE_DIM)
     x, y = data.train_x[:8], data.train_y[:8]
-    losses = compute_losses(classifier, module, build_schedule(cfg.module), cfg, x, y, fine, coarse,
+    losses = compute_losses(TrainingModel(classifier, module), build_schedule(cfg.module), cfg, x, y, fine, coarse,
                             torch.Generator().manual_seed(0), lambda: torch.autocast("cpu", enabled=False))
     assert set(losses) == {"loss", "loss_cls", "loss_diff", "loss_gen", "loss_coarse"}
     backbone = list(classifier.encoder.units.parameters())
@@ -233,7 +300,7 @@ def test_every_loss_term_reaches_the_backbone(toy):
 def test_classifier_shapes_and_streams(stream):
     cfg = tiny_config(**{"backbone.stream": stream})
     model = build_classifier(cfg.backbone, NUM_CLASSES).eval()
-    x, _ = synthetic_skeletons(NUM_CLASSES, 1, 16, 0.1, 0)
+    x, _ = toy_skeletons(1, 0, noise=0.1)
     assert x.shape == (NUM_CLASSES, 3, 16, 25, 2)
     assert model(x).shape == (NUM_CLASSES, NUM_CLASSES) and model.features(x).shape == (NUM_CLASSES, 32)
     if stream == "joint":
@@ -345,13 +412,25 @@ def test_batches_are_a_pure_function_of_the_step():
     assert len(batch_indices(5, 16, 10, 0)) == 10                                       # fewer samples than a batch
 
 
+def test_ranks_get_disjoint_shards_of_one_global_batch():
+    shards = [batch_indices(3, 4, 50, 7, rank, 2) for rank in range(2)]
+    assert [len(s) for s in shards] == [4, 4] and not set(shards[0].tolist()) & set(shards[1].tolist())
+    # the two shards are exactly the single-process global batch of 8
+    assert torch.equal(torch.cat(shards), batch_indices(3, 8, 50, 7))
+    # fewer samples than a global batch: split as evenly as possible, no rank left empty
+    assert [len(batch_indices(0, 16, 5, 0, r, 2)) for r in range(2)] == [3, 2]
+
+
+def test_diffusion_draws_are_pure_per_step_and_differ_by_rank():
+    def draw(step, rank):
+        return draw_diffusion_inputs(6, 4, 100, 0.5, step_generator(0, step, rank))
+
+    assert all(torch.equal(a, b) for a, b in zip(draw(3, 0), draw(3, 0)))
+    assert not torch.equal(draw(3, 0)[1], draw(3, 1)[1]) and not torch.equal(draw(3, 0)[1], draw(4, 0)[1])
+
+
 def test_load_prepared_splits_by_benchmark(tmp_path):
-    split = ["train"] * 20 + ["test"] * 5 + ["-"]
-    np.save(tmp_path / "data.npy", np.arange(26 * 12, dtype=np.float32).reshape(26, 3, 2, 2, 1))
-    np.save(tmp_path / "label.npy", np.arange(26) % 60)
-    rows = ["name\tlabel\tsetup\tcamera\tperformer\treplication\tntu60-xsub"]
-    rows += [f"S{i}\t0\t1\t1\t1\t1\t{s}" for i, s in enumerate(split)]
-    (tmp_path / "index.tsv").write_text("\n".join(rows) + "\n")
+    write_prepared(tmp_path, np.arange(26) % 60, ["train"] * 20 + ["test"] * 5 + ["-"])
     data = load_prepared(tmp_path, "ntu60-xsub", 0.1, 0)
     assert (len(data.train_y), len(data.val_y), len(data.test_y), data.num_classes) == (18, 2, 5, 60)
     assert torch.equal(data.test_y, torch.arange(20, 25))
@@ -359,12 +438,33 @@ def test_load_prepared_splits_by_benchmark(tmp_path):
     torch.testing.assert_close(data.test_x[0].flatten(), torch.arange(240, 252, dtype=torch.float32))
     with pytest.raises(InputError, match="no 'ntu60-xview' column"):
         load_prepared(tmp_path, "ntu60-xview", 0.1, 0)
+    with pytest.raises(InputError, match=r"labels outside 0..15"):
+        load_prepared(tmp_path, "ntu60-xsub", 0.1, 0, num_classes=16)
 
 
-def test_baseline_preparation_encodes_no_text():
-    data, names, fine, coarse = prepare_cocodiff(tiny_config(**{"module.enabled": False}))
-    assert names is fine is coarse is None and data.num_classes == NUM_CLASSES
-    assert data.train_x.shape == (NUM_CLASSES * 24, 3, 16, 25, 2) and len(data.val_y) == NUM_CLASSES * 12
+def test_synthetic_source_reads_its_folder_with_46_classes_and_the_generated_names(tmp_path):
+    folder = write_prepared(tmp_path / "syn", np.arange(30) % SYNTHETIC_CLASSES, ["train"] * 20 + ["test"] * 10)
+    cfg = tiny_config(**{"module.enabled": False})
+    with pytest.raises(InputError, match="made by the service layer"):
+        load_cocodiff_data(cfg)
+    data, names, fine, coarse = prepare_cocodiff(cfg, folder)
+    assert data.num_classes == SYNTHETIC_CLASSES and names == [c.name for c in action_catalogue()]
+    assert fine is None and coarse is None                                   # the baseline encodes no text
+    assert dataset_label(cfg) == "synthetic-skeleton"
+    assert dataset_label(tiny_config(**{"data.benchmark": "ntu60-xview"})) == "synthetic-skeleton-ntu60-xview"
+    # a prepared NTU folder keeps the benchmark's class count and the embedded NTU-60 names
+    ntu = tiny_config(**{"module.enabled": False, "data.source": "prepared", "data.prepared_dir": str(folder)})
+    data, names, _, _ = prepare_cocodiff(ntu)
+    assert data.num_classes == 60 and names[0] == "drink water" and dataset_label(ntu) == "ntu60-xsub"
+
+
+def test_synthetic_prompts_are_one_line_per_generated_class():
+    sets = synthetic_prompts()
+    catalogue = action_catalogue()
+    assert sets.names == [c.name for c in catalogue] and sets.descriptions == [[c.description for c in catalogue]]
+    [synonyms] = sets.synonyms
+    assert len(synonyms) == SYNTHETIC_CLASSES and len(set(synonyms)) == SYNTHETIC_CLASSES
+    assert not set(synonyms) & set(sets.names)                            # a different wording, not a copy
 
 
 def test_texts_split_into_coarse_and_fine(tmp_path, monkeypatch):
@@ -381,19 +481,24 @@ def test_texts_split_into_coarse_and_fine(tmp_path, monkeypatch):
     for name in ("names", "synonyms", "fine"):
         files[name] = tmp_path / f"{name}.txt"
         files[name].write_text("".join(f"{name} {c}\n" for c in range(NUM_CLASSES)))
-    cfg = tiny_config(**{"text.class_names": str(files["names"]), "text.synonyms": [str(files["synonyms"])],
-                         "text.descriptions": [str(files["fine"])]})
+    prepared = {"data.source": "prepared", "data.prepared_dir": str(tmp_path)}
+    cfg = tiny_config(**prepared, **{"text.class_names": str(files["names"]), "text.synonyms": [str(files["synonyms"])],
+                                     "text.descriptions": [str(files["fine"])]})
     names, fine, coarse = encode_cocodiff_texts(cfg, NUM_CLASSES)
     assert names == [f"names {c}" for c in range(NUM_CLASSES)] and len(calls) == 1
     assert torch.equal(coarse, torch.cat([torch.zeros(4, 3), torch.ones(4, 3)], 1)) and torch.equal(fine, torch.full((4, 3), 2.0))
-    # The embedded NTU-60 texts serve the toy task with their first C lines.
-    names, fine, coarse = encode_cocodiff_texts(tiny_config(), NUM_CLASSES)
-    assert names[0] == "drink water" and len(names) == NUM_CLASSES == fine.shape[0] == coarse.shape[0]
+    # The synthetic default: generated names + the embedded synonyms (coarse), generated descriptions (fine).
+    names, fine, coarse = encode_cocodiff_texts(tiny_config(), SYNTHETIC_CLASSES)
+    expected = synthetic_prompts()
+    assert calls[-1] == [expected.names, *expected.synonyms, *expected.descriptions]
+    assert names[0] == "raise left arm" and coarse.shape == (SYNTHETIC_CLASSES, 6) and fine.shape == (SYNTHETIC_CLASSES, 3)
     with pytest.raises(InputError, match="6 prompts, expected 4"):
         files["fine"].write_text("x\n" * 6)
         encode_cocodiff_texts(cfg, NUM_CLASSES)
     with pytest.raises(InputError, match="text.descriptions"):
-        encode_cocodiff_texts(tiny_config(**{"text.class_names": str(files["names"])}), NUM_CLASSES)
+        encode_cocodiff_texts(tiny_config(**prepared, **{"text.class_names": str(files["names"])}), NUM_CLASSES)
+    with pytest.raises(InputError, match="default class names have 60 lines but the data has 120 classes"):
+        class_prompts(tiny_config(**prepared, **{"data.benchmark": "ntu120-xsub"}), 120)
 
 
 def test_ensemble_logits():
@@ -417,7 +522,8 @@ def test_run_ablation_trains_both_arms_per_seed(toy):
 def test_step_times_measures_both_arms(toy):
     data = toy[0]
     times = step_times(tiny_config(), (data.train_x[:8], data.train_y[:8]), *texts(), iters=1, warmup=0)
-    assert set(times) == {"baseline_s", "cocodiff_s", "overhead"} and times["baseline_s"] > 0 < times["cocodiff_s"]
+    assert set(times) == {"baseline_s", "cocodiff_s", "overhead", "baseline_cpu_share", "cocodiff_cpu_share"}
+    assert times["baseline_s"] > 0 < times["cocodiff_s"] and 0 < times["baseline_cpu_share"] <= 1.5
 
 
 def test_fit_input_errors(toy):
@@ -427,3 +533,6 @@ def test_fit_input_errors(toy):
     with pytest.raises(InputError, match="classes"):
         fit_cocodiff(tiny_config(), data.train_x, data.train_y, None, None, fine, coarse[:3], NullReporter(),
                      progress=False)
+    with pytest.raises(InputError, match="rank 2 of 2"):
+        fit_cocodiff(tiny_config(), data.train_x, data.train_y, None, None, fine, coarse, NullReporter(),
+                     progress=False, rank=2, world_size=2)

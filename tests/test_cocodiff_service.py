@@ -1,6 +1,7 @@
-"""CoCoDiff through `service/` as a user runs it: `service.run cocodiff` end to end (JSON line, MLflow params,
-metrics and artifacts), its one-line refusals, the search space, `service.final` (seeds, registry, ablation),
-and (slow) a real smoke sweep on a local Ray whose child runs are read back from MLflow.
+"""CoCoDiff through `service/` as a user runs it: the embedded default (the generated 46-class set, prepared and
+cached), `service.run cocodiff` end to end (JSON line, MLflow params, metrics and artifacts), its one-line
+refusals, the search space and named splits, `service.final` (seeds, registry, ablation, --splits), and (slow) a
+real smoke sweep on a local Ray whose child runs are read back from MLflow.
 """
 
 from __future__ import annotations
@@ -13,20 +14,30 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from service.search_space import check_against_config, load_search_space, trial_overrides
+from service.cocodiff_data import prepare_cocodiff_inputs, synthetic_root
+from service.search_space import (
+    check_against_config,
+    load_search_space,
+    trial_overrides,
+)
 from trainers.cocodiff import CoCoDiffConfig
 from trainers.config import build_config, to_plain
 from trainers.errors import InputError
+from trainers.skeleton.synthetic import NUM_CLASSES as SYNTHETIC_CLASSES
+from trainers.skeleton.synthetic import action_catalogue
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACE = ROOT / "search_spaces" / "cocodiff.yaml"
+SPLITS = ROOT / "search_spaces" / "cocodiff_splits.yaml"
+PER_CLASS = 8   # generated sequences per class in these tests (46 classes)
 TINY = {"backbone.encoder": "stgcn", "backbone.base_channels": 8, "backbone.units_per_stage": "[1, 1, 1]",
         "module.hidden": 32, "module.depth": 1, "module.align_dim": 16, "optim.batch_size": 16,
         "optim.warmup_steps": 2, "optim.lr": 3e-3, "train.steps": 20, "train.eval_every": 10,
-        "train.checkpoint_every": 10, "train.threads": 1, "data.synthetic.per_class": 8}
+        "train.checkpoint_every": 10, "train.threads": 1, "data.synthetic.per_class": PER_CLASS}
 
 
 def sets(overrides: dict) -> list[str]:
@@ -52,6 +63,51 @@ def last_json(proc: subprocess.CompletedProcess) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+# The embedded default: the generated set, prepared once under $SKELDIFF_CACHE/synthetic
+# ----------------------------------------------------------------------------------------------
+
+def test_synthetic_default_is_the_generated_46_class_set_prepared_once():
+    cfg = build_config(CoCoDiffConfig, {}, {"data.synthetic.per_class": 4, "module.enabled": False})
+    data, names, fine, coarse = prepare_cocodiff_inputs(cfg)
+    assert data.num_classes == SYNTHETIC_CLASSES == 46 and names == [c.name for c in action_catalogue()]
+    assert fine is None and coarse is None
+    assert data.train_x.shape[1:] == (3, 64, 25, 2)                                # NTU layout, 64 frames
+    assert len(data.train_y) + len(data.val_y) + len(data.test_y) == 4 * 46
+    assert len(data.test_y) > 0 and len(data.val_y) > 0
+    (folder,) = [p for p in synthetic_root().iterdir() if p.name.startswith("prepared-") and "raw-4x46-s0" in p.name]
+    stamp = (folder / "data.npy").stat().st_mtime_ns
+    again = prepare_cocodiff_inputs(cfg)[0]
+    assert (folder / "data.npy").stat().st_mtime_ns == stamp and torch.equal(again.test_x, data.test_x)
+    # X-View splits the same set by camera instead of performer
+    xview = prepare_cocodiff_inputs(build_config(CoCoDiffConfig, to_plain(cfg), {"data.benchmark": "ntu60-xview"}))[0]
+    assert len(xview.test_y) != len(data.test_y)
+
+
+def test_shipped_configs_are_the_embedded_default_and_the_paper_plan():
+    default = build_config(CoCoDiffConfig, yaml.safe_load((ROOT / "service/configs/cocodiff_default.yaml").read_text()))
+    assert default == CoCoDiffConfig()
+    paper = build_config(CoCoDiffConfig, yaml.safe_load((ROOT / "service/configs/cocodiff_paper.yaml").read_text()),
+                         {"data.prepared_dir": "/data/ntu60"})
+    assert (paper.backbone.encoder, paper.backbone.base_channels, paper.backbone.units_per_stage) == ("ctrgcn", 64, [4, 3, 3])
+    assert (paper.module.hidden, paper.module.depth, paper.optim.batch_size, paper.data.num_classes) == (512, 3, 64, 60)
+
+
+def test_named_splits_cover_the_synthetic_default_and_the_ntu_benchmarks(monkeypatch):
+    from service.splits import load_splits
+
+    monkeypatch.setenv("SKELDIFF_DATA", "/data")
+    table = yaml.safe_load(SPLITS.read_text())
+    assert {"synthetic-skeleton", "ntu60-xsub", "ntu60-xview", "ntu120-xsub", "ntu120-xset"} <= set(table)
+    for name, overrides in load_splits(SPLITS, list(table)):
+        cfg = build_config(CoCoDiffConfig, {}, overrides)
+        assert cfg.data.benchmark == (name if name.startswith("ntu") else cfg.data.benchmark)
+        if cfg.data.source == "prepared":
+            assert str(cfg.data.prepared_dir).startswith("/data/prepared/ntu")
+    assert build_config(CoCoDiffConfig, {}, dict(load_splits(SPLITS, ["synthetic-skeleton"]))["synthetic-skeleton"]) \
+        == CoCoDiffConfig()                                                            # the embedded default
+
+
+# ----------------------------------------------------------------------------------------------
 # service.run cocodiff
 # ----------------------------------------------------------------------------------------------
 
@@ -68,10 +124,12 @@ def test_run_cocodiff_logs_metrics_and_artifacts(tmp_path):
     client = MlflowClient(uri)
     run = client.get_run(out["mlflow_run_id"])
     assert run.info.status == "FINISHED"
-    assert client.get_experiment(run.info.experiment_id).name == "cocodiff-synthetic"
+    assert client.get_experiment(run.info.experiment_id).name == "cocodiff-synthetic-skeleton"
     params = run.data.params
     assert params["method"] == "cocodiff" and params["module.w_diff"] == "1.0" and params["backbone.encoder"] == "stgcn"
-    assert int(params["derived.num_parameters_module"]) > 0 and int(params["derived.test_samples"]) == 16
+    assert int(params["derived.num_parameters_module"]) > 0 and int(params["derived.num_classes"]) == 46
+    n_test = int(params["derived.test_samples"])
+    assert 0 < n_test < PER_CLASS * 46 == n_test + int(params["derived.train_samples"]) + int(params["derived.val_samples"])
     assert run.data.metrics["test/top1"] == pytest.approx(out["test/top1"], abs=1e-3)
     assert {"train/loss", "train/loss_diff", "train/loss_coarse", "val/top1"} <= set(run.data.metrics)
 
@@ -81,7 +139,7 @@ def test_run_cocodiff_logs_metrics_and_artifacts(tmp_path):
                                                                                   "plots/test_confusion.png"}
     logits = np.load(client.download_artifacts(run.info.run_id, "predictions/test_logits.npy", str(tmp_path)))
     labels = np.load(client.download_artifacts(run.info.run_id, "predictions/test_labels.npy", str(tmp_path)))
-    assert logits.shape == (16, 4) and labels.shape == (16,)   # 4 toy classes x 4 test sequences each
+    assert logits.shape == (n_test, 46) and labels.shape == (n_test,)
     assert (logits.argmax(1) == labels).mean() * 100 == pytest.approx(out["test/top1"], abs=1e-3)
     config = yaml.safe_load(Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))).read_text())
     assert build_config(CoCoDiffConfig, config).backbone.base_channels == 8
@@ -165,8 +223,7 @@ def test_bad_cocodiff_params_fail_naming_the_key(tmp_path, key, value, message):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--workers-per-trial", "2"], "cocodiff trials run one worker"),
-    (["--splits", "synthetic-u5"], "--splits names zero-shot (tdsm) splits"),
+    (["--splits", "synthetic-u5"], "--splits synthetic-u5: unknown split"),
     (["--space", str(ROOT / "search_spaces" / "tdsm.yaml")], "a search space for tdsm, not cocodiff"),
 ])
 def test_sweep_refuses_what_cocodiff_cannot_do_before_ray_starts(capsys, args, message):
@@ -194,33 +251,36 @@ def test_final_trains_each_seed_tests_once_and_registers_the_classifier(tmp_path
                                "--tracking-uri", uri, "--out", str(tmp_path / "final"), "--no-progress"))
     (row,) = out["rows"]
     assert row["arm"] == "cocodiff" and row["seeds"] == 2 and len(row["test/top1_per_seed"]) == 2
-    assert row["train_samples"] == 8 * 4 + 4 * 4   # training + validation sequences: nothing held out
-    assert row["registered_version"] == "1"
-    assert "± " in (tmp_path / "final" / "final-cocodiff-synthetic.md").read_text()
+    assert row["train_samples"] + row["test_samples"] == PER_CLASS * 46   # train + validation: nothing held out
+    assert row["classes"] == 46 and row["registered_version"] == "1"
+    assert "± " in (tmp_path / "final" / "final-cocodiff-synthetic-skeleton.md").read_text()
 
     import mlflow
 
     mlflow.set_tracking_uri(uri)
-    model = mlflow.pyfunc.load_model("models:/cocodiff-synthetic@final")
-    pred = model.predict(np.zeros((3, 3, 16, 25, 2), dtype=np.float32))
-    assert pred.shape == (3,) and set(pred.tolist()) <= {0, 1, 2, 3}
+    model = mlflow.pyfunc.load_model("models:/cocodiff-synthetic-skeleton@final")
+    pred = model.predict(np.zeros((3, 3, 64, 25, 2), dtype=np.float32))
+    assert pred.shape == (3,) and set(pred.tolist()) <= set(range(46))
     client = MlflowClient(uri)
-    children = client.search_runs([client.get_experiment_by_name("cocodiff-synthetic").experiment_id],
+    children = client.search_runs([client.get_experiment_by_name("cocodiff-synthetic-skeleton").experiment_id],
                                   f"tags.mlflow.parentRunId = '{row['parent_run_id']}'")
     assert len(children) == 2 and all("test/top1" in r.data.metrics for r in children)
 
 
 def test_ablation_reports_both_arms_and_their_paired_difference(tmp_path, tiny_config_file):
+    """--splits re-targets the config: here the generated set's X-View split."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = last_json(run_module("service.final", tmp_path, "--from", str(tiny_config_file), "--ablation", "--seeds",
-                               "2", "--set", "train.steps=10", "--tracking-uri", uri, "--out", str(tmp_path / "final"),
-                               "--no-progress"))
+                               "2", "--set", "train.steps=10", "--splits", "synthetic-skeleton-xview",
+                               "--tracking-uri", uri, "--out", str(tmp_path / "final"), "--no-progress"))
     baseline, cocodiff = out["rows"]
     assert (baseline["arm"], cocodiff["arm"]) == ("baseline", "cocodiff")
+    assert baseline["split"] == cocodiff["split"] == "synthetic-skeleton-xview"
     assert "registered_version" not in cocodiff
     expected = np.mean(np.array(cocodiff["test/top1_per_seed"]) - np.array(baseline["test/top1_per_seed"]))
     assert cocodiff["delta/top1_mean"] == pytest.approx(expected, abs=1e-2)
-    table = (tmp_path / "final" / "ablation-cocodiff-synthetic.md").read_text()
+    assert -100 <= cocodiff["delta/top5_mean"] <= 100 and cocodiff["delta/top5_std_seeds"] >= 0
+    table = (tmp_path / "final" / "ablation-cocodiff-synthetic-skeleton-xview.md").read_text()
     assert "| baseline |" in table and "| cocodiff |" in table and "paired by seed" in table
 
 
@@ -233,12 +293,13 @@ def test_smoke_sweep_leaves_child_runs_with_the_guidance_weights(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = last_json(run_module(
         "service.sweep", tmp_path, "cocodiff", "--smoke", "--num-samples", "2",
-        *sets({"train.steps": 40, "train.eval_every": 20, "train.checkpoint_every": 20, "data.synthetic.per_class": 8}),
+        *sets({"train.steps": 40, "train.eval_every": 20, "train.checkpoint_every": 20,
+               "data.synthetic.per_class": PER_CLASS}),
         "--tracking-uri", uri, "--storage-path", str(tmp_path / "results"), timeout=1200))
     (summary,) = out["sweeps"]
     assert summary["metric"] == "val/top1_max" and summary["errors"] == 0
     client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("cocodiff-synthetic")
+    exp = client.get_experiment_by_name("cocodiff-synthetic-skeleton")
     kids = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{summary['parent_run_id']}'")
     assert len(kids) >= 2
     for kid in kids:

@@ -168,7 +168,8 @@ def test_raycluster_autoscales_a_gpu_worker_group():
 
 
 def test_sweep_trials_fit_one_gpu_worker_pod(monkeypatch):
-    from service.sweep import build_parser, load_splits
+    from service.splits import load_splits, splits_file
+    from service.sweep import build_parser
 
     cluster = one("RayCluster")
     group = max(cluster["spec"]["workerGroupSpecs"], key=lambda g: gpu_count(g["template"]["spec"]["containers"][0]))
@@ -182,7 +183,7 @@ def test_sweep_trials_fit_one_gpu_worker_pod(monkeypatch):
     assert args.max_concurrent * trial_gpus <= group["maxReplicas"] * pod_gpus, "more trials than GPUs at maxReplicas"
     if args.splits:
         monkeypatch.setenv("SKELDIFF_DATA", one("ConfigMap", "skeldiff-config")["data"]["SKELDIFF_DATA"])
-        load_splits(args.splits_file, args.splits)  # every named split exists
+        load_splits(splits_file(args.method, args.splits_file), args.splits)  # every named split exists
 
 
 def test_final_job_fits_one_gpu_worker_pod():

@@ -148,6 +148,21 @@ def test_resume_gives_identical_weights(tiny_task, uninterrupted, tmp_path):
     assert torch.load(tmp_path / LAST, weights_only=False)["step"] == 12
 
 
+def test_a_ddp_rank_resumes_from_rank0s_checkpoint_with_its_own_batches(tiny_task, uninterrupted, tmp_path):
+    """Every rank restores rank 0's last.pt (same config and fingerprint); ranks > 0 then draw other batches."""
+    import shutil
+
+    cfg = resumable_config()
+    run_until_crash(cfg, tiny_task, tmp_path / "rank0", 6)
+    (tmp_path / "rank1").mkdir()
+    shutil.copy2(tmp_path / "rank0" / LAST, tmp_path / "rank1" / LAST)
+    rank1 = fit_tdsm(cfg, *tiny_task.fit_args, ListReporter(), tmp_path / "rank1", progress=False, rank=1)
+    rank0 = fit_tdsm(cfg, *tiny_task.fit_args, ListReporter(), tmp_path / "rank0", progress=False)
+    assert rank1.step == rank0.step == 12
+    assert_same_weights(weights(rank0.model), uninterrupted[0])        # rank 0 resumes exactly
+    assert any(not torch.equal(a, b) for a, b in zip(weights(rank1.model).values(), uninterrupted[0].values()))
+
+
 def test_resume_of_finished_run_trains_nothing(tiny_task, uninterrupted):
     reporter = ListReporter()
     result = fit_tdsm(resumable_config(), *tiny_task.fit_args, reporter, uninterrupted[1], progress=False)

@@ -83,7 +83,7 @@ def test_job_submit_smoke_sweep_then_final(tmp_path):
 
     client = MlflowClient(uri)
     [encoder] = client.search_runs([client.get_experiment_by_name("encoder-prepared-raw-12x46-s0").experiment_id])
-    assert encoder.info.status == "FINISHED" and encoder.data.metrics["encoder/held_out_top1"] > 2 * 100 / 40
+    assert encoder.info.status == "FINISHED" and encoder.data.metrics["encoder/held_out_top1"] > 2 * 100 / 34
     parent, kids = children_of_sweep(uri, "tdsm-synthetic-skeleton")
     assert len(kids) >= 4
     for kid in kids:
@@ -103,8 +103,8 @@ def test_job_submit_smoke_sweep_then_final(tmp_path):
     assert final.returncode == 0, final.stderr[-3000:]
     summary = json.loads(final.stdout.strip().splitlines()[-1])
     row = summary["splits"][0]
-    assert row["split"] == "synthetic-skeleton" and (row["seen"], row["unseen"]) == (40, 6)
-    assert row["test/zsl_top1_mean"] > 2 * 100 / 6          # unseen classes, well above chance (16.7 %)
+    assert row["split"] == "synthetic-skeleton" and (row["seen"], row["unseen"]) == (34, 12)
+    assert row["test/zsl_top1_mean"] > 3 * 100 / 12         # unseen classes, well above chance (8.3 %)
     assert row["registered_version"] == "1"
     assert (tmp_path / "final" / f"table-{row['split']}.md").read_text().count("|") > 10
     version = client.get_model_version_by_alias(f"tdsm-{row['split']}", "final")

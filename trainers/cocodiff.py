@@ -24,6 +24,7 @@ from torch import nn
 from trainers.config import OptimConfig, Section, TrainConfig
 from trainers.diffusion import NoiseSchedule
 from trainers.skeleton.splits import BENCHMARKS
+from trainers.skeleton.synthetic import NUM_CLASSES as SYNTHETIC_CLASSES
 from trainers.tdsm_model import TimestepEmbedder, modulate
 
 # CLIP's cap on the learnable logit scale (GAP inherits it): beyond 100 the softmax is a hard arg-max.
@@ -35,13 +36,18 @@ MAX_LOGIT_SCALE = 100.0
 # ----------------------------------------------------------------------------------------------
 
 class BackboneConfig(Section):
-    """The GCN feature extractor + linear head: everything that also runs at inference."""
+    """The GCN feature extractor + linear head: everything that also runs at inference.
+
+    Defaults are sized for the embedded default on 2 CPU cores (a light ST-GCN, 32-d x_0); the paper-scale plan
+    (CTR-GCN, 64 base channels, units 4,3,3, 256-d x_0) is service/configs/cocodiff_paper.yaml.
+    """
 
     encoder: Literal["stgcn", "shiftgcn", "ctrgcn"] = Field(
-        "ctrgcn", description="GCN encoder (METHODS §2: CTR-GCN; ST-GCN as the light option).")
-    base_channels: int = Field(64, ge=1, description="Width of the first stage (64 -> 256-d pooled feature x_0).")
+        "stgcn", description="GCN encoder (METHODS §2: CTR-GCN at paper scale; ST-GCN as the light option).")
+    base_channels: int = Field(8, ge=1, description="Width of the first stage; x_0 is 4x this with three stages "
+                                                   "(paper scale: 64 -> 256-d).")
     units_per_stage: list[int] = Field(
-        [4, 3, 3], min_length=1, description="GCN units per stage; stages double the width (paper plan: 4,3,3).")
+        [1, 1, 1], min_length=1, description="GCN units per stage; stages double the width (paper plan: 4,3,3).")
     dropout: float = Field(0.0, ge=0, lt=1, description="Encoder dropout (ST-GCN: per unit; others: before the head).")
     stream: Literal["joint", "bone", "motion"] = Field(
         "joint", description="Input stream computed from the joint array; ensemble streams by their logits.")
@@ -65,9 +71,10 @@ class CoCoDiffModuleConfig(Section):
         "cosine", description="Beta schedule; cosine reaches pure noise at t = T-1, the linear ones may not.")
     beta_start: float = Field(1e-4, gt=0, lt=1, description="First beta (linear schedules only).")
     beta_end: float = Field(0.02, gt=0, lt=1, description="Last beta (linear schedules only).")
-    hidden: int = Field(512, ge=8, description="Width of the residual-MLP denoiser.")
-    depth: int = Field(3, ge=1, description="Residual MLP blocks of the denoiser.")
-    align_dim: int = Field(256, ge=8, description="Width of the shared space where x̂_0 meets the coarse text.")
+    hidden: int = Field(128, ge=8, description="Width of the residual-MLP denoiser (paper scale: 512).")
+    depth: int = Field(2, ge=1, description="Residual MLP blocks of the denoiser (paper scale: 3).")
+    align_dim: int = Field(64, ge=8, description="Width of the shared space where x̂_0 meets the coarse text "
+                                                 "(paper scale: 256).")
     w_diff: float = Field(1.0, ge=0, description="Weight of ||x̂_0 - sg(x_0)||² (mean over elements).")
     w_gen: float = Field(0.5, ge=0, description="Weight of CE(head(x̂_0)): classifying the generated features.")
     w_coarse: float = Field(0.1, ge=0, description="Weight of the symmetric KL contrastive loss of x̂_0 vs coarse text.")
@@ -83,27 +90,31 @@ class CoCoDiffModuleConfig(Section):
         return self
 
 
-class SyntheticSkeletonConfig(Section):
-    """The embedded toy task: each class oscillates its own group of joints (see `synthetic_skeletons`)."""
+class SyntheticDataConfig(Section):
+    """The embedded default: the generated NTU-format action set of `trainers.skeleton.synthetic`.
 
-    num_classes: int = Field(4, ge=2, description="Classes of the toy task.")
-    per_class: int = Field(24, ge=2, description="Training sequences per class (validation and test get half).")
-    frames: int = Field(16, ge=4, description="Frames per sequence.")
-    noise: float = Field(0.3, ge=0, description="Joint jitter relative to the motion amplitude.")
-    seed: int = Field(0, description="Seed of the generator.")
+    46 classes (a motion primitive applied to a body part, e.g. "raise left arm") with generated class names and
+    one-sentence descriptions; performers, cameras and setups vary as in NTU, so the set has NTU-60-style X-Sub
+    and X-View columns. The service layer generates and prepares it once (cached under $SKELDIFF_CACHE/synthetic).
+    """
+
+    per_class: int = Field(20, ge=2, description="Generated sequences per class (before the benchmark's train/test split).")
+    seed: int = Field(0, description="Seed of the generator (performers, cameras, speeds, noise).")
 
 
 class SkeletonDataConfig(Section):
     """Where the skeleton arrays come from and how train / validation / test are split."""
 
     source: Literal["synthetic", "prepared"] = Field(
-        "synthetic", description="'prepared': data.npy/label.npy/index.tsv of `service.prepare`; 'synthetic': toy task.")
-    prepared_dir: Path | None = Field(None, description="Output folder of `python -m service.prepare`.")
-    benchmark: str = Field("ntu60-xsub", description=f"Column of index.tsv that splits train/test: {', '.join(BENCHMARKS)}.")
+        "synthetic", description="'prepared': data.npy/label.npy/index.tsv of `service.prepare` in data.prepared_dir; "
+                                 "'synthetic': the generated action set (data.synthetic), prepared the same way.")
+    prepared_dir: Path | None = Field(None, description="Output folder of `python -m service.prepare` (source=prepared).")
+    benchmark: str = Field("ntu60-xsub", description=f"Column of index.tsv that splits train/test: {', '.join(BENCHMARKS)} "
+                                                     "(the synthetic set has the two ntu60 columns).")
     val_fraction: float = Field(
-        0.05, gt=0, lt=1, description="Training samples held out for validation (checkpoint choice; never the test split).")
+        0.1, gt=0, lt=1, description="Training samples held out for validation (checkpoint choice; never the test split).")
     val_seed: int = Field(0, description="Seed of the validation draw.")
-    synthetic: SyntheticSkeletonConfig = Field(default_factory=SyntheticSkeletonConfig)
+    synthetic: SyntheticDataConfig = Field(default_factory=SyntheticDataConfig)
 
     @field_validator("benchmark")
     @classmethod
@@ -116,18 +127,29 @@ class SkeletonDataConfig(Section):
     def _prepared_needs_dir(self) -> SkeletonDataConfig:
         if self.source == "prepared" and self.prepared_dir is None:
             raise ValueError("data.prepared_dir is required with data.source=prepared")
+        if self.source == "synthetic" and not self.benchmark.startswith("ntu60-"):
+            raise ValueError(f"data.benchmark={self.benchmark}: the synthetic set has ntu60-xsub and ntu60-xview only")
         return self
+
+    @property
+    def num_classes(self) -> int:
+        """Classes of the head and text tables: the synthetic catalogue's, else the benchmark's."""
+        return SYNTHETIC_CLASSES if self.source == "synthetic" else BENCHMARKS[self.benchmark].num_classes
 
 
 class CoCoDiffTextConfig(Section):
     """Coarse (label + synonyms) and fine (description) prompt files, one line per class each."""
 
     encoder: str = Field("minilm", description="'minilm' (offline) or 'open_clip:MODEL:PRETRAINED_OR_PATH'.")
-    class_names: Path | None = Field(None, description="Coarse text: one class name per line; default: embedded NTU-60 names.")
-    synonyms: list[Path] = Field(
-        [], description="More coarse files (synonyms, one line per class), concatenated with the names along channels.")
+    class_names: Path | None = Field(
+        None, description="Coarse text: one class name per line; default: the synthetic set's generated names "
+                          "(source=synthetic) or the embedded NTU-60 names.")
+    synonyms: list[Path] | None = Field(
+        None, description="More coarse files (synonyms, one line per class), concatenated with the names along "
+                          "channels; default: the embedded synonyms of the synthetic set (source=synthetic), else none.")
     descriptions: list[Path] | None = Field(
-        None, description="Fine text files (one description per class); default: embedded NTU-60 descriptions.")
+        None, description="Fine text files (one description per class); default: the synthetic set's generated "
+                          "descriptions (source=synthetic) or the embedded NTU-60 descriptions.")
     cache_dir: Path | None = Field(None, description="Encoded-text cache; default $SKELDIFF_CACHE or ~/.cache/skeldiff.")
 
 
@@ -137,15 +159,34 @@ class CoCoDiffEvalConfig(Section):
     batch_size: int = Field(256, ge=1, description="Sequences per evaluation forward.")
 
 
+class CoCoDiffOptimConfig(OptimConfig):
+    """AdamW as for TDSM, with defaults sized for the embedded default on 2 CPU cores (paper: batch 64 on NTU,
+    128 on Kinetics; see service/configs/cocodiff_paper.yaml). Subclassed rather than built with other values
+    in a default factory, so that overriding one field (`--set optim.lr=...`) keeps the others' defaults."""
+
+    lr: float = Field(3e-3, gt=0, description="Peak learning rate (paper scale: 1e-3).")
+    warmup_steps: int = Field(20, ge=0, description="Linear warm-up steps.")
+    batch_size: int = Field(16, ge=1, description="Sequences per step (per rank under DDP; paper: 64 on NTU).")
+
+
+class CoCoDiffTrainConfig(TrainConfig):
+    """Loop length and cadence of the embedded default (a few minutes on 2 CPU cores)."""
+
+    steps: int = Field(600, ge=1, description="Training iterations.")
+    eval_every: int = Field(100, ge=1, description="Evaluate on the validation split every N steps.")
+    checkpoint_every: int = Field(100, ge=1, description="Write a resumable checkpoint every N steps.")
+    threads: int = Field(1, ge=0, description="torch intra-op threads; 0 keeps torch's default. One: small "
+                                             "convolutions run fastest so on shared cores.")
+
+
 class CoCoDiffConfig(Section):
     """Everything one CoCoDiff (or baseline) run reads."""
 
     method: Literal["cocodiff"] = "cocodiff"
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
     module: CoCoDiffModuleConfig = Field(default_factory=CoCoDiffModuleConfig)
-    # Paper: batch 64 on NTU (128 on Kinetics).
-    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(batch_size=64))
-    train: TrainConfig = Field(default_factory=TrainConfig)
+    optim: CoCoDiffOptimConfig = Field(default_factory=CoCoDiffOptimConfig)
+    train: CoCoDiffTrainConfig = Field(default_factory=CoCoDiffTrainConfig)
     data: SkeletonDataConfig = Field(default_factory=SkeletonDataConfig)
     text: CoCoDiffTextConfig = Field(default_factory=CoCoDiffTextConfig)
     eval: CoCoDiffEvalConfig = Field(default_factory=CoCoDiffEvalConfig)
@@ -330,6 +371,6 @@ def cocodiff_loss(logits: torch.Tensor, logits_gen: torch.Tensor, x0: torch.Tens
 
 __all__ = [
     "BackboneConfig", "CoCoDiffConfig", "CoCoDiffEvalConfig", "CoCoDiffModule", "CoCoDiffModuleConfig",
-    "CoCoDiffTextConfig", "LatentDenoiser", "SkeletonDataConfig", "SyntheticSkeletonConfig", "build_module",
-    "build_schedule", "classification_loss", "cocodiff_loss", "draw_diffusion_inputs", "kl_contrastive_loss",
+    "CoCoDiffOptimConfig", "CoCoDiffTextConfig", "CoCoDiffTrainConfig", "LatentDenoiser", "SkeletonDataConfig",
+    "SyntheticDataConfig", "build_module", "build_schedule", "classification_loss", "cocodiff_loss", "draw_diffusion_inputs", "kl_contrastive_loss",
 ]

@@ -5,16 +5,17 @@ export touch backbone + head only (`SkeletonClassifier`), so the module adds no 
 reports through `trainers.tracking.Reporter` (curve=None), checkpoints atomically (last.pt resumable,
 best.pt = best `val/top1`, holding the classifier only and its validation logits for stream ensembles).
 
-Batches are a pure function of (seed, step) and the diffusion draws come from one seeded generator whose
-state is checkpointed, so a resumed run trains exactly as an uninterrupted one.
+Batches and the diffusion draws are pure functions of (seed, step, rank), so a resumed run trains exactly as an
+uninterrupted one, and data-parallel ranks (DDP, `wrap_model`) train on disjoint shards of each global batch.
 """
 
 from __future__ import annotations
 
 import copy
+import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,17 +25,36 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from trainers.cocodiff import (BackboneConfig, CoCoDiffConfig, CoCoDiffModule, build_module, build_schedule,
-                               classification_loss, cocodiff_loss, draw_diffusion_inputs)
+from trainers.cocodiff import (
+    BackboneConfig,
+    CoCoDiffConfig,
+    CoCoDiffModule,
+    build_module,
+    build_schedule,
+    classification_loss,
+    cocodiff_loss,
+    draw_diffusion_inputs,
+)
 from trainers.config import flatten, to_plain
 from trainers.diffusion import NoiseSchedule
 from trainers.errors import InputError
 from trainers.io import atomic_torch_save, stable_hash
-from trainers.runtime import autocast, resolve_device, resolve_precision, seed_everything
+from trainers.runtime import (
+    autocast,
+    resolve_device,
+    resolve_precision,
+    seed_everything,
+)
 from trainers.skeleton.gcn import Encoder, build_encoder, joint_to_bone, joint_to_motion
 from trainers.skeleton.splits import BENCHMARKS
+from trainers.skeleton.synthetic import action_catalogue
 from trainers.tdsm_fit import lr_at
-from trainers.tdsm_task import EMBEDDED_DESCRIPTIONS, EMBEDDED_NAMES, default_cache_dir
+from trainers.tdsm_task import (
+    ASSETS,
+    EMBEDDED_DESCRIPTIONS,
+    EMBEDDED_NAMES,
+    default_cache_dir,
+)
 from trainers.text import encode_prompt_sets, read_prompt_file
 from trainers.tracking import Reporter
 
@@ -46,6 +66,9 @@ NON_TRAINING_KEYS = ("eval.", "train.eval_every", "train.checkpoint_every", "tra
 # Only the pooled (global) text features are used; MiniLM's local features need at least [CLS] and [SEP].
 UNUSED_LOCAL_TOKENS = 2
 TOP_K = 5
+# One hand-written synonym per generated class (coarse text beside the generated name), in catalogue order.
+SYNTHETIC_SYNONYMS = ASSETS / "synthetic_synonyms.txt"
+SYNTHETIC_LABEL = "synthetic-skeleton"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -94,7 +117,7 @@ def build_classifier(cfg: BackboneConfig, num_classes: int, in_channels: int = 3
 
 
 # ----------------------------------------------------------------------------------------------
-# Data: prepared arrays or the embedded toy task
+# Data: a prepared folder (real release or the generated synthetic set) and the class texts
 # ----------------------------------------------------------------------------------------------
 
 @dataclass
@@ -110,36 +133,10 @@ class SkeletonData:
     num_classes: int
 
 
-def synthetic_skeletons(num_classes: int, per_class: int, frames: int, noise: float, seed: int,
-                        num_joints: int = 25, persons: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
-    """Toy sequences (N, 3, T, V, M), labels (N,): class k oscillates joints {v : v mod K = k} along axis k mod 3.
-
-    Cycles over the clip are 1 + k // 3, phase and amplitude are random per sample, joint jitter is
-    `noise` × N(0, 1); only the first person moves, the others are zero (as absent NTU bodies). The rest pose
-    is fixed, so draws with different seeds share it.
-    """
-    g = torch.Generator().manual_seed(seed)
-    n = num_classes * per_class
-    y = torch.arange(num_classes).repeat_interleave(per_class)                                  # (N,)
-    pose = torch.randn(3, num_joints, generator=torch.Generator().manual_seed(0)) * 0.3           # (3, V)
-    k = torch.arange(num_classes)
-    mask = torch.zeros(num_classes, 3, num_joints)
-    mask[k[:, None], (k % 3)[:, None], torch.arange(num_joints)[None]] = (
-        torch.arange(num_joints)[None] % num_classes == k[:, None]).float()                         # (K, 3, V)
-    s = torch.linspace(0, 1, frames)                                                              # (T,)
-    phase = torch.rand(n, 1, generator=g) * 2 * torch.pi
-    amp = 0.5 + 0.5 * torch.rand(n, 1, generator=g)
-    cycles = (1 + k // 3).float()[y][:, None]
-    motion = amp * torch.sin(2 * torch.pi * cycles * s[None] + phase)                             # (N, T)
-    x = pose[None, :, None, :] + mask[y][:, :, None, :] * motion[:, None, :, None]                # (N, 3, T, V)
-    x = x + noise * torch.randn(x.shape, generator=g)
-    others = torch.zeros(n, 3, frames, num_joints, persons - 1)
-    return torch.cat([x.unsqueeze(-1), others], dim=-1), y                                        # (N, 3, T, V, M)
-
-
-def load_prepared(folder: Path, benchmark: str, val_fraction: float, val_seed: int) -> SkeletonData:
+def load_prepared(folder: Path, benchmark: str, val_fraction: float, val_seed: int,
+                  num_classes: int | None = None) -> SkeletonData:
     """data.npy / label.npy / index.tsv of `service.prepare`: the benchmark's train rows minus a seeded
-    validation draw, its test rows as test."""
+    validation draw, its test rows as test. num_classes defaults to the benchmark's (60 / 120)."""
     folder = Path(folder)
     for name in ("data.npy", "label.npy", "index.tsv"):
         if not (folder / name).is_file():
@@ -161,7 +158,7 @@ def load_prepared(folder: Path, benchmark: str, val_fraction: float, val_seed: i
     perm = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(val_seed)).numpy()
     n_val = max(1, round(val_fraction * len(train_idx)))
     val_idx, fit_idx = np.sort(train_idx[perm[:n_val]]), np.sort(train_idx[perm[n_val:]])
-    num_classes = BENCHMARKS[benchmark].num_classes
+    num_classes = num_classes or BENCHMARKS[benchmark].num_classes
 
     def take(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         y = labels[idx].astype(np.int64)
@@ -172,74 +169,95 @@ def load_prepared(folder: Path, benchmark: str, val_fraction: float, val_seed: i
     return SkeletonData(*take(fit_idx), *take(val_idx), *take(test_idx), num_classes)
 
 
-def load_cocodiff_data(cfg: CoCoDiffConfig) -> SkeletonData:
-    """The splits named by cfg.data: the prepared benchmark, or the toy task (three independent draws)."""
+def load_cocodiff_data(cfg: CoCoDiffConfig, folder: Path | None = None) -> SkeletonData:
+    """The splits of cfg.data from a prepared folder: data.prepared_dir, or (source=synthetic) `folder`, the
+    generated set prepared by the service layer (`service.cocodiff_data`; trainers never run `service.prepare`)."""
     d = cfg.data
-    if d.source == "prepared":
-        return load_prepared(d.prepared_dir, d.benchmark, d.val_fraction, d.val_seed)
-    s = d.synthetic
-    held_out = max(2, s.per_class // 2)
-    train = synthetic_skeletons(s.num_classes, s.per_class, s.frames, s.noise, s.seed)
-    val = synthetic_skeletons(s.num_classes, held_out, s.frames, s.noise, s.seed + 1)
-    test = synthetic_skeletons(s.num_classes, held_out, s.frames, s.noise, s.seed + 2)
-    return SkeletonData(*train, *val, *test, s.num_classes)
+    folder = folder if folder is not None else d.prepared_dir
+    if folder is None:
+        raise InputError("data.source=synthetic: the generated set is made by the service layer "
+                         "(python -m service.run cocodiff); pass its prepared folder")
+    return load_prepared(folder, d.benchmark, d.val_fraction, d.val_seed, d.num_classes)
 
 
-def _prompt_reader(cfg: CoCoDiffConfig, num_classes: int):
-    """(read(path) -> one prompt per class, names file, fine files): the embedded NTU-60 texts by default,
-    whose first C lines serve the toy task; explicit files must hold exactly one line per class."""
+@dataclass(frozen=True)
+class PromptSets:
+    """One prompt per class in each set: coarse = [names, *synonyms], fine = [*descriptions]."""
+
+    names: list[str]
+    synonyms: list[list[str]]
+    descriptions: list[list[str]]
+
+
+def synthetic_prompts() -> PromptSets:
+    """The generated set's own texts: catalogue names, the embedded hand-written synonyms, generated descriptions."""
+    catalogue = action_catalogue()
+    return PromptSets([c.name for c in catalogue], [read_prompt_file(SYNTHETIC_SYNONYMS, expected_count=len(catalogue))],
+                      [[c.description for c in catalogue]])
+
+
+def class_prompts(cfg: CoCoDiffConfig, num_classes: int) -> PromptSets:
+    """The coarse and fine prompts of cfg.text, each file exactly one line per class.
+
+    Defaults: the synthetic set's own texts (source=synthetic), else the embedded NTU-60 names and descriptions
+    and no synonyms. A given file replaces only its own default; a names file needs its own descriptions.
+    """
     t = cfg.text
-    embedded = t.class_names is None
-    if t.descriptions is None and not embedded:
-        raise InputError("text.descriptions (fine text) is required when text.class_names is given")
-    names_file = EMBEDDED_NAMES if embedded else Path(t.class_names)
-    fine_files = [EMBEDDED_DESCRIPTIONS] if t.descriptions is None else [Path(p) for p in t.descriptions]
-    truncate = embedded and t.descriptions is None and cfg.data.source == "synthetic"
+    if cfg.data.source == "synthetic":
+        default = synthetic_prompts()
+    else:
+        if t.class_names is not None and t.descriptions is None:
+            raise InputError("text.descriptions (fine text) is required when text.class_names is given")
+        default = PromptSets(read_prompt_file(EMBEDDED_NAMES), [], [read_prompt_file(EMBEDDED_DESCRIPTIONS)])
 
     def read(path: Path) -> list[str]:
-        if truncate:
-            return read_prompt_file(path)[:num_classes]
-        return read_prompt_file(path, expected_count=num_classes)
+        return read_prompt_file(Path(path), expected_count=num_classes)
 
-    return read, names_file, fine_files
+    sets = PromptSets(read(t.class_names) if t.class_names is not None else default.names,
+                      [read(p) for p in t.synonyms] if t.synonyms is not None else default.synonyms,
+                      [read(p) for p in t.descriptions] if t.descriptions is not None else default.descriptions)
+    for label, rows in (("class names", sets.names), *(("synonyms", r) for r in sets.synonyms),
+                        *(("descriptions", r) for r in sets.descriptions)):
+        if len(rows) != num_classes:
+            raise InputError(f"text: the default {label} have {len(rows)} lines but the data has {num_classes} "
+                             "classes; give text.class_names and text.descriptions files")
+    return sets
 
 
 def read_class_names(cfg: CoCoDiffConfig, num_classes: int) -> list[str]:
     """The class names (coarse text) without encoding anything: labels for plots, also for the baseline."""
-    read, names_file, _ = _prompt_reader(cfg, num_classes)
-    return read(names_file)
+    return class_prompts(cfg, num_classes).names
 
 
 def dataset_label(cfg: CoCoDiffConfig) -> str:
-    """Short name of the data a config trains on, for run and experiment names: 'synthetic' or the benchmark."""
-    return "synthetic" if cfg.data.source == "synthetic" else cfg.data.benchmark
+    """Short name of the data a config trains on, for run and experiment names: 'synthetic-skeleton' or the
+    benchmark (with '-synthetic-skeleton' for the generated set's X-View)."""
+    if cfg.data.source == "synthetic":
+        return SYNTHETIC_LABEL if cfg.data.benchmark == "ntu60-xsub" else f"{SYNTHETIC_LABEL}-{cfg.data.benchmark}"
+    return cfg.data.benchmark
 
 
 def encode_cocodiff_texts(cfg: CoCoDiffConfig, num_classes: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-    """(class names, fine text (C, D_f), coarse text (C, D_c)): pooled features, prompt files concatenated.
-
-    Defaults are the embedded NTU-60 names (coarse) and descriptions (fine); the toy task takes their first
-    C lines. Explicit files must hold exactly one line per class.
-    """
-    t = cfg.text
-    read, names_file, fine_files = _prompt_reader(cfg, num_classes)
-    names = read(names_file)
-    coarse_sets = [names] + [read(Path(p)) for p in t.synonyms]
-    fine_sets = [read(p) for p in fine_files]
-    cache = Path(t.cache_dir) if t.cache_dir else default_cache_dir() / "text"
+    """(class names, fine text (C, D_f), coarse text (C, D_c)): pooled features, prompt sets concatenated."""
+    sets = class_prompts(cfg, num_classes)
+    coarse_sets = [sets.names, *sets.synonyms]
+    cache = Path(cfg.text.cache_dir) if cfg.text.cache_dir else default_cache_dir() / "text"
     # One call: the encoder loads once and the sets come back concatenated, each the encoder's width.
-    feats = encode_prompt_sets(t.encoder, coarse_sets + fine_sets, UNUSED_LOCAL_TOKENS, cache).global_feats
-    width = feats.shape[1] // (len(coarse_sets) + len(fine_sets))
+    feats = encode_prompt_sets(cfg.text.encoder, coarse_sets + sets.descriptions, UNUSED_LOCAL_TOKENS,
+                               cache).global_feats
+    width = feats.shape[1] // (len(coarse_sets) + len(sets.descriptions))
     split = len(coarse_sets) * width
-    return names, feats[:, split:].contiguous(), feats[:, :split].contiguous()     # fine (C, D_f), coarse (C, D_c)
+    return sets.names, feats[:, split:].contiguous(), feats[:, :split].contiguous()   # fine (C, D_f), coarse (C, D_c)
 
 
-def prepare_cocodiff(cfg: CoCoDiffConfig) -> tuple[SkeletonData, list[str] | None, torch.Tensor | None,
-                                                   torch.Tensor | None]:
-    """(data, class names, fine text, coarse text); the texts are None (never encoded) for the baseline."""
-    data = load_cocodiff_data(cfg)
+def prepare_cocodiff(cfg: CoCoDiffConfig, folder: Path | None = None) -> tuple[SkeletonData, list[str],
+                                                                             torch.Tensor | None, torch.Tensor | None]:
+    """(data, class names, fine text, coarse text); the texts are None (never encoded) for the baseline.
+
+    folder: the prepared folder of a source=synthetic config (see `load_cocodiff_data`)."""
+    data = load_cocodiff_data(cfg, folder)
     if not cfg.module.enabled:
-        return data, None, None, None
+        return data, read_class_names(cfg, data.num_classes), None, None
     return (data, *encode_cocodiff_texts(cfg, data.num_classes))
 
 
@@ -299,53 +317,99 @@ def ensemble_logits(logits: Sequence[torch.Tensor], weights: Sequence[float] | N
 # One training step
 # ----------------------------------------------------------------------------------------------
 
-def batch_indices(step: int, batch_size: int, n: int, seed: int) -> torch.Tensor:
-    """Sample ids of a step: epochs of seeded permutations, the remainder of each epoch dropped (pure function)."""
-    per_epoch = max(1, n // batch_size)
+def batch_indices(step: int, batch_size: int, n: int, seed: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+    """Sample ids of a step on one rank (pure function): epochs of seeded permutations, the remainder of each
+    epoch dropped; the global batch of batch_size x world_size ids is split into world_size disjoint shards."""
+    global_batch = batch_size * world_size
+    per_epoch = max(1, n // global_batch)
     epoch, k = divmod(step, per_epoch)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-    return perm[k * batch_size:(k + 1) * batch_size]
+    return perm[k * global_batch:(k + 1) * global_batch].tensor_split(world_size)[rank]
 
 
-def compute_losses(classifier: SkeletonClassifier, module: CoCoDiffModule | None, schedule: NoiseSchedule,
-                   cfg: CoCoDiffConfig, x: torch.Tensor, y: torch.Tensor, fine_text: torch.Tensor | None,
-                   coarse_text: torch.Tensor | None, gen: torch.Generator, amp) -> dict[str, torch.Tensor]:
-    """Loss terms of one batch x (N, C, T, V, M), y (N,); the module's t, noise and mask come from `gen`."""
-    with amp():
-        x0 = classifier.features(x)                                               # (N, D)
-        logits = classifier.head(x0)                                              # (N, K)
-    if module is None:
-        return classification_loss(logits, y)
+def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
+    """The generator of one step's diffusion draws (t, noise, fine-text mask): a pure function of (seed, step,
+    rank), so a resumed run draws what an uninterrupted one would and every DDP rank draws differently."""
+    state = int(np.random.SeedSequence([seed, step, rank]).generate_state(1, np.uint64)[0])
+    return torch.Generator().manual_seed(state)
+
+
+class TrainingModel(nn.Module):
+    """Backbone + head and, when enabled, the CoCoDiff module as one nn.Module for the training forward.
+
+    This is what DDP wraps: its gradient all-reduce is armed by a forward *through the wrapper*, so the training
+    pass must be one forward call (the inference model stays `classifier` alone).
+    """
+
+    def __init__(self, classifier: SkeletonClassifier, cocodiff: CoCoDiffModule | None):
+        super().__init__()
+        self.classifier = classifier
+        self.cocodiff = cocodiff
+
+    @property
+    def feature_dim(self) -> int:
+        return self.classifier.encoder.feature_dim
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, fine_text: torch.Tensor | None,
+                coarse_text: torch.Tensor | None, t: torch.Tensor | None, noise: torch.Tensor | None,
+                keep: torch.Tensor | None, schedule: NoiseSchedule) -> dict[str, torch.Tensor]:
+        """x (N, C, T, V, M), y (N,) -> logits (N, K) and, with the module, x0 / x0_hat (N, D), logits_gen (N, K),
+        skel_emb / text_emb (N, A) and the logit scale (scalar)."""
+        x0 = self.classifier.features(x)                                           # (N, D)
+        out = {"logits": self.classifier.head(x0), "x0": x0}                       # (N, K)
+        if self.cocodiff is None:
+            return out
+        # The module is a handful of small GEMMs on pooled (N, D) features: under bf16 autocast the per-call
+        # weight casts cost more than they save (CPU, measured with `service.bench cocodiff`), so it runs in fp32.
+        with torch.autocast(x.device.type, enabled=False):
+            x0_hat = self.cocodiff(x0.float(), fine_text[y], t, noise, schedule, keep)  # (N, D)
+            skel_emb, text_emb = self.cocodiff.align(x0_hat, coarse_text[y])           # (N, A), (N, A)
+        return {**out, "x0_hat": x0_hat, "logits_gen": self.classifier.head(x0_hat), "skel_emb": skel_emb,
+                "text_emb": text_emb, "logit_scale": self.cocodiff.logit_scale()}
+
+
+def compute_losses(model: TrainingModel, schedule: NoiseSchedule, cfg: CoCoDiffConfig, x: torch.Tensor,
+                   y: torch.Tensor, fine_text: torch.Tensor | None, coarse_text: torch.Tensor | None,
+                   gen: torch.Generator, amp, forward: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """Loss terms of one batch x (N, C, T, V, M), y (N,); the module's t, noise and mask come from `gen`.
+
+    forward: what runs model's forward, i.e. model itself or its DDP wrapper (default: model).
+    """
     m = cfg.module
-    t, noise, keep = draw_diffusion_inputs(len(y), x0.shape[1], m.num_train_timesteps, m.fine_dropout, gen,
-                                           x0.device)
+    t = noise = keep = None
+    if model.cocodiff is not None:
+        t, noise, keep = draw_diffusion_inputs(len(y), model.feature_dim, m.num_train_timesteps, m.fine_dropout,
+                                               gen, x.device)
     with amp():
-        x0_hat = module(x0.float(), fine_text[y], t, noise, schedule, keep)         # (N, D)
-        logits_gen = classifier.head(x0_hat)                                      # (N, K)
-        skel_emb, text_emb = module.align(x0_hat, coarse_text[y])                 # (N, A), (N, A)
-    return cocodiff_loss(logits, logits_gen, x0, x0_hat, skel_emb, text_emb, y, module.logit_scale(),
-                         m.w_diff, m.w_gen, m.w_coarse)
+        out = (forward or model)(x, y, fine_text, coarse_text, t, noise, keep, schedule)
+    if model.cocodiff is None:
+        return classification_loss(out["logits"], y)
+    return cocodiff_loss(out["logits"], out["logits_gen"], out["x0"], out["x0_hat"], out["skel_emb"],
+                         out["text_emb"], y, out["logit_scale"], m.w_diff, m.w_gen, m.w_coarse)
 
 
-def make_optimizer(cfg: CoCoDiffConfig, modules: Sequence[nn.Module]) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices and conv kernels only (not on biases, norms, scales, shifts)."""
-    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+def make_optimizer(cfg: CoCoDiffConfig, model: nn.Module) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices and conv kernels only (not on biases, norms, scales, shifts).
+
+    The fused kernel (CPU and CUDA) updates all tensors in one pass: the per-tensor loop of the default
+    implementation cost ~3 ms per step for the ~70 small tensors of the default model + module on one CPU
+    thread, a large share of the module's training overhead (measured with `service.bench cocodiff`)."""
+    params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.optim.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.optim.lr)
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, fused=fused)
 
 
-def training_step(classifier: SkeletonClassifier, module: CoCoDiffModule | None, schedule: NoiseSchedule,
-                  opt: torch.optim.Optimizer, cfg: CoCoDiffConfig, x: torch.Tensor, y: torch.Tensor,
-                  fine_text: torch.Tensor | None, coarse_text: torch.Tensor | None, gen: torch.Generator,
-                  amp) -> dict[str, torch.Tensor]:
-    """Forward, backward, clip, step; returns the detached loss terms."""
-    losses = compute_losses(classifier, module, schedule, cfg, x, y, fine_text, coarse_text, gen, amp)
+def training_step(model: TrainingModel, schedule: NoiseSchedule, opt: torch.optim.Optimizer, cfg: CoCoDiffConfig,
+                  x: torch.Tensor, y: torch.Tensor, fine_text: torch.Tensor | None, coarse_text: torch.Tensor | None,
+                  gen: torch.Generator, amp, forward: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """Forward (through `forward`, e.g. a DDP wrapper of model), backward, clip, step; the detached loss terms."""
+    losses = compute_losses(model, schedule, cfg, x, y, fine_text, coarse_text, gen, amp, forward)
     opt.zero_grad(set_to_none=True)
     losses["loss"].backward()
     if cfg.optim.grad_clip > 0:
-        params = [p for group in opt.param_groups for p in group["params"]]
-        torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
     opt.step()
     return {k: v.detach() for k, v in losses.items()}
 
@@ -353,6 +417,20 @@ def training_step(classifier: SkeletonClassifier, module: CoCoDiffModule | None,
 # ----------------------------------------------------------------------------------------------
 # Fit
 # ----------------------------------------------------------------------------------------------
+
+def average_buffers(model: nn.Module, world_size: int) -> None:
+    """Average the floating-point buffers (BatchNorm running statistics) over the DDP ranks, in place.
+
+    DDP broadcasts rank 0's buffers only at the start of each forward, so after a step every rank holds
+    statistics updated on its own shard; the average is the estimate over all shards. A collective: every rank
+    calls it at the same steps."""
+    import torch.distributed as dist
+
+    for buf in model.buffers():
+        if buf.is_floating_point():
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM)     # gloo has no AVG
+            buf.div_(world_size)
+
 
 @dataclass
 class CoCoDiffResult:
@@ -403,52 +481,63 @@ def _check_inputs(train_x, train_y, val_x, val_y, fine_text, coarse_text, enable
 def fit_cocodiff(cfg: CoCoDiffConfig, train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor | None,
                  val_y: torch.Tensor | None, fine_text: torch.Tensor | None, coarse_text: torch.Tensor | None,
                  reporter: Reporter, run_dir: Path | None = None, progress: bool = True,
-                 num_classes: int | None = None) -> CoCoDiffResult:
+                 num_classes: int | None = None, wrap_model: Callable[[nn.Module], nn.Module] | None = None,
+                 rank: int = 0, world_size: int = 1) -> CoCoDiffResult:
     """Train backbone + head (+ the CoCoDiff module when cfg.module.enabled) on (train_x (N, C, T, V, M), train_y).
 
     fine_text (K, D_f), coarse_text (K, D_c): one row per class (may be None for the baseline). Evaluates
     top-1/top-5 on (val_x, val_y) every train.eval_every steps as `val/top1`, `val/top5`. run_dir holds
     last.pt (resumable) and best.pt (best val/top1: classifier weights + validation logits); None keeps
     nothing on disk. num_classes defaults to the text rows (or 1 + the largest label for the baseline).
+
+    Data-parallel training (DDP): every rank calls this with the same config and data, its `rank` and the
+    `world_size`, and wrap_model (e.g. Ray Train's prepare_model) wrapping the one `TrainingModel`. Each rank
+    trains on its own shard of every global batch (optim.batch_size per rank) with its own diffusion draws;
+    gradients are averaged, so the weights stay identical; BatchNorm statistics are averaged over the ranks before
+    each evaluation and checkpoint, so every rank evaluates and checkpoints the same model.
     """
     enabled = cfg.module.enabled
     inferred = _check_inputs(train_x, train_y, val_x, val_y, fine_text, coarse_text, enabled)
     num_classes = num_classes or inferred
     if enabled and num_classes != fine_text.shape[0]:
         raise InputError(f"num_classes={num_classes} but the texts have {fine_text.shape[0]} rows (one per class)")
+    if not 0 <= rank < world_size or len(train_x) < world_size:
+        raise InputError(f"rank {rank} of {world_size}: needs 0 <= rank < world_size <= {len(train_x)} training sequences")
     device = resolve_device(cfg.train.device)
     precision = resolve_precision(cfg.train.precision, device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    gen = seed_everything(cfg.train.seed)
+    seed_everything(cfg.train.seed)
     classifier = build_classifier(cfg.backbone, num_classes, train_x.shape[1]).to(device)
     module, schedule, text_dims = None, build_schedule(cfg.module), None
     if enabled:
         text_dims = (fine_text.shape[1], coarse_text.shape[1])
         module = build_module(cfg.module, classifier.encoder.feature_dim, *text_dims).to(device)
         fine_text, coarse_text = fine_text.float().to(device), coarse_text.float().to(device)
-    trained = [classifier] + ([module] if module is not None else [])
-    opt = make_optimizer(cfg, trained)
+    model = TrainingModel(classifier, module)
+    opt = make_optimizer(cfg, model)
     amp = lambda: autocast(device, precision)  # a fresh context per use
     fingerprint = training_fingerprint(cfg, train_x, num_classes, text_dims)
 
     state = _FitState()
     if run_dir is not None and (Path(run_dir) / LAST).is_file():
-        state = _resume(Path(run_dir), fingerprint, classifier, module, opt, gen)
+        state = _resume(Path(run_dir), fingerprint, classifier, module, opt)
+    # Wrapped after a resume: DDP broadcasts rank 0's weights at construction, and every rank loaded the same.
+    forward = wrap_model(model) if wrap_model is not None else model
     evaluating = val_x is not None and len(val_x) > 0
     total, B = cfg.train.steps, cfg.optim.batch_size
     log_every = max(1, min(50, total // 20))
     bar = tqdm(total=total, initial=state.step, desc="cocodiff" if enabled else "baseline", disable=not progress,
                file=sys.stderr, mininterval=1.0, dynamic_ncols=True)
-    for m in trained:
-        m.train()
+    model.train()
     start_step = state.step
     while state.step < total:
         for group in opt.param_groups:
             group["lr"] = lr_at(state.step, total, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio)
-        idx = batch_indices(state.step, B, len(train_x), cfg.train.seed)
+        idx = batch_indices(state.step, B, len(train_x), cfg.train.seed, rank, world_size)
         x, y = train_x[idx].to(device, non_blocking=True), train_y[idx].to(device)
-        losses = training_step(classifier, module, schedule, opt, cfg, x, y, fine_text, coarse_text, gen, amp)
+        gen = step_generator(cfg.train.seed, state.step, rank)
+        losses = training_step(model, schedule, opt, cfg, x, y, fine_text, coarse_text, gen, amp, forward)
         state.step += 1
         bar.update(1)
         step = state.step
@@ -461,6 +550,8 @@ def fit_cocodiff(cfg: CoCoDiffConfig, train_x: torch.Tensor, train_y: torch.Tens
             bar.set_postfix(loss=f"{scalars['train/loss']:.4f}", refresh=False)
         is_eval = evaluating and (step % cfg.train.eval_every == 0 or step == total)
         is_ckpt = step % cfg.train.checkpoint_every == 0 or step == total
+        if (is_eval or is_ckpt) and world_size > 1:
+            average_buffers(model, world_size)       # every rank evaluates and saves the same model
         if is_eval:
             state.last_metrics, logits = evaluate_classifier(classifier, val_x, val_y, cfg.eval.batch_size, "val",
                                                              precision)
@@ -472,7 +563,7 @@ def fit_cocodiff(cfg: CoCoDiffConfig, train_x: torch.Tensor, train_y: torch.Tens
                 if run_dir is not None:
                     _save_best(Path(run_dir) / BEST, state, val_y, cfg, num_classes, train_x.shape[1])
         if run_dir is not None and (is_ckpt or is_eval):
-            _save_last(Path(run_dir) / LAST, fingerprint, classifier, module, opt, gen, state, cfg)
+            _save_last(Path(run_dir) / LAST, fingerprint, classifier, module, opt, state, cfg)
         if is_eval:
             reporter.log_evaluation(state.last_metrics, step, None, Path(run_dir) if run_dir is not None else None)
     if start_step >= total and evaluating:
@@ -480,8 +571,7 @@ def fit_cocodiff(cfg: CoCoDiffConfig, train_x: torch.Tensor, train_y: torch.Tens
         state.last_metrics, _ = evaluate_classifier(classifier, val_x, val_y, cfg.eval.batch_size, "val", precision)
         reporter.log_evaluation(state.last_metrics, state.step, None, Path(run_dir) if run_dir is not None else None)
     bar.close()
-    for m in trained:
-        m.eval()
+    model.eval()
     return CoCoDiffResult(classifier, module, state.step, state.last_metrics, state.best, state.best_step,
                           state.best_metrics, state.best_state, state.val_logits)
 
@@ -513,11 +603,11 @@ def _save_best(path: Path, state: _FitState, val_y: torch.Tensor, cfg: CoCoDiffC
     }, path)
 
 
-def _save_last(path: Path, fingerprint: str, classifier, module, opt, gen: torch.Generator, state: _FitState,
-               cfg: CoCoDiffConfig) -> None:
+def _save_last(path: Path, fingerprint: str, classifier, module, opt, state: _FitState, cfg: CoCoDiffConfig) -> None:
+    # Batches and diffusion draws are pure functions of (seed, step, rank); the torch RNG drives dropout.
     atomic_torch_save({
         "classifier": classifier.state_dict(), "module": module.state_dict() if module is not None else None,
-        "optimizer": opt.state_dict(), "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+        "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         "step": state.step, "best": state.best, "best_step": state.best_step, "best_metrics": state.best_metrics,
         "last_metrics": state.last_metrics, "fingerprint": fingerprint, "config": to_plain(cfg),
@@ -531,7 +621,7 @@ def _load(path: Path) -> dict[str, Any]:
         raise InputError(f"{path}: unreadable checkpoint ({type(err).__name__}); delete it to start over") from None
 
 
-def _resume(run_dir: Path, fingerprint: str, classifier, module, opt, gen: torch.Generator) -> _FitState:
+def _resume(run_dir: Path, fingerprint: str, classifier, module, opt) -> _FitState:
     """Load last.pt (and best.pt's weights and logits) into the run; refuse a checkpoint of another config."""
     state = _load(run_dir / LAST)
     if state.get("fingerprint") != fingerprint:
@@ -540,7 +630,6 @@ def _resume(run_dir: Path, fingerprint: str, classifier, module, opt, gen: torch
     if module is not None:
         module.load_state_dict(state["module"])
     opt.load_state_dict(state["optimizer"])
-    gen.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])
     if state.get("cuda_rng") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -615,10 +704,12 @@ def run_ablation(cfg: CoCoDiffConfig, train_x: torch.Tensor, train_y: torch.Tens
 
 def step_times(cfg: CoCoDiffConfig, batch: tuple[torch.Tensor, torch.Tensor], fine_text: torch.Tensor | None = None,
                coarse_text: torch.Tensor | None = None, iters: int = 5, warmup: int = 2) -> dict[str, float]:
-    """Mean seconds of one training step (the fit loop's own `training_step`) without and with the module.
+    """Median seconds of one training step (the fit loop's own `training_step`) without and with the module.
 
     batch: (x (N, C, T, V, M), y (N,)); texts default to seeded random 384-d rows (MiniLM's width) for
-    1 + max(y) classes. Runs on cfg.train.device with cfg.train.precision; nothing is asserted here.
+    1 + max(y) classes. Runs on cfg.train.device with cfg.train.precision; nothing is asserted here. The two
+    arms' steps alternate, so a change in load from other processes hits both alike; `<arm>_cpu_share` is this
+    process's CPU time over (wall time x torch threads) of the arm's timed steps (CPU only; ~1 when uncontended).
     """
     x, y = batch
     num_classes = fine_text.shape[0] if fine_text is not None else int(y.max()) + 1
@@ -629,23 +720,33 @@ def step_times(cfg: CoCoDiffConfig, batch: tuple[torch.Tensor, torch.Tensor], fi
     precision = resolve_precision(cfg.train.precision, device)
     amp = lambda: autocast(device, precision)
     x, y = x.to(device), y.to(device)
-    out = {}
+    ft, ct = fine_text.float().to(device), coarse_text.float().to(device)
+    schedule = build_schedule(cfg.module)
+    arms = {}
     for arm, enabled in (("baseline", False), ("cocodiff", True)):
         seed_everything(cfg.train.seed)
-        gen = torch.Generator().manual_seed(cfg.train.seed)
-        classifier = build_classifier(cfg.backbone, num_classes, x.shape[1]).to(device).train()
-        module = build_module(cfg.module, classifier.encoder.feature_dim, fine_text.shape[1],
-                              coarse_text.shape[1]).to(device).train() if enabled else None
-        opt = make_optimizer(cfg, [classifier] + ([module] if module is not None else []))
-        schedule = build_schedule(cfg.module)
-        ft, ct = fine_text.float().to(device), coarse_text.float().to(device)
-        for i in range(warmup + iters):
-            if i == warmup:
-                _synchronize(device)
-                start = time.perf_counter()
-            training_step(classifier, module, schedule, opt, cfg, x, y, ft, ct, gen, amp)
-        _synchronize(device)
-        out[f"{arm}_s"] = (time.perf_counter() - start) / iters
+        classifier = build_classifier(cfg.backbone, num_classes, x.shape[1]).to(device)
+        module = build_module(cfg.module, classifier.encoder.feature_dim, ft.shape[1],
+                              ct.shape[1]).to(device) if enabled else None
+        model = TrainingModel(classifier, module).train()
+        arms[arm] = (model, make_optimizer(cfg, model))
+    wall: dict[str, list[float]] = {arm: [] for arm in arms}
+    cpu: dict[str, float] = dict.fromkeys(arms, 0.0)
+    for i in range(warmup + iters):
+        for arm, (model, opt) in arms.items():
+            gen = step_generator(cfg.train.seed, i)
+            _synchronize(device)
+            start, cpu_start = time.perf_counter(), time.process_time()
+            training_step(model, schedule, opt, cfg, x, y, ft, ct, gen, amp)
+            _synchronize(device)
+            if i >= warmup:
+                wall[arm].append(time.perf_counter() - start)
+                cpu[arm] += time.process_time() - cpu_start
+    out: dict[str, float] = {}
+    for arm in arms:
+        out[f"{arm}_s"] = statistics.median(wall[arm])
+        if device.type == "cpu":
+            out[f"{arm}_cpu_share"] = cpu[arm] / (sum(wall[arm]) * torch.get_num_threads())
     out["overhead"] = out["cocodiff_s"] / out["baseline_s"] - 1.0
     return out
 
@@ -656,9 +757,9 @@ def _synchronize(device: torch.device) -> None:
 
 
 __all__ = [
-    "BEST", "LAST", "CoCoDiffResult", "SkeletonClassifier", "SkeletonData", "accuracy_metrics", "batch_indices",
-    "build_classifier", "compute_losses", "dataset_label", "encode_cocodiff_texts", "ensemble_logits",
-    "evaluate_classifier", "evaluate_split", "export_classifier", "fit_cocodiff", "load_classifier",
-    "load_cocodiff_data", "load_prepared", "prepare_cocodiff", "read_class_names", "run_ablation", "step_times",
-    "synthetic_skeletons", "training_step", "with_overrides",
+    "BEST", "LAST", "CoCoDiffResult", "PromptSets", "SkeletonClassifier", "SkeletonData", "TrainingModel",
+    "accuracy_metrics", "average_buffers", "batch_indices", "build_classifier", "class_prompts", "compute_losses", "dataset_label",
+    "encode_cocodiff_texts", "ensemble_logits", "evaluate_classifier", "evaluate_split", "export_classifier",
+    "fit_cocodiff", "load_classifier", "load_cocodiff_data", "load_prepared", "prepare_cocodiff", "read_class_names",
+    "run_ablation", "step_generator", "step_times", "synthetic_prompts", "training_step", "with_overrides",
 ]

@@ -135,12 +135,14 @@ class FitResult:
 def fit_tdsm(cfg: TDSMConfig, train: FeatureSplit, train_classes: list[int], evaluation: FeatureSplit | None,
              eval_classes: list[int], text: TextFeatures, reporter: Reporter, run_dir: Path | None = None,
              eval_prefix: str = "val", progress: bool = True,
-             wrap_model: Callable[[nn.Module], nn.Module] | None = None) -> FitResult:
+             wrap_model: Callable[[nn.Module], nn.Module] | None = None, rank: int = 0) -> FitResult:
     """Train a TDSM denoiser on `train` (classes `train_classes`), evaluating zero-shot on `evaluation`.
 
     text: features of *all* classes (rows indexed by class id). run_dir holds last.pt (resumable) and
     best.pt (best `eval_prefix/zsl_top1`); pass None to keep nothing on disk. wrap_model (e.g. Ray Train's
     prepare_model for DDP) wraps the denoiser for the training forward; checkpoints hold the unwrapped weights.
+    rank: the DDP rank. Every rank builds the same config (and the same init); ranks > 0 draw their batches
+    from a generator seeded by (seed, rank, step), so a resumed rank never replays rank 0's batches.
     """
     if len(train) == 0:
         raise InputError("no training samples for the training classes")
@@ -161,6 +163,8 @@ def fit_tdsm(cfg: TDSMConfig, train: FeatureSplit, train_classes: list[int], eva
     step, best = 0, -1.0
     if run_dir is not None and (Path(run_dir) / LAST).is_file():
         step, best = _resume(Path(run_dir) / LAST, fingerprint, model, opt, gen)
+    if rank > 0:
+        gen.manual_seed(int(stable_hash({"seed": cfg.train.seed, "rank": rank, "step": step})[:15], 16))
 
     start_step = step
     evaluating = evaluation is not None and len(evaluation) > 0
