@@ -36,6 +36,7 @@ from trainers.encoder_fit import (
 )
 from trainers.errors import InputError
 from trainers.io import atomic_save_npy, atomic_write, atomic_write_text, stable_hash
+from trainers.skeleton.prepared import read_prepared
 from trainers.tracking import NullReporter
 
 FEATURE_FILES = ("train", "ztest", "gtest")
@@ -47,22 +48,9 @@ FEATURE_FILES = ("train", "ztest", "gtest")
 
 def load_prepared(folder: Path, benchmark: str | None) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, str]:
     """(data (N,C,T,V,M), labels (N,), train mask from the benchmark column, benchmark) of a prepared folder."""
-    folder = Path(folder)
-    for name in ("data.npy", "label.npy", "index.tsv"):
-        if not (folder / name).is_file():
-            raise InputError(f"{folder / name}: missing (expected the output of `python -m service.prepare`)")
-    header, *rows = [line.split("\t") for line in (folder / "index.tsv").read_text().splitlines()]
-    split_cols = header[6:]
-    if not split_cols:
-        raise InputError(f"{folder / 'index.tsv'}: no benchmark split columns")
-    benchmark = benchmark or split_cols[0]
-    if benchmark not in split_cols:
-        raise InputError(f"--benchmark {benchmark}: not in {folder / 'index.tsv'} (has {', '.join(split_cols)})")
-    col = header.index(benchmark)
-    train_mask = np.array([r[col] == "train" for r in rows])
-    data = torch.from_numpy(np.load(folder / "data.npy", mmap_mode="r")[:].astype(np.float32))
-    labels = torch.from_numpy(np.load(folder / "label.npy").astype(np.int64))
-    return data, labels, train_mask, benchmark
+    prepared = read_prepared(folder, benchmark)
+    return (torch.from_numpy(prepared.rows()), torch.from_numpy(prepared.labels),
+            prepared.split == "train", prepared.benchmark)
 
 
 def parse_classes(spec: str | list[int], num_classes: int) -> list[int]:

@@ -46,6 +46,7 @@ from trainers.runtime import (
     seed_everything,
 )
 from trainers.skeleton.gcn import Encoder, build_encoder, joint_to_bone, joint_to_motion
+from trainers.skeleton.prepared import read_prepared
 from trainers.skeleton.splits import BENCHMARKS
 from trainers.skeleton.synthetic import action_catalogue
 from trainers.tdsm_fit import lr_at
@@ -137,24 +138,11 @@ def load_prepared(folder: Path, benchmark: str, val_fraction: float, val_seed: i
                   num_classes: int | None = None) -> SkeletonData:
     """data.npy / label.npy / index.tsv of `service.prepare`: the benchmark's train rows minus a seeded
     validation draw, its test rows as test. num_classes defaults to the benchmark's (60 / 120)."""
-    folder = Path(folder)
-    for name in ("data.npy", "label.npy", "index.tsv"):
-        if not (folder / name).is_file():
-            raise InputError(f"{folder / name}: not found (run `python -m service.prepare` first)")
-    header, *rows = [line.split("\t") for line in (folder / "index.tsv").read_text().splitlines() if line]
-    if benchmark not in header:
-        columns = [c for c in header if c in BENCHMARKS]
-        raise InputError(f"{folder / 'index.tsv'}: no {benchmark!r} column (has: {', '.join(columns) or 'none'})")
-    col = header.index(benchmark)
-    split = np.array([r[col] for r in rows])
-    data = np.load(folder / "data.npy", mmap_mode="r")
-    labels = np.load(folder / "label.npy")
-    if not len(data) == len(labels) == len(rows):
-        raise InputError(f"{folder}: data.npy, label.npy and index.tsv disagree on the sample count "
-                         f"({len(data)}, {len(labels)}, {len(rows)})")
+    prepared = read_prepared(folder, benchmark)
+    split, labels = prepared.split, prepared.labels
     train_idx, test_idx = np.flatnonzero(split == "train"), np.flatnonzero(split == "test")
     if len(train_idx) < 2:
-        raise InputError(f"{folder}: fewer than two {benchmark} training samples")
+        raise InputError(f"{prepared.folder}: fewer than two {benchmark} training samples")
     perm = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(val_seed)).numpy()
     n_val = max(1, round(val_fraction * len(train_idx)))
     val_idx, fit_idx = np.sort(train_idx[perm[:n_val]]), np.sort(train_idx[perm[n_val:]])
@@ -163,8 +151,8 @@ def load_prepared(folder: Path, benchmark: str, val_fraction: float, val_seed: i
     def take(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         y = labels[idx].astype(np.int64)
         if y.size and (y.min() < 0 or y.max() >= num_classes):
-            raise InputError(f"{folder / 'label.npy'}: labels outside 0..{num_classes - 1} for {benchmark}")
-        return torch.from_numpy(np.ascontiguousarray(data[idx], dtype=np.float32)), torch.from_numpy(y)
+            raise InputError(f"{prepared.folder / 'label.npy'}: labels outside 0..{num_classes - 1} for {benchmark}")
+        return torch.from_numpy(prepared.rows(idx)), torch.from_numpy(y)
 
     return SkeletonData(*take(fit_idx), *take(val_idx), *take(test_idx), num_classes)
 
