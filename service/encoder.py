@@ -245,7 +245,7 @@ def synthetic_prepared(root: Path, per_class: int, seed: int = 0, log=None) -> t
 
     generate (46 classes x per_class NTU-format `.skeleton` files) -> `service.prepare synthetic`; both stages
     are no-ops when their inputs did not change. The prepared folder has the ntu60-xsub / ntu60-xview columns
-    (by performer / camera of the generated sample names) and copies of class_names.txt / descriptions.txt.
+    (by performer / camera of the generated sample names); class_names.txt / descriptions.txt stay in the raw folder.
     """
     from service.prepare import prepare
     from trainers.skeleton.synthetic import NUM_CLASSES, write_synthetic_dataset

@@ -85,7 +85,7 @@ def test_resumed_training_equals_uninterrupted(prepared, tmp_path):
 def test_a_checkpoint_of_another_config_is_refused(prepared, tmp_path):
     x, y, seen, _ = seen_class_data(prepared, UNSEEN)
     fit_encoder(tiny(steps=3), x, y, seen, ListReporter(), tmp_path, progress=False)
-    with pytest.raises(InputError, match="another encoder config"):
+    with pytest.raises(InputError, match="different training config"):
         fit_encoder(tiny(lr=5e-3), x, y, seen, ListReporter(), tmp_path, progress=False)
 
 

@@ -38,7 +38,7 @@ from trainers.cocodiff import (
 from trainers.config import flatten, to_plain
 from trainers.diffusion import NoiseSchedule
 from trainers.errors import InputError
-from trainers.io import atomic_torch_save, stable_hash
+from trainers.io import atomic_torch_save, load_checkpoint, stable_hash
 from trainers.runtime import (
     autocast,
     resolve_device,
@@ -603,17 +603,12 @@ def _save_last(path: Path, fingerprint: str, classifier, module, opt, state: _Fi
 
 
 def _load(path: Path) -> dict[str, Any]:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 - any unreadable checkpoint gets the same one-line answer
-        raise InputError(f"{path}: unreadable checkpoint ({type(err).__name__}); delete it to start over") from None
+    return load_checkpoint(path)
 
 
 def _resume(run_dir: Path, fingerprint: str, classifier, module, opt) -> _FitState:
     """Load last.pt (and best.pt's weights and logits) into the run; refuse a checkpoint of another config."""
-    state = _load(run_dir / LAST)
-    if state.get("fingerprint") != fingerprint:
-        raise InputError(f"{run_dir / LAST}: written with a different training config; use another run dir or delete it")
+    state = load_checkpoint(run_dir / LAST, fingerprint)
     classifier.load_state_dict(state["classifier"])
     if module is not None:
         module.load_state_dict(state["module"])

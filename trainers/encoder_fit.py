@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from trainers.config import Section
 from trainers.errors import InputError
-from trainers.io import atomic_torch_save, stable_hash
+from trainers.io import atomic_torch_save, load_checkpoint, stable_hash
 from trainers.runtime import (
     autocast,
     epoch_batch,
@@ -183,12 +183,7 @@ def _save_last(path: Path, fingerprint: str, model: nn.Module, opt, step: int, m
 
 def _resume(path: Path, fingerprint: str, model: nn.Module, opt) -> int:
     """Load last.pt into model/optimizer; refuse a checkpoint written under another config or data."""
-    try:
-        state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 - any unreadable checkpoint gets the same one-line answer
-        raise InputError(f"{path}: unreadable checkpoint ({type(err).__name__}); delete it to start over") from None
-    if state.get("fingerprint") != fingerprint:
-        raise InputError(f"{path}: written for another encoder config or data; use another folder or delete it")
+    state = load_checkpoint(path, fingerprint)
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     return int(state["step"])

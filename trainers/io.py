@@ -40,6 +40,21 @@ def atomic_torch_save(obj: Any, path: Path) -> Path:
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
+def load_checkpoint(path: Path, fingerprint: str | None = None) -> dict[str, Any]:
+    """torch.load a checkpoint on CPU; one-line InputErrors for an unreadable file and, when `fingerprint` is
+    given, for one written under another training config (resuming it would silently mix two runs)."""
+    from trainers.errors import InputError
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - any unreadable checkpoint gets the same one-line answer
+        raise InputError(f"{path}: unreadable checkpoint ({type(err).__name__}); delete it to start over") from None
+    if fingerprint is not None and state.get("fingerprint") != fingerprint:
+        raise InputError(f"{path}: written with a different training config (or data); use another run dir or "
+                         "delete it")
+    return state
+
+
 def atomic_save_npy(array, path: Path) -> Path:
     """np.save through a temporary file (a file handle, so numpy does not append '.npy' to the temp name)."""
     import numpy as np

@@ -21,7 +21,7 @@ from trainers.config import TDSMConfig, flatten, to_plain
 from trainers.data import FeatureSplit
 from trainers.diffusion import NoiseSchedule
 from trainers.errors import InputError
-from trainers.io import atomic_torch_save, stable_hash
+from trainers.io import atomic_torch_save, load_checkpoint, stable_hash
 from trainers.losses import sample_negative_classes, triplet_diffusion_loss
 from trainers.runtime import autocast, resolve_device, resolve_precision, seed_everything
 from trainers.tdsm_model import TDSMDenoiser
@@ -231,12 +231,7 @@ def _save_last(path: Path, fingerprint: str, model, opt, gen: torch.Generator, s
 
 def _resume(path: Path, fingerprint: str, model, opt, gen: torch.Generator) -> tuple[int, float]:
     """Load last.pt into model/optimizer/generator; refuse a checkpoint written under another config."""
-    try:
-        state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 - any unreadable checkpoint gets the same one-line answer
-        raise InputError(f"{path}: unreadable checkpoint ({type(err).__name__}); delete it to start over") from None
-    if state.get("fingerprint") != fingerprint:
-        raise InputError(f"{path}: written with a different training config; use another run dir or delete it")
+    state = load_checkpoint(path, fingerprint)
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     gen.set_state(state["generator"])
