@@ -877,10 +877,9 @@ def add_encoder_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def bench_encoder(args: argparse.Namespace) -> int:
-    """Training step (forward + backward + AdamW, as `fit_encoder`) and `extract_features`, fp32 vs bf16."""
-    import torch.nn.functional as F
-
+    """Training step (`trainers.encoder_fit.train_step`, AdamW) and `extract_features`, fp32 vs bf16."""
     from trainers.encoder_fit import EncoderConfig, extract_features
+    from trainers.encoder_fit import train_step as encoder_train_step
     from trainers.skeleton.gcn import build_encoder
 
     if min(args.batch, args.extract_batch, args.frames, args.iters) < 1 or args.warmup < 0:
@@ -903,13 +902,7 @@ def bench_encoder(args: argparse.Namespace) -> int:
             xb, yb = x[:args.batch].to(device), y.to(device)
 
             def step(model=model, opt=opt, xb=xb, yb=yb, precision=precision):
-                with autocast(device, precision):
-                    logits = model(xb)
-                loss = F.cross_entropy(logits.float(), yb)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                return loss.detach()
+                return encoder_train_step(model, opt, xb, yb, device, precision)[0]
 
             train = time_calls(step, args.warmup, args.iters, device, f"[{size}] train {precision}")
             model.eval()

@@ -98,6 +98,18 @@ def classification_top1(model: Encoder, x: torch.Tensor, target: torch.Tensor, c
     return 100.0 * correct / max(1, len(x))
 
 
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor, tb: torch.Tensor,
+               device: torch.device, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One cross-entropy step on (xb (B, C, T, V, M), head columns tb (B,)); returns (loss, logits), detached."""
+    with autocast(device, precision):
+        logits = model(xb)
+    loss = F.cross_entropy(logits.float(), tb)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach(), logits.detach()
+
+
 def fit_encoder(cfg: EncoderConfig, x: torch.Tensor, y: torch.Tensor, classes: list[int], reporter: Reporter,
                 run_dir: Path | None = None, progress: bool = True,
                 held_out: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -143,12 +155,7 @@ def fit_encoder(cfg: EncoderConfig, x: torch.Tensor, y: torch.Tensor, classes: l
         idx = epoch_batch(step, cfg.batch_size, len(x), cfg.seed)[rank::world]
         xb = to_stream(x[idx].float(), cfg.stream, cfg.layout).to(device)
         tb = target[idx].to(device)
-        with autocast(device, precision):
-            logits = train_model(xb)
-        loss = F.cross_entropy(logits.float(), tb)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        loss, logits = train_step(train_model, opt, xb, tb, device, precision)
         step += 1
         bar.update(1)
         correct += int((logits.argmax(-1) == tb).sum())
