@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from trainers.config import TDSMConfig, build_config
+from trainers.tracking import ListReporter
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -54,3 +55,16 @@ def write_feature_folder(folder: Path, num_classes: int = 12, per_class: int = 1
 @pytest.fixture
 def gen() -> torch.Generator:
     return torch.Generator().manual_seed(0)
+
+
+class CrashAfter(ListReporter):
+    """Raises on the first training-metrics report after `step` (after that step's checkpoint was written)."""
+
+    def __init__(self, step: int):
+        super().__init__()
+        self.step = step
+
+    def log_metrics(self, metrics, step):
+        if step > self.step:
+            raise KeyboardInterrupt("simulated crash")
+        super().log_metrics(metrics, step)

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from conftest import CrashAfter
 from pydantic import BaseModel
 
 from trainers import cocodiff_fit
@@ -368,19 +370,6 @@ def test_evaluation_never_builds_the_module(runs, toy, monkeypatch):
     loaded, ckpt = load_classifier(runs["run_dir"] / BEST)
     assert isinstance(loaded, SkeletonClassifier)
     torch.testing.assert_close(evaluate_classifier(loaded, data.val_x, data.val_y)[1], ckpt["val_logits"])
-
-
-class CrashAfter(ListReporter):
-    """Raises on the first training-metrics report after `step` (after that step's checkpoint was written)."""
-
-    def __init__(self, step: int):
-        super().__init__()
-        self.step = step
-
-    def log_metrics(self, metrics, step):
-        if step > self.step:
-            raise KeyboardInterrupt("simulated crash")
-        super().log_metrics(metrics, step)
 
 
 def test_resume_gives_identical_weights(runs, toy, tmp_path):

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import CrashAfter
+
 from service.encoder import (
     default_synthetic_unseen,
     extract_to_folder,
@@ -23,7 +25,7 @@ from service.encoder import (
     train_encoder,
 )
 from service.prepare import prepare
-from trainers.encoder_fit import LAST, EncoderConfig, fit_encoder, load_encoder
+from trainers.encoder_fit import EncoderConfig, fit_encoder, load_encoder
 from trainers.errors import InputError
 from trainers.skeleton.synthetic import action_catalogue, write_synthetic_dataset
 from trainers.tracking import ListReporter
@@ -54,24 +56,11 @@ def test_seen_class_data_never_holds_an_unseen_class(prepared):
     assert x.shape[1:] == (3, 64, 25, 2) and len(x) == len(y) and len(hx) == len(hy) > 0
 
 
-class CrashAt(ListReporter):
-    """Raises after the checkpoint of `step` was written: a run killed mid-way."""
-
-    def __init__(self, step: int):
-        super().__init__()
-        self.step = step
-
-    def log_evaluation(self, metrics, step, curve, checkpoint_dir):
-        super().log_evaluation(metrics, step, curve, checkpoint_dir)
-        if step == self.step:
-            raise KeyboardInterrupt
-
-
 def test_resumed_training_equals_uninterrupted(prepared, tmp_path):
     x, y, seen, held = seen_class_data(prepared, UNSEEN)
     straight = fit_encoder(tiny(), x, y, seen, ListReporter(), tmp_path / "a", progress=False)
     with pytest.raises(KeyboardInterrupt):
-        fit_encoder(tiny(), x, y, seen, CrashAt(3), tmp_path / "b", progress=False)
+        fit_encoder(tiny(), x, y, seen, CrashAfter(3), tmp_path / "b", progress=False)
     assert not (tmp_path / "b" / "encoder.pt").exists()
     rep = ListReporter()
     resumed = fit_encoder(tiny(), x, y, seen, rep, tmp_path / "b", progress=False, held_out=held)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import CrashAfter, tiny_config
 from trainers.data import FeatureSplit
 from trainers.errors import InputError
 from trainers.io import atomic_torch_save
@@ -96,19 +96,6 @@ def tiny_task() -> TinyTask:
 
 def resumable_config(**overrides):
     return tiny_config(**{"train.steps": 12, "train.checkpoint_every": 6, "train.eval_every": 6, **overrides})
-
-
-class CrashAfter(ListReporter):
-    """Raises on the first training-metrics report after `step` (after that step's checkpoint was written)."""
-
-    def __init__(self, step: int):
-        super().__init__()
-        self.step = step
-
-    def log_metrics(self, metrics, step):
-        if step > self.step:
-            raise KeyboardInterrupt("simulated crash")
-        super().log_metrics(metrics, step)
 
 
 def weights(model) -> dict[str, torch.Tensor]:
