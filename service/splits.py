@@ -48,7 +48,7 @@ def splits_file(method: str, given: Path | None) -> Path:
     return given or REPO_SPACES / f"{method}_splits.yaml"
 
 
-def resolve_chain(overrides: dict[str, Any], storage: Path, trainer=None, log=None) -> dict[str, Any]:
+def resolve_chain(overrides: dict[str, Any], storage: Path, trainer=None) -> dict[str, Any]:
     """A split with `chain:` runs the cached skeleton chain (service.encoder) and points the data at its output.
 
     trainer trains the encoder (default: in this process; the sweep passes Ray Train workers); every stage
@@ -65,7 +65,7 @@ def resolve_chain(overrides: dict[str, Any], storage: Path, trainer=None, log=No
     per_class = int(opts.pop("per_class", 12))
     if opts:
         raise InputError(f"splits chain options {sorted(opts)}: unknown (expected per_class, unseen_count, encoder)")
-    made = synthetic_skeleton_features(storage / "chain", per_class, encoder, unseen, log=log, trainer=trainer)
+    made = synthetic_skeleton_features(storage / "chain", per_class, encoder, unseen, trainer=trainer)
     return {**overrides, "data.source": "features", "data.features_dir": made["features_dir"],
             "data.unseen": made["unseen"], "text.class_names": made["class_names"],
             "text.descriptions": [made["descriptions"]]}

@@ -178,7 +178,7 @@ def fit_encoder(cfg: EncoderConfig, x: torch.Tensor, y: torch.Tensor, classes: l
     bar.close()
     model.eval()
     if not metrics and last is not None and last.is_file():         # resumed after the last step
-        metrics = torch.load(last, map_location="cpu", weights_only=False).get("metrics", {})
+        metrics = load_checkpoint(last).get("metrics", {})
     return EncoderResult(model, list(classes), metrics.get("encoder/train_top1", float("nan")), step,
                          metrics.get("encoder/held_out_top1"))
 
