@@ -9,6 +9,9 @@ The method is the config's own (`method:`).
   (backbone + head only), reports mean ± std, writes a markdown table and registers the seed-0 classifier.
   `--ablation` trains the same config twice per seed, module.enabled=false (baseline) and true (+CoCoDiff),
   under the same protocol, and reports both and their paired difference (nothing is registered).
+  `--streams joint bone motion` trains one classifier per input stream (backbone.stream) for each arm and seed,
+  fuses the streams' test logits per seed (equal weights, as `service.ensemble`), logs the fused predictions as a
+  child run, and reports a row per stream plus an 'ensemble' row per arm (nothing is registered).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 import yaml
@@ -31,7 +34,7 @@ from service.splits import load_splits, resolve_chain, splits_file
 from service.sweep import STATE_FILE, absolute_paths
 from service.tracking import MLflowReporter, resolve_tracking_uri, standard_tags
 from trainers import cocodiff_fit
-from trainers.cocodiff import CoCoDiffConfig
+from trainers.cocodiff import BackboneConfig, CoCoDiffConfig
 from trainers.config import (
     TDSMConfig,
     build_config,
@@ -46,6 +49,8 @@ from trainers.io import atomic_write_text
 from trainers.tdsm_fit import evaluate_split, fit_tdsm
 from trainers.tdsm_task import prepare_tdsm
 
+STREAMS = get_args(BackboneConfig.model_fields["stream"].annotation)   # ('joint', 'bone', 'motion')
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m service.final", description=__doc__.splitlines()[0])
@@ -55,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise-draws", type=int, default=10, help="tdsm: evaluation noise draws per seed (paper: 10)")
     p.add_argument("--ablation", action="store_true",
                    help="cocodiff: baseline (module.enabled=false) vs +CoCoDiff, same seeds and protocol")
+    p.add_argument("--streams", nargs="+", metavar="STREAM",
+                   help=f"cocodiff: one classifier per input stream ({', '.join(STREAMS)}) per arm and seed, and "
+                        "their equal-weight score fusion per seed (an 'ensemble' row; nothing is registered)")
     p.add_argument("--splits", nargs="+", help="re-target the config to named splits (default: its own data)")
     p.add_argument("--splits-file", type=Path, help="default: search_spaces/<method>_splits.yaml")
     p.add_argument("--storage-path", type=Path, default=DEFAULT_STORAGE,
@@ -190,19 +198,27 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def cocodiff_seeds(args, cfg: CoCoDiffConfig, data, texts, names: list[str], uri: str, experiment: str,
-                   parent: MLflowReporter, split: str, arm: str) -> tuple[list[dict[str, float]], object]:
-    """Train on training + validation data once per seed, test once per seed; (per-seed metrics, seed-0 classifier)."""
+                   parent: MLflowReporter, split: str, arm: str, stream: str | None = None,
+                   ) -> tuple[list[dict[str, float]], object, list[tuple[str, torch.Tensor]]]:
+    """Train on training + validation data once per seed, test once per seed.
+
+    Returns (per-seed metrics, seed-0 classifier, per-seed (child run id, test logits (N, C))). `stream` (with
+    --streams; cfg already trains on it) names the child runs and is logged as their backbone.stream.
+    """
     fine, coarse = texts
     train_x = torch.cat([data.train_x, data.val_x])
     train_y = torch.cat([data.train_y, data.val_y])
-    per_seed, first = [], None
+    label = arm if stream is None else f"{arm}-{stream}"
+    per_seed, first, outputs = [], None, []
     for i in range(args.seeds):
         seed_cfg = cocodiff_fit.with_overrides(cfg, train={"seed": cfg.train.seed + i})
-        child = MLflowReporter.start(uri, experiment, f"final-{split}-{arm}-seed{i}", parent_run_id=parent.run_id,
+        child = MLflowReporter.start(uri, experiment, f"final-{split}-{label}-seed{i}", parent_run_id=parent.run_id,
                                      tags=standard_tags(split=split, phase="final", method="cocodiff", arm=arm,
-                                                        seed=seed_cfg.train.seed))
-        child.log_params({"train.seed": seed_cfg.train.seed, "module.enabled": seed_cfg.module.enabled})
-        print(f"[{split}] {arm} seed {i + 1}/{args.seeds}: training on {len(train_y)} sequences ...", file=sys.stderr)
+                                                        stream=stream, seed=seed_cfg.train.seed))
+        child.log_params({"train.seed": seed_cfg.train.seed, "module.enabled": seed_cfg.module.enabled,
+                          **({"backbone.stream": stream} if stream is not None else {})})
+        print(f"[{split}] {label} seed {i + 1}/{args.seeds}: training on {len(train_y)} sequences ...",
+              file=sys.stderr)
         result = cocodiff_fit.fit_cocodiff(seed_cfg, train_x, train_y, None, None, fine, coarse, child, None,
                                            progress=not args.no_progress, num_classes=data.num_classes)
         classifier = cocodiff_fit.export_classifier(result, "last")        # nothing held out: the final weights
@@ -211,15 +227,41 @@ def cocodiff_seeds(args, cfg: CoCoDiffConfig, data, texts, names: list[str], uri
         log_classification_outputs(child, logits, data.test_y, names, "test")
         child.finish()
         per_seed.append({"seed": seed_cfg.train.seed, **metrics})
+        outputs.append((child.run_id, logits))
         first = classifier if first is None else first
-    return per_seed, first
+    return per_seed, first, outputs
 
 
-def cocodiff_row(split: str, arm: str, per_seed: list[dict[str, float]], cfg: CoCoDiffConfig, data) -> dict[str, Any]:
-    """One table row: mean ± std over seeds of test top-1 / top-5."""
+def cocodiff_stream_ensemble(per_stream: dict[str, list[tuple[str, torch.Tensor]]], seeds: list[int], data,
+                             names: list[str], uri: str, experiment: str, parent: MLflowReporter, split: str,
+                             arm: str) -> list[dict[str, float]]:
+    """Equal-weight score fusion of the streams' test logits, per seed, each logged as a child run with the
+    fused predictions (as service.ensemble would on the streams' child runs); returns the per-seed metrics."""
+    per_seed = []
+    for i, seed in enumerate(seeds):
+        run_ids, logits = zip(*(outputs[i] for outputs in per_stream.values()))
+        fused = cocodiff_fit.ensemble_logits(logits)                                         # (N, C)
+        metrics = cocodiff_fit.accuracy_metrics(fused, data.test_y, "test")
+        child = MLflowReporter.start(uri, experiment, f"final-{split}-{arm}-ensemble-seed{i}",
+                                     parent_run_id=parent.run_id,
+                                     tags=standard_tags(split=split, phase="final", method="cocodiff", arm=arm,
+                                                        stream="ensemble", seed=seed))
+        child.log_params({"train.seed": seed, "sources": ",".join(run_ids), "streams": ",".join(per_stream),
+                          "weights": ",".join("1.0" for _ in per_stream)})
+        child.log_metrics(metrics, 0)
+        log_classification_outputs(child, fused, data.test_y, names, "test")
+        child.finish()
+        per_seed.append({"seed": seed, **metrics})
+    return per_seed
+
+
+def cocodiff_row(split: str, arm: str, per_seed: list[dict[str, float]], cfg: CoCoDiffConfig, data,
+                 stream: str | None = None) -> dict[str, Any]:
+    """One table row: mean ± std over seeds of test top-1 / top-5 (of one stream or their ensemble, with --streams)."""
     top1, top1_std = mean_std([m["test/top1"] for m in per_seed])
     top5, top5_std = mean_std([m["test/top5"] for m in per_seed])
-    return {"split": split, "arm": arm, "classes": data.num_classes, "seeds": len(per_seed),
+    return {"split": split, "arm": arm, **({"stream": stream} if stream is not None else {}),
+            "classes": data.num_classes, "seeds": len(per_seed),
             "steps": cfg.train.steps, "train_samples": len(data.train_y) + len(data.val_y),
             "test_samples": len(data.test_y), "test/top1_mean": top1, "test/top1_std_seeds": top1_std,
             "test/top5_mean": top5, "test/top5_std_seeds": top5_std,
@@ -227,24 +269,49 @@ def cocodiff_row(split: str, arm: str, per_seed: list[dict[str, float]], cfg: Co
 
 
 def cocodiff_table(rows: list[dict[str, Any]]) -> str:
-    """One row per (split, arm); a paired-difference row when both arms of a split are present."""
-    head = ("| split | arm | classes | top-1 % (mean ± std over seeds) | top-5 % | per-seed top-1 | seeds | steps | "
-            "train / test sequences |\n|---|---|---|---|---|---|---|---|---|\n")
-    lines = [f"| {r['split']} | {r['arm']} | {r['classes']} | "
+    """One row per (split, arm) (and stream, with --streams); a paired-difference row when both arms of a split are
+    present (with --streams: of their ensembles)."""
+    streams = any("stream" in r for r in rows)
+
+    def stream_cell(r: dict[str, Any]) -> str:
+        return f"{r.get('stream', '')} | " if streams else ""
+
+    head = (f"| split | arm | {'stream | ' if streams else ''}classes | top-1 % (mean ± std over seeds) | top-5 % | "
+            f"per-seed top-1 | seeds | steps | train / test sequences |\n"
+            f"|---|---|{'---|' if streams else ''}---|---|---|---|---|---|---|\n")
+    lines = [f"| {r['split']} | {r['arm']} | {stream_cell(r)}{r['classes']} | "
              f"{r['test/top1_mean']:.2f} ± {r['test/top1_std_seeds']:.2f} "
              f"| {r['test/top5_mean']:.2f} ± {r['test/top5_std_seeds']:.2f} | "
              f"{', '.join(f'{v:.1f}' for v in r['test/top1_per_seed'])} | {r['seeds']} | {r['steps']} | "
              f"{r['train_samples']} / {r['test_samples']} |" for r in rows]
     for r in rows:
         if "delta/top1_mean" in r:
-            lines.append(f"| {r['split']} | Δ +CoCoDiff − baseline (paired by seed) | | "
+            lines.append(f"| {r['split']} | Δ +CoCoDiff − baseline (paired by seed) | {stream_cell(r)}| "
                          f"{r['delta/top1_mean']:+.2f} ± {r['delta/top1_std_seeds']:.2f} | "
                          f"{r['delta/top5_mean']:+.2f} ± {r['delta/top5_std_seeds']:.2f} | | {r['seeds']} | | |")
     return head + "\n".join(lines) + "\n"
 
 
+def cocodiff_streams(args, cfg: CoCoDiffConfig, data, texts, names: list[str], uri: str, experiment: str,
+                     parent: MLflowReporter, split: str, arm: str,
+                     ) -> tuple[list[dict[str, float]], list[dict[str, Any]]]:
+    """One arm with --streams: every stream's seeds (cfg with backbone.stream overridden), then their per-seed
+    fusion. Returns (the ensemble's per-seed metrics, one table row per stream plus the 'ensemble' row)."""
+    per_stream, rows = {}, []
+    for stream in args.streams:
+        stream_cfg = cocodiff_fit.with_overrides(cfg, backbone={"stream": stream})
+        per_seed, _, per_stream[stream] = cocodiff_seeds(args, stream_cfg, data, texts, names, uri, experiment,
+                                                         parent, split, arm, stream)
+        rows.append(cocodiff_row(split, arm, per_seed, stream_cfg, data, stream))
+    seeds = [int(m["seed"]) for m in per_seed]
+    fused = cocodiff_stream_ensemble(per_stream, seeds, data, names, uri, experiment, parent, split, arm)
+    rows.append(cocodiff_row(split, arm, fused, cfg, data, "ensemble"))
+    return fused, rows
+
+
 def run_cocodiff_split(args, split: str, tree: dict[str, Any], uri: str) -> list[dict[str, Any]]:
-    """The final protocol for one config (and, with --ablation, for its baseline too); returns the table rows."""
+    """The final protocol for one config (and, with --ablation, for its baseline too; with --streams, for each
+    stream and their ensemble); returns the table rows."""
     overrides = dict(parse_override(item) for item in args.overrides)
     cfg = build_config(CoCoDiffConfig, tree, overrides)
     arms = ([("baseline", False), ("cocodiff", True)] if args.ablation
@@ -254,32 +321,40 @@ def run_cocodiff_split(args, split: str, tree: dict[str, Any], uri: str) -> list
         cocodiff_fit.with_overrides(cfg, module={"enabled": any(enabled for _, enabled in arms)}))
     experiment = args.experiment_name or f"cocodiff-{split}"
     phase = "ablation" if args.ablation else "final"
-    parent = MLflowReporter.start(uri, experiment, f"{phase}-{split}",
+    suffix = f"-{'+'.join(args.streams)}" if args.streams else ""
+    parent = MLflowReporter.start(uri, experiment, f"{phase}-{split}{suffix}",
                                   tags=standard_tags(split=split, phase=phase, method="cocodiff"))
     parent.log_params(flatten(to_plain(cfg)))
-    parent.log_params({"final.seeds": args.seeds, "final.ablation": args.ablation})
+    parent.log_params({"final.seeds": args.seeds, "final.ablation": args.ablation,
+                       **({"final.streams": ",".join(args.streams)} if args.streams else {})})
     parent.log_text(dump_yaml(cfg), "config.yaml")
     rows, per_arm = [], {}
     try:
         for arm, enabled in arms:
             arm_cfg = cocodiff_fit.with_overrides(cfg, module={"enabled": enabled})
-            per_seed, first = cocodiff_seeds(args, arm_cfg, data, (fine, coarse), names, uri, experiment, parent,
-                                             split, arm)
+            if args.streams:
+                per_seed, arm_rows = cocodiff_streams(args, arm_cfg, data, (fine, coarse), names, uri, experiment,
+                                                      parent, split, arm)
+            else:
+                per_seed, first, _ = cocodiff_seeds(args, arm_cfg, data, (fine, coarse), names, uri, experiment,
+                                                    parent, split, arm)
+                arm_rows = [cocodiff_row(split, arm, per_seed, arm_cfg, data)]
             per_arm[arm] = per_seed
-            row = cocodiff_row(split, arm, per_seed, arm_cfg, data)
-            parent.log_metrics({f"{arm}/{k}": v for k, v in row.items() if k.startswith("test/") and
-                                isinstance(v, float)}, 0)
-            if not args.ablation and not args.no_register:
-                row["registered_version"] = register_classifier(parent, uri, arm_cfg, first, data, names,
-                                                                f"cocodiff-{split}")
-            rows.append(row)
+            for row in arm_rows:
+                key = f"{arm}/{row['stream']}" if "stream" in row else arm
+                parent.log_metrics({f"{key}/{k}": v for k, v in row.items() if k.startswith("test/") and
+                                    isinstance(v, float)}, 0)
+            if not args.ablation and not args.streams and not args.no_register:
+                arm_rows[-1]["registered_version"] = register_classifier(parent, uri, arm_cfg, first, data, names,
+                                                                         f"cocodiff-{split}")
+            rows.extend(arm_rows)
         if args.ablation:
             for k in ("top1", "top5"):
                 deltas = [c[f"test/{k}"] - b[f"test/{k}"] for b, c in zip(per_arm["baseline"], per_arm["cocodiff"])]
                 rows[-1][f"delta/{k}_mean"], rows[-1][f"delta/{k}_std_seeds"] = mean_std(deltas)
             parent.log_metrics({k: v for k, v in rows[-1].items() if k.startswith("delta/")}, 0)
         args.out.mkdir(parents=True, exist_ok=True)
-        out = atomic_write_text(args.out / f"{phase}-cocodiff-{split}.md", cocodiff_table(rows))
+        out = atomic_write_text(args.out / f"{phase}-cocodiff-{split}{suffix}.md", cocodiff_table(rows))
         parent.log_artifact(out)
     except BaseException:
         parent.finish("FAILED")
@@ -304,9 +379,19 @@ def register_classifier(reporter: MLflowReporter, uri: str, cfg: CoCoDiffConfig,
     return version
 
 
+def check_streams(streams: list[str] | None) -> None:
+    """--streams names each known stream at most once."""
+    for i, stream in enumerate(streams or []):
+        if stream not in STREAMS:
+            raise InputError(f"--streams: unknown stream {stream!r} (expected {', '.join(STREAMS)})")
+        if stream in streams[:i]:
+            raise InputError(f"--streams: {stream} given twice")
+
+
 @exits_cleanly
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    check_streams(args.streams)
     uri = resolve_tracking_uri(args.tracking_uri)
     tree, split_name = load_source(args.source, uri)
     method = tree.get("method", "tdsm")
@@ -329,6 +414,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.ablation:
         raise InputError("--ablation: cocodiff only (baseline vs +CoCoDiff module)")
+    if args.streams:
+        raise InputError("--streams: cocodiff only (tdsm scores pre-extracted features, it has no input streams)")
     if args.splits:
         storage = args.storage_path.expanduser().resolve()
         targets = [(name, absolute_paths(build_config(TDSMConfig, tree, resolve_chain(ov, storage)).model_dump(mode="json")))
