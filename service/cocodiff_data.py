@@ -4,12 +4,15 @@
 `data.source=prepared` reads `data.prepared_dir` as it is. `data.source=synthetic` (the embedded default) is the
 generated NTU-format action set of `trainers.skeleton.synthetic` (46 classes x `data.synthetic.per_class`),
 generated and run through `service.prepare synthetic` once, cached under `$SKELDIFF_CACHE/synthetic` (both
-stages are no-ops when their inputs did not change). Trainers never run `service.prepare` themselves: they get
-the prepared folder from here.
+stages are no-ops when their inputs did not change). With `data.benchmark` kinetics / pku-xsub / pku-xview the
+same actions are written as a Kinetics-Skeleton / PKU-MMD release (`trainers.skeleton.synthetic_release`) and
+prepared by `service.prepare kinetics|pku` with that protocol's split. Trainers never run `service.prepare`
+themselves: they get the prepared folder from here.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +20,7 @@ import torch
 
 from trainers.cocodiff import CoCoDiffConfig
 from trainers.cocodiff_fit import SkeletonData, prepare_cocodiff
+from trainers.skeleton.splits import BENCHMARKS
 from trainers.tdsm_task import default_cache_dir
 
 
@@ -29,11 +33,36 @@ def prepared_folder(cfg: CoCoDiffConfig, log: Callable[[str], None] | None = Non
     """The prepared folder a config trains on; generates and prepares the synthetic set when needed."""
     if cfg.data.source == "prepared":
         return Path(cfg.data.prepared_dir)
-    from service.encoder import synthetic_prepared
-
     s = cfg.data.synthetic
-    _, prepared, _ = synthetic_prepared(synthetic_root(), s.per_class, s.seed, log)
-    return prepared
+    family = BENCHMARKS[cfg.data.benchmark].family
+    if family == "ntu":
+        from service.encoder import synthetic_prepared
+
+        _, prepared, _ = synthetic_prepared(synthetic_root(), s.per_class, s.seed, log)
+        return prepared
+    return synthetic_release_prepared(synthetic_root(), family, s.per_class, s.seed, log)
+
+
+def synthetic_release_prepared(root: Path, family: str, per_class: int, seed: int = 0,
+                               log: Callable[[str], None] | None = None) -> Path:
+    """The generated set as a Kinetics-Skeleton or PKU-MMD release under `root`, prepared with its protocol's
+    split columns (kinetics; pku-xsub and pku-xview from the release's Split lists); both stages cached."""
+    from service.prepare import prepare
+    from trainers.skeleton.synthetic import NUM_CLASSES
+    from trainers.skeleton.synthetic_release import write_kinetics_release, write_pku_release
+
+    log = log or (lambda msg: print(f"synthetic: {msg}", file=sys.stderr))
+    raw = Path(root).expanduser().resolve() / f"{family}-{per_class}x{NUM_CLASSES}-s{seed}"
+    log(f"synthetic {family} release in {raw}")
+    out = raw.parent / f"prepared-{raw.name}"
+    if family == "kinetics":
+        write_kinetics_release(raw, NUM_CLASSES, per_class, seed)
+        prepare("kinetics", raw, out, progress=False, log=log)
+    else:
+        write_pku_release(raw, NUM_CLASSES, per_class, seed)
+        lists = {"pku-xsub": raw / "Split" / "cross-subject.txt", "pku-xview": raw / "Split" / "cross-view.txt"}
+        prepare("pku", raw / "skeleton", out, labels=raw / "label", split_lists=lists, progress=False, log=log)
+    return out
 
 
 def prepare_cocodiff_inputs(cfg: CoCoDiffConfig, log: Callable[[str], None] | None = None

@@ -8,11 +8,13 @@ a run whose inputs and options match `<out>/prepare.json` does nothing. Outputs,
 
 - `data.npy`   (N, C=3, T=--frames, V, M=2) float32 (float16 with --dtype float16): the joint stream after
                centring on the spine middle, aligning spine/shoulders to y/x and resampling (NTU, PKU,
-               synthetic); Kinetics (V=18: x, y, OpenPose score) is only resampled.
+               synthetic); Kinetics (V=18: x, y, OpenPose score): x, y - 0.5 where detected, then resampled.
 - `label.npy`  (N,) int64: 0-based class ids (NTU/PKU/synthetic action - 1; Kinetics label_index as written).
 - `index.tsv`  one row per sample, in data.npy order: name, label, setup, camera, performer, replication and
                one train/test column per benchmark ('-' where the sample is outside it; NTU fields empty for
-               PKU and Kinetics).
+               PKU and Kinetics). NTU benchmarks split by sample name; `kinetics` by the release folder
+               (kinetics_train/ trains, kinetics_val/ tests); `pku-xsub` / `pku-xview` by the official lists
+               given with --split-list (cross-subject.txt, cross-view.txt).
 - `skipped.tsv` name, path, reason of every file that could not be used (corrupt, truncated, empty, bad name,
                duplicate); those files are never zero-filled into data.npy.
 - `prepare.json` the options, counts and the stamp that makes a re-run a no-op (written last).
@@ -44,15 +46,17 @@ from trainers.skeleton.kinetics import read_kinetics
 from trainers.skeleton.ntu import load_missing_list, parse_sample_name, read_skeleton, to_array
 from trainers.skeleton.pku import read_pku_labels, read_pku_skeleton
 from trainers.skeleton.preprocess import image_pipeline, ntu_pipeline
-from trainers.skeleton.splits import BENCHMARKS, get_benchmark
+from trainers.skeleton.splits import BENCHMARKS, KINETICS_FOLDERS, get_benchmark, kinetics_split, read_split_list
 from trainers.skeleton.synthetic import NUM_CLASSES as SYNTHETIC_CLASSES
 from trainers.skeleton.synthetic import SyntheticOptions, synthetic_set_matches, write_synthetic_dataset
 
-PIPELINE_VERSION = 1          # bump when parsing or preprocessing changes: invalidates shards and stamps
+PIPELINE_VERSION = 2          # bump when parsing or preprocessing changes: invalidates shards and stamps
 BODIES = 2
 DATASETS = ("ntu60", "ntu120", "pku", "kinetics", "synthetic")
+# pku: the benchmarks given a list with --split-list
 DEFAULT_BENCHMARKS = {"ntu60": ["ntu60-xsub", "ntu60-xview"], "ntu120": ["ntu120-xsub", "ntu120-xset"],
-                      "synthetic": ["ntu60-xsub", "ntu60-xview"], "pku": [], "kinetics": []}
+                      "synthetic": ["ntu60-xsub", "ntu60-xview"], "kinetics": ["kinetics"]}
+FAMILY = {"ntu60": "ntu", "ntu120": "ntu", "synthetic": "ntu", "kinetics": "kinetics", "pku": "pku"}
 NTU_LIMITS = {"ntu60": (60, 17), "ntu120": (120, 32), "synthetic": (SYNTHETIC_CLASSES, 17)}   # (actions, setups)
 INDEX_FIELDS = ["name", "label", "setup", "camera", "performer", "replication"]
 
@@ -79,7 +83,7 @@ def _size_mtime(path: Path) -> tuple[int, int]:
 # Parsing one file (runs in worker processes)
 # ----------------------------------------------------------------------------------------------
 
-Result = tuple   # ("ok", name, label, array (M, T, V, C) float32) | ("skip", name, path, reason)
+Result = tuple   # ("ok", name, label, array (M, T, V, C) float32, job path) | ("skip", name, path, reason)
 
 
 def process_job(job: Job, frames: int) -> list[Result]:
@@ -88,7 +92,9 @@ def process_job(job: Job, frames: int) -> list[Result]:
     try:
         if job.dataset == "kinetics":
             arr, label = read_kinetics(path, max_people=BODIES)
-            return [("ok", path.stem, int(label), image_pipeline(frames, BODIES)(arr))]
+            if not (arr[..., 2] > 0).any():     # the release's has_skeleton=false clips; ST-GCN drops them too
+                raise InputError(f"{path}: no person detected in any frame")
+            return [("ok", path.stem, int(label), image_pipeline(frames, BODIES)(arr), job.path)]
         if job.dataset == "pku":
             # per labelled segment, so one bad label line costs that segment only (frames as in read_pku_segments)
             skeleton = read_pku_skeleton(path)                                     # (M, T, V, C)
@@ -100,13 +106,13 @@ def process_job(job: Job, frames: int) -> list[Result]:
                         raise InputError(f"frames {label.start}..{label.end} fall outside the sequence "
                                          f"(frames 0..{skeleton.shape[1] - 1})")
                     segment = skeleton[:, label.start:label.end + 1]
-                    out.append(("ok", name, label.action - 1, ntu_pipeline(frames, BODIES)(segment)))
+                    out.append(("ok", name, label.action - 1, ntu_pipeline(frames, BODIES)(segment), job.path))
                 except InputError as err:
                     out.append(("skip", name, job.path, f"{job.labels} segment {k}: {_one_line(str(err))}"))
             return out
         sample = parse_sample_name(path.name.split(".")[0], source=path)
         arr = to_array(read_skeleton(path), max_bodies=BODIES)
-        return [("ok", path.name.split(".")[0], sample.label0, ntu_pipeline(frames, BODIES)(arr))]
+        return [("ok", path.name.split(".")[0], sample.label0, ntu_pipeline(frames, BODIES)(arr), job.path)]
     except InputError as err:
         return [("skip", path.name.split(".")[0], job.path, _one_line(str(err)))]   # the message names the file
 
@@ -130,7 +136,11 @@ def find_jobs(dataset: str, raw: Path, labels: Path | None, missing: Path | None
         raise InputError(f"--raw {raw}: not a folder")
     skips: list[tuple[str, str, str]] = []
     if dataset == "kinetics":
-        files = sorted(raw.rglob("*.json"), key=lambda p: (p.name, str(p)))
+        # a release: only the clips under kinetics_train/ and kinetics_val/ (not kinetics_*_label.json beside
+        # them); any other folder: every .json in it
+        split_dirs = [d for d in KINETICS_FOLDERS if (raw / d).is_dir()]
+        found = [f for d in split_dirs for f in (raw / d).rglob("*.json")] if split_dirs else raw.rglob("*.json")
+        files = sorted(found, key=lambda p: (p.name, str(p)))
     elif dataset == "pku":
         files = sorted(raw.rglob("*.txt"), key=lambda p: (p.name, str(p)))
     else:
@@ -209,6 +219,7 @@ def save_shard(path: Path, results: list[Result], frames: int, joints: int) -> N
     data = np.stack([r[3] for r in ok]) if ok else np.zeros((0, BODIES, frames, joints, 3), np.float32)
     arrays = {"data": data.astype(np.float32), "names": np.array([r[1] for r in ok], dtype=str),
               "labels": np.array([r[2] for r in ok], dtype=np.int64),
+              "sources": np.array([r[4] for r in ok], dtype=str),
               "skip_names": np.array([r[1] for r in skip], dtype=str),
               "skip_paths": np.array([r[2] for r in skip], dtype=str),
               "skip_reasons": np.array([r[3] for r in skip], dtype=str)}
@@ -247,6 +258,7 @@ def run_chunks(chunks: list[list[Job]], frames: int, workers: int, on_done) -> N
 # ----------------------------------------------------------------------------------------------
 
 def split_columns(name: str, benchmarks: list[str]) -> list[str]:
+    """NTU-named samples: 'train' / 'test' per benchmark, '-' outside its actions or setups."""
     sample = parse_sample_name(name)
     out = []
     for b in benchmarks:
@@ -256,23 +268,63 @@ def split_columns(name: str, benchmarks: list[str]) -> list[str]:
     return out
 
 
-def index_rows(dataset: str, names: Iterable[str], labels: Iterable[int], benchmarks: list[str]) -> list[str]:
+def job_columns(dataset: str, jobs: list[Job], raw: Path, benchmarks: list[str],
+                lists: dict[str, dict[str, str]], log) -> dict[str, list[str]]:
+    """{job path: one 'train' / 'test' / '-' per benchmark}; every sample of a job (a PKU sequence's segments)
+    shares its job's columns. Counts the inputs that no split places."""
+    out: dict[str, list[str]] = {}
+    for job in jobs:
+        path = Path(job.path)
+        if FAMILY[dataset] == "ntu":
+            out[job.path] = split_columns(path.name.split(".")[0], benchmarks)
+        elif dataset == "kinetics":
+            try:
+                out[job.path] = [kinetics_split(path, raw)] * len(benchmarks)
+            except InputError:
+                out[job.path] = ["-"] * len(benchmarks)
+        else:
+            out[job.path] = [lists[b].get(path.stem, "-") for b in benchmarks]
+    for k, b in enumerate(benchmarks):
+        outside = sum(cols[k] == "-" for cols in out.values())
+        if outside and FAMILY[dataset] != "ntu":
+            where = ("under kinetics_train/ or kinetics_val/" if dataset == "kinetics"
+                     else "in its --split-list file")
+            log(f"{outside} of {len(jobs)} inputs are not {where}: '-' in the {b} column")
+    return out
+
+
+def index_rows(dataset: str, names: Iterable[str], labels: Iterable[int], benchmarks: list[str],
+               columns: Iterable[list[str]]) -> list[str]:
     rows = ["\t".join(INDEX_FIELDS + benchmarks)]
-    for name, label in zip(names, labels):
-        if dataset in NTU_LIMITS:
+    for name, label, cols in zip(names, labels, columns):
+        if FAMILY[dataset] == "ntu":
             s = parse_sample_name(name)
             fields = [name, str(label), str(s.setup), str(s.camera), str(s.performer), str(s.replication)]
-            fields += split_columns(name, benchmarks)
         else:
             fields = [name, str(label), "", "", "", ""]
-        rows.append("\t".join(fields))
+        rows.append("\t".join(fields + list(cols)))
     return rows
+
+
+def parse_split_lists(items: list[str] | None, dataset: str) -> dict[str, Path]:
+    """--split-list BENCH=FILE ... -> {benchmark: file}; only list-split benchmarks of the dataset's family."""
+    out: dict[str, Path] = {}
+    for item in items or []:
+        bench, eq, file = item.partition("=")
+        if not eq or not file:
+            raise InputError(f"--split-list {item}: expected BENCHMARK=FILE, e.g. pku-xsub=Split/cross-subject.txt")
+        b = get_benchmark(bench)
+        if b.split_from != "list" or b.family != FAMILY[dataset]:
+            listed = [n for n, x in BENCHMARKS.items() if x.split_from == "list" and x.family == FAMILY[dataset]]
+            raise InputError(f"--split-list {item}: {dataset} takes lists for {', '.join(listed) or 'no benchmark'}")
+        out[bench] = Path(file)
+    return out
 
 
 def prepare(dataset: str, raw: Path, out: Path, frames: int = 64, workers: int = 1,
             benchmarks: list[str] | None = None, missing: Path | None = None, labels: Path | None = None,
-            dtype: str = "float32", chunk_size: int = 32, keep_parts: bool = False, progress: bool = True,
-            log=None) -> dict:
+            split_lists: dict[str, Path] | None = None, dtype: str = "float32", chunk_size: int = 32,
+            keep_parts: bool = False, progress: bool = True, log=None) -> dict:
     """Prepare `raw` into `out` (see the module docstring); returns the summary also stored in prepare.json."""
     log = log or (lambda msg: print(f"prepare: {msg}", file=sys.stderr))
     start = time.perf_counter()
@@ -284,12 +336,21 @@ def prepare(dataset: str, raw: Path, out: Path, frames: int = 64, workers: int =
         raise InputError(f"--chunk-size {chunk_size}: expected at least 1")
     if dtype not in ("float32", "float16"):
         raise InputError(f"--dtype {dtype}: expected float32 or float16")
-    benchmarks = list(DEFAULT_BENCHMARKS[dataset] if benchmarks is None else benchmarks)
+    split_lists = dict(split_lists or {})
+    if benchmarks is None:
+        benchmarks = list(split_lists) if dataset == "pku" else DEFAULT_BENCHMARKS[dataset]
+    benchmarks = list(benchmarks)
     for b in benchmarks:
-        get_benchmark(b)
-        if dataset not in NTU_LIMITS:
-            raise InputError(f"--benchmark {b}: benchmarks apply to NTU-named data (ntu60, ntu120, synthetic), "
-                             f"not {dataset}")
+        bench = get_benchmark(b)
+        if bench.family != FAMILY[dataset]:
+            fits = [n for n, x in BENCHMARKS.items() if x.family == FAMILY[dataset]]
+            raise InputError(f"--benchmark {b}: not a {dataset} benchmark (expected one of {', '.join(fits)})")
+        if bench.split_from == "list" and b not in split_lists:
+            raise InputError(f"--benchmark {b}: needs its official list, --split-list {b}=FILE")
+    if dataset == "pku" and not benchmarks:
+        log("no --split-list given: index.tsv gets no train/test column (pku-xsub / pku-xview need the "
+            "release's Split/cross-subject.txt and cross-view.txt)")
+    lists = {b: read_split_list(split_lists[b]) for b in benchmarks if b in split_lists}
     if dataset == "pku" and (labels is None or not labels.is_dir()):
         raise InputError(f"--labels {labels or ''}: pku needs the folder of PKU-MMD label files (same names as "
                          "the skeleton files)")
@@ -300,6 +361,7 @@ def prepare(dataset: str, raw: Path, out: Path, frames: int = 64, workers: int =
     joints = 18 if dataset == "kinetics" else 25
     stamp = stable_hash({"v": PIPELINE_VERSION, "dataset": dataset, "frames": frames, "dtype": dtype,
                          "benchmarks": benchmarks, "jobs": [j.fingerprint() for j in jobs],
+                         "lists": {b: sorted(v.items()) for b, v in lists.items()},
                          "pre_skips": pre_skips,
                          "missing": missing.read_text() if missing is not None else None})
     meta_path = out / "prepare.json"
@@ -340,7 +402,8 @@ def prepare(dataset: str, raw: Path, out: Path, frames: int = 64, workers: int =
     for name, path, reason in pre_skips:
         log(f"skipped: {reason}")
 
-    summary = assemble(dataset, out, shard_paths, pre_skips, benchmarks, frames, joints, dtype)
+    columns = job_columns(dataset, jobs, raw, benchmarks, lists, log)
+    summary = assemble(dataset, out, shard_paths, pre_skips, benchmarks, columns, frames, joints, dtype)
     summary.update(dataset=dataset, raw=str(raw), frames=frames, dtype=dtype, benchmarks=benchmarks,
                    layout="N, C, T, V, M", stamp=stamp, seconds=round(time.perf_counter() - start, 3))
     atomic_write_text(meta_path, json.dumps(summary, indent=1) + "\n")         # last: marks the output complete
@@ -357,14 +420,15 @@ def prepare(dataset: str, raw: Path, out: Path, frames: int = 64, workers: int =
 
 
 def assemble(dataset: str, out: Path, shard_paths: list[Path], pre_skips: list[tuple[str, str, str]],
-             benchmarks: list[str], frames: int, joints: int, dtype: str) -> dict:
+             benchmarks: list[str], columns: dict[str, list[str]], frames: int, joints: int, dtype: str) -> dict:
     """Stream the shards into data.npy (N, C, T, V, M), label.npy, index.tsv and skipped.tsv."""
-    counts, names, labels, skips = [], [], [], list(pre_skips)
+    counts, names, labels, sources, skips = [], [], [], [], list(pre_skips)
     for path in shard_paths:                       # pass 1: the small arrays only
         with np.load(path, allow_pickle=False) as z:
             counts.append(int(z["labels"].shape[0]))
             names += z["names"].tolist()
             labels += z["labels"].tolist()
+            sources += z["sources"].tolist()
             skips += list(zip(z["skip_names"].tolist(), z["skip_paths"].tolist(), z["skip_reasons"].tolist()))
     skipped = ["name\tpath\treason"] + [f"{n}\t{p}\t{_one_line(r)}" for n, p, r in skips]
     atomic_write_text(out / "skipped.tsv", "\n".join(skipped) + "\n")
@@ -390,7 +454,8 @@ def assemble(dataset: str, out: Path, shard_paths: list[Path], pre_skips: list[t
 
     atomic_write(out / "data.npy", write_data)
     atomic_write(out / "label.npy", write_labels)
-    atomic_write_text(out / "index.tsv", "\n".join(index_rows(dataset, names, labels, benchmarks)) + "\n")
+    rows = index_rows(dataset, names, labels, benchmarks, (columns[src] for src in sources))
+    atomic_write_text(out / "index.tsv", "\n".join(rows) + "\n")
     return {"samples": total, "skipped": len(skips), "shape": list(shape),
             "classes_seen": len(set(labels))}
 
@@ -449,7 +514,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="parser processes")
     p.add_argument("--frames", type=int, default=64, help="frames per sample after resampling (default 64)")
     p.add_argument("--benchmark", nargs="+", help=f"split columns in index.tsv ({', '.join(BENCHMARKS)}); "
-                   "default: the dataset's two standard benchmarks")
+                   "default: the dataset's standard benchmarks (pku: those given a --split-list)")
+    p.add_argument("--split-list", nargs="+", metavar="BENCHMARK=FILE",
+                   help="pku: the official split files, e.g. pku-xsub=Split/cross-subject.txt "
+                        "pku-xview=Split/cross-view.txt")
     p.add_argument("--missing", type=Path, help="list of samples with missing skeletons to drop")
     p.add_argument("--labels", type=Path, help="pku: folder of label files (same file names as the skeletons)")
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="data.npy dtype")
@@ -485,7 +553,8 @@ def main(argv: list[str] | None = None) -> int:
     elif raw is None:
         raise InputError(f"--raw: required for {args.dataset}")
     summary = prepare(args.dataset, raw, args.out, frames=args.frames, workers=args.workers,
-                      benchmarks=args.benchmark, missing=args.missing, labels=args.labels, dtype=args.dtype,
+                      benchmarks=args.benchmark, missing=args.missing, labels=args.labels,
+                      split_lists=parse_split_lists(args.split_list, args.dataset), dtype=args.dtype,
                       chunk_size=args.chunk_size, keep_parts=args.keep_parts, progress=not args.no_progress)
     print(json.dumps({k: summary[k] for k in ("samples", "skipped", "shape", "dtype", "up_to_date", "seconds")
                       if k in summary}))

@@ -161,7 +161,7 @@ def test_defaults_follow_methods_md():
     ("module.w_gan", 1.0, "unknown config key 'module.w_gan'"),
     ("data.benchmark", "ntu61-xsub", "data.benchmark"),
     ("data.source", "prepared", "data.prepared_dir is required"),
-    ("data.benchmark", "ntu120-xsub", "the synthetic set has ntu60-xsub and ntu60-xview only"),
+    ("data.benchmark", "ntu120-xsub", "the synthetic set comes as ntu60-xsub, ntu60-xview, kinetics"),
     ("backbone.units_per_stage", [2, 0], "backbone.units_per_stage"),
     ("module.beta_start", 0.5, "module.beta_start=0.5 must be < module.beta_end"),
 ])

@@ -92,17 +92,20 @@ def test_shipped_configs_are_the_embedded_default_and_the_paper_plan():
     assert (paper.module.hidden, paper.module.depth, paper.optim.batch_size, paper.data.num_classes) == (512, 3, 64, 60)
 
 
-def test_named_splits_cover_the_synthetic_default_and_the_ntu_benchmarks(monkeypatch):
+def test_named_splits_cover_the_synthetic_default_and_every_benchmark(monkeypatch):
     from service.splits import load_splits
+    from trainers.skeleton.splits import BENCHMARKS
 
     monkeypatch.setenv("SKELDIFF_DATA", "/data")
     table = yaml.safe_load(SPLITS.read_text())
-    assert {"synthetic-skeleton", "ntu60-xsub", "ntu60-xview", "ntu120-xsub", "ntu120-xset"} <= set(table)
+    assert {"synthetic-skeleton", *BENCHMARKS} <= set(table)
+    assert {"synthetic-kinetics", "synthetic-pku-xsub", "synthetic-pku-xview"} <= set(table)
     for name, overrides in load_splits(SPLITS, list(table)):
         cfg = build_config(CoCoDiffConfig, {}, overrides)
-        assert cfg.data.benchmark == (name if name.startswith("ntu") else cfg.data.benchmark)
+        assert cfg.data.benchmark == (name if name in BENCHMARKS else cfg.data.benchmark)
         if cfg.data.source == "prepared":
-            assert str(cfg.data.prepared_dir).startswith("/data/prepared/ntu")
+            family = BENCHMARKS[name].family
+            assert str(cfg.data.prepared_dir).startswith(f"/data/prepared/{'ntu' if family == 'ntu' else family}")
     assert build_config(CoCoDiffConfig, {}, dict(load_splits(SPLITS, ["synthetic-skeleton"]))["synthetic-skeleton"]) \
         == CoCoDiffConfig()                                                            # the embedded default
 

@@ -102,6 +102,11 @@ class SyntheticDataConfig(Section):
     seed: int = Field(0, description="Seed of the generator (performers, cameras, speeds, noise).")
 
 
+# The generated set as NTU files (X-Sub, X-View columns), as a Kinetics-Skeleton release and as a PKU-MMD release
+# (trainers/skeleton/synthetic_release.py): the same 46 actions through each protocol's reader and split.
+SYNTHETIC_BENCHMARKS = ("ntu60-xsub", "ntu60-xview", "kinetics", "pku-xsub", "pku-xview")
+
+
 class SkeletonDataConfig(Section):
     """Where the skeleton arrays come from and how train / validation / test are split."""
 
@@ -110,7 +115,8 @@ class SkeletonDataConfig(Section):
                                  "'synthetic': the generated action set (data.synthetic), prepared the same way.")
     prepared_dir: Path | None = Field(None, description="Output folder of `python -m service.prepare` (source=prepared).")
     benchmark: str = Field("ntu60-xsub", description=f"Column of index.tsv that splits train/test: {', '.join(BENCHMARKS)} "
-                                                     "(the synthetic set has the two ntu60 columns).")
+                                                     f"(the synthetic set: {', '.join(SYNTHETIC_BENCHMARKS)}; kinetics "
+                                                     "needs backbone.layout=openpose).")
     val_fraction: float = Field(
         0.1, gt=0, lt=1, description="Training samples held out for validation (checkpoint choice; never the test split).")
     val_seed: int = Field(0, description="Seed of the validation draw.")
@@ -127,8 +133,8 @@ class SkeletonDataConfig(Section):
     def _prepared_needs_dir(self) -> SkeletonDataConfig:
         if self.source == "prepared" and self.prepared_dir is None:
             raise ValueError("data.prepared_dir is required with data.source=prepared")
-        if self.source == "synthetic" and not self.benchmark.startswith("ntu60-"):
-            raise ValueError(f"data.benchmark={self.benchmark}: the synthetic set has ntu60-xsub and ntu60-xview only")
+        if self.source == "synthetic" and self.benchmark not in SYNTHETIC_BENCHMARKS:
+            raise ValueError(f"data.benchmark={self.benchmark}: the synthetic set comes as {', '.join(SYNTHETIC_BENCHMARKS)}")
         return self
 
     @property
@@ -190,6 +196,15 @@ class CoCoDiffConfig(Section):
     data: SkeletonDataConfig = Field(default_factory=SkeletonDataConfig)
     text: CoCoDiffTextConfig = Field(default_factory=CoCoDiffTextConfig)
     eval: CoCoDiffEvalConfig = Field(default_factory=CoCoDiffEvalConfig)
+
+    @model_validator(mode="after")
+    def _layout_fits_data(self) -> CoCoDiffConfig:
+        joints = "openpose" if BENCHMARKS[self.data.benchmark].family == "kinetics" else "ntu-rgb+d"
+        if self.backbone.layout != joints:
+            raise ValueError(f"backbone.layout={self.backbone.layout} but data.benchmark={self.data.benchmark} "
+                             f"has {'OpenPose-18' if joints == 'openpose' else 'NTU-25'} joints: "
+                             f"set backbone.layout={joints}")
+        return self
 
 
 def build_schedule(cfg: CoCoDiffModuleConfig) -> NoiseSchedule:

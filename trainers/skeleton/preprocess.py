@@ -242,6 +242,18 @@ class Resample:
 
 
 @dataclass(frozen=True)
+class CentreImage:
+    """Shape kept (C = x, y, score in [0, 1] image coordinates): x, y - 0.5 where the joint was detected
+    (score > 0); undetected joints become all zeros, as in ST-GCN's Kinetics feeder."""
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        x = check_skeleton(x)
+        detected = x[..., 2:3] > 0                                                  # (M, T, V, 1)
+        centred = np.concatenate([x[..., :2] - 0.5, x[..., 2:]], axis=-1)
+        return np.where(detected, centred, 0).astype(x.dtype)
+
+
+@dataclass(frozen=True)
 class Compose:
     """Apply the transforms in order."""
 
@@ -259,5 +271,5 @@ def ntu_pipeline(frames: int = 64, bodies: int = 2, across: Literal["shoulders",
 
 
 def image_pipeline(frames: int = 64, bodies: int = 2) -> Compose:
-    """2-D image poses with a score channel (Kinetics-Skeleton): pad bodies and resample only."""
-    return Compose((PadBodies(bodies), Resample(frames)))
+    """2-D image poses with a score channel (Kinetics-Skeleton): pad bodies, centre the image, resample."""
+    return Compose((PadBodies(bodies), CentreImage(), Resample(frames)))

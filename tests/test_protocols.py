@@ -1,0 +1,273 @@
+"""The Kinetics-Skeleton and PKU-MMD protocols: split rules (release folders, official lists), the generated
+releases, `service.prepare kinetics|pku` writing their split columns, the real samples in ../shared/data (read
+in place or copied into tmp_path only), and CoCoDiff training on each protocol through `service.run`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from trainers.cocodiff import CoCoDiffConfig
+from trainers.errors import InputError
+from trainers.skeleton.kinetics import read_kinetics
+from trainers.skeleton.pku import read_pku_segments
+from trainers.skeleton.preprocess import CentreImage, image_pipeline
+from trainers.skeleton.splits import NTU60_XSUB_TRAIN_PERFORMERS, kinetics_split, read_split_list, split_of
+from trainers.skeleton.synthetic import SyntheticOptions, action_catalogue, generate_samples
+from trainers.skeleton.synthetic_release import (
+    OPENPOSE_FROM_NTU,
+    release_matches,
+    write_kinetics_release,
+    write_pku_release,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES, PER_CLASS = 4, 6
+
+
+def run_cli(module: str, *args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, check=False,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def read_index(path: Path) -> list[dict[str, str]]:
+    header, *rows = path.read_text().splitlines()
+    return [dict(zip(header.split("\t"), row.split("\t"))) for row in rows]
+
+
+@pytest.fixture(scope="module")
+def kinetics_release(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("kinetics") / "release"
+    write_kinetics_release(root, CLASSES, PER_CLASS, seed=3)
+    return root
+
+
+@pytest.fixture(scope="module")
+def pku_release(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("pku") / "release"
+    write_pku_release(root, CLASSES, PER_CLASS, seed=3)
+    return root
+
+
+# ----------------------------------------------------------------------------------------------
+# Split rules
+# ----------------------------------------------------------------------------------------------
+
+def test_official_split_list_format(tmp_path):
+    path = tmp_path / "cross-subject.txt"
+    path.write_text("Training videos: \n0002-L, 0002-M,\n0002-R, 0003-L\nValidataion videos: \n0291-L, 0291-M\n")
+    assert read_split_list(path) == {"0002-L": "train", "0002-M": "train", "0002-R": "train", "0003-L": "train",
+                                     "0291-L": "test", "0291-M": "test"}
+    path.write_text("Training videos: 0002-L\r\nValidation videos: 0003-L\r\n")         # spelling, CRLF, one line
+    assert read_split_list(path) == {"0002-L": "train", "0003-L": "test"}
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("0002-L, 0003-L\nValidataion videos: \n0004-L\n", "names before"),
+    ("Training videos: \n0002-L\nValidataion videos: \n0002-L\n", "0002-L is listed for both"),
+    ("Training videos: \n0002-L\n", "sections with names"),
+])
+def test_bad_split_lists_name_the_file(tmp_path, text, fragment):
+    path = tmp_path / "cross-view.txt"
+    path.write_text(text)
+    with pytest.raises(InputError, match=fragment) as err:
+        read_split_list(path)
+    assert str(path) in str(err.value)
+    with pytest.raises(InputError, match="not found"):
+        read_split_list(tmp_path / "absent.txt")
+
+
+def test_kinetics_split_from_the_release_folder(tmp_path):
+    assert kinetics_split(tmp_path / "kinetics_train" / "a.json", tmp_path) == "train"
+    assert kinetics_split(tmp_path / "kinetics_val" / "sub" / "b.json", tmp_path) == "test"
+    with pytest.raises(InputError, match="kinetics_train / kinetics_val"):
+        kinetics_split(tmp_path / "other" / "c.json", tmp_path)
+    with pytest.raises(InputError, match="official list file"):
+        split_of("S001C001P001R001A001", "pku-xsub")
+
+
+def test_centre_image_shifts_detected_joints_and_zeroes_the_rest():
+    x = np.zeros((1, 2, 18, 3), np.float32)
+    x[0, 0, :, :] = (0.7, 0.2, 0.9)
+    x[0, 0, 5] = (0.4, 0.6, 0.0)                         # undetected: OpenPose still wrote coordinates
+    out = CentreImage()(x)
+    np.testing.assert_allclose(out[0, 0, 0], (0.2, -0.3, 0.9), atol=1e-6)
+    assert (out[0, 0, 5] == 0).all() and (out[0, 1] == 0).all()                # frame 1 stays empty
+    assert image_pipeline(frames=8)(x).shape == (2, 8, 18, 3)
+
+
+# ----------------------------------------------------------------------------------------------
+# Generated releases
+# ----------------------------------------------------------------------------------------------
+
+def test_kinetics_release_is_readable_and_split_by_performer(kinetics_release):
+    clips = sorted((kinetics_release / "kinetics_train").glob("*.json")) + \
+        sorted((kinetics_release / "kinetics_val").glob("*.json"))
+    assert len(clips) == CLASSES * PER_CLASS and release_matches(kinetics_release, "kinetics", CLASSES, PER_CLASS, 3)
+    for path in clips:
+        performer = int(path.stem[9:12])
+        assert (path.parent.name == "kinetics_train") == (performer in NTU60_XSUB_TRAIN_PERFORMERS)
+        arr, label = read_kinetics(path)
+        assert label == int(path.stem[-3:]) - 1 and arr.shape[2:] == (18, 3)
+        detected = arr[0][arr[0, ..., 2] > 0]
+        assert ((detected[:, :2] >= 0) & (detected[:, :2] <= 1)).all()            # image coordinates
+    clip = json.loads(clips[0].read_text())
+    assert clip["label"] == action_catalogue()[clip["label_index"]].name
+    arr, _ = read_kinetics(clips[0])
+    person = arr[0][arr[0, :, 1, 2] > 0]                                          # frames with the neck seen
+    assert (person[:, 0, 1] < person[:, 1, 1]).mean() > 0.9                       # nose above the neck (v down)
+    assert OPENPOSE_FROM_NTU[2] == 8 and OPENPOSE_FROM_NTU[5] == 4                 # right / left shoulder
+    mtimes = [p.stat().st_mtime_ns for p in clips]
+    write_kinetics_release(kinetics_release, CLASSES, PER_CLASS, seed=3)           # same options: untouched
+    assert [p.stat().st_mtime_ns for p in clips] == mtimes
+
+
+def test_pku_release_segments_are_the_generated_samples(pku_release):
+    samples = list(generate_samples(SyntheticOptions(CLASSES, PER_CLASS, 3)))
+    seqs = sorted((pku_release / "skeleton").glob("*.txt"))
+    segments = [s for seq in seqs for s in read_pku_segments(seq, pku_release / "label" / seq.name)]
+    assert len(segments) == len(samples)
+    by_key = {}
+    for s in samples:
+        body = s.bodies[0]
+        by_key[(s.label + 1, len(s.bodies[0].frames), round(float(body.xyz[0, 0, 0]), 4))] = body.xyz
+    for seg in segments:
+        first = seg.data[0][np.abs(seg.data[0]).sum(axis=(1, 2)) > 0]               # body 1, leading empties cut
+        xyz = by_key[(seg.action, len(first), round(float(first[0, 0, 0]), 4))]
+        np.testing.assert_allclose(first, xyz, atol=1e-5)
+    xsub = read_split_list(pku_release / "Split" / "cross-subject.txt")
+    xview = read_split_list(pku_release / "Split" / "cross-view.txt")
+    assert set(xsub) == set(xview) == {p.stem for p in seqs}
+    assert all((xview[name] == "test") == name.endswith("-L") for name in xview)
+
+
+# ----------------------------------------------------------------------------------------------
+# service.prepare
+# ----------------------------------------------------------------------------------------------
+
+def test_prepare_kinetics_writes_the_folder_split(kinetics_release, tmp_path):
+    raw = tmp_path / "raw"
+    shutil.copytree(kinetics_release, raw)
+    (raw / "kinetics_train_label.json").write_text("{}")                         # the release's label index
+    empty = {"data": [{"frame_index": 1, "skeleton": []}], "label": "x", "label_index": 0}
+    (raw / "kinetics_val" / "no-person.json").write_text(json.dumps(empty))      # has_skeleton = false
+    res = run_cli("service.prepare", "kinetics", "--raw", str(raw), "--out", str(tmp_path / "out"),
+                  "--workers", "1", "--no-progress")
+    assert res.returncode == 0, res.stderr
+    rows = read_index(tmp_path / "out" / "index.tsv")
+    assert len(rows) == CLASSES * PER_CLASS
+    for row in rows:
+        folder = "kinetics_train" if row["kinetics"] == "train" else "kinetics_val"
+        assert (raw / folder / f"{row['name']}.json").is_file()
+        assert int(row["label"]) == int(row["name"][-3:]) - 1
+    skipped = (tmp_path / "out" / "skipped.tsv").read_text()
+    assert "no-person" in skipped and "no person detected" in skipped and "label.json" not in skipped
+    data = np.load(tmp_path / "out" / "data.npy")
+    assert data.shape == (len(rows), 3, 64, 18, 2)
+    xy = data[:, :2][data[:, 2:3].repeat(2, axis=1) > 0]
+    assert np.abs(xy).max() <= 0.5                                                # centred image coordinates
+
+
+def test_prepare_pku_writes_the_official_list_splits(pku_release, tmp_path):
+    split = pku_release / "Split"
+    res = run_cli("service.prepare", "pku", "--raw", str(pku_release / "skeleton"), "--labels",
+                  str(pku_release / "label"), "--split-list", f"pku-xsub={split / 'cross-subject.txt'}",
+                  f"pku-xview={split / 'cross-view.txt'}", "--out", str(tmp_path / "out"), "--workers", "1",
+                  "--no-progress")
+    assert res.returncode == 0, res.stderr
+    rows = read_index(tmp_path / "out" / "index.tsv")
+    xsub = read_split_list(split / "cross-subject.txt")
+    xview = read_split_list(split / "cross-view.txt")
+    assert len(rows) == CLASSES * PER_CLASS
+    for row in rows:
+        sequence = row["name"].rsplit("_", 1)[0]
+        assert (row["pku-xsub"], row["pku-xview"]) == (xsub[sequence], xview[sequence])
+    assert {r["pku-xsub"] for r in rows} == {"train", "test"}
+    assert sorted(int(r["label"]) for r in rows) == sorted(k for k in range(CLASSES) for _ in range(PER_CLASS))
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--benchmark", "pku-xsub"], "needs its official list, --split-list pku-xsub=FILE"),
+    (["--benchmark", "ntu60-xsub"], "not a pku benchmark"),
+    (["--split-list", "kinetics=x.txt"], "pku takes lists for pku-xsub, pku-xview"),
+    (["--split-list", "pku-xsub"], "expected BENCHMARK=FILE"),
+])
+def test_prepare_pku_bad_split_options_exit_2(pku_release, tmp_path, args, fragment):
+    res = run_cli("service.prepare", "pku", "--raw", str(pku_release / "skeleton"), "--labels",
+                  str(pku_release / "label"), "--out", str(tmp_path / "out"), *args)
+    assert res.returncode == 2 and fragment in res.stderr and res.stderr.strip().count("\n") == 0, res.stderr
+    assert not (tmp_path / "out" / "data.npy").exists()
+
+
+def test_real_kinetics_clip_in_shared_data(shared_data, tmp_path):
+    clip = shared_data / "kinetics_skeleton" / "--33Lscn6sk.json"
+    if not clip.is_file():
+        pytest.skip(f"{clip} not in shared data")
+    (tmp_path / "raw" / "kinetics_val").mkdir(parents=True)
+    shutil.copy(clip, tmp_path / "raw" / "kinetics_val" / clip.name)
+    res = run_cli("service.prepare", "kinetics", "--raw", str(tmp_path / "raw"), "--out", str(tmp_path / "out"),
+                  "--workers", "1", "--no-progress")
+    assert res.returncode == 0, res.stderr
+    (row,) = read_index(tmp_path / "out" / "index.tsv")
+    _, label = read_kinetics(clip)
+    assert row == {"name": "--33Lscn6sk", "label": str(label), "setup": "", "camera": "", "performer": "",
+                   "replication": "", "kinetics": "test"}
+
+
+def test_real_pku_sequence_in_shared_data(shared_data, tmp_path):
+    seq = shared_data / "pku_mmd" / "part2_skeleton" / "A10N08-L.txt"
+    if not seq.is_file():
+        pytest.skip(f"{seq} not in shared data")
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "labels" / seq.name).write_text("10,0,299,2\n3,400,799,1\n")        # two made-up instances
+    lists = tmp_path / "cross-view.txt"
+    lists.write_text("Training videos: \nA10N08-M, A10N08-R\nValidataion videos: \nA10N08-L\n")
+    res = run_cli("service.prepare", "pku", "--raw", str(seq.parent), "--labels", str(tmp_path / "labels"),
+                  "--split-list", f"pku-xview={lists}", "--out", str(tmp_path / "out"), "--workers", "1",
+                  "--no-progress")
+    assert res.returncode == 0, res.stderr
+    rows = read_index(tmp_path / "out" / "index.tsv")
+    assert [(r["name"], r["label"], r["pku-xview"]) for r in rows] == [("A10N08-L_001", "9", "test"),
+                                                                       ("A10N08-L_002", "2", "test")]
+    assert np.load(tmp_path / "out" / "data.npy").shape == (2, 3, 64, 25, 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# CoCoDiff on the protocols
+# ----------------------------------------------------------------------------------------------
+
+def test_config_ties_the_kinetics_benchmark_to_the_openpose_layout():
+    with pytest.raises(ValidationError, match="set backbone.layout=openpose"):
+        CoCoDiffConfig.model_validate({"data": {"benchmark": "kinetics"}})
+    with pytest.raises(ValidationError, match="set backbone.layout=ntu-rgb\\+d"):
+        CoCoDiffConfig.model_validate({"data": {"benchmark": "pku-xsub"}, "backbone": {"layout": "openpose"}})
+    cfg = CoCoDiffConfig.model_validate({"data": {"benchmark": "kinetics"}, "backbone": {"layout": "openpose"}})
+    assert cfg.data.num_classes == 46                                    # the synthetic catalogue, not 400
+    prepared = {"source": "prepared", "prepared_dir": "x", "benchmark": "kinetics"}
+    assert CoCoDiffConfig.model_validate({"data": prepared, "backbone": {"layout": "openpose"}}).data.num_classes == 400
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("split, joints", [("synthetic-kinetics", 18), ("synthetic-pku-xview", 25)])
+def test_cocodiff_runs_on_each_generated_protocol(tmp_path, split, joints):
+    env = {"SKELDIFF_CACHE": str(tmp_path / "cache")}
+    res = run_cli("service.run", "cocodiff", "--split", split, "--set", "data.synthetic.per_class=4",
+                  "--set", "train.steps=20", "--set", "train.eval_every=10", "--tracking-uri",
+                  f"sqlite:///{tmp_path / 'mlflow.db'}", "--run-dir", str(tmp_path / "run"), "--no-progress",
+                  env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    metrics = json.loads(res.stdout.strip().splitlines()[-1])
+    assert 0 <= metrics["test/top1"] <= metrics["test/top5"] <= 100
+    prepared = next((tmp_path / "cache" / "synthetic").glob("prepared-*"))
+    assert np.load(prepared / "data.npy", mmap_mode="r").shape[3] == joints
+    column = "kinetics" if joints == 18 else "pku-xview"
+    assert {r[column] for r in read_index(prepared / "index.tsv")} == {"train", "test"}
