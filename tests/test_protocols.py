@@ -208,6 +208,18 @@ def test_prepare_pku_bad_split_options_exit_2(pku_release, tmp_path, args, fragm
     assert not (tmp_path / "out" / "data.npy").exists()
 
 
+def test_pku_without_lists_prepares_but_cannot_be_split(pku_release, tmp_path):
+    from service.prepare import prepare
+    from trainers.skeleton.prepared import read_prepared
+
+    logged = []
+    prepare("pku", pku_release / "skeleton", tmp_path / "out", labels=pku_release / "label", progress=False,
+            log=logged.append)
+    assert any("no --split-list given" in line for line in logged)
+    with pytest.raises(InputError, match="--split-list pku-xsub="):
+        read_prepared(tmp_path / "out", "pku-xsub")
+
+
 def test_real_kinetics_clip_in_shared_data(shared_data, tmp_path):
     clip = shared_data / "kinetics_skeleton" / "--33Lscn6sk.json"
     if not clip.is_file():

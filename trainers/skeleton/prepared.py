@@ -41,7 +41,8 @@ def read_prepared(folder: Path, benchmark: str | None = None) -> PreparedSet:
     header, *rows = [line.split("\t") for line in (folder / "index.tsv").read_text().splitlines() if line]
     columns = header[SAMPLE_COLUMNS:]
     if not columns:
-        raise InputError(f"{folder / 'index.tsv'}: no benchmark split columns")
+        raise InputError(f"{folder / 'index.tsv'}: no benchmark split columns (PKU-MMD: prepare it with "
+                         "--split-list pku-xsub=cross-subject.txt pku-xview=cross-view.txt)")
     benchmark = benchmark or columns[0]
     if benchmark not in columns:
         raise InputError(f"{folder / 'index.tsv'}: no {benchmark!r} column (has: {', '.join(columns)})")
