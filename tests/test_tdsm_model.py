@@ -48,6 +48,16 @@ def test_prediction_depends_on_every_input(gen):
         assert not torch.allclose(model(*args), base), f"input {i} ignored"
 
 
+def test_per_class_text_tables_equal_repeated_text(gen):
+    model = perturb(make(), gen).eval()
+    z, t, _, _ = inputs(6, gen)
+    g, l = torch.randn(3, 24, generator=gen), torch.randn(3, 7, 20, generator=gen)     # 3 classes
+    candidate = torch.tensor([2, 0, 1, 1, 2, 0])
+    with torch.no_grad():
+        torch.testing.assert_close(model(z, t, g, l, candidate), model(z, t, g[candidate], l[candidate]),
+                                   rtol=0, atol=1e-6)
+
+
 def test_joint_attention_mixes_streams(gen):
     """Changing only the text tokens changes the skeleton stream inside one block (joint attention)."""
     block = perturb(CrossDiTBlock(16, 2, 2.0), gen)

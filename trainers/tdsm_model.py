@@ -157,11 +157,19 @@ class TDSMDenoiser(nn.Module):
         nn.init.zeros_(self.final_layer.linear.bias)
 
     def forward(self, z_t: torch.Tensor, t: torch.Tensor, text_global: torch.Tensor,
-                text_local: torch.Tensor) -> torch.Tensor:
-        """z_t (N, D_x), t (N,), text_global (N, D_g), text_local (N, M_l, D_l) -> prediction (N, D_x)."""
+                text_local: torch.Tensor, candidate: torch.Tensor | None = None) -> torch.Tensor:
+        """z_t (N, D_x), t (N,), text_global (N, D_g), text_local (N, M_l, D_l) -> prediction (N, D_x).
+
+        With `candidate` (N,) the texts are per-class tables, text_global (C, D_g) and text_local (C, M_l, D_l):
+        each class's text is embedded once and row i reads class candidate[i]. The result equals passing the
+        texts repeated per row, without building the (N, M_l, D_l) copy (zero-shot scoring: N = K x n x C rows).
+        """
         x = self.x_embedder(z_t).unsqueeze(1)                        # (N, 1, C)   M_x = 1
-        l = self.fl_embedder(text_local) + self.pos_embed            # (N, M_l, C)
-        c = self.t_embedder(t) + self.fc_embedder(text_global)       # (N, C)
+        l = self.fl_embedder(text_local) + self.pos_embed            # (N or C, M_l, C)
+        g = self.fc_embedder(text_global)                            # (N or C, C)
+        if candidate is not None:
+            l, g = l[candidate], g[candidate]                        # (N, M_l, C), (N, C)
+        c = self.t_embedder(t) + g                                   # (N, C)
         for block in self.blocks:
             x, l = block(x, l, c)                                    # (N, 1, C), (N, M_l, C)
         return self.final_layer(x, c).squeeze(1)                     # (N, D_x)

@@ -16,7 +16,8 @@ from einops import repeat
 
 from trainers.diffusion import NoiseSchedule
 
-Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# model(z_t, t, text_global, text_local, candidate=None) -> prediction; see TDSMDenoiser.forward
+Denoiser = Callable[..., torch.Tensor]
 
 
 def evaluation_noise(num_draws: int, num_samples: int, dim: int, seed: int) -> torch.Tensor:
@@ -31,7 +32,8 @@ def score_candidates(model: Denoiser, schedule: NoiseSchedule, features: torch.T
     """Denoising error of every (draw, sample, candidate): (K, N, C); smaller = better match.
 
     features (N, D) on the model's device; noise (K, N, D); cand_global (C, D_g); cand_local (C, M_l, D_l).
-    Rows per forward pass = chunk x K x C, bounded by max_rows.
+    Rows per forward pass = chunk x K x C, bounded by max_rows. The model embeds each candidate's text once and
+    gathers it per row (its `candidate` argument) instead of receiving the raw text repeated K x n times.
     """
     K, N, D = noise.shape
     C = cand_global.shape[0]
@@ -46,10 +48,9 @@ def score_candidates(model: Denoiser, schedule: NoiseSchedule, features: torch.T
         eps = repeat(eps, "k n d -> (k n c) d", c=C)                           # (K n C, D)
         t = torch.full((K * n * C,), t_test, device=device, dtype=torch.long)
         z_t = schedule.add_noise(x0, eps, t)                                   # (K n C, D)
-        g = repeat(cand_global, "c e -> (k n c) e", k=K, n=n)                  # (K n C, D_g)
-        loc = repeat(cand_local, "c m e -> (k n c) m e", k=K, n=n)             # (K n C, M_l, D_l)
+        candidate = torch.arange(C, device=device).repeat(K * n)               # (K n C,) c fastest
         with amp():
-            pred = model(z_t, t, g, loc)                                       # (K n C, D)
+            pred = model(z_t, t, cand_global, cand_local, candidate)           # (K n C, D)
         err = (schedule.target(x0, eps, t) - pred.float()).pow(2).mean(-1)    # (K n C,)
         out[:, s:s + n] = err.view(K, n, C).cpu()
     return out
