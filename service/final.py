@@ -11,7 +11,8 @@ The method is the config's own (`method:`).
   under the same protocol, and reports both and their paired difference (nothing is registered).
   `--streams joint bone motion` trains one classifier per input stream (backbone.stream) for each arm and seed,
   fuses the streams' test logits per seed (equal weights, as `service.ensemble`), logs the fused predictions as a
-  child run, and reports a row per stream plus an 'ensemble' row per arm (nothing is registered).
+  child run, and reports a row per stream plus an 'ensemble' row per arm; the seed-0 classifiers of the streams
+  are registered together as one model (`cocodiff-<split>-joint-bone-motion`) that fuses their logits.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cocodiff: baseline (module.enabled=false) vs +CoCoDiff, same seeds and protocol")
     p.add_argument("--streams", nargs="+", metavar="STREAM",
                    help=f"cocodiff: one classifier per input stream ({', '.join(STREAMS)}) per arm and seed, and "
-                        "their equal-weight score fusion per seed (an 'ensemble' row; nothing is registered)")
+                        "their equal-weight score fusion per seed (an 'ensemble' row; the seed-0 stream classifiers are "
+                        "registered as one fused model)")
     p.add_argument("--splits", nargs="+", help="re-target the config to named splits (default: its own data)")
     p.add_argument("--splits-file", type=Path, help="default: search_spaces/<method>_splits.yaml")
     p.add_argument("--storage-path", type=Path, default=DEFAULT_STORAGE,
@@ -294,19 +296,21 @@ def cocodiff_table(rows: list[dict[str, Any]]) -> str:
 
 def cocodiff_streams(args, cfg: CoCoDiffConfig, data, texts, names: list[str], uri: str, experiment: str,
                      parent: MLflowReporter, split: str, arm: str,
-                     ) -> tuple[list[dict[str, float]], list[dict[str, Any]]]:
+                     ) -> tuple[list[dict[str, float]], list[dict[str, Any]], list[tuple[CoCoDiffConfig, Any]]]:
     """One arm with --streams: every stream's seeds (cfg with backbone.stream overridden), then their per-seed
-    fusion. Returns (the ensemble's per-seed metrics, one table row per stream plus the 'ensemble' row)."""
-    per_stream, rows = {}, []
+    fusion. Returns (the ensemble's per-seed metrics, one table row per stream plus the 'ensemble' row, the
+    seed-0 (config, classifier) of each stream)."""
+    per_stream, rows, members = {}, [], []
     for stream in args.streams:
         stream_cfg = cocodiff_fit.with_overrides(cfg, backbone={"stream": stream})
-        per_seed, _, per_stream[stream] = cocodiff_seeds(args, stream_cfg, data, texts, names, uri, experiment,
-                                                         parent, split, arm, stream)
+        per_seed, first, per_stream[stream] = cocodiff_seeds(args, stream_cfg, data, texts, names, uri, experiment,
+                                                             parent, split, arm, stream)
         rows.append(cocodiff_row(split, arm, per_seed, stream_cfg, data, stream))
+        members.append((stream_cfg, first))
     seeds = [int(m["seed"]) for m in per_seed]
     fused = cocodiff_stream_ensemble(per_stream, seeds, data, names, uri, experiment, parent, split, arm)
     rows.append(cocodiff_row(split, arm, fused, cfg, data, "ensemble"))
-    return fused, rows
+    return fused, rows, members
 
 
 def run_cocodiff_split(args, split: str, tree: dict[str, Any], uri: str) -> list[dict[str, Any]]:
@@ -333,20 +337,20 @@ def run_cocodiff_split(args, split: str, tree: dict[str, Any], uri: str) -> list
         for arm, enabled in arms:
             arm_cfg = cocodiff_fit.with_overrides(cfg, module={"enabled": enabled})
             if args.streams:
-                per_seed, arm_rows = cocodiff_streams(args, arm_cfg, data, (fine, coarse), names, uri, experiment,
-                                                      parent, split, arm)
+                per_seed, arm_rows, members = cocodiff_streams(args, arm_cfg, data, (fine, coarse), names, uri,
+                                                               experiment, parent, split, arm)
             else:
                 per_seed, first, _ = cocodiff_seeds(args, arm_cfg, data, (fine, coarse), names, uri, experiment,
                                                     parent, split, arm)
-                arm_rows = [cocodiff_row(split, arm, per_seed, arm_cfg, data)]
+                arm_rows, members = [cocodiff_row(split, arm, per_seed, arm_cfg, data)], [(arm_cfg, first)]
             per_arm[arm] = per_seed
             for row in arm_rows:
                 key = f"{arm}/{row['stream']}" if "stream" in row else arm
                 parent.log_metrics({f"{key}/{k}": v for k, v in row.items() if k.startswith("test/") and
                                     isinstance(v, float)}, 0)
-            if not args.ablation and not args.streams and not args.no_register:
-                arm_rows[-1]["registered_version"] = register_classifier(parent, uri, arm_cfg, first, data, names,
-                                                                         f"cocodiff-{split}")
+            if not args.ablation and not args.no_register:     # the seed-0 classifier, or stream ensemble
+                name = f"cocodiff-{split}" + "".join(f"-{s}" for s in args.streams or [])
+                arm_rows[-1]["registered_version"] = register_classifier(parent, uri, members, data, names, name)
             rows.extend(arm_rows)
         if args.ablation:
             for k in ("top1", "top5"):
@@ -365,15 +369,16 @@ def run_cocodiff_split(args, split: str, tree: dict[str, Any], uri: str) -> list
     return rows
 
 
-def register_classifier(reporter: MLflowReporter, uri: str, cfg: CoCoDiffConfig, classifier, data,
+def register_classifier(reporter: MLflowReporter, uri: str, members: list[tuple[CoCoDiffConfig, Any]], data,
                         names: list[str], name: str) -> str:
-    """Log the seed-0 exported classifier (backbone + head) as a pyfunc and register it; returns the version."""
+    """Log the seed-0 exported classifier (backbone + head; with --streams one per stream, fused with equal
+    weights) as a pyfunc and register it; returns the version."""
     import mlflow
 
     from service.registry import log_classifier_model
 
     mlflow.set_tracking_uri(uri)
-    version = log_classifier_model(reporter.run_id, cfg, classifier, data.num_classes, tuple(data.test_x.shape[1:]),
+    version = log_classifier_model(reporter.run_id, members, data.num_classes, tuple(data.test_x.shape[1:]),
                                    names, name)
     reporter.set_tags({"registered_model": f"{name}/{version}"})
     return version

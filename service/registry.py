@@ -5,11 +5,14 @@ it was built with. The bundle holds the denoiser weights, the resolved config an
 encoded text, so the model scores without the text encoder or the datasets.
 
 CoCoDiff (`SkeletonClassifierModel`): input (N, C, T, V, M) joint sequences; output (N,) class ids. The bundle
-is the exported classifier only (backbone + head, the best.pt layout): no diffusion module, no text.
+is the exported classifier only (backbone + head, the best.pt layout): no diffusion module, no text. A stream
+ensemble (`service.final --streams`) is one bundle per stream, each classifier deriving its own stream from the
+joints, and the fusion weights: the prediction is the argmax of the weighted sum of their logits.
 """
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -18,7 +21,7 @@ import numpy as np
 import torch
 
 from trainers.cocodiff import CoCoDiffConfig
-from trainers.cocodiff_fit import SkeletonClassifier, load_classifier
+from trainers.cocodiff_fit import SkeletonClassifier, ensemble_logits, load_classifier
 from trainers.config import TDSMConfig, to_plain
 from trainers.tdsm_fit import build_model, build_schedule
 from trainers.text import TextFeatures
@@ -74,30 +77,46 @@ def log_zero_shot_model(run_id: str, cfg: TDSMConfig, model, classes: list[int],
 
 
 class SkeletonClassifierModel(mlflow.pyfunc.PythonModel):
-    """pyfunc wrapper of an exported CoCoDiff classifier: joint sequences -> argmax class ids."""
+    """pyfunc wrapper of exported CoCoDiff classifiers: joint sequences -> argmax class ids of one classifier's
+    logits, or of the weighted sum of several (one per input stream)."""
 
     def load_context(self, context) -> None:
-        self.model, _ = load_classifier(context.artifacts["bundle"])
+        keys = sorted((k for k in context.artifacts if k.startswith("bundle")), key=lambda k: int(k[6:] or 0))
+        self.models = [load_classifier(context.artifacts[k])[0] for k in keys]
+        fusion = context.artifacts.get("fusion")
+        self.weights = json.loads(Path(fusion).read_text())["weights"] if fusion else [1.0] * len(self.models)
 
     def predict(self, context, model_input, params=None) -> np.ndarray:
         x = torch.as_tensor(np.asarray(model_input, dtype=np.float32))       # (N, C, T, V, M)
         with torch.no_grad():
-            return self.model(x).argmax(-1).numpy()                          # (N,)
+            logits = ensemble_logits([m(x) for m in self.models], self.weights)  # (N, classes)
+        return logits.argmax(-1).numpy()                                     # (N,)
 
 
-def log_classifier_model(run_id: str, cfg: CoCoDiffConfig, classifier: SkeletonClassifier, num_classes: int,
-                         input_shape: tuple[int, ...], names: list[str], registered_name: str) -> str:
-    """Log backbone + head as a pyfunc under `run_id`, register it, alias it 'final'; returns the version.
+def log_classifier_model(run_id: str, members: list[tuple[CoCoDiffConfig, SkeletonClassifier]], num_classes: int,
+                         input_shape: tuple[int, ...], names: list[str], registered_name: str,
+                         weights: list[float] | None = None) -> str:
+    """Log backbone + head (several: a stream ensemble, fused by `weights`, equal by default) as a pyfunc under
+    `run_id`, register it, alias it 'final'; returns the version.
 
     input_shape: one sample's (C, T, V, M), for the input example.
     """
     with tempfile.TemporaryDirectory() as tmp:
-        bundle = Path(tmp) / "cocodiff_classifier.pt"
-        torch.save({"classifier": {k: v.cpu() for k, v in classifier.state_dict().items()}, "config": to_plain(cfg),
-                    "num_classes": num_classes, "in_channels": input_shape[0], "class_names": names}, bundle)
+        artifacts = {}
+        for i, (cfg, classifier) in enumerate(members):
+            bundle = Path(tmp) / f"cocodiff_classifier{i or ''}.pt"
+            torch.save({"classifier": {k: v.cpu() for k, v in classifier.state_dict().items()},
+                        "config": to_plain(cfg), "num_classes": num_classes, "in_channels": input_shape[0],
+                        "class_names": names}, bundle)
+            artifacts[f"bundle{i or ''}"] = str(bundle)
+        if len(members) > 1:
+            fusion = Path(tmp) / "fusion.json"
+            streams = [cfg.backbone.stream for cfg, _ in members]
+            fusion.write_text(json.dumps({"streams": streams, "weights": weights or [1.0] * len(members)}))
+            artifacts["fusion"] = str(fusion)
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
-                name="classifier", python_model=SkeletonClassifierModel(), artifacts={"bundle": str(bundle)},
+                name="classifier", python_model=SkeletonClassifierModel(), artifacts=artifacts,
                 input_example=np.zeros((2, *input_shape), dtype=np.float32), registered_model_name=registered_name,
                 pip_requirements=_pip_requirements())
     client = mlflow.tracking.MlflowClient()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -229,7 +230,7 @@ def test_final_streams_trains_each_stream_and_fuses_them_per_seed(tmp_path, caps
                      "--tracking-uri", uri, "--out", str(tmp_path / "final"), "--no-progress")["rows"]
     assert [(r["arm"], r["stream"], r["seeds"]) for r in rows] == [("baseline", "joint", 2), ("baseline", "bone", 2),
                                                                    ("baseline", "ensemble", 2)]
-    assert not any("registered_version" in r for r in rows)
+    assert "registered_version" in rows[-1] and not any("registered_version" in r for r in rows[:-1])
     table = (tmp_path / "final" / "final-cocodiff-synthetic-skeleton-joint+bone.md").read_text()
     assert "| baseline | joint |" in table and "| baseline | bone |" in table and "| baseline | ensemble |" in table
 
@@ -251,6 +252,18 @@ def test_final_streams_trains_each_stream_and_fuses_them_per_seed(tmp_path, caps
                                    + logits(f"final-synthetic-skeleton-baseline-bone-seed{i}"), rtol=1e-6)
         assert by_name[fused].data.metrics["test/top1"] == pytest.approx(rows[2]["test/top1_per_seed"][i], abs=1e-3)
     assert rows[2]["test/top1_mean"] == pytest.approx(np.mean(rows[2]["test/top1_per_seed"]), abs=1e-2)
+
+    # the registered model holds both seed-0 stream classifiers and predicts the argmax of their summed logits
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model("models:/cocodiff-synthetic-skeleton-joint-bone@final")
+    members = model.unwrap_python_model().models
+    assert [m.stream for m in members] == ["joint", "bone"]
+    x = torch.randn(5, 3, 64, 25, 2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = (members[0](x) + members[1](x)).argmax(-1).numpy()
+    np.testing.assert_array_equal(model.predict(x.numpy()), expected)
 
     # service.ensemble on the seed-0 stream runs reproduces the seed-0 ensemble child
     code, out, _ = run_cli(capsys, by_name["final-synthetic-skeleton-baseline-joint-seed0"].info.run_id,
