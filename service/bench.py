@@ -821,14 +821,17 @@ def bench_cocodiff(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------
 
 def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--files", type=int, default=368, help="generated .skeleton files (default: %(default)s)")
+    p.add_argument("--files", type=int, default=368, help="generated input files (pku: ~this many samples, in "
+                   "long sequences) (default: %(default)s)")
+    p.add_argument("--format", choices=["ntu", "kinetics", "pku"], default="ntu",
+                   help="NTU .skeleton files, Kinetics-skeleton JSON clips or PKU-MMD sequences (default: ntu)")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="process counts to time (default: 1 2)")
     p.add_argument("--frames", type=int, default=64, help="frames after resampling (default: %(default)s)")
     p.add_argument("--out", type=Path, default=Path("bench-prepare.json"), help="JSON report (default: %(default)s)")
 
 
 def bench_prepare_cli(args: argparse.Namespace) -> int:
-    """`service.prepare`'s parse + preprocess over generated NTU-format files, per worker count."""
+    """`service.prepare`'s parse + preprocess over generated files of one format, per worker count."""
     from service.prepare import bench_prepare
 
     if args.files < 1 or any(w < 1 for w in args.workers):
@@ -836,19 +839,21 @@ def bench_prepare_cli(args: argparse.Namespace) -> int:
     machine = {**describe_machine(torch.device("cpu")), "cpu_busy_before": cpu_busy_fraction()}
     runs = []
     for workers in args.workers:
-        log(f"prepare: {args.files} files with {workers} worker(s) ...")
-        runs.append(bench_prepare(args.files, workers, args.frames))
-    report = {"benchmark": "prepare", "machine": machine, "frames": args.frames, "runs": runs}
+        log(f"prepare: {args.format}, {args.files} files with {workers} worker(s) ...")
+        runs.append(bench_prepare(args.files, workers, args.frames, dataset=args.format))
+    report = {"benchmark": "prepare", "format": args.format, "machine": machine, "frames": args.frames, "runs": runs}
     write_report(args.out, report)
-    print(f"machine: {machine['cpu_model']}, {machine['cpu_cores_usable']} usable cores; {args.files} generated "
-          f"NTU .skeleton files (mean {runs[0]['mean_file_kb']} kB), parse + preprocess to {args.frames} frames")
-    print(format_table(["workers", "seconds", "files/s", "files/s per worker", "files per CPU-s", "MB/s"],
+    kind = {"ntu": "NTU .skeleton files", "kinetics": "Kinetics-skeleton JSON clips",
+            "pku": f"PKU-MMD sequences ({runs[0]['samples']} labelled samples)"}[args.format]
+    print(f"machine: {machine['cpu_model']}, {machine['cpu_cores_usable']} usable cores; {runs[0]['files']} generated "
+          f"{kind} (mean {runs[0]['mean_file_kb']} kB), parse + preprocess to {args.frames} frames")
+    print(format_table(["workers", "seconds", "files/s", "files/s per worker", "samples/s", "files per CPU-s", "MB/s"],
                        [[str(r["workers"]), f"{r['seconds']:.2f}", f"{r['files_per_s']:.1f}",
-                         f"{r['files_per_s_per_core']:.1f}", f"{r['files_per_cpu_s'] or 0:.1f}", f"{r['mb_per_s']:.1f}"]
-                        for r in runs]))
+                         f"{r['files_per_s_per_core']:.1f}", f"{r['samples_per_s']:.1f}",
+                         f"{r['files_per_cpu_s'] or 0:.1f}", f"{r['mb_per_s']:.1f}"] for r in runs]))
     print("files per CPU-s counts the CPU time of every worker: the per-core rate that other load does not change")
     print(f"JSON written to {args.out}")
-    return 0 if all(r["ok"] == r["files"] for r in runs) else 1
+    return 0 if all(r["ok"] == r["samples"] for r in runs) else 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -956,7 +961,7 @@ class Benchmark:
 BENCHMARKS: dict[str, Benchmark] = {
     "tdsm": Benchmark("TDSM training step (fp32 vs bf16) and zero-shot scoring (batched vs per-class loop)",
                       add_tdsm_arguments, bench_tdsm),
-    "prepare": Benchmark("parse + preprocess throughput of service.prepare on generated NTU .skeleton files",
+    "prepare": Benchmark("parse + preprocess throughput of service.prepare on generated NTU, Kinetics or PKU files",
                          add_prepare_arguments, bench_prepare_cli),
     "encoder": Benchmark("GCN encoder training and feature-extraction throughput, fp32 vs bf16",
                          add_encoder_arguments, bench_encoder),

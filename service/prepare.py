@@ -464,33 +464,59 @@ def assemble(dataset: str, out: Path, shard_paths: list[Path], pre_skips: list[t
 # Benchmark
 # ----------------------------------------------------------------------------------------------
 
-def bench_prepare(n_files: int, workers: int, frames: int = 64, chunk_size: int = 8, seed: int = 0) -> dict:
-    """Generate `n_files` synthetic `.skeleton` files in a temp dir and time parse + preprocess over them.
+BENCH_FORMATS = ("ntu", "kinetics", "pku")
+
+
+def bench_inputs(folder: Path, dataset: str, n_files: int, seed: int) -> list[Job]:
+    """Generated inputs of one format in `folder`: NTU `.skeleton` files, Kinetics-skeleton JSON clips (n_files of
+    each), or PKU-MMD sequences + label files (as many long sequences as ~n_files samples make)."""
+    from trainers.skeleton.synthetic_release import write_kinetics_release, write_pku_release
+
+    classes = min(n_files, SYNTHETIC_CLASSES)
+    per_class = math.ceil(n_files / classes)
+    if dataset == "ntu":
+        paths = write_synthetic_dataset(folder, num_classes=classes, per_class=per_class, seed=seed)[:n_files]
+        return [Job("synthetic", str(p)) for p in paths]
+    if dataset == "kinetics":
+        paths = write_kinetics_release(folder, classes, per_class, seed)[:n_files]
+        return [Job("kinetics", str(p)) for p in paths]
+    if dataset == "pku":
+        paths = write_pku_release(folder, classes, per_class, seed)
+        return [Job("pku", str(p), str(folder / "label" / p.name)) for p in paths]
+    raise InputError(f"--format {dataset}: expected one of {', '.join(BENCH_FORMATS)}")
+
+
+def bench_prepare(n_files: int, workers: int, frames: int = 64, chunk_size: int = 8, seed: int = 0,
+                  dataset: str = "ntu") -> dict:
+    """Generate about `n_files` inputs of `dataset`'s format in a temp dir and time parse + preprocess over them.
 
     Times only the parsing and preprocessing (process pool start-up included, writing excluded). On a shared
     machine wall-clock rates depend on the load; `files_per_cpu_s` (files per CPU-second, workers included)
-    is the per-core throughput that does not.
+    is the per-core throughput that does not. PKU-MMD files are long sequences of several samples each, so
+    `samples_per_s` is the rate to compare across formats.
     """
     if n_files < 1 or workers < 1:
         raise InputError(f"bench_prepare(n_files={n_files}, workers={workers}): expected both >= 1")
-    classes = min(n_files, SYNTHETIC_CLASSES)
     with tempfile.TemporaryDirectory(prefix="skeldiff-bench-") as tmp:
         t0 = time.perf_counter()
-        paths = write_synthetic_dataset(tmp, num_classes=classes, per_class=math.ceil(n_files / classes),
-                                        seed=seed)[:n_files]
+        jobs = bench_inputs(Path(tmp), dataset, n_files, seed)
         gen_s = time.perf_counter() - t0
-        jobs = [Job("synthetic", str(p)) for p in paths]
-        size = sum(p.stat().st_size for p in paths)
-        done = [0]
+        size = sum(Path(j.path).stat().st_size for j in jobs)
+        done = [0, 0]                                                             # samples ok, samples in all
         cpu0, t0 = _cpu_seconds(), time.perf_counter()
-        run_chunks(chunked(jobs, chunk_size), frames, workers,
-                   lambda i, results: done.__setitem__(0, done[0] + sum(r[0] == "ok" for r in results)))
+
+        def count(_: int, results: list[Result]) -> None:
+            done[0] += sum(r[0] == "ok" for r in results)
+            done[1] += len(results)
+
+        run_chunks(chunked(jobs, chunk_size), frames, workers, count)
         seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
-    rate = n_files / seconds
-    return {"files": n_files, "ok": done[0], "workers": workers, "seconds": round(seconds, 3),
-            "files_per_s": round(rate, 2), "files_per_s_per_core": round(rate / workers, 2),
-            "cpu_seconds": round(cpu, 3), "files_per_cpu_s": round(n_files / cpu, 2) if cpu > 0 else None,
-            "mb_per_s": round(size / 1e6 / seconds, 2), "mean_file_kb": round(size / n_files / 1e3, 1),
+    files, rate = len(jobs), len(jobs) / seconds
+    return {"format": dataset, "files": files, "samples": done[1], "ok": done[0], "workers": workers,
+            "seconds": round(seconds, 3), "files_per_s": round(rate, 2),
+            "files_per_s_per_core": round(rate / workers, 2), "samples_per_s": round(done[1] / seconds, 2),
+            "cpu_seconds": round(cpu, 3), "files_per_cpu_s": round(files / cpu, 2) if cpu > 0 else None,
+            "mb_per_s": round(size / 1e6 / seconds, 2), "mean_file_kb": round(size / files / 1e3, 1),
             "generate_seconds": round(gen_s, 3), "cpu_count": os.cpu_count(),
             "load_avg_1min": round(os.getloadavg()[0], 2)}
 

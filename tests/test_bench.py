@@ -140,3 +140,15 @@ def test_prepare_bench_times_every_worker_count(tmp_path, capsys):
     runs = json.loads(out.read_text())["runs"]
     assert [r["workers"] for r in runs] == [1, 2] and all(r["ok"] == 3 for r in runs)
     assert main(["prepare", "--files", "0", "--out", str(out)]) == 2
+
+
+@pytest.mark.parametrize("fmt", ["kinetics", "pku"])
+def test_prepare_bench_reads_the_other_formats(tmp_path, fmt):
+    out = tmp_path / "prep.json"
+    assert main(["prepare", "--format", fmt, "--files", "6", "--workers", "1", "--out", str(out)]) == 0
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["format"] == fmt and run["ok"] == run["samples"] >= 6 and run["samples_per_s"] > 0
+    if fmt == "kinetics":
+        assert run["files"] == 6                       # one clip a sample
+    else:
+        assert run["files"] <= run["samples"]          # sequences of one or more labelled samples
