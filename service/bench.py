@@ -823,7 +823,9 @@ def bench_cocodiff(args: argparse.Namespace) -> int:
 def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--files", type=int, default=368, help="generated input files (pku: ~this many samples, in "
                    "long sequences) (default: %(default)s)")
-    p.add_argument("--format", choices=["ntu", "kinetics", "pku"], default="ntu",
+    from service.prepare import BENCH_FORMATS
+
+    p.add_argument("--format", choices=BENCH_FORMATS, default="ntu",
                    help="NTU .skeleton files, Kinetics-skeleton JSON clips or PKU-MMD sequences (default: ntu)")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="process counts to time (default: 1 2)")
     p.add_argument("--frames", type=int, default=64, help="frames after resampling (default: %(default)s)")

@@ -74,6 +74,10 @@ def read_arrays(source: str, logits_path: Path, labels_path: Path) -> tuple[torc
     if logits.ndim != 2 or labels.ndim != 1 or len(logits) != len(labels):
         raise InputError(f"{source}: {logits_path.name} {logits.shape} and {labels_path.name} {labels.shape} "
                          "are not (N, C) logits and (N,) labels")
+    if len(labels) == 0:
+        raise InputError(f"{source}: {labels_path.name} holds no samples")
+    if not np.isfinite(logits).all():
+        raise InputError(f"{source}: {logits_path.name} holds non-finite logits (NaN or inf)")
     if not np.issubdtype(labels.dtype, np.integer) or (labels.size and (labels.min() < 0 or
                                                                         labels.max() >= logits.shape[1])):
         raise InputError(f"{source}: {labels_path.name} holds labels outside 0..{logits.shape[1] - 1}")
@@ -187,6 +191,8 @@ def default_experiment(saved: list[SavedPredictions], uri: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     weights = args.weights or [1.0] * len(args.sources)
+    if not all(np.isfinite(w) for w in weights):
+        raise InputError(f"--weights {' '.join(map(str, weights))}: expected finite numbers")
     if len(weights) != len(args.sources):
         raise InputError(f"--weights: {len(weights)} weights for {len(args.sources)} sources (one per SOURCE)")
     uri = resolve_tracking_uri(args.tracking_uri)

@@ -314,6 +314,8 @@ def parse_split_lists(items: list[str] | None, dataset: str) -> dict[str, Path]:
         if not eq or not file:
             raise InputError(f"--split-list {item}: expected BENCHMARK=FILE, e.g. pku-xsub=Split/cross-subject.txt")
         b = get_benchmark(bench)
+        if bench in out:
+            raise InputError(f"--split-list {item}: {bench} already given ({bench}={out[bench]})")
         if b.split_from != "list" or b.family != FAMILY[dataset]:
             listed = [n for n, x in BENCHMARKS.items() if x.split_from == "list" and x.family == FAMILY[dataset]]
             raise InputError(f"--split-list {item}: {dataset} takes lists for {', '.join(listed) or 'no benchmark'}")
@@ -337,6 +339,9 @@ def prepare(dataset: str, raw: Path, out: Path, frames: int = 64, workers: int =
     if dtype not in ("float32", "float16"):
         raise InputError(f"--dtype {dtype}: expected float32 or float16")
     split_lists = dict(split_lists or {})
+    for b in split_lists:
+        if get_benchmark(b).split_from != "list" or get_benchmark(b).family != FAMILY[dataset]:
+            raise InputError(f"--split-list {b}: {dataset} has no benchmark split by an official list file")
     if benchmarks is None:
         benchmarks = list(split_lists) if dataset == "pku" else DEFAULT_BENCHMARKS[dataset]
     benchmarks = list(benchmarks)
@@ -358,10 +363,11 @@ def prepare(dataset: str, raw: Path, out: Path, frames: int = 64, workers: int =
         raise InputError(f"--missing {missing}: file not found")
 
     jobs, pre_skips = find_jobs(dataset, raw, labels, missing, log)
+    columns = job_columns(dataset, jobs, raw, benchmarks, lists, log)     # into the stamp: it comes from --raw too
     joints = 18 if dataset == "kinetics" else 25
     stamp = stable_hash({"v": PIPELINE_VERSION, "dataset": dataset, "frames": frames, "dtype": dtype,
                          "benchmarks": benchmarks, "jobs": [j.fingerprint() for j in jobs],
-                         "lists": {b: sorted(v.items()) for b, v in lists.items()},
+                         "columns": [columns[j.path] for j in jobs],
                          "pre_skips": pre_skips,
                          "missing": missing.read_text() if missing is not None else None})
     meta_path = out / "prepare.json"
@@ -402,7 +408,6 @@ def prepare(dataset: str, raw: Path, out: Path, frames: int = 64, workers: int =
     for name, path, reason in pre_skips:
         log(f"skipped: {reason}")
 
-    columns = job_columns(dataset, jobs, raw, benchmarks, lists, log)
     summary = assemble(dataset, out, shard_paths, pre_skips, benchmarks, columns, frames, joints, dtype)
     summary.update(dataset=dataset, raw=str(raw), frames=frames, dtype=dtype, benchmarks=benchmarks,
                    layout="N, C, T, V, M", stamp=stamp, seconds=round(time.perf_counter() - start, 3))

@@ -83,8 +83,11 @@ class SkeletonClassifierModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         keys = sorted((k for k in context.artifacts if k.startswith("bundle")), key=lambda k: int(k[6:] or 0))
         self.models = [load_classifier(context.artifacts[k])[0] for k in keys]
-        fusion = context.artifacts.get("fusion")
-        self.weights = json.loads(Path(fusion).read_text())["weights"] if fusion else [1.0] * len(self.models)
+        fusion = json.loads(Path(context.artifacts["fusion"]).read_text()) if "fusion" in context.artifacts else {}
+        self.weights = fusion.get("weights", [1.0] * len(self.models))
+        streams = [m.stream for m in self.models]
+        if fusion.get("streams", streams) != streams:          # bundles and weights must pair up in order
+            raise ValueError(f"fusion.json names streams {fusion['streams']} but the bundles hold {streams}")
 
     def predict(self, context, model_input, params=None) -> np.ndarray:
         x = torch.as_tensor(np.asarray(model_input, dtype=np.float32))       # (N, C, T, V, M)

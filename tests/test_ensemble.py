@@ -109,6 +109,19 @@ def test_refuses_a_weight_count_that_is_not_one_per_source(tmp_path, capsys):
     assert code == 2 and err == "error: --weights: 1 weights for 2 sources (one per SOURCE)\n"
 
 
+def test_refuses_empty_or_non_finite_predictions_and_weights(tmp_path, capsys):
+    unused = f"sqlite:///{tmp_path / 'unused.db'}"
+    empty = write_predictions(tmp_path / "empty", JOINT[:0], LABELS[:0])
+    code, _, err = run_cli(capsys, str(empty), "--tracking-uri", unused)
+    assert code == 2 and err == f"error: {empty}: test_labels.npy holds no samples\n"
+    nan = write_predictions(tmp_path / "nan", np.where(JOINT > 0, np.nan, JOINT), LABELS)
+    code, _, err = run_cli(capsys, str(nan), "--tracking-uri", unused)
+    assert code == 2 and err == f"error: {nan}: test_logits.npy holds non-finite logits (NaN or inf)\n"
+    joint = write_predictions(tmp_path / "joint", JOINT, LABELS)
+    code, _, err = run_cli(capsys, str(joint), "--weights", "nan", "--tracking-uri", unused)
+    assert code == 2 and err == "error: --weights nan: expected finite numbers\n"
+
+
 def test_refuses_a_folder_without_the_split_and_an_unknown_run(tmp_path, capsys, uri):
     joint = write_predictions(tmp_path / "joint", JOINT, LABELS)
     code, _, err = run_cli(capsys, str(joint), "--split", "val", "--tracking-uri", uri)

@@ -86,6 +86,12 @@ def test_bad_split_lists_name_the_file(tmp_path, text, fragment):
         read_split_list(tmp_path / "absent.txt")
 
 
+def test_split_list_with_a_byte_order_mark(tmp_path):
+    path = tmp_path / "cross-view.txt"
+    path.write_bytes("Training videos: 0002-M\nValidataion videos: 0002-L\n".encode("utf-8-sig"))
+    assert read_split_list(path) == {"0002-M": "train", "0002-L": "test"}
+
+
 def test_kinetics_split_from_the_release_folder(tmp_path):
     assert kinetics_split(tmp_path / "kinetics_train" / "a.json", tmp_path) == "train"
     assert kinetics_split(tmp_path / "kinetics_val" / "sub" / "b.json", tmp_path) == "test"
@@ -129,6 +135,15 @@ def test_kinetics_release_is_readable_and_split_by_performer(kinetics_release):
     mtimes = [p.stat().st_mtime_ns for p in clips]
     write_kinetics_release(kinetics_release, CLASSES, PER_CLASS, seed=3)           # same options: untouched
     assert [p.stat().st_mtime_ns for p in clips] == mtimes
+
+
+def test_release_writers_refuse_another_release_and_bad_sizes(kinetics_release, tmp_path):
+    with pytest.raises(InputError, match="made with other options"):
+        write_kinetics_release(kinetics_release, CLASSES, PER_CLASS + 1, seed=3)
+    with pytest.raises(InputError, match="per_class=5000"):
+        write_pku_release(tmp_path / "pku", 2, 5000)
+    with pytest.raises(InputError, match="num_classes=47"):
+        write_kinetics_release(tmp_path / "kin", 47, 2)
 
 
 def test_pku_release_segments_are_the_generated_samples(pku_release):
@@ -177,6 +192,17 @@ def test_prepare_kinetics_writes_the_folder_split(kinetics_release, tmp_path):
     assert np.abs(xy).max() <= 0.5                                                # centred image coordinates
 
 
+def test_kinetics_columns_follow_raw_and_invalidate_the_stamp(kinetics_release, tmp_path):
+    from service.prepare import prepare
+
+    out = tmp_path / "out"
+    prepare("kinetics", kinetics_release, out, progress=False, log=lambda msg: None)
+    assert {r["kinetics"] for r in read_index(out / "index.tsv")} == {"train", "test"}
+    # the same clips seen from inside kinetics_train/: no release folder above them, so no split
+    summary = prepare("kinetics", kinetics_release / "kinetics_train", out, progress=False, log=lambda msg: None)
+    assert not summary.get("up_to_date") and {r["kinetics"] for r in read_index(out / "index.tsv")} == {"-"}
+
+
 def test_prepare_pku_writes_the_official_list_splits(pku_release, tmp_path):
     split = pku_release / "Split"
     res = run_cli("service.prepare", "pku", "--raw", str(pku_release / "skeleton"), "--labels",
@@ -200,6 +226,7 @@ def test_prepare_pku_writes_the_official_list_splits(pku_release, tmp_path):
     (["--benchmark", "ntu60-xsub"], "not a pku benchmark"),
     (["--split-list", "kinetics=x.txt"], "pku takes lists for pku-xsub, pku-xview"),
     (["--split-list", "pku-xsub"], "expected BENCHMARK=FILE"),
+    (["--split-list", "pku-xsub=a.txt", "pku-xsub=b.txt"], "pku-xsub already given (pku-xsub=a.txt)"),
 ])
 def test_prepare_pku_bad_split_options_exit_2(pku_release, tmp_path, args, fragment):
     res = run_cli("service.prepare", "pku", "--raw", str(pku_release / "skeleton"), "--labels",
@@ -264,6 +291,14 @@ def test_config_ties_the_kinetics_benchmark_to_the_openpose_layout():
         CoCoDiffConfig.model_validate({"data": {"benchmark": "pku-xsub"}, "backbone": {"layout": "openpose"}})
     cfg = CoCoDiffConfig.model_validate({"data": {"benchmark": "kinetics"}, "backbone": {"layout": "openpose"}})
     assert cfg.data.num_classes == 46                                    # the synthetic catalogue, not 400
+    # every named set names its layout, so a Kinetics config moves to an NTU-25 set and back
+    from service.splits import load_splits
+    from trainers.config import build_config
+
+    splits = ROOT / "search_spaces" / "cocodiff_splits.yaml"
+    kinetics_tree = {"data": {"benchmark": "kinetics"}, "backbone": {"layout": "openpose"}}
+    for name, overrides in load_splits(splits, ["synthetic-pku-xsub", "synthetic-skeleton", "synthetic-kinetics"]):
+        assert build_config(CoCoDiffConfig, kinetics_tree, overrides).data.benchmark == overrides["data.benchmark"]
     prepared = {"source": "prepared", "prepared_dir": "x", "benchmark": "kinetics"}
     assert CoCoDiffConfig.model_validate({"data": prepared, "backbone": {"layout": "openpose"}}).data.num_classes == 400
 

@@ -109,7 +109,7 @@ def read_split_list(path: str | Path) -> dict[str, Split]:
     """
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()          # tolerate a byte-order mark
     except FileNotFoundError:
         raise InputError(f"{path}: split list not found") from None
     except (OSError, UnicodeDecodeError) as err:

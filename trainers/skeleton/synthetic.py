@@ -561,6 +561,15 @@ def synthetic_set_matches(folder: str | Path, options: SyntheticOptions) -> bool
         return False
 
 
+def check_set_size(num_classes: int, per_class: int) -> None:
+    """InputError unless 1..46 classes and 1..4080 samples per class (the unique setup x camera x performer x
+    replication names a class has)."""
+    if not 1 <= num_classes <= NUM_CLASSES:
+        raise InputError(f"num_classes={num_classes}: expected 1..{NUM_CLASSES} (the synthetic catalogue size)")
+    if not 1 <= per_class <= 17 * 3 * 40 * 2:
+        raise InputError(f"per_class={per_class}: expected 1..{17 * 3 * 40 * 2} (unique sample names)")
+
+
 def write_synthetic_dataset(folder: str | Path, num_classes: int = NUM_CLASSES, per_class: int = 10,
                             seed: int = 0, variation: Variation = Variation()) -> list[Path]:
     """Write the `.skeleton` files, class_names.txt, descriptions.txt and synthetic.json into `folder`.
@@ -570,10 +579,7 @@ def write_synthetic_dataset(folder: str | Path, num_classes: int = NUM_CLASSES, 
     Returns the sample paths in generation order.
     """
     folder = Path(folder)
-    if not 1 <= num_classes <= NUM_CLASSES:
-        raise InputError(f"num_classes={num_classes}: expected 1..{NUM_CLASSES} (the synthetic catalogue size)")
-    if not 1 <= per_class <= 17 * 3 * 40 * 2:
-        raise InputError(f"per_class={per_class}: expected 1..{17 * 3 * 40 * 2} (unique sample names)")
+    check_set_size(num_classes, per_class)
     options = SyntheticOptions(num_classes, per_class, seed, variation)
     names = [f"S{s:03d}C{c:03d}P{p:03d}R{r:03d}A{k + 1:03d}" for k, s, c, p, r in sample_names(options)]
     if synthetic_set_matches(folder, options):

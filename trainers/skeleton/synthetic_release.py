@@ -28,13 +28,16 @@ from pathlib import Path
 
 import numpy as np
 
+from trainers.errors import InputError
 from trainers.io import atomic_write_text
-from trainers.skeleton.splits import NTU60_XSUB_TRAIN_PERFORMERS
+from trainers.skeleton.ntu import parse_sample_name
+from trainers.skeleton.splits import split_of
 from trainers.skeleton.synthetic import (
     REST_POSE,
     SyntheticOptions,
     SyntheticSample,
     action_catalogue,
+    check_set_size,
     generate_samples,
 )
 
@@ -62,20 +65,24 @@ def release_matches(folder: str | Path, kind: str, num_classes: int, per_class: 
         return False
 
 
+def _start(folder: Path, kind: str, num_classes: int, per_class: int, seed: int) -> bool:
+    """True when `folder` already holds this release; refuses a folder holding another one (its files would
+    mix with the new ones) and bad sizes."""
+    check_set_size(num_classes, per_class)
+    if release_matches(folder, kind, num_classes, per_class, seed):
+        return True
+    if (folder / "release.json").is_file():
+        raise InputError(f"{folder / 'release.json'}: this folder holds a generated release made with other "
+                         "options; use another folder or delete it")
+    return False
+
+
 def _finish(folder: Path, kind: str, num_classes: int, per_class: int, seed: int) -> None:
     """The class texts, then release.json (last: marks the release complete)."""
     catalogue = action_catalogue()[:num_classes]
     atomic_write_text(folder / "class_names.txt", "".join(f"{c.name}\n" for c in catalogue))
     atomic_write_text(folder / "descriptions.txt", "".join(f"{c.description}\n" for c in catalogue))
     atomic_write_text(folder / "release.json", json.dumps(_stamp(kind, num_classes, per_class, seed)) + "\n")
-
-
-def _performer(sample: SyntheticSample) -> int:
-    return int(sample.name[9:12])
-
-
-def _camera(sample: SyntheticSample) -> int:
-    return int(sample.name[5:8])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -115,13 +122,13 @@ def kinetics_clip(sample: SyntheticSample, label_name: str, rng: np.random.Gener
 def write_kinetics_release(folder: str | Path, num_classes: int, per_class: int, seed: int = 0) -> list[Path]:
     """kinetics_train/ and kinetics_val/ of JSON clips plus class_names.txt, descriptions.txt; returns the clips."""
     folder = Path(folder)
-    if release_matches(folder, "kinetics", num_classes, per_class, seed):
+    if _start(folder, "kinetics", num_classes, per_class, seed):
         return sorted(folder.glob("kinetics_*/*.json"))
     catalogue = action_catalogue()
     rng = np.random.default_rng([seed, 17])
     paths = []
     for sample in generate_samples(SyntheticOptions(num_classes, per_class, seed)):
-        split = "kinetics_train" if _performer(sample) in NTU60_XSUB_TRAIN_PERFORMERS else "kinetics_val"
+        split = "kinetics_train" if split_of(sample.name, "ntu60-xsub") == "train" else "kinetics_val"
         clip = kinetics_clip(sample, catalogue[sample.label].name, rng)
         paths.append(atomic_write_text(folder / split / f"{sample.name}.json", json.dumps(clip)))
     _finish(folder, "kinetics", num_classes, per_class, seed)
@@ -145,13 +152,14 @@ def write_pku_release(folder: str | Path, num_classes: int, per_class: int, seed
     """skeleton/NNNN-V.txt, label/NNNN-V.txt, Split/cross-subject.txt, Split/cross-view.txt, class texts;
     returns the skeleton files."""
     folder = Path(folder)
-    if release_matches(folder, "pku", num_classes, per_class, seed):
+    if _start(folder, "pku", num_classes, per_class, seed):
         return sorted((folder / "skeleton").glob("*.txt"))
     groups: dict[tuple[int, int], list[SyntheticSample]] = defaultdict(list)
     for sample in generate_samples(SyntheticOptions(num_classes, per_class, seed)):
-        groups[(_performer(sample), _camera(sample))].append(sample)
+        parsed = parse_sample_name(sample.name)
+        groups[(parsed.performer, parsed.camera)].append(sample)
     paths, split = [], {"xsub": defaultdict(list), "xview": defaultdict(list)}
-    for number, ((performer, camera), samples) in enumerate(sorted(groups.items()), start=1):
+    for number, ((_, camera), samples) in enumerate(sorted(groups.items()), start=1):
         name = f"{number:04d}-{PKU_VIEWS[camera]}"
         frames, labels = [], []
         for sample in samples:
@@ -165,7 +173,7 @@ def write_pku_release(folder: str | Path, num_classes: int, per_class: int, seed
         text = "\n".join(" ".join(f"{v:.6f}" for v in row) for row in seq) + "\n"
         paths.append(atomic_write_text(folder / "skeleton" / f"{name}.txt", text))
         atomic_write_text(folder / "label" / f"{name}.txt", "\n".join(labels) + "\n")
-        split["xsub"]["train" if performer in NTU60_XSUB_TRAIN_PERFORMERS else "test"].append(name)
+        split["xsub"][split_of(samples[0].name, "ntu60-xsub")].append(name)
         split["xview"]["test" if camera == 1 else "train"].append(name)
     for protocol, file in (("xsub", "cross-subject.txt"), ("xview", "cross-view.txt")):
         atomic_write_text(folder / "Split" / file,
