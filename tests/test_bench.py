@@ -103,9 +103,11 @@ def test_batched_and_loop_scoring_agree_in_fp32(one_thread):
     batched, loop = timed["batched"][1], timed["loop"][1]
     assert batched.shape == (2, 5, 4)
     assert batched.std(-1).min() > 0          # open gates: candidates do not tie
-    assert torch.allclose(batched, loop, atol=1e-5)
+    # fp32 GEMMs of different shapes: the scores agree to a few ulps of their magnitude, not bit for bit.
+    torch.testing.assert_close(batched, loop, rtol=1e-4, atol=1e-6)
     agreement = compare_scores(batched, loop)
-    assert agreement["argmin_agreement"] == 1.0 and agreement["max_abs_diff"] < 1e-5
+    assert agreement["argmin_agreement"] == 1.0
+    assert agreement["max_abs_diff"] <= 1e-4 * loop.abs().max().item() + 1e-6
 
 
 def test_peak_memory_sees_a_freed_allocation():

@@ -43,7 +43,9 @@ class TimestepEmbedder(nn.Module):
         return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)   # (N, dim)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.sinusoid(t, self.freq_dim))               # (N, C)
+        freqs = self.sinusoid(t, self.freq_dim)                        # (N, freq_dim), float32
+        # Cast to the weights' dtype so a float64 copy of the model runs (exactness tests); autocast recasts anyway.
+        return self.mlp(freqs.to(self.mlp[0].weight.dtype))            # (N, C)
 
 
 # ----------------------------------------------------------------------------------------------
