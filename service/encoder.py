@@ -36,6 +36,7 @@ from trainers.encoder_fit import (
 )
 from trainers.errors import InputError
 from trainers.io import atomic_save_npy, atomic_write, atomic_write_text, stable_hash
+from trainers.runtime import apply_thread_policy
 from trainers.skeleton.prepared import read_prepared
 from trainers.tracking import NullReporter
 
@@ -131,7 +132,7 @@ def encoder_worker(loop: dict[str, Any]) -> None:
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(loop["threads"])
+    apply_thread_policy(cpus=loop["threads"])   # the worker's Ray CPUs, less if its cores are fewer
     cfg = EncoderConfig.model_validate(loop["config"])
     x, y, seen, held_out = seen_class_data(Path(loop["prepared"]), loop["unseen"], loop["benchmark"])
     run_dir = Path(tempfile.mkdtemp(prefix="encoder-"))

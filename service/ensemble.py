@@ -195,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         raise InputError(f"--weights {' '.join(map(str, weights))}: expected finite numbers")
     if len(weights) != len(args.sources):
         raise InputError(f"--weights: {len(weights)} weights for {len(args.sources)} sources (one per SOURCE)")
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        raise InputError(f"--out {args.out}: is a file; expected a folder (created when missing)")
     uri = resolve_tracking_uri(args.tracking_uri)
     saved = load_predictions(args.sources, args.split, uri)
     check_aligned(saved, args.split)

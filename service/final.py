@@ -153,7 +153,8 @@ def run_split(args, split: str, tree: dict[str, Any], uri: str) -> dict[str, Any
     parent = MLflowReporter.start(uri, experiment, f"final-{split}",
                                   tags=standard_tags(split=split, phase="final", method="tdsm"))
     parent.log_params(flatten(to_plain(cfg)))
-    parent.log_params({"final.seeds": args.seeds, "final.noise_draws": args.noise_draws})
+    parent.log_params({"final.seeds": args.seeds, "final.noise_draws": args.noise_draws,
+                       "derived.seen_classes": len(seen)})
     parent.log_text(dump_yaml(cfg), "config.yaml")
     per_seed, per_draw, first = [], [], None
     try:
@@ -174,7 +175,8 @@ def run_split(args, split: str, tree: dict[str, Any], uri: str) -> dict[str, Any
                 first = result.model
         stats = seed_stats(per_seed, per_draw)
         parent.log_metrics(stats, 0)
-        row = {"split": split, "seen": len(seen), "unseen": len(task.unseen), "t_test": cfg.eval.t_test,
+        row = {"split": split, "seen": len(seen), "seen_classes": len(seen), "unseen": len(task.unseen),
+               "t_test": cfg.eval.t_test,
                "T": cfg.diffusion.num_train_timesteps, "seeds": args.seeds, "draws": args.noise_draws, **stats}
         args.out.mkdir(parents=True, exist_ok=True)
         table = markdown_table([row])
@@ -431,6 +433,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = [run_split(args, split, t, uri) for split, t in targets]
     table = markdown_table(rows)
     print(table, file=sys.stderr)
+    from service.report import write_report   # ours beside the paper's figure per split, logged on each final run
+
+    report, _ = write_report(uri, {r["split"]: r["parent_run_id"] for r in rows},
+                             splits_file(method, args.splits_file), args.out)
+    print(report, file=sys.stderr)
     print(json.dumps({"splits": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}
                                  for r in rows], "table": table}))
     return 0

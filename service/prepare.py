@@ -31,6 +31,7 @@ import shutil
 import sys
 import tempfile
 import time
+import zipfile
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -41,16 +42,21 @@ from tqdm.auto import tqdm
 
 from service.cli import exits_cleanly
 from trainers.errors import InputError
+from trainers.guards import MAX_ABS_INPUT
 from trainers.io import atomic_write, atomic_write_text, stable_hash
 from trainers.skeleton.kinetics import read_kinetics
 from trainers.skeleton.ntu import load_missing_list, parse_sample_name, read_skeleton, to_array
 from trainers.skeleton.pku import read_pku_labels, read_pku_skeleton
+from trainers.skeleton.prepared import content_problem, content_record
 from trainers.skeleton.preprocess import image_pipeline, ntu_pipeline
 from trainers.skeleton.splits import BENCHMARKS, KINETICS_FOLDERS, get_benchmark, kinetics_split, read_split_list
 from trainers.skeleton.synthetic import NUM_CLASSES as SYNTHETIC_CLASSES
 from trainers.skeleton.synthetic import SyntheticOptions, synthetic_set_matches, write_synthetic_dataset
 
-PIPELINE_VERSION = 2          # bump when parsing or preprocessing changes: invalidates shards and stamps
+PIPELINE_VERSION = 3          # bump when parsing or preprocessing changes: invalidates shards and stamps
+# Class counts of the label-carrying formats: a label outside them is a corrupt file, skipped with its reason.
+KINETICS_CLASSES = BENCHMARKS["kinetics"].num_classes
+PKU_CLASSES = BENCHMARKS["pku-xsub"].num_classes
 BODIES = 2
 DATASETS = ("ntu60", "ntu120", "pku", "kinetics", "synthetic")
 # pku: the benchmarks given a list with --split-list
@@ -87,14 +93,19 @@ Result = tuple   # ("ok", name, label, array (M, T, V, C) float32, job path) | (
 
 
 def process_job(job: Job, frames: int) -> list[Result]:
-    """Parse and preprocess one file; bad input becomes a ("skip", ...) result, never an exception."""
+    """Parse and preprocess one file; bad input becomes a ("skip", ...) result, never an exception.
+
+    Any exception while reading one file (not only InputError: a MemoryError or OverflowError from a corrupt
+    count, a RecursionError from absurd JSON nesting) skips that file with its reason; the others are prepared.
+    KeyboardInterrupt and SystemExit are not Exceptions and still stop the run.
+    """
     path = Path(job.path)
     try:
         if job.dataset == "kinetics":
-            arr, label = read_kinetics(path, max_people=BODIES)
+            arr, label = read_kinetics(path, max_people=BODIES, num_classes=KINETICS_CLASSES)
             if not (arr[..., 2] > 0).any():     # the release's has_skeleton=false clips; ST-GCN drops them too
                 raise InputError(f"{path}: no person detected in any frame")
-            return [("ok", path.stem, int(label), image_pipeline(frames, BODIES)(arr), job.path)]
+            return [("ok", path.stem, int(label), _checked(image_pipeline(frames, BODIES)(arr), path), job.path)]
         if job.dataset == "pku":
             # per labelled segment, so one bad label line costs that segment only (frames as in read_pku_segments)
             skeleton = read_pku_skeleton(path)                                     # (M, T, V, C)
@@ -105,16 +116,37 @@ def process_job(job: Job, frames: int) -> list[Result]:
                     if label.start < 0 or label.end >= skeleton.shape[1]:
                         raise InputError(f"frames {label.start}..{label.end} fall outside the sequence "
                                          f"(frames 0..{skeleton.shape[1] - 1})")
+                    if label.action > PKU_CLASSES:
+                        raise InputError(f"action {label.action}: expected 1..{PKU_CLASSES}")
                     segment = skeleton[:, label.start:label.end + 1]
-                    out.append(("ok", name, label.action - 1, ntu_pipeline(frames, BODIES)(segment), job.path))
-                except InputError as err:
-                    out.append(("skip", name, job.path, f"{job.labels} segment {k}: {_one_line(str(err))}"))
+                    out.append(("ok", name, label.action - 1, _checked(ntu_pipeline(frames, BODIES)(segment), path),
+                                job.path))
+                except Exception as err:  # noqa: BLE001 - one bad segment costs that segment only
+                    out.append(("skip", name, job.path, f"{job.labels} segment {k}: {_reason(err)}"))
             return out
         sample = parse_sample_name(path.name.split(".")[0], source=path)
         arr = to_array(read_skeleton(path), max_bodies=BODIES)
-        return [("ok", path.name.split(".")[0], sample.label0, ntu_pipeline(frames, BODIES)(arr), job.path)]
-    except InputError as err:
-        return [("skip", path.name.split(".")[0], job.path, _one_line(str(err)))]   # the message names the file
+        return [("ok", path.name.split(".")[0], sample.label0, _checked(ntu_pipeline(frames, BODIES)(arr), path),
+                 job.path)]
+    except Exception as err:  # noqa: BLE001 - see the docstring: one hostile file never aborts the run
+        return [("skip", path.name.split(".")[0], job.path, _reason(err, path))]
+
+
+def _reason(err: Exception, path: Path | None = None) -> str:
+    """One line for skipped.tsv: an InputError names the file itself; anything else gets its type and the file."""
+    if isinstance(err, InputError):
+        return _one_line(str(err))
+    where = f"{path}: " if path is not None else ""
+    return _one_line(f"{where}{type(err).__name__}: {str(err)[:200]}")
+
+
+def _checked(sample: np.ndarray, path: Path) -> np.ndarray:
+    """A preprocessed sample, refused when it holds NaN, inf or absurd values (never written into data.npy)."""
+    with np.errstate(invalid="ignore"):
+        bad = not np.isfinite(sample).all() or np.abs(sample).max(initial=0.0) > MAX_ABS_INPUT
+    if bad:
+        raise InputError(f"{path}: preprocessing gave non-finite or absurd values (|x| > {MAX_ABS_INPUT:g})")
+    return sample
 
 
 def process_chunk(jobs: list[Job], frames: int) -> list[Result]:
@@ -231,9 +263,43 @@ def save_shard(path: Path, results: list[Result], frames: int, joints: int) -> N
     atomic_write(path, write)
 
 
+SHARD_KEYS = {"data", "names", "labels", "sources", "skip_names", "skip_paths", "skip_reasons"}
+
+
+def shard_ok(path: Path, log) -> bool:
+    """Whether a cached shard is whole (every member present, every CRC right); a truncated or corrupt one
+    (a crash mid-copy, a full disk) is deleted so its chunk is parsed again instead of failing every re-run."""
+    if not path.is_file():
+        return False
+    try:
+        with zipfile.ZipFile(path) as z:
+            if z.testzip() is None and {n.removesuffix(".npy") for n in z.namelist()} == SHARD_KEYS:
+                return True
+        reason = "bad CRC or members"
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+        reason = type(err).__name__
+    log(f"discarding corrupt shard {path.name} ({reason}): its files are parsed again")
+    path.unlink(missing_ok=True)
+    return False
+
+
 def load_shard(path: Path) -> dict[str, np.ndarray]:
     with np.load(path, allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Pool initializer: the worker gets SIGKILL when its parent dies, however it dies (a SIGKILLed prepare
+    cannot shut its pool down, and orphaned workers would keep parsing and holding memory)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        PR_SET_PDEATHSIG = 1
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:           # the parent died before prctl took effect
+        os._exit(1)
 
 
 def run_chunks(chunks: list[list[Job]], frames: int, workers: int, on_done) -> None:
@@ -242,7 +308,7 @@ def run_chunks(chunks: list[list[Job]], frames: int, workers: int, on_done) -> N
         for i, chunk in enumerate(chunks):
             on_done(i, process_chunk(chunk, frames))
         return
-    pool = ProcessPoolExecutor(max_workers=workers)
+    pool = ProcessPoolExecutor(max_workers=workers, initializer=_die_with_parent, initargs=(os.getpid(),))
     try:
         futures = {pool.submit(process_chunk, chunk, frames): i for i, chunk in enumerate(chunks)}
         for fut in as_completed(futures):
@@ -378,14 +444,17 @@ def prepare(dataset: str, raw: Path, out: Path, frames: int = 64, workers: int =
         except json.JSONDecodeError:
             previous = {}
         if previous.get("stamp") == stamp:
-            log(f"up to date: {out} ({previous.get('samples')} samples; inputs and options unchanged)")
-            return {**previous, "up_to_date": True}
+            problem = content_problem(out, previous.get("files"))    # a truncated or overwritten data.npy
+            if problem is None:
+                log(f"up to date: {out} ({previous.get('samples')} samples; inputs and options unchanged)")
+                return {**previous, "up_to_date": True}
+            log(f"re-preparing {out}: {problem}")
 
     parts = out / ".parts"
     parts.mkdir(parents=True, exist_ok=True)
     chunks = chunked(jobs, chunk_size)
     shard_paths = [parts / f"{shard_key(c, frames)}.npz" for c in chunks]
-    todo = [i for i, p in enumerate(shard_paths) if not p.is_file()]
+    todo = [i for i, p in enumerate(shard_paths) if not shard_ok(p, log)]
     workers = max(1, min(workers, len(todo)))
     log(f"{len(jobs)} files in {len(chunks)} chunks: {len(chunks) - len(todo)} cached, {len(todo)} to parse "
         f"with {workers} worker{'s' if workers != 1 else ''}")
@@ -411,6 +480,7 @@ def prepare(dataset: str, raw: Path, out: Path, frames: int = 64, workers: int =
     summary = assemble(dataset, out, shard_paths, pre_skips, benchmarks, columns, frames, joints, dtype)
     summary.update(dataset=dataset, raw=str(raw), frames=frames, dtype=dtype, benchmarks=benchmarks,
                    layout="N, C, T, V, M", stamp=stamp, seconds=round(time.perf_counter() - start, 3))
+    summary["files"] = content_record(out)     # size + sha256: "up to date" and every load check the content
     atomic_write_text(meta_path, json.dumps(summary, indent=1) + "\n")         # last: marks the output complete
     keep = {p.name for p in shard_paths}
     if keep_parts:

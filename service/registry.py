@@ -2,7 +2,8 @@
 
 TDSM (`ZeroShotTDSM`): input (N, D) skeleton features; output (N,) predicted class ids among the unseen classes
 it was built with. The bundle holds the denoiser weights, the resolved config and the candidate classes'
-encoded text, so the model scores without the text encoder or the datasets.
+encoded text, so the model scores without the text encoder or the datasets. Each sample's evaluation noise is
+keyed by (eval.seed, the sample's values), so its prediction is the same whatever batch it arrives in.
 
 CoCoDiff (`SkeletonClassifierModel`): input (N, C, T, V, M) joint sequences; output (N,) class ids. The bundle
 is the exported classifier only (backbone + head, the best.pt layout): no diffusion module, no text. A stream
@@ -23,16 +24,18 @@ import torch
 from trainers.cocodiff import CoCoDiffConfig
 from trainers.cocodiff_fit import SkeletonClassifier, ensemble_logits, load_classifier
 from trainers.config import TDSMConfig, to_plain
+from trainers.io import load_torch
 from trainers.tdsm_fit import build_model, build_schedule
 from trainers.text import TextFeatures
-from trainers.zsl import evaluation_noise, score_candidates
+from trainers.zsl import sample_keyed_noise, score_candidates
 
 
 class ZeroShotTDSM(mlflow.pyfunc.PythonModel):
     """pyfunc wrapper: features -> argmin over candidate classes of the draw-averaged denoising error."""
 
     def load_context(self, context) -> None:
-        blob = torch.load(context.artifacts["bundle"], map_location="cpu", weights_only=False)
+        blob = load_torch(context.artifacts["bundle"], "TDSM zero-shot bundle",
+                          ("config", "classes", "text_global", "text_local", "feature_dim", "model"))
         self.cfg = TDSMConfig.model_validate(blob["config"])
         self.classes = list(blob["classes"])
         self.text = TextFeatures(blob["text_global"], blob["text_local"])
@@ -42,9 +45,10 @@ class ZeroShotTDSM(mlflow.pyfunc.PythonModel):
         self.schedule = build_schedule(self.cfg)
 
     def predict(self, context, model_input, params=None) -> np.ndarray:
-        x = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
+        x = torch.as_tensor(np.ascontiguousarray(model_input, dtype=np.float32))   # (N, D); views may be strided
         e = self.cfg.eval
-        noise = evaluation_noise(e.noise_draws, x.shape[0], x.shape[1], e.seed)
+        # Per-sample noise keyed by the sample itself: its class does not depend on the batch it arrives in.
+        noise = sample_keyed_noise(x, e.noise_draws, e.seed)                   # (K, N, D)
         errors = score_candidates(self.model, self.schedule, x, noise, e.t_test, self.text.global_feats,
                                   self.text.local_feats)                     # (K, N, C)
         return np.asarray(self.classes)[errors.mean(0).argmin(-1).numpy()]
@@ -90,7 +94,7 @@ class SkeletonClassifierModel(mlflow.pyfunc.PythonModel):
             raise ValueError(f"fusion.json names streams {fusion['streams']} but the bundles hold {streams}")
 
     def predict(self, context, model_input, params=None) -> np.ndarray:
-        x = torch.as_tensor(np.asarray(model_input, dtype=np.float32))       # (N, C, T, V, M)
+        x = torch.as_tensor(np.ascontiguousarray(model_input, dtype=np.float32))   # (N, C, T, V, M)
         with torch.no_grad():
             logits = ensemble_logits([m(x) for m in self.models], self.weights)  # (N, classes)
         return logits.argmax(-1).numpy()                                     # (N,)

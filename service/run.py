@@ -26,6 +26,7 @@ from service.cli import (
     METHOD_CONFIGS,
     add_config_args,
     exits_cleanly,
+    lock_dir,
     resolve_config,
 )
 from service.cocodiff_data import prepare_cocodiff_inputs
@@ -35,13 +36,13 @@ from service.tracking import MLflowReporter, resolve_tracking_uri, standard_tags
 from trainers import cocodiff_fit
 from trainers.cocodiff import CoCoDiffConfig
 from trainers.config import TDSMConfig, build_config, dump_yaml, flatten, to_plain
-from trainers.io import stable_hash
+from trainers.io import atomic_write_text, stable_hash
 from trainers.plots import plot_confusion, plot_t_curve
 from trainers.tdsm_fit import (
     BEST,
     evaluate_split,
     fit_tdsm,
-    load_best_weights,
+    load_best,
     training_fingerprint,
 )
 from trainers.tdsm_model import count_parameters
@@ -66,8 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def log_zsl_plots(reporter: MLflowReporter, curve, names: list[str], t_test: int, prefix: str) -> None:
     """t_test curve and confusion matrix of one split as PNG artifacts under plots/."""
+    # The test curve is shown for reference; t_test comes from the config or validation, never from this plot.
+    title = f"{prefix}: accuracy vs t_test" + (" (not used for selection)" if prefix == "test" else "")
     with tempfile.TemporaryDirectory() as tmp:
-        curve_png = plot_t_curve(curve, Path(tmp) / f"{prefix}_t_test_curve.png", f"{prefix}: accuracy vs t_test", t_test)
+        curve_png = plot_t_curve(curve, Path(tmp) / f"{prefix}_t_test_curve.png", title, t_test)
         conf_png = plot_confusion(curve.at(t_test), names, Path(tmp) / f"{prefix}_confusion.png")
         reporter.log_artifact(curve_png, "plots")
         reporter.log_artifact(conf_png, "plots")
@@ -97,12 +100,20 @@ def open_run(args, method: str, dataset: str, fingerprint: str, cfg) -> tuple[Pa
     """The run dir (keyed by the training config; --fresh empties it) and its MLflow run, re-opened on resume."""
     dataset = args.split or dataset             # a named split names the run dir and the experiment
     run_dir = args.run_dir or Path("runs") / f"{method}-{dataset}-{fingerprint[:8]}"
-    if args.fresh and run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = lock_dir(run_dir)                    # before reading or emptying it: one writer per run dir
+    if args.fresh:
+        for child in run_dir.iterdir():
+            if child.is_dir():
+                shutil.rmtree(child)
+            elif child != lock:
+                child.unlink()
     uri = resolve_tracking_uri(args.tracking_uri)
     id_file = run_dir / "mlflow_run.json"
-    previous = json.loads(id_file.read_text()) if id_file.is_file() else {}
+    try:
+        previous = json.loads(id_file.read_text()) if id_file.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        print(f"note: {id_file} is unreadable; starting a new MLflow run", file=sys.stderr)
+        previous = {}
     # The run dir is keyed by the training config only; MLflow params cannot change, so a resume under other
     # evaluation settings opens a new MLflow run (training still resumes from last.pt).
     config_hash = stable_hash(to_plain(cfg))
@@ -111,7 +122,7 @@ def open_run(args, method: str, dataset: str, fingerprint: str, cfg) -> tuple[Pa
         uri, args.experiment_name or f"{method}-{dataset}", run_dir.name,
         tags=standard_tags(split=dataset, phase="run", method=method),
         run_id=previous.get("run_id") if same_run else None)
-    id_file.write_text(json.dumps({"run_id": reporter.run_id, "tracking_uri": uri, "config_hash": config_hash}))
+    atomic_write_text(id_file, json.dumps({"run_id": reporter.run_id, "tracking_uri": uri, "config_hash": config_hash}))
     print(f"run dir {run_dir}  |  mlflow run {reporter.run_id} at {uri}", file=sys.stderr)
     return run_dir, reporter
 
@@ -124,14 +135,16 @@ def run_tdsm(args, cfg: TDSMConfig) -> dict:
     run_dir, reporter = open_run(args, "tdsm", task.name, training_fingerprint(cfg), cfg)
     try:
         reporter.log_params(flatten(to_plain(cfg)))
-        reporter.log_params({"derived.num_train_classes": len(fit_classes), "derived.val_classes": task.val,
+        reporter.log_params({"derived.seen_classes": len(task.seen), "derived.num_train_classes": len(fit_classes),
+                             "derived.val_classes": task.val,
                              "derived.unseen_classes": task.unseen, "derived.train_samples": len(fit_train)})
         reporter.log_text(dump_yaml(cfg), "config.yaml")
         result = fit_tdsm(cfg, fit_train, fit_classes, val, task.val, text, reporter, run_dir,
                           eval_prefix="val", progress=not args.no_progress)
         reporter.log_params({"derived.num_parameters": count_parameters(result.model)})
-        load_best_weights(result.model, run_dir)
-        best = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=False) if (run_dir / BEST).is_file() else {}
+        best = load_best(run_dir) if (run_dir / BEST).is_file() else {}    # one-line InputError when unreadable
+        if best:
+            result.model.load_state_dict(best["model"])
         val_metrics = best.get("metrics", result.last_metrics)
         test_metrics, test_curve = evaluate_split(cfg, result.model, task.test, task.unseen, text, "test")
         reporter.log_metrics(test_metrics, result.step)
@@ -144,8 +157,9 @@ def run_tdsm(args, cfg: TDSMConfig) -> dict:
         reporter.finish("FAILED" if not isinstance(sys.exc_info()[1], KeyboardInterrupt) else "KILLED")
         raise
     reporter.finish()
-    return {**headline(val_metrics), **headline(test_metrics), "mlflow_run_id": reporter.run_id,
-            "run_dir": str(run_dir)}
+    # seen_classes: the classes with training samples (training + validation); the negative pool is drawn from them.
+    return {**headline(val_metrics), **headline(test_metrics), "seen_classes": len(task.seen),
+            "mlflow_run_id": reporter.run_id, "run_dir": str(run_dir)}
 
 
 def run_cocodiff(args, cfg: CoCoDiffConfig) -> dict:
@@ -191,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(dump_yaml(cfg), end="")
         return 0
+    args.tracking_uri = resolve_tracking_uri(args.tracking_uri)   # credentials out, server probed: before any work
     names = [args.split] if args.split else default_splits(args.method, args)
     if names:
         args.split = names[0]

@@ -1,9 +1,10 @@
 """Named splits: `--splits NAME ...` of service.run / sweep / final, from search_spaces/<method>_splits.yaml.
 
 A split is a mapping of dotted config overrides (paths may use environment variables such as $SKELDIFF_DATA;
-relative paths are made absolute when the command starts). A split with a `chain:` entry is the embedded
-skeleton chain (`service.encoder`): generated NTU-format actions -> prepare -> an encoder trained on the
-seen classes -> features, each stage cached under <storage>/chain.
+relative paths are made absolute when the command starts), plus an optional `reference:` block (the paper's
+figure for that protocol, read by service.report, never applied to the config). A split with a `chain:` entry
+is the embedded skeleton chain (`service.encoder`): generated NTU-format actions -> prepare -> an encoder trained
+on the seen classes -> features, each stage cached under <storage>/chain.
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ from trainers.errors import InputError
 REPO_SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
 # The split a method runs when the command names no data (its embedded default); None: the config's own data.
 DEFAULT_SPLITS: dict[str, str | None] = {"tdsm": "synthetic-skeleton", "cocodiff": None}
+# Keys of a split entry that describe it rather than override the config.
+META_KEYS = ("reference",)
+# A `reference:` block: the paper's top-1 (%) on the unseen classes (null: not verified, `note` says why), where it
+# comes from, and `group`: splits whose mean the paper reports (SMIE's three random splits).
+REFERENCE_KEYS = ("protocol", "top1", "source", "checked", "note", "group")
 
 
 def default_splits(method: str, args: argparse.Namespace) -> list[str] | None:
@@ -39,7 +45,32 @@ def load_splits(path: Path, names: list[str]) -> list[tuple[str, dict[str, Any]]
     for name in names:
         if name not in table:
             raise InputError(f"--splits {name}: unknown split; known in {path}: {', '.join(table)}")
-        out.append((name, {k: (v if k == "chain" else _expand(v)) for k, v in (table[name] or {}).items()}))
+        out.append((name, {k: (v if k == "chain" else _expand(v)) for k, v in (table[name] or {}).items()
+                           if k not in META_KEYS}))
+    return out
+
+
+def load_references(path: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+    """The paper's reference of each named split that has one (its `reference:` block), checked; see REFERENCE_KEYS."""
+    table = yaml.safe_load(Path(path).read_text()) if Path(path).is_file() else None
+    if not isinstance(table, dict):
+        raise InputError(f"{path}: splits file missing or not a mapping of split names")
+    out = {}
+    for name in names:
+        ref = (table.get(name) or {}).get("reference")
+        if ref is None:
+            continue
+        if not isinstance(ref, dict) or set(ref) - set(REFERENCE_KEYS) or "protocol" not in ref or "top1" not in ref:
+            raise InputError(f"{path}: {name}.reference must be a mapping with protocol and top1 (keys: "
+                             f"{', '.join(REFERENCE_KEYS)}), got {ref!r}")
+        top1 = ref["top1"]
+        if top1 is not None and (isinstance(top1, bool) or not isinstance(top1, (int, float)) or not 0 <= top1 <= 100):
+            raise InputError(f"{path}: {name}.reference.top1={top1!r}: expected a percentage in [0, 100] or null")
+        if top1 is None and not ref.get("note"):
+            raise InputError(f"{path}: {name}.reference.top1 is null: a note must say why")
+        if top1 is not None and not ref.get("source"):
+            raise InputError(f"{path}: {name}.reference.top1={top1}: a source (table and row) is required")
+        out[name] = dict(ref)
     return out
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import sys
 import time
@@ -23,11 +24,16 @@ from typing import Any
 import yaml
 from ray import tune
 
+from service import THREAD_ENV_DEFAULTS
 from service.cli import (
     DEFAULT_STORAGE,
     METHOD_CONFIGS,
+    SIGTERM_RECEIVED,
+    Terminated,
     add_config_args,
     exits_cleanly,
+    install_sigterm_handler,
+    lock_dir,
     resolve_config,
 )
 from service.search_space import SearchSpace, check_against_config, load_search_space
@@ -38,7 +44,13 @@ from service.splits import (
     resolve_chain,
     splits_file,
 )
-from service.tracking import MLflowReporter, resolve_tracking_uri, standard_tags
+from service.tracking import (
+    CREDENTIAL_VARS,
+    HTTP_DEFAULTS,
+    MLflowReporter,
+    resolve_tracking_uri,
+    standard_tags,
+)
 from trainers.cocodiff import CoCoDiffConfig
 from trainers.config import TDSMConfig, build_config, dump_yaml, to_plain
 from trainers.errors import InputError
@@ -198,7 +210,8 @@ def connect_ray(address: str | None) -> None:
 
     # Train's controller polls every 2 s by default; each report would cost that much (RAY_MLFLOW_NOTES.md).
     # A finished trial's workers release their CPUs a little late; waiting for them is not a failure.
-    tuned = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600"}
+    tuned = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600",
+             **THREAD_ENV_DEFAULTS}   # a worker imports torch before any service module: set its wait policy here
     for key, value in tuned.items():
         os.environ.setdefault(key, value)
     # Inside `ray job submit`, Ray merges this with the job's runtime env and refuses conflicting keys: only
@@ -207,7 +220,12 @@ def connect_ray(address: str | None) -> None:
     preset = set(job_env.get("env_vars") or {})
     env = {"env_vars": {key: os.environ[key] for key in tuned if key not in preset}}
     address = address or os.environ.get("RAY_ADDRESS")
+    # Workers of an existing cluster do not inherit this process's environment: forward MLflow's HTTP limits and
+    # the tracking credentials (service.tracking.move_credentials) so the URI itself never carries a secret.
+    forwarded = (*HTTP_DEFAULTS, *CREDENTIAL_VARS) if address else tuple(HTTP_DEFAULTS)
+    env["env_vars"].update({key: os.environ[key] for key in forwarded if key in os.environ and key not in preset})
     ray.init(address=address or None, runtime_env=env)
+    install_sigterm_handler()   # ray.init's own handler would exit without closing the MLflow runs
 
 
 def default_concurrency(workers: int, cpus_per_worker: float, gpus_per_worker: float) -> int:
@@ -273,6 +291,7 @@ def run_split(args, method: str, split: str, base: dict[str, Any], space: Search
     sweep_path = storage / name
     experiment = args.experiment_name or f"{method}-{split}"
     state_path = sweep_path / STATE_FILE
+    lock_dir(sweep_path)                        # a second driver on this sweep is refused, never a second writer
     state = json.loads(state_path.read_text()) if args.resume and state_path.is_file() else {}
 
     print(f"[{split}] preparing data and text once for the whole sweep ...", file=sys.stderr)
@@ -282,7 +301,7 @@ def run_split(args, method: str, split: str, base: dict[str, Any], space: Search
 
     parent = MLflowReporter.start(uri, experiment, name, run_id=state.get("parent_run_id"),
                                   tags=standard_tags(split=split, phase="sweep", method=method, sweep=name))
-    if not state:
+    if parent.run_id != state.get("parent_run_id"):     # new sweep, or its parent run was deleted: a new parent
         parent.log_params({"sweep.num_samples": num_samples, "sweep.scheduler": args.scheduler,
                            "sweep.search": args.search, "sweep.workers_per_trial": args.workers_per_trial,
                            "sweep.split": split, "sweep.metric": space.metric})
@@ -337,6 +356,9 @@ def run_split(args, method: str, split: str, base: dict[str, Any], space: Search
     t1 = time.perf_counter()
     results = tuner.fit()
     fit_s = time.perf_counter() - t1
+    if SIGTERM_RECEIVED.is_set():        # Tune stopped gracefully and saved its state: resumable with --resume
+        parent.finish("KILLED")
+        raise Terminated(f"sweep {name} stopped")
     summary = finish_split(parent, experiment, uri, name, sweep_path, split, space, method)
     summary.update(prepare_s=round(prep_s, 2), fit_s=round(fit_s, 1), errors=results.num_errors,
                    trials=len(results))
@@ -344,6 +366,18 @@ def run_split(args, method: str, split: str, base: dict[str, Any], space: Search
                         f"sweep/best_{space.metric.replace('/', '_')}": summary.get("best_metric", float("nan"))}, 0)
     parent.finish("FINISHED")
     return summary
+
+
+def eligible_for_best(run, metric: str) -> bool:
+    """A trial run the best config may come from: it reported a finite `metric` and did not fail.
+
+    A failed trial (a diverged loss, a crash after its retries) may have reported good validation scores before
+    it failed; its config is not one that trains, so it never wins. ASHA-stopped trials (status KILLED, tag
+    trial_state=early_stopped) stay eligible: their best reported value is real.
+    """
+    value = run.data.metrics.get(metric)
+    failed = run.info.status == "FAILED" or run.data.tags.get("trial_state") == "failed"
+    return value is not None and math.isfinite(value) and not failed
 
 
 def finish_split(parent: MLflowReporter, experiment: str, uri: str, name: str, sweep_path: Path, split: str,
@@ -354,7 +388,7 @@ def finish_split(parent: MLflowReporter, experiment: str, uri: str, name: str, s
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.run_id}'",
                                   max_results=1000)
     metric = f"{space.metric}_max"
-    scored = [r for r in children if metric in r.data.metrics]
+    scored = [r for r in children if eligible_for_best(r, metric)]
     if not scored:
         return {"split": split, "best_run_id": None, "children": len(children)}
     best = max(scored, key=lambda r: r.data.metrics[metric] if space.mode == "max" else -r.data.metrics[metric])

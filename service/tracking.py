@@ -9,15 +9,18 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from trainers.errors import InputError
 from trainers.zsl import ZSLCurve
 
 DEFAULT_DB = "mlflow.db"
@@ -25,16 +28,87 @@ DEFAULT_ARTIFACTS = "mlartifacts"
 BATCH = 100  # MLflow's per-request limit on params/metrics
 
 
+# MLflow's HTTP client retries 7 times with exponential backoff (about 250 s against a dead server) and waits
+# 120 s per request; these defaults (used unless the user set them) keep a lost server from stalling a run.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+CREDENTIAL_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "PGPASSWORD")
+PROBE_TIMEOUT_S = 5.0
+_checked: set[str] = set()   # servers already probed by this process
+
+
+def redact_uri(uri: str) -> str:
+    """The URI without its user:password@ part (what may be printed, logged or stored)."""
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
+def move_credentials(uri: str) -> str:
+    """A URI without its password, which goes where the client reads it instead: MLflow's HTTP client reads
+    MLFLOW_TRACKING_USERNAME/PASSWORD, libpq (postgresql stores) reads PGPASSWORD. Ray workers inherit them
+    (see service.sweep.connect_ray), so no URI that is pickled, stored or printed carries the secret."""
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    userinfo, host = parts.netloc.rsplit("@", 1)
+    user, _, password = userinfo.partition(":")
+    scheme = parts.scheme.split("+", 1)[0]
+    if scheme in ("http", "https"):
+        os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(user)
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(password)
+        return urlunsplit(parts._replace(netloc=host))
+    if scheme == "postgresql":
+        if password:
+            os.environ["PGPASSWORD"] = unquote(password)
+        return urlunsplit(parts._replace(netloc=f"{user}@{host}"))
+    if password:
+        raise InputError(f"tracking URI {redact_uri(uri)}: a password in a {parts.scheme} URI would be stored with "
+                         "every run; use an http(s) server with MLFLOW_TRACKING_USERNAME/PASSWORD")
+    return uri
+
+
+def check_tracking_server(uri: str) -> None:
+    """Fail in seconds, naming the URI, when an http(s) tracking server does not answer or refuses the login."""
+    import requests
+
+    if not uri.startswith(("http://", "https://")) or uri in _checked:
+        return
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    probe = uri.rstrip("/") + "/api/2.0/mlflow/experiments/get-by-name"
+    try:
+        answer = requests.get(probe, params={"experiment_name": "Default"}, timeout=PROBE_TIMEOUT_S,
+                              auth=(user, password or "") if user else None)
+    except requests.RequestException as err:
+        reason = f"timed out after {PROBE_TIMEOUT_S:.0f} s" if isinstance(err, requests.Timeout) else "connection failed"
+        raise InputError(f"tracking server {uri} is unreachable ({reason}): start it, or fix --tracking-uri / "
+                         "$MLFLOW_TRACKING_URI") from None
+    if answer.status_code in (401, 403):
+        raise InputError(f"tracking server {uri} refused the credentials (HTTP {answer.status_code}): set "
+                         "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD")
+    if answer.status_code >= 500:
+        raise InputError(f"tracking server {uri} answered HTTP {answer.status_code}: is it an MLflow server?")
+    _checked.add(uri)
+
+
 def resolve_tracking_uri(cli_value: str | None = None) -> str:
-    """--tracking-uri, else $MLFLOW_TRACKING_URI, else sqlite in the working directory; local paths made absolute.
+    """--tracking-uri, else $MLFLOW_TRACKING_URI, else sqlite in the working directory; local paths made absolute,
+    credentials moved into the environment (the result is safe to print and store), a remote server probed.
 
     Ray jobs and trials run in other directories, so a relative sqlite path would point somewhere else there.
     """
+    if os.environ.get("MLFLOW_TRACKING_URI"):   # child processes inherit the environment: no secret in it either
+        os.environ["MLFLOW_TRACKING_URI"] = move_credentials(os.environ["MLFLOW_TRACKING_URI"])
     uri = cli_value or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_DB}"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = f"sqlite:///{(Path.cwd() / uri[len('sqlite:///'):]).resolve()}"
     elif "://" not in uri and uri.endswith(".db"):
         uri = f"sqlite:///{Path(uri).resolve()}"
+    uri = move_credentials(uri)
+    if uri.startswith(("http://", "https://")):
+        for key, value in HTTP_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+        check_tracking_server(uri)
     return uri
 
 
@@ -91,8 +165,16 @@ class MLflowReporter:
         """Open a new run (or re-open `run_id` when resuming), nested under `parent_run_id` when given."""
         client = MlflowClient(tracking_uri)
         if run_id is not None:
-            client.update_run(run_id, status="RUNNING")
-            return cls(client, run_id)
+            try:
+                stage = client.get_run(run_id).info.lifecycle_stage
+            except mlflow.exceptions.MlflowException as err:
+                if err.error_code != "RESOURCE_DOES_NOT_EXIST":     # e.g. a server gone mid-run: not a stale id
+                    raise
+                stage = "missing"
+            if stage == "active":
+                client.update_run(run_id, status="RUNNING")
+                return cls(client, run_id)
+            print(f"note: MLflow run {run_id} is {stage} in {tracking_uri}; starting a new run", file=sys.stderr)
         all_tags = dict(tags or {})
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id

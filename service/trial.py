@@ -25,6 +25,8 @@ from service.tracking import MLflowReporter, standard_tags
 from trainers import cocodiff_fit, tdsm_fit
 from trainers.cocodiff import build_module
 from trainers.config import build_config, dump_yaml, flatten, to_plain
+from trainers.io import load_checkpoint
+from trainers.runtime import apply_thread_policy
 from trainers.tdsm_model import count_parameters
 from trainers.zsl import ZSLCurve
 
@@ -111,7 +113,7 @@ class TrialWorker:
         self.loop = loop
         self.method = loop["method"]
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        torch.set_num_threads(loop["threads"])
+        apply_thread_policy(cpus=loop["threads"])   # the worker's Ray CPUs, less if its cores are fewer
         self.cfg = build_config(METHOD_CONFIGS[self.method], loop["base"],
                                 {**loop["overrides"], "train.seed": loop["seed"]})   # same on every rank
         self.data = ray.get(loop["data"])  # prepared once per sweep by the driver (object store)
@@ -164,7 +166,7 @@ def cocodiff_final_artifacts(mlflow: MLflowReporter, curve: None, checkpoint_dir
 
     best = checkpoint_dir / cocodiff_fit.BEST if checkpoint_dir is not None else None
     if best is not None and best.is_file():
-        ckpt = torch.load(best, map_location="cpu", weights_only=False)
+        ckpt = load_checkpoint(best, keys=("val_logits", "val_labels"))
         log_classification_outputs(mlflow, ckpt["val_logits"], ckpt["val_labels"], names, "val")
     log_best_checkpoint(mlflow, checkpoint_dir)
 
@@ -176,7 +178,8 @@ def tdsm_worker(loop: dict[str, Any]) -> None:
     fit_train, val, fit_classes = task.tuning_split()
     with torch.device("meta"):  # size only: no memory, no init
         n_params = count_parameters(tdsm_fit.build_model(w.cfg, task.feature_dim, text))
-    reporter = w.reporter({"num_parameters": n_params}, functools.partial(tdsm_final_artifacts, names=names))
+    reporter = w.reporter({"num_parameters": n_params, "seen_classes": len(task.seen)},
+                          functools.partial(tdsm_final_artifacts, names=names))
     wrap = ray.train.torch.prepare_model if w.world > 1 else None
     tdsm_fit.fit_tdsm(w.cfg, fit_train, fit_classes, val, task.val, text, reporter, w.run_dir, eval_prefix="val",
                       progress=False, wrap_model=wrap, rank=w.rank)

@@ -276,16 +276,23 @@ def test_kl_loss_targets_are_row_normalised_same_label_matrices():
 # Gradients and the classifier
 # ----------------------------------------------------------------------------------------------
 
-def test_every_loss_term_reaches_the_backbone(toy):
+def toy_losses(toy, **overrides) -> tuple[dict[str, torch.Tensor], SkeletonClassifier, CoCoDiffModule]:
+    """compute_losses of one toy batch of 8 (seeded weights and draws), the classifier and the module."""
     data, fine, coarse = toy
-    cfg = tiny_config()
+    cfg = tiny_config(**overrides)
     torch.manual_seed(0)
     classifier = build_classifier(cfg.backbone, NUM_CLASSES)
     module = build_module(cfg.module, classifier.encoder.feature_dim, FINE_DIM, COARSE_DIM)
     x, y = data.train_x[:8], data.train_y[:8]
     losses = compute_losses(TrainingModel(classifier, module), build_schedule(cfg.module), cfg, x, y, fine, coarse,
                             torch.Generator().manual_seed(0), lambda: torch.autocast("cpu", enabled=False))
-    assert set(losses) == {"loss", "loss_cls", "loss_diff", "loss_gen", "loss_coarse"}
+    return losses, classifier, module
+
+
+def test_every_loss_term_reaches_the_backbone(toy):
+    losses, classifier, _ = toy_losses(toy, **{"module.detach_diffusion_input": False})
+    assert set(losses) == {"loss", "loss_cls", "loss_diff", "loss_gen", "loss_coarse", "x0_norm"}
+    assert not losses["x0_norm"].requires_grad and float(losses["x0_norm"]) > 0
     backbone = list(classifier.encoder.units.parameters())
     for term in ("loss_cls", "loss_diff", "loss_gen", "loss_coarse"):
         grads = torch.autograd.grad(losses[term], backbone, retain_graph=True, allow_unused=True)
@@ -296,6 +303,42 @@ def test_every_loss_term_reaches_the_backbone(toy):
     cocodiff_loss(torch.zeros(4, 2), torch.zeros(4, 2), x0, x0_hat, torch.randn(4, 2), torch.randn(4, 2),
                   torch.tensor([0, 1, 0, 1]), torch.tensor(1.0), 1.0, 1.0, 1.0)["loss_diff"].backward()
     assert x0.grad is None and x0_hat.grad.abs().sum() > 0
+
+
+def test_detach_diffusion_input_cuts_only_the_diffusion_term_from_the_backbone(toy):
+    on, classifier_on, module_on = toy_losses(toy, **{"module.detach_diffusion_input": True})
+    off, classifier_off, module_off = toy_losses(toy, **{"module.detach_diffusion_input": False})
+    backbone_on, backbone_off = list(classifier_on.parameters()), list(classifier_off.parameters())
+    # Same seeded weights and draws: every term has the same value either way (x̂_0 is the same function of x_0).
+    for k in off:
+        torch.testing.assert_close(on[k], off[k], rtol=1e-5, atol=1e-6)
+    grads = torch.autograd.grad(on["loss_diff"], backbone_on, retain_graph=True, allow_unused=True)
+    assert all(g is None or not g.any() for g in grads)
+    grads = torch.autograd.grad(off["loss_diff"], backbone_off, retain_graph=True, allow_unused=True)
+    assert sum(float(g.abs().sum()) for g in grads if g is not None) > 0
+    # The other module terms still reach the backbone through x_t: with detach on, the backbone's gradient of the
+    # total is that of the total without the diffusion term with detach off; the module's gradient is unchanged.
+    # fp32 sums over a few thousand products: agreement to ~1e-5 relative, not bit for bit.
+    w_diff = tiny_config().module.w_diff
+    for params_on, params_off, ref in ((backbone_on, backbone_off, off["loss"] - w_diff * off["loss_diff"]),
+                                       (list(module_on.parameters()), list(module_off.parameters()), off["loss"])):
+        got = torch.autograd.grad(on["loss"], params_on, retain_graph=True, allow_unused=True)
+        want = torch.autograd.grad(ref, params_off, retain_graph=True, allow_unused=True)
+        for g, w in zip(got, want):
+            assert (g is None) == (w is None)
+            if g is not None:
+                torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+    assert any(g is not None and g.any() for g in torch.autograd.grad(
+        on["loss_gen"] + on["loss_coarse"], backbone_on, retain_graph=True, allow_unused=True))
+
+
+def test_fit_logs_the_feature_norm(toy):
+    data, fine, coarse = toy
+    reporter = ListReporter()
+    fit_cocodiff(tiny_config(**{"train.steps": 4, "train.eval_every": 4}), data.train_x, data.train_y, None, None,
+                 fine, coarse, reporter, progress=False)
+    norms = [m["train/x0_norm"] for _, m in reporter.metrics if "train/x0_norm" in m]
+    assert len(norms) == 4 and all(v > 0 and math.isfinite(v) for v in norms)
 
 
 @pytest.mark.parametrize("stream", ["joint", "bone", "motion"])
@@ -338,7 +381,7 @@ def test_reports_and_checkpoints(runs):
     assert set(metrics) == {"val/top1", "val/top5"} and curve is None and ckpt == run_dir
     logged = reporter.metrics[-1][1]
     assert {"train/loss", "train/loss_diff", "train/loss_gen", "train/loss_coarse", "train/lr"} <= set(logged)
-    best = torch.load(run_dir / BEST, weights_only=False)
+    best = torch.load(run_dir / BEST, weights_only=True)
     assert set(best["classifier"]) == set(runs["cocodiff"].classifier.state_dict())   # no module weights
     assert best["val_logits"].shape == (len(best["val_labels"]), NUM_CLASSES)
     assert accuracy_metrics(best["val_logits"], best["val_labels"]) == best["metrics"]
@@ -376,7 +419,7 @@ def test_resume_gives_identical_weights(runs, toy, tmp_path):
     cfg = tiny_config()
     with pytest.raises(KeyboardInterrupt):
         fit(cfg, toy, tmp_path, CrashAfter(30))
-    assert torch.load(tmp_path / LAST, weights_only=False)["step"] == 30
+    assert torch.load(tmp_path / LAST, weights_only=True)["step"] == 30
     reporter = ListReporter()
     resumed = fit(cfg, toy, tmp_path, reporter)
     assert resumed.step == 60 and min(step for step, _ in reporter.metrics) > 30

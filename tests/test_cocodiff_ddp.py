@@ -75,7 +75,7 @@ def test_two_ddp_workers_keep_identical_weights(tmp_path):
                      run_config=RunConfig(name="ddp", storage_path=str(tmp_path / "ray"))).fit()
     finally:
         ray.shutdown()
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["world"] == r1["world"] == 2
     assert r0["weights"].keys() == r1["weights"].keys()
     different = [k for k in r0["weights"] if not torch.equal(r0["weights"][k], r1["weights"][k])]

@@ -121,7 +121,7 @@ def test_nan_features(folder):
     x = np.load(folder / "train.npy")
     x[3, 1] = np.nan
     save(folder / "train.npy", x)
-    assert load_error(data_cfg(folder)).startswith(f"{folder / 'train.npy'}: contains NaN")
+    assert load_error(data_cfg(folder)).startswith(f"{folder / 'train.npy'}: sample 3 holds NaN or inf")
 
 
 def test_feature_width_mismatch(folder):
@@ -165,12 +165,40 @@ def test_val_classes_must_be_seen(folder):
     assert msg.startswith("data.val_unseen") and "[2]" in msg
 
 
-def test_val_without_train_samples(folder, tmp_path):
-    # Class 11 is seen by the split but has no sample in train.npy.
-    keep = np.load(folder / "train_label.npy") != 11
+def drop_class(folder: Path, cls: int) -> None:
+    keep = np.load(folder / "train_label.npy") != cls
     save(folder / "train.npy", np.load(folder / "train.npy")[keep])
     save(folder / "train_label.npy", np.load(folder / "train_label.npy")[keep])
-    assert load_error(data_cfg(folder, val_unseen=[11])).startswith("data.val_unseen: validation classes [11]")
+
+
+def test_val_without_train_samples(folder, tmp_path):
+    # Class 11 is seen by an explicit split but has no sample in train.npy.
+    drop_class(folder, 11)
+    seen = [c for c in range(NUM_CLASSES) if c not in UNSEEN]
+    msg = load_error(data_cfg(folder, seen=seen, val_unseen=[11]))
+    assert msg.startswith("data.val_unseen: validation classes [11]")
+    # By default a class without samples is not seen at all.
+    assert "are not seen classes" in load_error(data_cfg(folder, val_unseen=[11]))
+
+
+def test_explicit_seen_class_without_samples(folder):
+    drop_class(folder, 11)
+    msg = load_error(data_cfg(folder, seen=[c for c in range(NUM_CLASSES) if c not in UNSEEN]))
+    assert msg.startswith("data.seen (") and "seen classes [11] have no samples" in msg
+
+
+def test_seen_defaults_to_classes_with_samples_not_the_names_file(folder):
+    # NTU-60-style features (12 classes) with an NTU-120-style list twice as long: the 12 extra classes have no
+    # samples, so they are neither trained on, nor validation classes, nor drawn as negatives.
+    task = load_feature_task(data_cfg(folder, val_unseen=3), 2 * NUM_CLASSES)
+    with_samples = sorted(set(task.train.labels.tolist()))
+    assert task.num_classes == 2 * NUM_CLASSES
+    assert task.seen == with_samples == [c for c in range(NUM_CLASSES) if c not in UNSEEN]
+    assert set(task.val) <= set(with_samples)
+    fit, _, fit_classes = task.tuning_split()                 # fit_classes is fit_tdsm's negative pool
+    assert fit_classes == sorted(set(with_samples) - set(task.val)) == sorted(set(fit.labels.tolist()))
+    _, _, final_classes = task.final_split()
+    assert final_classes == with_samples
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,16 +1,21 @@
-"""deploy/: manifests parse and agree with the project; a real PostgreSQL-backed `mlflow server` records a sweep.
+"""deploy/: manifests parse, agree with the project and are locked down; a real PostgreSQL-backed `mlflow server`
+with basic auth records a sweep.
 
-The static tests read the files only (no cluster, no Docker). The slow test starts PostgreSQL and `mlflow server`
-on loopback, runs a two-trial sweep against them (local Ray) and reads the runs back as a user would.
+The static tests read the files only (no cluster, no Docker; `kubectl kustomize` renders the tree when kubectl is
+installed). The server tests start PostgreSQL and `mlflow server --app-name basic-auth` on loopback, configured as
+deploy/ configures them, check that it refuses anonymous clients, then run a two-trial sweep against it (local Ray)
+and read the runs back as a user would.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import importlib.util
 import json
 import os
 import pwd
 import re
+import secrets
 import shlex
 import shutil
 import signal
@@ -19,9 +24,11 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
+from base64 import b64encode
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 from urllib.parse import urlparse
 
 import pytest
@@ -37,6 +44,9 @@ DEPLOY = ROOT / "deploy"
 YAML_FILES = sorted([*DEPLOY.rglob("*.yaml"), *DEPLOY.rglob("*.yml")])
 TEXT_FILES = sorted(p for p in DEPLOY.rglob("*") if p.is_file())
 GPU = "nvidia.com/gpu"
+# The secret files deploy/make-secrets.sh writes: git-ignored, each with a committed `.example`.
+SECRET_FILES = ["mlflow/.env", "mlflow/db.env", "mlflow/auth.env"]
+RAY_UID, RAY_GID, POSTGRES_UID = 1000, 100, 999  # `ray` of rayproject/ray, `postgres` of the postgres image
 
 
 def pinned_ray_version() -> str:
@@ -110,12 +120,17 @@ def test_every_yaml_manifest_parses(path):
 def test_the_expected_files_exist():
     for rel in ["README.md", "docker/Dockerfile.cpu", "docker/Dockerfile.gpu", "kustomization.yaml",
                 "kuberay/raycluster.yaml", "kuberay/rayjob-sweep.yaml", "kuberay/rayjob-final.yaml",
-                "kuberay/config.yaml", "mlflow/mlflow.yaml", "mlflow/postgres.yaml", "mlflow/secret.yaml",
-                "mlflow/docker-compose.yml", "ray-up.yaml"]:
+                "kuberay/config.yaml", "mlflow/mlflow.yaml", "mlflow/postgres.yaml", "mlflow/networkpolicy.yaml",
+                "mlflow/basic_auth.ini", "mlflow/docker-compose.yml", "make-secrets.sh", "ray-up.yaml",
+                *[f"{rel}.example" for rel in SECRET_FILES]]:
         assert (DEPLOY / rel).is_file(), f"deploy/{rel} is missing"
     assert (ROOT / ".dockerignore").is_file()
-    ignored = (ROOT / ".dockerignore").read_text().split()
+    ignored = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")]
     assert ".venv" in ignored and ".git" in ignored
+    # The build context is the repository root: the secret files must never reach an image.
+    for rel in SECRET_FILES:
+        assert any(fnmatch.fnmatch(f"deploy/{rel}", pat) for pat in ignored), f"deploy/{rel} not in .dockerignore"
 
 
 @pytest.mark.parametrize("name, suffix", [("Dockerfile.cpu", "-py311"), ("Dockerfile.gpu", "-py311-gpu")])
@@ -124,6 +139,8 @@ def test_dockerfiles_build_on_the_pinned_ray_image(name, suffix):
     froms = re.findall(r"^FROM\s+(\S+)", text, flags=re.M)
     assert froms == [f"rayproject/ray:{pinned_ray_version()}{suffix}"]
     assert re.search(r"pip install[^\n]*\"?\.\[deploy\]", text), f"{name} must install the project (.[deploy])"
+    users = re.findall(r"^USER\s+(\S+)", text, flags=re.M)
+    assert users and users[-1] in ("ray", str(RAY_UID)), f"{name} must end as the unprivileged `ray`: USER {users}"
 
 
 def test_every_ray_image_and_version_in_deploy_is_the_pinned_one():
@@ -153,6 +170,9 @@ def test_rayjobs_run_the_workflow_on_the_cluster():
         assert job["apiVersion"] == "ray.io/v1"
         assert job["spec"]["clusterSelector"]["ray.io/cluster"] == cluster["metadata"]["name"]
         assert "MLFLOW_TRACKING_URI" not in json.dumps(job), "jobs inherit the tracking URI from the ConfigMap"
+        assert "MLFLOW_TRACKING_PASSWORD" not in json.dumps(job), "jobs inherit the credentials from the pods"
+        # HTTPMode: the operator submits through the dashboard, so no submitter pod escapes the pod-security checks.
+        assert job["spec"]["submissionMode"] == "HTTPMode"
 
 
 def test_raycluster_autoscales_a_gpu_worker_group():
@@ -223,18 +243,274 @@ def test_tracking_uri_is_defined_once_and_reaches_every_ray_pod():
     assert url.netloc in allowed
 
 
+def secret_refs(container: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """{env var: (secret, key)} of a container's `valueFrom.secretKeyRef` entries."""
+    return {e["name"]: (e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])
+            for e in container.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})}
+
+
+def env_values(container: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+
+
 def test_db_password_comes_from_the_secret():
-    secret = one("Secret", "mlflow-db")
-    key = next(iter(secret["stringData"]))
-    for kind, name in [("StatefulSet", "mlflow-postgres"), ("Deployment", "mlflow")]:
-        env = one(kind, name)["spec"]["template"]["spec"]["containers"][0]["env"]
-        refs = [e["valueFrom"]["secretKeyRef"] for e in env if "valueFrom" in e]
-        assert {"name": secret["metadata"]["name"], "key": key} in refs, f"{kind} {name} does not read the secret"
+    postgres = one("StatefulSet", "mlflow-postgres")["spec"]["template"]["spec"]["containers"][0]
     server = one("Deployment", "mlflow")["spec"]["template"]["spec"]["containers"][0]
+    assert secret_refs(postgres)["POSTGRES_PASSWORD"] == ("mlflow-db", "password")
+    assert secret_refs(server)["PGPASSWORD"] == ("mlflow-db", "password"), "libpq reads PGPASSWORD"
     args = " ".join(server["args"])
     assert "--serve-artifacts" in args and "--artifacts-destination" in args
-    uri = {e["name"]: e.get("value") for e in server["env"]}["MLFLOW_BACKEND_STORE_URI"]
-    assert uri.startswith("postgresql+psycopg://") and "$(" in uri, "the DB password must come from the env, not the file"
+    uri = env_values(server)["MLFLOW_BACKEND_STORE_URI"]
+    assert uri.startswith("postgresql+psycopg://") and not urlparse(uri).password, "no password in the URI"
+
+
+def test_mlflow_server_asks_for_basic_auth_with_credentials_from_a_secret():
+    pod = one("Deployment", "mlflow")["spec"]["template"]["spec"]
+    server = pod["containers"][0]
+    assert "--app-name=basic-auth" in server["args"]
+    refs, values = secret_refs(server), env_values(server)
+    assert refs["MLFLOW_AUTH_ADMIN_USERNAME"] == ("mlflow-auth", "username")
+    assert refs["MLFLOW_AUTH_ADMIN_PASSWORD"] == ("mlflow-auth", "password")
+    assert refs["MLFLOW_FLASK_SERVER_SECRET_KEY"] == ("mlflow-auth", "flask-secret-key"), "CSRF key of all workers"
+    # basic_auth.ini reaches the container as the generated ConfigMap, where MLFLOW_AUTH_CONFIG_PATH points.
+    config_path = Path(values["MLFLOW_AUTH_CONFIG_PATH"])
+    mount = next(m for m in server["volumeMounts"] if m["mountPath"] == str(config_path.parent))
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    kustomization = yaml.safe_load((DEPLOY / "mlflow" / "kustomization.yaml").read_text())
+    generated = {g["name"]: g for g in kustomization["configMapGenerator"]}
+    assert generated[volume["configMap"]["name"]]["files"] == [config_path.name]
+    ini = (DEPLOY / "mlflow" / config_path.name).read_text()
+    auth_db = re.search(r"^database_uri\s*=\s*(\S+)", ini, flags=re.M).group(1)
+    assert auth_db == values["MLFLOW_BACKEND_STORE_URI"], "users live in the tracking database"
+    assert not re.search(r"^\s*admin_password", ini, flags=re.M), "the admin password comes from the Secret"
+
+
+def test_ray_pods_get_mlflow_credentials_from_the_secret_not_the_uri():
+    uri = one("ConfigMap", "skeldiff-config")["data"]["MLFLOW_TRACKING_URI"]
+    assert "@" not in urlparse(uri).netloc, "credentials never go into the tracking URI"
+    for group, container in ray_containers(one("RayCluster")):
+        refs = secret_refs(container)
+        assert refs.get("MLFLOW_TRACKING_USERNAME") == ("mlflow-auth", "username"), group
+        assert refs.get("MLFLOW_TRACKING_PASSWORD") == ("mlflow-auth", "password"), group
+
+
+def pod_specs() -> list[tuple[str, dict[str, Any]]]:
+    """(owner, pod spec) of every pod template under deploy/: Deployments, StatefulSets, Ray groups, Jobs."""
+    found = []
+    for path, doc in load_docs():
+        if "apiVersion" not in doc:
+            continue  # docker compose
+        for node in walk(doc):
+            if isinstance(node.get("containers"), list):
+                found.append((f"{path.name}:{doc['kind']}/{doc['metadata'].get('name')}", node))
+    return found
+
+
+def test_every_pod_meets_the_restricted_pod_security_standard():
+    pods = pod_specs()
+    assert len(pods) >= 4, pods  # PostgreSQL, MLflow, Ray head, GPU workers
+    allowed_volumes = {"name", "configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                       "projected", "secret"}
+    for owner, pod in pods:
+        ctx = pod.get("securityContext", {})
+        assert ctx.get("runAsNonRoot") is True, f"{owner}: runAsNonRoot"
+        assert ctx.get("runAsUser", 0) > 0 and ctx.get("runAsGroup", 0) > 0, f"{owner}: numeric non-root ids"
+        assert ctx.get("seccompProfile") == {"type": "RuntimeDefault"}, f"{owner}: seccomp RuntimeDefault"
+        assert not any(pod.get(k) for k in ("hostNetwork", "hostPID", "hostIPC")), owner
+        for volume in pod.get("volumes", []):
+            assert set(volume) <= allowed_volumes, f"{owner}: volume {volume['name']} of a restricted type"
+        for container in pod["containers"] + pod.get("initContainers", []):
+            c = container.get("securityContext", {})
+            assert c.get("allowPrivilegeEscalation") is False, f"{owner}/{container['name']}: allowPrivilegeEscalation"
+            assert c.get("capabilities", {}).get("drop") == ["ALL"], f"{owner}/{container['name']}: drop ALL"
+            assert not c.get("capabilities", {}).get("add") and not c.get("privileged"), owner
+            assert c.get("runAsUser", 1) != 0 and c.get("runAsNonRoot", True) is True, owner
+    ids = {owner.split(":")[1]: (pod["securityContext"]["runAsUser"], pod["securityContext"].get("fsGroup"))
+           for owner, pod in pods}
+    assert ids["StatefulSet/mlflow-postgres"] == (POSTGRES_UID, POSTGRES_UID)
+    assert ids["Deployment/mlflow"] == (RAY_UID, RAY_GID)
+    assert ids["RayCluster/skeldiff"] == (RAY_UID, RAY_GID)
+    for _, pod in [(o, p) for o, p in pods if "RayCluster" in o]:
+        assert (pod["securityContext"]["runAsUser"], pod["securityContext"]["fsGroup"]) == (RAY_UID, RAY_GID)
+    # The autoscaler sidecar is KubeRay's, not ours: its container settings go through autoscalerOptions.
+    autoscaler = one("RayCluster")["spec"]["autoscalerOptions"]["securityContext"]
+    assert autoscaler["allowPrivilegeEscalation"] is False and autoscaler["capabilities"]["drop"] == ["ALL"]
+    assert autoscaler["runAsNonRoot"] is True and autoscaler["seccompProfile"] == {"type": "RuntimeDefault"}
+
+
+def pod_labels(kind: str, name: str) -> dict[str, str]:
+    return one(kind, name)["spec"]["template"]["metadata"]["labels"]
+
+
+def ingress_sources(policy_for: dict[str, str]) -> list[tuple[dict[str, str], list[int]]]:
+    """(pod labels, ports) allowed in by the NetworkPolicies selecting pods with these labels."""
+    policies = [p for p in k8s_objects("NetworkPolicy")
+                if p["spec"]["podSelector"]["matchLabels"].items() <= policy_for.items()]
+    assert policies, f"no NetworkPolicy selects pods {policy_for}"
+    sources = []
+    for policy in policies:
+        assert "Ingress" in policy["spec"]["policyTypes"]
+        for rule in policy["spec"].get("ingress", []):
+            assert rule.get("from"), f"{policy['metadata']['name']}: a rule without `from` admits every pod"
+            ports = [p["port"] for p in rule.get("ports", [])]
+            assert ports, f"{policy['metadata']['name']}: a rule without ports admits every port"
+            for peer in rule["from"]:
+                assert set(peer) == {"podSelector"}, f"{policy['metadata']['name']}: only pods of this namespace"
+                sources.append((peer["podSelector"]["matchLabels"], ports))
+    return sources
+
+
+def test_network_policies_admit_only_the_clients():
+    postgres = ingress_sources(pod_labels("StatefulSet", "mlflow-postgres"))
+    assert postgres == [(pod_labels("Deployment", "mlflow"), [5432])], "PostgreSQL: the MLflow server only"
+    mlflow = ingress_sources(pod_labels("Deployment", "mlflow"))
+    cluster = one("RayCluster")["metadata"]["name"]
+    assert mlflow == [({"ray.io/cluster": cluster}, [5000])], "MLflow: the pods of the RayCluster only"
+
+
+def compose() -> dict[str, Any]:
+    return yaml.safe_load((DEPLOY / "mlflow" / "docker-compose.yml").read_text())
+
+
+def test_compose_publishes_on_loopback_only_and_drops_privileges():
+    services = compose()["services"]
+    assert "ports" not in services["postgres"], "PostgreSQL is reached on the compose network only"
+    for name, svc in services.items():
+        for port in svc.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} beyond this machine"
+        assert svc["cap_drop"] == ["ALL"] and "no-new-privileges:true" in svc["security_opt"], name
+        assert not str(svc["user"]).startswith("0"), name
+    server = services["mlflow"]
+    assert "--app-name=basic-auth" in server["command"]
+    assert not urlparse(server["environment"]["MLFLOW_BACKEND_STORE_URI"]).password
+    assert "./basic_auth.ini:" + server["environment"]["MLFLOW_AUTH_CONFIG_PATH"] + ":ro" in server["volumes"]
+
+
+def git_ignored(rel: str) -> bool:
+    """Whether git ignores deploy/REL (deploy/.gitignore)."""
+    done = subprocess.run(["git", "check-ignore", "-q", f"deploy/{rel}"], cwd=ROOT)
+    if done.returncode == 128:  # not a git checkout: read deploy/.gitignore
+        return rel in (DEPLOY / ".gitignore").read_text().split()
+    return done.returncode == 0
+
+
+def env_keys(text: str) -> list[str]:
+    return [line.split("=", 1)[0] for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_secrets_are_generated_from_git_ignored_files():
+    assert not k8s_objects("Secret"), "no Secret is committed: kustomize generates them"
+    kustomization = yaml.safe_load((DEPLOY / "mlflow" / "kustomization.yaml").read_text())
+    generated = {g["name"]: g for g in kustomization["secretGenerator"]}
+    assert set(generated) == {"mlflow-db", "mlflow-auth"}
+    for name, gen in generated.items():
+        assert set(gen) <= {"name", "envs", "options"}, f"{name}: values come from the env files only"
+        # RayCluster is a custom resource: kustomize would not rename its references to a hashed name.
+        assert gen["options"]["disableNameSuffixHash"] is True
+        (env,) = gen["envs"]
+        assert git_ignored(f"mlflow/{env}"), f"deploy/mlflow/{env} must be git-ignored"
+        assert f"mlflow/{env}" in SECRET_FILES
+    for rel in SECRET_FILES:
+        assert git_ignored(rel) and not git_ignored(f"{rel}.example"), rel
+    # Every key a manifest reads from a Secret is one the generator's file provides.
+    keys = {name: env_keys((DEPLOY / "mlflow" / f"{gen['envs'][0]}.example").read_text())
+            for name, gen in generated.items()}
+    for owner, pod in pod_specs():
+        for container in pod["containers"]:
+            for var, (secret, key) in secret_refs(container).items():
+                assert key in keys.get(secret, []), f"{owner}: {var} reads {secret}/{key}, which nothing generates"
+
+
+def test_make_secrets_writes_random_private_files_and_never_overwrites(tmp_path):
+    run = lambda: subprocess.run(["sh", str(DEPLOY / "make-secrets.sh"), str(tmp_path)],  # noqa: E731
+                                 capture_output=True, text=True, check=True)
+    run()
+    first = {rel: (tmp_path / Path(rel).name).read_text() for rel in SECRET_FILES}
+    for rel, text in first.items():
+        path = tmp_path / Path(rel).name
+        assert path.stat().st_mode & 0o077 == 0, f"{rel} readable by others"
+        example = (DEPLOY / f"{rel}.example").read_text()
+        assert env_keys(text) == env_keys(example), f"{rel}: keys differ from {rel}.example"
+        for line in text.splitlines():
+            key, value = line.split("=", 1)
+            if re.search(r"(?i)password|secret", key):
+                assert re.fullmatch(r"[0-9a-f]{48,}", value), f"{rel}: {key} is not >= 24 random bytes (hex)"
+    db = dict(line.split("=", 1) for line in first["mlflow/db.env"].splitlines())["password"]
+    assert f"SKELDIFF_DB_PASSWORD={db}" in first["mlflow/.env"]
+    assert "password=" + db not in first["mlflow/auth.env"], "the MLflow admin has a password of its own"
+    run()
+    assert {rel: (tmp_path / Path(rel).name).read_text() for rel in SECRET_FILES} == first, "an existing file changed"
+    again = tmp_path / "again"
+    again.mkdir()
+    subprocess.run(["sh", str(DEPLOY / "make-secrets.sh"), str(again)], capture_output=True, check=True)
+    assert (again / "db.env").read_text() != first["mlflow/db.env"], "not random"
+
+
+# A secret-looking key given a value in place (not empty, not `$VAR`/`${VAR}`/`$(VAR)`, not a YAML mapping).
+PASSWORD_ASSIGNMENT = re.compile(
+    r"(?i)\b([\w.-]*(?:password|passwd|secret[\w-]*key|token)[\w.-]*)[\"']?[ \t]*[:=][ \t]*[\"']?([^\s\"'`,]*)")
+URI_USERINFO = re.compile(r"://[^/\s:@]+:([^@\s/]+)@")
+SQL_PASSWORD = re.compile(r"(?i)\bPASSWORD\s+'([^']*)'")
+
+
+def password_literals(text: str) -> list[str]:
+    """Passwords written out in TEXT (assignments, URI userinfo, SQL)."""
+    found = [f"{m.group(1)}={m.group(2)}" for m in PASSWORD_ASSIGNMENT.finditer(text)
+             if m.group(2) and not m.group(2).startswith(("$", "{", "["))]
+    found += [m.group(0) for m in URI_USERINFO.finditer(text) if not m.group(1).startswith("$")]
+    found += [m.group(0) for m in SQL_PASSWORD.finditer(text) if not m.group(1).startswith("$")]
+    return found
+
+
+def committed_deploy_files() -> list[Path]:
+    """Files under deploy/ that git would commit (tracked or not ignored)."""
+    done = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "deploy"],
+                          cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:  # not a git checkout
+        return [p for p in TEXT_FILES if not git_ignored(str(p.relative_to(DEPLOY)))]
+    return [ROOT / line for line in done.stdout.splitlines() if (ROOT / line).is_file()]
+
+
+def test_no_password_is_committed_under_deploy():
+    # The detector itself: it finds what it must and passes references and empty placeholders.
+    for bad in ["password: hunter2", "POSTGRES_PASSWORD=abc", "stringData:\n  password: change-me",
+                "postgresql://mlflow:pw@db/mlflow", "CREATE ROLE m LOGIN PASSWORD 'x'", "admin_password = x1",
+                "MLFLOW_FLASK_SERVER_SECRET_KEY: k", '"password": "p"']:
+        assert password_literals(bad), bad
+    for ok in ["password=", "PGPASSWORD: ${SKELDIFF_DB_PASSWORD:?set it}", "password=$db", "key: password",
+               "secretKeyRef: {name: mlflow-db, key: password}", "value: $(DB_PASSWORD)", "- name: PGPASSWORD",
+               "postgresql+psycopg://mlflow@postgres:5432/mlflow", "PASSWORD '$PGPASSWORD'"]:
+        assert not password_literals(ok), ok
+    files = committed_deploy_files()
+    assert DEPLOY / "mlflow" / "mlflow.yaml" in files and DEPLOY / "README.md" in files
+    found = {str(p.relative_to(ROOT)): hits for p in files if (hits := password_literals(p.read_text()))}
+    assert not found, f"password-like literals under deploy/: {found}"
+
+
+def test_kustomize_renders_the_tree_with_generated_secrets(tmp_path):
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl not installed (its `kubectl kustomize` renders deploy/ offline)")
+    tree = tmp_path / "deploy"
+    shutil.copytree(DEPLOY, tree, ignore=shutil.ignore_patterns(*[Path(r).name for r in SECRET_FILES]))
+    missing = subprocess.run([kubectl, "kustomize", str(tree)], capture_output=True, text=True)
+    assert missing.returncode != 0 and "db.env" in missing.stderr, "the build must need the secret files"
+    subprocess.run(["sh", str(tree / "make-secrets.sh")], capture_output=True, check=True)
+    done = subprocess.run([kubectl, "kustomize", str(tree)], capture_output=True, text=True, check=True)
+    objects = [d for d in yaml.safe_load_all(done.stdout) if d]
+    assert {o["metadata"]["namespace"] for o in objects if o["kind"] != "Namespace"} == {"skeldiff"}
+    rendered_secrets = {o["metadata"]["name"]: set(o["data"]) for o in objects if o["kind"] == "Secret"}
+    config_maps = {o["metadata"]["name"] for o in objects if o["kind"] == "ConfigMap"}
+    refs = 0
+    for o in objects:
+        for node in walk(o):
+            if isinstance(node.get("secretKeyRef"), dict):
+                ref = node["secretKeyRef"]
+                assert ref["key"] in rendered_secrets.get(ref["name"], set()), f"{o['kind']}: {ref} not rendered"
+                refs += 1
+            if isinstance(node.get("configMap"), dict):
+                assert node["configMap"]["name"] in config_maps, node
+    assert refs >= 8, refs  # PostgreSQL 1, MLflow 4, 2 Ray groups x 2
 
 
 def test_kustomizations_list_existing_files_and_set_image_tags_once():
@@ -308,14 +584,26 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
             proc.wait()
 
 
-@pytest.fixture
-def postgres_uri() -> Iterator[str]:
-    """A throwaway PostgreSQL on 127.0.0.1 with database `mlflow` and a password: its SQLAlchemy URI."""
+class Postgres(NamedTuple):
+    uri: str       # SQLAlchemy URI without a password, as deploy/ writes them
+    password: str  # handed to libpq as PGPASSWORD, as deploy/ does
+
+
+class MlflowServer(NamedTuple):
+    url: str
+    artifacts: Path
+    username: str
+    password: str
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[Postgres]:
+    """A throwaway PostgreSQL on 127.0.0.1 with database `mlflow` and a random password."""
     psycopg = pytest.importorskip("psycopg", reason="the PostgreSQL driver: pip install -e '.[deploy]'")
     bin_dir, ids = postgres_bin(), run_as()
     # Not tmp_path: pytest's base folder is private to the invoking user, and PostgreSQL runs as another one.
     base = Path(tempfile.mkdtemp(prefix="skeldiff-pg-"))
-    password = "deploy-test-pw"
+    password = secrets.token_hex(16)
     (base / "pwfile").write_text(password + "\n")
     as_user: dict[str, Any] = {}
     if ids is not None:
@@ -338,38 +626,89 @@ def postgres_uri() -> Iterator[str]:
         with psycopg.connect(**admin, autocommit=True) as conn:
             conn.execute("CREATE DATABASE mlflow")
         # SQLAlchemy's URI naming the driver: `postgresql://` alone means psycopg2 before SQLAlchemy 2.1.
-        yield f"postgresql+psycopg://mlflow:{password}@127.0.0.1:{port}/mlflow"
+        yield Postgres(f"postgresql+psycopg://mlflow@127.0.0.1:{port}/mlflow", password)
     finally:
         stop(proc, signal.SIGINT)  # PostgreSQL's fast shutdown
         shutil.rmtree(base, ignore_errors=True)
 
 
-@pytest.fixture
-def mlflow_server(postgres_uri, tmp_path) -> Iterator[tuple[str, Path]]:
-    """`mlflow server` on 127.0.0.1 backed by PostgreSQL, artifacts proxied into tmp_path/art: (URL, art dir)."""
-    port, art, log = free_port(), tmp_path / "art", tmp_path / "mlflow-server.log"
+@pytest.fixture(scope="module")
+def mlflow_server(postgres, tmp_path_factory) -> Iterator[MlflowServer]:
+    """`mlflow server --app-name basic-auth` on 127.0.0.1 as deploy/mlflow/mlflow.yaml runs it: PostgreSQL for
+    runs and users (password in PGPASSWORD), deploy/mlflow/basic_auth.ini, a generated admin, proxied artifacts."""
+    tmp = tmp_path_factory.mktemp("mlflow-server")
+    port, art, log = free_port(), tmp / "art", tmp / "mlflow-server.log"
+    # The committed settings, with the database at this test's PostgreSQL instead of Service `postgres`.
+    ini = re.sub(r"(?m)^database_uri\s*=.*$", f"database_uri = {postgres.uri}",
+                 (DEPLOY / "mlflow" / "basic_auth.ini").read_text())
+    (tmp / "basic_auth.ini").write_text(ini)
+    username, password = "skeldiff", secrets.token_hex(16)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")},
+           "PGPASSWORD": postgres.password, "MLFLOW_BACKEND_STORE_URI": postgres.uri,
+           "MLFLOW_AUTH_CONFIG_PATH": str(tmp / "basic_auth.ini"),
+           "MLFLOW_AUTH_ADMIN_USERNAME": username, "MLFLOW_AUTH_ADMIN_PASSWORD": password,
+           "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)}
     mlflow_cli = Path(sys.executable).with_name("mlflow")
-    cmd = [str(mlflow_cli) if mlflow_cli.is_file() else "mlflow", "server", "--backend-store-uri", postgres_uri,
+    cmd = [str(mlflow_cli) if mlflow_cli.is_file() else "mlflow", "server", "--app-name=basic-auth",
            "--artifacts-destination", str(art), "--serve-artifacts", "--host", "127.0.0.1", "--port", str(port),
            "--workers", "1"]
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=tmp, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
+        # /health answers without credentials: the probes of mlflow.yaml and docker-compose.yml rely on that.
         wait_until(lambda: urllib.request.urlopen(f"{url}/health", timeout=2).status == 200, 180, "mlflow server",
                    proc, log)
-        yield url, art
+        yield MlflowServer(url, art, username, password)
     finally:
         stop(proc)
 
 
+def http_status(url: str, auth: tuple[str, str] | None = None) -> int:
+    """Status of a GET, optionally with HTTP basic auth."""
+    request = urllib.request.Request(url)
+    if auth:
+        request.add_header("Authorization", "Basic " + b64encode(":".join(auth).encode()).decode())
+    try:
+        return urllib.request.urlopen(request, timeout=120).status  # a PBKDF2 check on a loaded machine
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
 @pytest.mark.slow
-def test_sweep_logs_to_a_postgres_backed_mlflow_server(mlflow_server, postgres_uri, tmp_path):
+def test_mlflow_server_refuses_anonymous_clients_and_admits_the_secret(mlflow_server, postgres, monkeypatch):
     import psycopg
     from mlflow.tracking import MlflowClient
 
-    url, art = mlflow_server
+    api = f"{mlflow_server.url}/api/2.0/mlflow/experiments/search?max_results=1"
+    assert http_status(api) == 401
+    assert http_status(api, (mlflow_server.username, "wrong-" + mlflow_server.password)) == 401
+    assert http_status(api, (mlflow_server.username, mlflow_server.password)) == 200
+    # What a Ray pod does: credentials from the environment (the Secret), a URI without them.
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", mlflow_server.username)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", mlflow_server.password)
+    client = MlflowClient(mlflow_server.url)
+    run = client.create_run(client.create_experiment("deploy-auth-test"))
+    client.log_metric(run.info.run_id, "val/x", 1.0)
+    assert client.get_run(run.info.run_id).data.metrics == {"val/x": 1.0}
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
+    with pytest.raises(Exception, match="401|Unauthorized|credentials"):
+        MlflowClient(mlflow_server.url).get_run(run.info.run_id)
+    # Users live beside the runs in PostgreSQL; only a hash of the password is stored.
+    with psycopg.connect(postgres.uri.replace("+psycopg", ""), password=postgres.password) as conn:
+        (hashed,) = conn.execute("SELECT password_hash FROM users WHERE username = %s",
+                                 (mlflow_server.username,)).fetchone()
+    assert mlflow_server.password not in hashed
+
+
+@pytest.mark.slow
+def test_sweep_logs_to_a_postgres_backed_mlflow_server(mlflow_server, postgres, tmp_path, monkeypatch):
+    import psycopg
+    from mlflow.tracking import MlflowClient
+
+    url, art = mlflow_server.url, mlflow_server.artifacts
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env.update(MLFLOW_TRACKING_USERNAME=mlflow_server.username, MLFLOW_TRACKING_PASSWORD=mlflow_server.password)
     cmd = [sys.executable, "-m", "service.sweep", "tdsm", "--smoke", "--num-samples", "2",
            "--set", "train.steps=40", "--set", "train.eval_every=20", "--set", "train.checkpoint_every=20",
            "--storage-path", str(tmp_path / "results"), "--tracking-uri", url, "--experiment-name", "deploy-test"]
@@ -379,6 +718,8 @@ def test_sweep_logs_to_a_postgres_backed_mlflow_server(mlflow_server, postgres_u
     assert summary["tracking_uri"] == url
     sweep = summary["sweeps"][0]
 
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", mlflow_server.username)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", mlflow_server.password)
     client = MlflowClient(url)
     exp = client.get_experiment_by_name("deploy-test")
     assert exp.artifact_location.startswith("mlflow-artifacts:"), "artifacts should go through the server"
@@ -397,6 +738,6 @@ def test_sweep_logs_to_a_postgres_backed_mlflow_server(mlflow_server, postgres_u
     assert Path(sweep["best_config"]).is_file()
 
     # The runs really live in PostgreSQL.
-    with psycopg.connect(postgres_uri.replace("+psycopg", "")) as conn:
+    with psycopg.connect(postgres.uri.replace("+psycopg", ""), password=postgres.password) as conn:
         count = conn.execute("SELECT count(*) FROM runs WHERE experiment_id = %s", (int(exp.experiment_id),))
         assert count.fetchone()[0] == len(children) + 1

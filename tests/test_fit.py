@@ -15,7 +15,8 @@ from conftest import CrashAfter, tiny_config
 from trainers.data import FeatureSplit
 from trainers.errors import InputError
 from trainers.io import atomic_torch_save
-from trainers.tdsm_fit import BEST, LAST, build_model, evaluate_split, fit_tdsm, load_best_weights, lr_at
+from trainers.tdsm_fit import (BEST, LAST, build_model, evaluate_split, fit_tdsm, load_best_weights, lr_at,
+                                zsl_metric_dict)
 from trainers.tdsm_task import prepare_tdsm
 from trainers.text import TextFeatures
 from trainers.tracking import ListReporter
@@ -111,7 +112,7 @@ def assert_same_weights(a: dict, b: dict) -> None:
 def run_until_crash(cfg, task, run_dir: Path, step: int) -> None:
     with pytest.raises(KeyboardInterrupt):
         fit_tdsm(cfg, *task.fit_args, CrashAfter(step), run_dir, progress=False)
-    assert torch.load(run_dir / LAST, weights_only=False)["step"] == step
+    assert torch.load(run_dir / LAST, weights_only=True)["step"] == step
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,7 +133,7 @@ def test_resume_gives_identical_weights(tiny_task, uninterrupted, tmp_path):
     result = fit_tdsm(cfg, *tiny_task.fit_args, reporter, tmp_path, progress=False)
     assert result.step == 12 and min(step for step, _ in reporter.metrics) == 7   # steps 1..6 not repeated
     assert_same_weights(weights(result.model), uninterrupted[0])
-    assert torch.load(tmp_path / LAST, weights_only=False)["step"] == 12
+    assert torch.load(tmp_path / LAST, weights_only=True)["step"] == 12
 
 
 def test_a_ddp_rank_resumes_from_rank0s_checkpoint_with_its_own_batches(tiny_task, uninterrupted, tmp_path):
@@ -230,7 +231,7 @@ def test_fit_crash_in_checkpoint_keeps_previous_one(tiny_task, tmp_path, monkeyp
         fit_tdsm(resumable_config(), *tiny_task.fit_args, ListReporter(), tmp_path, progress=False)
     assert (tmp_path / LAST).read_bytes() == before and not leftovers(tmp_path)
     monkeypatch.undo()
-    assert torch.load(tmp_path / LAST, weights_only=False)["step"] == 6
+    assert torch.load(tmp_path / LAST, weights_only=True)["step"] == 6
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,10 +245,10 @@ def test_best_checkpoint_holds_best_val_metric(tiny_task, tmp_path):
     scores = [(m["val/zsl_top1"], step) for step, m, _, _ in reporter.evaluations]
     assert [s for _, s in scores] == [2, 4, 6, 8, 10, 12]
     top = max(s for s, _ in scores)
-    best = torch.load(tmp_path / BEST, weights_only=False)
+    best = torch.load(tmp_path / BEST, weights_only=True)
     assert best["metrics"]["val/zsl_top1"] == top
     assert best["step"] == min(step for s, step in scores if s == top)      # the first time it was reached
-    assert torch.load(tmp_path / LAST, weights_only=False)["best"] == top
+    assert torch.load(tmp_path / LAST, weights_only=True)["best"] == top
     # The stored weights are the ones that scored it.
     model = build_model(cfg, tiny_task.train.features.shape[1], tiny_task.text)
     assert load_best_weights(model, tmp_path)
@@ -261,6 +262,27 @@ def test_no_evaluation_no_best_checkpoint(tiny_task, tmp_path):
                       progress=False)
     assert result.step == 4 and result.last_curve is None
     assert not (tmp_path / BEST).exists() and (tmp_path / LAST).exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Nothing chosen on test
+# ----------------------------------------------------------------------------------------------
+
+def test_validation_may_choose_t_test_test_never(tiny_task):
+    cfg = tiny_config(**{"train.steps": 2, "eval.t_test_grid": [10, 25]})
+    reporter = ListReporter()
+    result = fit_tdsm(cfg, *tiny_task.fit_args, reporter, None, progress=False)
+    val = reporter.evaluations[-1][1]
+    assert {"val/zsl_top1_best", "val/best_t_test"} <= set(val)              # selection on validation is legit
+    test, curve = evaluate_split(cfg, result.model, tiny_task.val, [4, 5], tiny_task.text, "test")
+    assert not [k for k in test if "best" in k]
+    assert test["test/zsl_top1"] == curve.at(25).top1                         # read at t_test, not at the best t
+    assert {"test/zsl_top1_t010", "test/zsl_top1_t025"} <= set(test)          # the curve stays, point by point
+    for kw in ({"selection": True}, {"tuned": True, "selection": True}):
+        with pytest.raises(ValueError, match="never chosen on the test classes"):
+            zsl_metric_dict(curve, 25, "test", **kw)
+    with pytest.raises(ValueError, match="eval_prefix='test'"):
+        fit_tdsm(cfg, *tiny_task.fit_args, ListReporter(), None, eval_prefix="test", progress=False)
 
 
 def test_no_training_samples_is_input_error(tiny_task):

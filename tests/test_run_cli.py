@@ -40,6 +40,10 @@ def ws(tmp_path_factory) -> Path:
     (root / "names_short.txt").write_text("\n".join(NAMES[:8]) + "\n")
     (root / "desc_short.txt").write_text("\n".join(NAMES[:10]) + "\n")
     (root / "bad_key.yaml").write_text("optim:\n  lrr: 0.1\n")
+    # A list twice as long as the classes with features (NTU-120 names over NTU-60 features).
+    long_names = NAMES + [f"extra action {i}" for i in range(NUM_CLASSES)]
+    (root / "names_long.txt").write_text("\n".join(long_names) + "\n")
+    (root / "desc_long.txt").write_text("\n".join(f"a person is doing this: {n}" for n in long_names) + "\n")
     return root
 
 
@@ -126,6 +130,20 @@ def test_print_config_round_trips(ws, tmp_path):
     assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
 
 
+def test_print_config_of_the_paper_preset(tmp_path):
+    """The paper preset trains like the official code (README: the paper preset vs the official code)."""
+    out = run_cli(tmp_path, "--config", str(ROOT / "service/configs/tdsm_paper.yaml"), "--print-config")
+    assert out.returncode == 0, out.stderr
+    tree = yaml.safe_load(out.stdout)
+    assert tree["optim"] == {**tree["optim"], "grad_clip": 0.0, "lr": 1e-4, "weight_decay": 0.01, "warmup_steps": 100,
+                             "min_lr_ratio": 0.0, "batch_size": 256}
+    assert tree["train"]["precision"] == "fp32" and tree["train"]["steps"] == 50_000
+    assert tree["diffusion"] == {**tree["diffusion"], "num_train_timesteps": 50, "beta_schedule": "scaled_linear",
+                                 "beta_start": 0.00085, "beta_end": 0.012, "prediction_type": "epsilon"}
+    assert tree["eval"]["t_test"] == 25 and tree["model"]["hidden_size"] == 768 and tree["model"]["depth"] == 12
+    assert tree["loss"] == {"margin": 1.0, "triplet_weight": 1.0}
+
+
 # ----------------------------------------------------------------------------------------------
 # End to end, resume
 # ----------------------------------------------------------------------------------------------
@@ -136,7 +154,7 @@ def e2e(ws, tmp_path_factory):
     cwd = tmp_path_factory.mktemp("e2e")
     uri = f"sqlite:///{cwd / 'm.db'}"
     args = ["--features", str(ws / "feats"), "--unseen", str(ws / "ru.npy"), "--val-unseen", str(ws / "rv.npy"),
-            "--class-names", str(ws / "names.txt"), "--descriptions", str(ws / "desc.txt"),
+            "--class-names", str(ws / "names_long.txt"), "--descriptions", str(ws / "desc_long.txt"),
             "--text-encoder", "minilm", "--tracking-uri", uri, *TINY]
     first = run_cli(cwd, *args)
     assert first.returncode == 0, first.stderr
@@ -171,6 +189,9 @@ def test_end_to_end_prints_final_metrics(e2e):
     for key in ("val/zsl_top1", "test/zsl_top1", "val/best_t_test", "test/zsl_top1_ensemble"):
         assert 0 <= summary[key] <= 100 if "top1" in key else key in summary
     assert not any(k.endswith(("_t010", "_t025")) for k in summary)          # grid points stay in MLflow
+    assert not [k for k in summary if k.startswith("test/") and "best" in k]  # nothing chosen on test
+    # 24 names, features for 12 classes, 2 unseen: the 10 classes with samples are the seen ones.
+    assert summary["seen_classes"] == NUM_CLASSES - len(UNSEEN)
     assert (e2e["run_dir"] / "best.pt").is_file() and (e2e["run_dir"] / "last.pt").is_file()
 
 
@@ -184,6 +205,9 @@ def test_end_to_end_mlflow_run(e2e):
     assert params["data.val_unseen"] == str(e2e["args"][5]) and params["derived.val_classes"] == "[0, 9]"
     assert params["derived.unseen_classes"] == str(UNSEEN) and int(params["derived.num_parameters"]) > 0
     assert {"val/zsl_top1", "test/zsl_top1", "train/loss", "train/lr", "val/zsl_top1_t010"} <= set(run.data.metrics)
+    assert not [k for k in run.data.metrics if k.startswith("test/") and "best" in k]
+    assert params["derived.seen_classes"] == str(NUM_CLASSES - len(UNSEEN))
+    assert params["derived.num_train_classes"] == str(NUM_CLASSES - len(UNSEEN) - 2)   # minus the 2 val classes
     assert run.data.metrics["test/zsl_top1"] == pytest.approx(e2e["summary"]["test/zsl_top1"], abs=1e-3)
     artifacts = artifact_paths(e2e["uri"], run.info.run_id)
     assert "config.yaml" in artifacts and "checkpoints/best.pt" in artifacts
@@ -199,7 +223,7 @@ def test_rerun_resumes_without_new_run_or_steps(e2e):
     assert second["mlflow_run_id"] == e2e["summary"]["mlflow_run_id"] and second["run_dir"] == e2e["summary"]["run_dir"]
     assert len(all_runs(e2e["uri"])) == 1
     assert (e2e["run_dir"] / "last.pt").read_bytes() == e2e["last_before"]       # no training step was taken
-    assert torch.load(e2e["run_dir"] / "last.pt", weights_only=False)["step"] == 8
+    assert torch.load(e2e["run_dir"] / "last.pt", weights_only=True)["step"] == 8
     history = client(e2e["uri"]).get_metric_history(second["mlflow_run_id"], "train/loss")
     steps = [m.step for m in history]
     assert len(steps) == len(set(steps)) and max(steps) == 8

@@ -277,7 +277,7 @@ def test_kinetics_keeps_top_people_by_score_per_frame(tmp_path):
 @pytest.mark.parametrize("mutate,fragment", [
     (lambda c: c["data"][0]["skeleton"][1].update(pose=[0.1] * 34), "data[0].skeleton[1].pose: expected 36 numbers"),
     (lambda c: c["data"][0]["skeleton"][0].update(score=["0.5"] * 18), "data[0].skeleton[0].score"),
-    (lambda c: c["data"][0].update(frame_index=0), "data[0].frame_index: expected an integer >= 1"),
+    (lambda c: c["data"][0].update(frame_index=0), "data[0].frame_index: expected an integer in 1..100000, got 0"),
     (lambda c: c["data"][0].update(frame_index=2), "data[1].frame_index: frame 2 already given by data[0]"),
     (lambda c: c.pop("label_index"), "label_index: expected an integer"),
 ])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -16,17 +17,22 @@ from trainers.text import (
     TextFeatures,
     build_text_encoder,
     encode_prompt_sets,
-    encode_text_with_token_states,
-    find_ln_final,
+    encode_token_states,
+    features_sha256,
+    project_text,
     read_prompt_file,
     text_cache_key,
     text_cache_path,
     text_encoder_identity,
+    text_tower,
 )
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 ASSETS = Path(text.__file__).resolve().parent / "assets"
 PROMPTS = ["drink water", "kick a ball", "put on a hat/cap"]
+# 8 x 7 = 56 word pieces (BPE and WordPiece alike): longer than the paper's 35 tokens, so truncation applies.
+LONG_PROMPT = " ".join(["the person raises the right arm slowly"] * 8)
+PAPER_TOKENS = 35
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +43,19 @@ def minilm() -> MiniLMEncoder:
 @pytest.fixture(scope="module")
 def vit_b32() -> OpenClipEncoder:
     return OpenClipEncoder("ViT-B-32", None)
+
+
+@pytest.fixture(scope="module")
+def small_clip() -> OpenClipEncoder:
+    """The smallest open_clip text tower (width 256, 10 blocks), random weights, the paper's layer and pooling."""
+    return OpenClipEncoder("ViT-S-32-alt", "random", layer="penultimate", pooled="eot")
+
+
+def with_choices(encoder, layer: str, pooled: str):
+    """A shallow copy of an encoder (same loaded model) with another layer/pooling."""
+    other = copy.copy(encoder)
+    other.layer, other.pooled = layer, pooled
+    return other
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -112,6 +131,29 @@ def test_minilm_local_padding_does_not_change_real_token_states(minilm):
     torch.testing.assert_close(short[:, :4], long[:, :4], atol=1e-5, rtol=1e-4)
 
 
+@torch.no_grad()
+def test_minilm_penultimate_layer_and_sep_pooling(minilm):
+    # penultimate = hidden_states[-2] (block 5 of 6); eot = the [SEP] row of the max_tokens-long sequence.
+    prompts = ["drink water", LONG_PROMPT]
+    feats = with_choices(minilm, "penultimate", "eot").encode(prompts, max_tokens=12)
+    tokens = minilm.tokenizer(prompts, padding="max_length", truncation=True, max_length=12, return_tensors="pt")
+    hidden = minilm.model(**tokens, output_hidden_states=True).hidden_states  # 7 x (2, 12, 384)
+    torch.testing.assert_close(feats.local_feats, hidden[-2], atol=1e-5, rtol=1e-5)
+    sep = (tokens["input_ids"] == minilm.tokenizer.sep_token_id).int().argmax(dim=1)  # (2,)
+    assert sep.tolist() == [3, 11]  # [CLS] drink water [SEP]; truncation keeps [SEP] in the last slot
+    torch.testing.assert_close(feats.global_feats, hidden[-2][torch.arange(2), sep], atol=1e-5, rtol=1e-5)
+    projected = with_choices(minilm, "penultimate", "projected").encode(prompts, max_tokens=12)
+    torch.testing.assert_close(projected.global_feats.norm(dim=-1), torch.ones(2))  # still the mean-pooled kind
+    assert not torch.allclose(projected.global_feats, minilm.encode(prompts, max_tokens=12).global_feats, atol=1e-3)
+
+
+def test_unknown_layer_or_pooling_is_a_one_line_input_error():
+    with pytest.raises(InputError, match=r"text.layer='middle' not understood; expected one of last, penultimate"):
+        MiniLMEncoder(layer="middle")
+    with pytest.raises(InputError, match=r"text.pooled='mean' not understood; expected one of projected, eot"):
+        encode_prompt_sets("minilm", [PROMPTS], max_tokens=12, cache_dir=None, pooled="mean")
+
+
 def test_minilm_rejects_out_of_range_max_tokens(minilm):
     with pytest.raises(InputError, match="max_tokens=1"):
         minilm.encode(PROMPTS, max_tokens=1)
@@ -138,7 +180,8 @@ def test_open_clip_shapes(vit_b32):
 
 
 @torch.no_grad()
-def test_open_clip_hook_matches_manual_text_tower(vit_b32):
+def test_open_clip_default_is_encode_text_and_first_states_of_full_context(vit_b32):
+    # layer=last, pooled=projected: what skeldiff always computed, so existing configs keep their meaning.
     model = vit_b32.model
     tokens = vit_b32.tokenizer(PROMPTS)  # (3, 77)
     feats = vit_b32.encode(PROMPTS, max_tokens=35)
@@ -152,16 +195,122 @@ def test_open_clip_hook_matches_manual_text_tower(vit_b32):
 
 
 @torch.no_grad()
-def test_open_clip_hook_works_on_custom_text_clip():
+def test_open_clip_block_by_block_run_equals_open_clip_on_custom_text_clip():
     import open_clip
 
     model = open_clip.create_model("ViT-S-32-alt", force_custom_text=True).eval()
     assert isinstance(model, open_clip.CustomTextCLIP)
-    assert find_ln_final(model) is model.text.ln_final
-    tokens = open_clip.get_tokenizer("ViT-S-32-alt")(PROMPTS)
-    pooled, states = encode_text_with_token_states(model, tokens)
+    assert text_tower(model) is model.text
+    tokens = open_clip.get_tokenizer("ViT-S-32-alt")(PROMPTS)  # (3, 77)
+    states, pooled = encode_token_states(model, tokens, "last")
     torch.testing.assert_close(states, manual_text_tower(model.text, tokens), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(pooled, model.encode_text(tokens))
+    torch.testing.assert_close(project_text(model, pooled), model.encode_text(tokens))
+
+
+def hand_run_paper_features(model, tokens: torch.Tensor, eot_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paper's text features by hand in float64: embeddings, the first L-1 blocks under an L_tok x L_tok
+    causal mask, ln_final; local = every row, global = the end-of-text row, no projection."""
+    model = copy.deepcopy(model).double()
+    length = tokens.shape[1]
+    causal = torch.full((length, length), float("-inf"), dtype=torch.float64).triu(1)  # (L_tok, L_tok)
+    x = model.token_embedding(tokens) + model.positional_embedding[:length]  # (B, L_tok, W)
+    blocks = list(model.transformer.resblocks)
+    for block in blocks[:-1]:
+        x = block(x, attn_mask=causal)  # (B, L_tok, W)
+    local = model.ln_final(x)  # (B, L_tok, W)
+    rows, cols = (tokens == eot_id).nonzero(as_tuple=True)
+    assert torch.equal(rows, torch.arange(len(tokens)))  # exactly one end-of-text token per prompt
+    return local, local[rows, cols]  # (B, L_tok, W), (B, W)
+
+
+@torch.no_grad()
+def test_open_clip_paper_features_equal_a_hand_run_of_the_tower(small_clip):
+    prompts = [*PROMPTS, LONG_PROMPT]
+    feats = small_clip.encode(prompts, max_tokens=PAPER_TOKENS)
+    tokens = small_clip.tokenizer(prompts, context_length=PAPER_TOKENS)  # (4, 35)
+    local, global_ = hand_run_paper_features(small_clip.model, tokens, small_clip.tokenizer.eot_token_id)
+    assert feats.local_feats.shape == (4, PAPER_TOKENS, 256) and feats.global_feats.shape == (4, 256)
+    # fp32 vs fp64 through 9 blocks of width 256 and a LayerNorm (outputs O(1)): measured error 3e-6; 1e-4
+    # leaves room for any BLAS summation order without letting a wrong layer (differences O(0.1)) through.
+    torch.testing.assert_close(feats.local_feats.double(), local, atol=1e-4, rtol=0)
+    torch.testing.assert_close(feats.global_feats.double(), global_, atol=1e-4, rtol=0)
+    # The global feature is one of the local rows (no projection): the end-of-text one, at 34 for the long prompt.
+    assert torch.equal(feats.global_feats[3], feats.local_feats[3, PAPER_TOKENS - 1])
+    last = with_choices(small_clip, "last", "eot").encode(prompts, max_tokens=PAPER_TOKENS)
+    assert (last.local_feats - feats.local_feats).abs().max() > 0.1  # the layer choice is honoured
+
+
+def hugging_face_text_encoder(model, num_layers: int):
+    """A Hugging Face CLIPTextModel holding open_clip's first num_layers text blocks, as Stable Diffusion 2.1's
+    text_encoder holds 23 of ViT-H-14's 24 (its config: gelu, eos_token_id=2 so pooling is the id argmax)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    width = model.transformer.width
+    config = CLIPTextConfig(
+        vocab_size=model.vocab_size, hidden_size=width, intermediate_size=4 * width, num_hidden_layers=num_layers,
+        num_attention_heads=model.transformer.resblocks[0].attn.num_heads, max_position_embeddings=model.context_length,
+        hidden_act="gelu", layer_norm_eps=1e-5, eos_token_id=2, attn_implementation="eager",
+    )
+    hf = CLIPTextModel(config).double().eval()
+    state = {
+        "embeddings.token_embedding.weight": model.token_embedding.weight,
+        "embeddings.position_embedding.weight": model.positional_embedding,
+        "final_layer_norm.weight": model.ln_final.weight, "final_layer_norm.bias": model.ln_final.bias,
+    }
+    for i, block in enumerate(model.transformer.resblocks[:num_layers]):
+        prefix = f"encoder.layers.{i}."
+        for name, part in zip("qkv", block.attn.in_proj_weight.chunk(3)):
+            state[prefix + f"self_attn.{name}_proj.weight"] = part
+        for name, part in zip("qkv", block.attn.in_proj_bias.chunk(3)):
+            state[prefix + f"self_attn.{name}_proj.bias"] = part
+        pairs = {"self_attn.out_proj": block.attn.out_proj, "layer_norm1": block.ln_1, "layer_norm2": block.ln_2,
+                 "mlp.fc1": block.mlp.c_fc, "mlp.fc2": block.mlp.c_proj}
+        for name, module in pairs.items():
+            state[prefix + name + ".weight"], state[prefix + name + ".bias"] = module.weight, module.bias
+    # transformers 5 keeps the modules on CLIPTextModel itself, 4.x under `text_model`.
+    target = getattr(hf, "text_model", hf)
+    missing, unexpected = target.load_state_dict({k: v.double() for k, v in state.items()}, strict=False)
+    assert not unexpected and all("position_ids" in k for k in missing)
+    return hf
+
+
+@torch.no_grad()
+def test_open_clip_paper_features_equal_stable_diffusion_hugging_face_text_encoder(small_clip):
+    # The paper's code: CLIPTextModel(input_ids of length 35).last_hidden_state / .pooler_output.
+    pytest.importorskip("transformers")
+    prompts = [*PROMPTS, LONG_PROMPT]
+    feats = small_clip.encode(prompts, max_tokens=PAPER_TOKENS)
+    blocks = len(small_clip.model.transformer.resblocks)
+    hf = hugging_face_text_encoder(small_clip.model, blocks - 1)
+    out = hf(input_ids=small_clip.tokenize(prompts, PAPER_TOKENS))
+    # Same fp32-vs-fp64 budget as the hand-run test above.
+    torch.testing.assert_close(feats.local_feats.double(), out.last_hidden_state, atol=1e-4, rtol=0)
+    torch.testing.assert_close(feats.global_feats.double(), out.pooler_output, atol=1e-4, rtol=0)
+
+
+def test_open_clip_truncates_like_its_tokenizer_at_max_tokens(small_clip):
+    tokenizer = small_clip.tokenizer
+    eot = tokenizer.eot_token_id
+    tokens = small_clip.tokenize([LONG_PROMPT, "drink water"], PAPER_TOKENS)  # (2, 35)
+    assert torch.equal(tokens, tokenizer([LONG_PROMPT, "drink water"], context_length=PAPER_TOKENS))
+    full = tokenizer([LONG_PROMPT])[0]  # (77,)
+    # Truncation keeps the start token and the first 33 pieces, then puts end-of-text in the last slot ...
+    assert tokens[0, PAPER_TOKENS - 1] == eot and torch.equal(tokens[0, :-1], full[: PAPER_TOKENS - 1])
+    # ... which slicing a 77-token run would not: there, the end-of-text token lies beyond position 34.
+    assert int((full == eot).nonzero()) > PAPER_TOKENS - 1
+    assert tokens[1, 3] == eot and not tokens[1, 4:].any()  # short prompts: <sot> drink water <eot>, zero padding
+    assert small_clip.tokenize(["drink water"], PAPER_TOKENS).shape == (1, PAPER_TOKENS)
+    assert with_choices(small_clip, "last", "projected").tokenize(["drink water"], PAPER_TOKENS).shape == (1, 77)
+
+
+@torch.no_grad()
+def test_open_clip_short_prompt_local_states_do_not_depend_on_the_context(small_clip):
+    # Under the causal mask, position i sees only tokens <= i: a 35-token run equals the first 35 rows of a
+    # 77-token run for a prompt that fits (fp32 summation order aside).
+    model = small_clip.model
+    short, _ = encode_token_states(model, small_clip.tokenizer(PROMPTS, context_length=PAPER_TOKENS), "penultimate")
+    full, _ = encode_token_states(model, small_clip.tokenizer(PROMPTS), "penultimate")
+    torch.testing.assert_close(short, full[:, :PAPER_TOKENS], atol=1e-5, rtol=1e-5)
 
 
 def test_open_clip_loads_local_checkpoint_and_random_init_is_seeded(tmp_path):
@@ -296,9 +445,11 @@ def counted_builds(monkeypatch, minilm):
     built: list[str] = []
     real_build = text.build_text_encoder
 
-    def build(spec, device="cpu"):
+    def build(spec, device="cpu", layer="last", pooled="projected"):
         built.append(spec)
-        return minilm if spec == "minilm" else real_build(spec, device=device)
+        if spec == "minilm":
+            return with_choices(minilm, layer, pooled)
+        return real_build(spec, device=device, layer=layer, pooled=pooled)
 
     monkeypatch.setattr(text, "build_text_encoder", build)
     return built
@@ -310,14 +461,14 @@ def test_cache_hit_builds_no_encoder(tmp_path, counted_builds, monkeypatch):
     assert first.global_feats.shape == (3, 2 * 384) and first.local_feats.shape == (3, 12, 2 * 384)
     assert counted_builds == ["minilm"]
 
-    def refuse(spec, device="cpu"):
+    def refuse(spec, **kwargs):
         raise AssertionError("encoder built on a cache hit")
 
     monkeypatch.setattr(text, "build_text_encoder", refuse)
     second = encode_prompt_sets("minilm", sets, max_tokens=12, cache_dir=tmp_path)
     torch.testing.assert_close(second.global_feats, first.global_feats, rtol=0, atol=0)
     torch.testing.assert_close(second.local_feats, first.local_feats, rtol=0, atol=0)
-    key = text_cache_key("minilm:all-MiniLM-L6-v2", sets, 12)
+    key = text_cache_key("minilm:all-MiniLM-L6-v2", sets, 12, layer="last", pooled="projected")
     assert list(tmp_path.iterdir()) == [text_cache_path(tmp_path, key)]  # one file, no temp leftovers
 
 
@@ -330,14 +481,18 @@ def test_cache_concatenates_sets_in_order(tmp_path, counted_builds, minilm):
 
 
 def test_cache_key_changes_with_every_input():
-    base = text_cache_key("minilm:all-MiniLM-L6-v2", [PROMPTS], 35)
-    assert base == text_cache_key("minilm:all-MiniLM-L6-v2", [list(PROMPTS)], 35)
-    assert base != text_cache_key("minilm:all-MiniLM-L6-v2", [PROMPTS[:2] + ["put on a hat"]], 35)
-    assert base != text_cache_key("minilm:all-MiniLM-L6-v2", [PROMPTS], 34)
-    assert base != text_cache_key("open_clip:ViT-B-32:random-seed0", [PROMPTS], 35)
-    assert base != text_cache_key("minilm:all-MiniLM-L6-v2", [PROMPTS, PROMPTS], 35)
+    def key(identity="minilm:all-MiniLM-L6-v2", sets=(PROMPTS,), max_tokens=35, layer="last", pooled="projected"):
+        return text_cache_key(identity, sets, max_tokens, layer=layer, pooled=pooled)
+
+    base = key()
+    assert base == key(sets=[list(PROMPTS)])
+    assert base != key(sets=[PROMPTS[:2] + ["put on a hat"]])
+    assert base != key(max_tokens=34)
+    assert base != key(identity="open_clip:ViT-B-32:random-seed0")
+    assert base != key(sets=[PROMPTS, PROMPTS])
+    assert len({base, key(layer="penultimate"), key(pooled="eot"), key(layer="penultimate", pooled="eot")}) == 4
     # Sets are not merged: moving a prompt from one set to the next is a different input.
-    assert text_cache_key("e", [["a", "b"], ["c"]], 3) != text_cache_key("e", [["a"], ["b", "c"]], 3)
+    assert key("e", [["a", "b"], ["c"]], 3) != key("e", [["a"], ["b", "c"]], 3)
 
 
 def test_cache_misses_when_prompts_tokens_or_encoder_change(tmp_path, counted_builds):
@@ -365,6 +520,67 @@ def test_truncated_or_mismatched_cache_file_is_rewritten(tmp_path, counted_build
     encode_prompt_sets("minilm", [PROMPTS], max_tokens=12, cache_dir=tmp_path)
     encode_prompt_sets("minilm", [PROMPTS], max_tokens=12, cache_dir=tmp_path)
     assert counted_builds == ["minilm", "minilm", "minilm"]
+
+
+def test_cache_misses_when_layer_or_pooling_change(tmp_path, counted_builds):
+    default = encode_prompt_sets("minilm", [PROMPTS], max_tokens=12, cache_dir=tmp_path)
+    paper = encode_prompt_sets("minilm", [PROMPTS], max_tokens=12, cache_dir=tmp_path, layer="penultimate",
+                               pooled="eot")
+    assert counted_builds == ["minilm", "minilm"] and len(list(tmp_path.glob("text-*.pt"))) == 2
+    assert not torch.allclose(default.global_feats, paper.global_feats, atol=1e-3)
+    blob = torch.load(next(iter(sorted(tmp_path.glob("text-*.pt")))), weights_only=True)
+    assert blob["sha256"] == features_sha256(TextFeatures(blob["global_feats"], blob["local_feats"]))
+
+
+@pytest.mark.parametrize("damage", ["nan", "tampered", "no_hash"])
+def test_cache_with_nan_or_tampered_tensors_is_rebuilt_never_used(tmp_path, counted_builds, caplog, damage):
+    first = encode_prompt_sets("minilm", [PROMPTS], max_tokens=12, cache_dir=tmp_path)
+    (path,) = tmp_path.glob("text-*.pt")
+    blob = torch.load(path, weights_only=True)
+    if damage == "nan":
+        # Re-hashed, as a buggy writer would: the finiteness check must catch it on its own.
+        blob["local_feats"][1, 3, 7] = float("nan")
+        blob["sha256"] = features_sha256(TextFeatures(blob["global_feats"], blob["local_feats"]))
+    elif damage == "tampered":
+        blob["global_feats"][0, 0] += 1e-3  # finite and well-shaped, but not what was written
+    else:
+        del blob["sha256"]
+    torch.save(blob, path)
+    again = encode_prompt_sets("minilm", [PROMPTS], max_tokens=12, cache_dir=tmp_path)
+    assert counted_builds == ["minilm", "minilm"]  # rebuilt, not read
+    assert "ignoring unusable text-feature cache" in caplog.text
+    torch.testing.assert_close(again.global_feats, first.global_feats, rtol=0, atol=0)
+    torch.testing.assert_close(again.local_feats, first.local_feats, rtol=0, atol=0)
+    encode_prompt_sets("minilm", [PROMPTS], max_tokens=12, cache_dir=tmp_path)
+    assert counted_builds == ["minilm", "minilm"]  # the rewritten file is good again
+
+
+def test_non_finite_fresh_features_are_an_input_error_naming_encoder_file_and_prompt(tmp_path, monkeypatch, minilm):
+    class NaNEncoder:
+        identity = "minilm:all-MiniLM-L6-v2"
+
+        def encode(self, prompts, max_tokens):
+            feats = minilm.encode(prompts, max_tokens)
+            feats.local_feats[2, 0, 0] = float("nan")
+            return feats
+
+    monkeypatch.setattr(text, "build_text_encoder", lambda spec, **kwargs: NaNEncoder())
+    with pytest.raises(InputError) as info:
+        encode_prompt_sets("minilm", [PROMPTS, PROMPTS], max_tokens=12, cache_dir=tmp_path,
+                           set_names=["names.txt", "descriptions.txt"])
+    message = str(info.value)
+    assert message.startswith("minilm:all-MiniLM-L6-v2 on names.txt: non-finite text features for prompt 2 ")
+    assert "'put on a hat/cap'" in message and "\n" not in message
+    assert list(tmp_path.iterdir()) == []  # nothing cached
+
+
+def test_paper_preset_selects_the_papers_text_features():
+    from trainers.config import TDSMConfig, build_config, load_yaml
+
+    preset = Path(text.__file__).resolve().parents[1] / "service" / "configs" / "tdsm_paper.yaml"
+    cfg = build_config(TDSMConfig, load_yaml(preset))
+    assert (cfg.text.layer, cfg.text.pooled, cfg.text.max_tokens) == ("penultimate", "eot", 35)
+    assert (TDSMConfig().text.layer, TDSMConfig().text.pooled) == ("last", "projected")  # defaults unchanged
 
 
 def test_crash_while_writing_leaves_no_cache_file(tmp_path, counted_builds, monkeypatch):

@@ -82,6 +82,9 @@ class CoCoDiffModuleConfig(Section):
         0.07, gt=1.0 / MAX_LOGIT_SCALE, description="Initial temperature; the logit scale 1/τ is learnable (≤ 100).")
     fine_dropout: float = Field(
         0.0, ge=0, lt=1, description="Probability of dropping a sample's fine-text conditioning (zero vector).")
+    detach_diffusion_input: bool = Field(
+        False, description="Build the x_t of the diffusion term ||x̂_0 - sg(x_0)||² from sg(x_0), so that term trains "
+                           "the denoiser only; CE(head(x̂_0)) and the coarse KL still reach the backbone through x_t.")
 
     @model_validator(mode="after")
     def _check_betas(self) -> CoCoDiffModuleConfig:
@@ -365,17 +368,21 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> dict[str,
 
 def cocodiff_loss(logits: torch.Tensor, logits_gen: torch.Tensor, x0: torch.Tensor, x0_hat: torch.Tensor,
                   skel_emb: torch.Tensor, text_emb: torch.Tensor, labels: torch.Tensor, logit_scale: torch.Tensor,
-                  w_diff: float, w_gen: float, w_coarse: float) -> dict[str, torch.Tensor]:
+                  w_diff: float, w_gen: float, w_coarse: float,
+                  x0_hat_diff: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """CE(head(x_0)) + w_diff·||x̂_0 − sg(x_0)||² + w_gen·CE(head(x̂_0)) + w_coarse·L_KL(x̂_0, coarse) (METHODS §2).
 
     logits, logits_gen (N, C): head of x_0 and of x̂_0; x0, x0_hat (N, D); skel_emb (N, A) the aligned x̂_0,
-    text_emb (N, A) the aligned coarse text of each sample's class. The diffusion term is a mean over
-    elements with x_0 detached as target (the backbone still gets its gradient through x_t). Every term is
-    returned undetached so each can be inspected or back-propagated alone.
+    text_emb (N, A) the aligned coarse text of each sample's class. x0_hat_diff (N, D): the prediction the
+    diffusion term uses (default x0_hat), e.g. one denoised from an x_t built of sg(x_0)
+    (module.detach_diffusion_input). The diffusion term is a mean over elements with x_0 detached as target; it
+    reaches the backbone only through x_t. Every term is returned undetached so each can be inspected or
+    back-propagated alone.
     """
+    x0_hat_diff = x0_hat if x0_hat_diff is None else x0_hat_diff
     terms = {
         "loss_cls": F.cross_entropy(logits.float(), labels),
-        "loss_diff": (x0_hat.float() - x0.detach().float()).pow(2).mean(),
+        "loss_diff": (x0_hat_diff.float() - x0.detach().float()).pow(2).mean(),
         "loss_gen": F.cross_entropy(logits_gen.float(), labels),
         "loss_coarse": kl_contrastive_loss(skel_emb, text_emb, labels, logit_scale),
     }

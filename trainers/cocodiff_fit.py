@@ -38,6 +38,7 @@ from trainers.cocodiff import (
 from trainers.config import flatten, to_plain
 from trainers.diffusion import NoiseSchedule
 from trainers.errors import InputError
+from trainers.guards import LossGuard
 from trainers.io import atomic_torch_save, load_checkpoint, stable_hash
 from trainers.runtime import (
     autocast,
@@ -143,6 +144,8 @@ def load_prepared(folder: Path, benchmark: str, val_fraction: float, val_seed: i
     train_idx, test_idx = np.flatnonzero(split == "train"), np.flatnonzero(split == "test")
     if len(train_idx) < 2:
         raise InputError(f"{prepared.folder}: fewer than two {benchmark} training samples")
+    if len(test_idx) == 0:
+        raise InputError(f"{prepared.folder / 'index.tsv'}: no {benchmark} test samples; the test accuracy would be NaN")
     perm = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(val_seed)).numpy()
     n_val = max(1, round(val_fraction * len(train_idx)))
     val_idx, fit_idx = np.sort(train_idx[perm[:n_val]]), np.sort(train_idx[perm[n_val:]])
@@ -340,9 +343,11 @@ class TrainingModel(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, fine_text: torch.Tensor | None,
                 coarse_text: torch.Tensor | None, t: torch.Tensor | None, noise: torch.Tensor | None,
-                keep: torch.Tensor | None, schedule: NoiseSchedule) -> dict[str, torch.Tensor]:
+                keep: torch.Tensor | None, schedule: NoiseSchedule,
+                detach_diffusion_input: bool = False) -> dict[str, torch.Tensor]:
         """x (N, C, T, V, M), y (N,) -> logits (N, K) and, with the module, x0 / x0_hat (N, D), logits_gen (N, K),
-        skel_emb / text_emb (N, A) and the logit scale (scalar)."""
+        skel_emb / text_emb (N, A), the logit scale (scalar) and, with detach_diffusion_input, x0_hat_diff (N, D):
+        the same prediction denoised from an x_t of sg(x_0), for the diffusion term alone."""
         x0 = self.classifier.features(x)                                           # (N, D)
         out = {"logits": self.classifier.head(x0), "x0": x0}                       # (N, K)
         if self.cocodiff is None:
@@ -350,10 +355,22 @@ class TrainingModel(nn.Module):
         # The module is a handful of small GEMMs on pooled (N, D) features: under bf16 autocast the per-call
         # weight casts cost more than they save (CPU, measured with `service.bench cocodiff`), so it runs in fp32.
         with torch.autocast(x.device.type, enabled=False):
-            x0_hat = self.cocodiff(x0.float(), fine_text[y], t, noise, schedule, keep)  # (N, D)
-            skel_emb, text_emb = self.cocodiff.align(x0_hat, coarse_text[y])           # (N, A), (N, A)
-        return {**out, "x0_hat": x0_hat, "logits_gen": self.classifier.head(x0_hat), "skel_emb": skel_emb,
-                "text_emb": text_emb, "logit_scale": self.cocodiff.logit_scale()}
+            fine, x0_hat_diff = fine_text[y], None                                 # (N, D_f)
+            if detach_diffusion_input:
+                # Only ||x̂_0 - sg(x_0)||² is cut from the backbone: its target is detached and it holds no label,
+                # so through x_t it can only make x_0 easier to denoise (mostly a change of its scale against the
+                # fixed noise, along ±x_0), not more separable; CE(head(x̂_0)) and the coarse KL are label-driven
+                # and keep reaching the backbone through x_t (the paper's point: label-consistent generation).
+                # One denoiser call on the stacked (sg(x_0), x_0) rows: the same draws, twice the rows, and the
+                # denoiser's own gradient is what a single, undetached call gives it.
+                both = self.cocodiff(torch.cat([x0.detach(), x0]).float(), fine.repeat(2, 1), t.repeat(2),
+                                     noise.repeat(2, 1), schedule, keep.repeat(2) if keep is not None else None)
+                x0_hat_diff, x0_hat = both.chunk(2)                                # 2 x (N, D)
+            else:
+                x0_hat = self.cocodiff(x0.float(), fine, t, noise, schedule, keep)  # (N, D)
+            skel_emb, text_emb = self.cocodiff.align(x0_hat, coarse_text[y])       # (N, A), (N, A)
+        return {**out, "x0_hat": x0_hat, "x0_hat_diff": x0_hat_diff, "logits_gen": self.classifier.head(x0_hat),
+                "skel_emb": skel_emb, "text_emb": text_emb, "logit_scale": self.cocodiff.logit_scale()}
 
 
 def compute_losses(model: TrainingModel, schedule: NoiseSchedule, cfg: CoCoDiffConfig, x: torch.Tensor,
@@ -361,7 +378,8 @@ def compute_losses(model: TrainingModel, schedule: NoiseSchedule, cfg: CoCoDiffC
                    gen: torch.Generator, amp, forward: nn.Module | None = None) -> dict[str, torch.Tensor]:
     """Loss terms of one batch x (N, C, T, V, M), y (N,); the module's t, noise and mask come from `gen`.
 
-    forward: what runs model's forward, i.e. model itself or its DDP wrapper (default: model).
+    Besides the terms, `x0_norm`: the batch's mean ||x_0|| (detached), logged as train/x0_norm to follow the
+    feature scale. forward: what runs model's forward, i.e. model itself or its DDP wrapper (default: model).
     """
     m = cfg.module
     t = noise = keep = None
@@ -369,11 +387,15 @@ def compute_losses(model: TrainingModel, schedule: NoiseSchedule, cfg: CoCoDiffC
         t, noise, keep = draw_diffusion_inputs(len(y), model.feature_dim, m.num_train_timesteps, m.fine_dropout,
                                                gen, x.device)
     with amp():
-        out = (forward or model)(x, y, fine_text, coarse_text, t, noise, keep, schedule)
+        out = (forward or model)(x, y, fine_text, coarse_text, t, noise, keep, schedule,
+                                 detach_diffusion_input=m.detach_diffusion_input)
     if model.cocodiff is None:
-        return classification_loss(out["logits"], y)
-    return cocodiff_loss(out["logits"], out["logits_gen"], out["x0"], out["x0_hat"], out["skel_emb"],
-                         out["text_emb"], y, out["logit_scale"], m.w_diff, m.w_gen, m.w_coarse)
+        terms = classification_loss(out["logits"], y)
+    else:
+        terms = cocodiff_loss(out["logits"], out["logits_gen"], out["x0"], out["x0_hat"], out["skel_emb"],
+                              out["text_emb"], y, out["logit_scale"], m.w_diff, m.w_gen, m.w_coarse,
+                              x0_hat_diff=out["x0_hat_diff"])
+    return {**terms, "x0_norm": out["x0"].detach().float().norm(dim=-1).mean()}
 
 
 def make_optimizer(cfg: CoCoDiffConfig, model: nn.Module) -> torch.optim.AdamW:
@@ -517,6 +539,7 @@ def fit_cocodiff(cfg: CoCoDiffConfig, train_x: torch.Tensor, train_y: torch.Tens
     log_every = max(1, min(50, total // 20))
     bar = tqdm(total=total, initial=state.step, desc="cocodiff" if enabled else "baseline", disable=not progress,
                file=sys.stderr, mininterval=1.0, dynamic_ncols=True)
+    guard = LossGuard(device, "lower optim.lr or set optim.grad_clip > 0")
     model.train()
     start_step = state.step
     while state.step < total:
@@ -529,6 +552,10 @@ def fit_cocodiff(cfg: CoCoDiffConfig, train_x: torch.Tensor, train_y: torch.Tens
         state.step += 1
         bar.update(1)
         step = state.step
+        guard.update(losses["loss"], step)
+        if (step % log_every == 0 or step == total or step % cfg.train.eval_every == 0
+                or step % cfg.train.checkpoint_every == 0):
+            guard.flush()                  # nothing diverged is logged as a metric or saved
         if step % log_every == 0 or step == total:
             scalars = {f"train/{k}": float(v) for k, v in losses.items()}
             scalars["train/lr"] = opt.param_groups[0]["lr"]
@@ -603,12 +630,14 @@ def _save_last(path: Path, fingerprint: str, classifier, module, opt, state: _Fi
 
 
 def _load(path: Path) -> dict[str, Any]:
-    return load_checkpoint(path)
+    """best.pt or an exported bundle: the classifier weights and what rebuilds it."""
+    return load_checkpoint(path, keys=("classifier", "config", "num_classes", "in_channels"))
 
 
 def _resume(run_dir: Path, fingerprint: str, classifier, module, opt) -> _FitState:
     """Load last.pt (and best.pt's weights and logits) into the run; refuse a checkpoint of another config."""
-    state = load_checkpoint(run_dir / LAST, fingerprint)
+    state = load_checkpoint(run_dir / LAST, fingerprint, ("classifier", "optimizer", "torch_rng", "step", "best",
+                                                          "best_step", "best_metrics", "last_metrics"))
     classifier.load_state_dict(state["classifier"])
     if module is not None:
         module.load_state_dict(state["module"])
@@ -619,7 +648,7 @@ def _resume(run_dir: Path, fingerprint: str, classifier, module, opt) -> _FitSta
     out = _FitState(int(state["step"]), float(state["best"]), int(state["best_step"]), state["best_metrics"],
                     last_metrics=state["last_metrics"])
     if (run_dir / BEST).is_file():
-        best = _load(run_dir / BEST)
+        best = load_checkpoint(run_dir / BEST, keys=("classifier", "val_logits"))
         out.best_state, out.val_logits = best["classifier"], best["val_logits"]
     return out
 
@@ -642,9 +671,12 @@ def export_classifier(result: CoCoDiffResult, weights: str = "best") -> Skeleton
 def load_classifier(path: Path, map_location: str | torch.device = "cpu") -> tuple[SkeletonClassifier, dict[str, Any]]:
     """(classifier, checkpoint) from a best.pt: rebuilt from its stored backbone config, no diffusion code."""
     ckpt = _load(Path(path))
-    model = build_classifier(BackboneConfig.model_validate(ckpt["config"]["backbone"]), ckpt["num_classes"],
-                             ckpt["in_channels"])
-    model.load_state_dict(ckpt["classifier"])
+    try:
+        model = build_classifier(BackboneConfig.model_validate(ckpt["config"]["backbone"]), ckpt["num_classes"],
+                                 ckpt["in_channels"])
+        model.load_state_dict(ckpt["classifier"])
+    except Exception as err:  # noqa: BLE001 - a config or weights that do not fit: one line
+        raise InputError(f"{path}: not a classifier checkpoint ({type(err).__name__})") from None
     return model.to(map_location).eval(), ckpt
 
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from trainers.errors import InputError
 
@@ -21,6 +21,21 @@ class Section(BaseModel):
     """Base for every config section: unknown keys are errors, assignments are validated."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """pydantic turns true/false into 1/0 for int and float fields: `train.steps=true` would train one step."""
+        if isinstance(value, bool) and not _accepts_bool(cls.model_fields[info.field_name].annotation):
+            raise ValueError("expected a number, got a boolean")
+        return value
+
+
+def _accepts_bool(annotation: Any) -> bool:
+    """Whether a field's type admits a bool (bool itself, Any, or a union/container holding one)."""
+    if annotation is bool or annotation is Any:
+        return True
+    return any(_accepts_bool(arg) for arg in get_args(annotation) if arg is not type(None))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -107,7 +122,9 @@ class TrainConfig(Section):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="bf16 autocast where the device supports it fast (auto), or force one.")
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
-    threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default.")
+    threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = auto: the process's CPUs (affinity, "
+                         "cgroup quota, at most $OMP_NUM_THREADS), 1 for models narrower than 256 "
+                         "(trainers.runtime.resolve_threads).")
 
 
 class SyntheticConfig(Section):
@@ -128,7 +145,8 @@ class DataConfig(Section):
     features_dir: Path | None = Field(None, description="Folder with train.npy, train_label.npy, ztest.npy, z_label.npy.")
     unseen: Path | list[int] | None = Field(
         None, description="Unseen (test) class ids: a ru*.npy file or a list; default for features: z_label's classes.")
-    seen: Path | list[int] | None = Field(None, description="Seen class ids (rs*.npy); default: all non-unseen classes.")
+    seen: Path | list[int] | None = Field(
+        None, description="Seen class ids (rs*.npy); default: the non-unseen classes with samples in train_label.npy.")
     val_unseen: Path | list[int] | int = Field(
         5, description="Validation classes carved from the seen ones: a rv*.npy file, a list, or a count N (seeded).")
     val_seed: int = Field(0, description="Seed of the validation-class draw when val_unseen is a count.")
@@ -139,7 +157,16 @@ class TextConfig(Section):
     """Which text encoder and which prompts (one per class per file)."""
 
     encoder: str = Field("minilm", description="'minilm' (offline) or 'open_clip:MODEL:PRETRAINED_OR_PATH'.")
-    max_tokens: int = Field(35, ge=1, description="Local text tokens M_l (paper: 35).")
+    layer: Literal["last", "penultimate"] = Field(
+        "last", description="Text-tower layer: 'last' = every block; 'penultimate' = all but the last block, then "
+                            "the final LayerNorm (minilm: hidden_states[-2]). Paper: penultimate (SD 2.1's encoder).")
+    pooled: Literal["projected", "eot"] = Field(
+        "projected", description="Global feature: 'projected' = the encoder's sentence embedding over its full "
+                                 "context (open_clip encode_text on 77 tokens; minilm mean-pooled); 'eot' = the "
+                                 "end-of-text (minilm: [SEP]) state of the prompt tokenised to max_tokens, "
+                                 "unprojected. Paper: eot.")
+    max_tokens: int = Field(35, ge=1, description="Local text tokens M_l; with pooled=eot also the tokenised "
+                                                  "length (padded/truncated). Paper: 35.")
     class_names: Path | None = Field(None, description="One class name per line; default: embedded NTU-60 names.")
     descriptions: list[Path] | None = Field(
         None, description="Description files (one sentence per class); default: embedded NTU-60 descriptions.")
@@ -202,8 +229,26 @@ class TDSMConfig(Section):
 # Flat dotted form, overrides, files
 # ----------------------------------------------------------------------------------------------
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping gives the same key twice."""
+
+
 class _YamlLoader(yaml.SafeLoader):
-    """SafeLoader that also reads exponent floats without a dot ('3e-4'): YAML 1.1 would make them strings."""
+    """SafeLoader that also reads exponent floats without a dot ('3e-4'): YAML 1.1 would make them strings;
+    and refuses a key given twice in one mapping (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                    continue                   # '<<' merges may be overridden on purpose
+                key = self.construct_object(key_node)
+                line = key_node.start_mark.line + 1
+                if key in first:
+                    raise DuplicateKeyError(f"duplicate key {key!r} on line {line} (first given on line {first[key]})")
+                first[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 _YamlLoader.add_implicit_resolver(
@@ -285,6 +330,8 @@ def load_yaml(path: Path) -> dict[str, Any]:
         raise InputError(f"{path}: config file not found") from None
     except (OSError, UnicodeDecodeError) as err:
         raise InputError(f"{path}: unreadable config file ({type(err).__name__})") from None
+    except DuplicateKeyError as err:
+        raise InputError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
         raise InputError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     if data is None:

@@ -12,6 +12,7 @@ import torch
 
 from trainers.config import DataConfig
 from trainers.errors import InputError
+from trainers.guards import check_finite_rows, check_numeric_array
 
 # SynSE's NTU-60 55/5 unseen classes (0-based; label_splits/ru5.npy), used by the embedded default.
 EMBEDDED_UNSEEN = [10, 11, 19, 26, 56]
@@ -73,6 +74,7 @@ def load_array(path: Path, ndim: int, what: str) -> np.ndarray:
         raise InputError(f"{path}: not a readable .npy array ({err})") from None
     if arr.ndim != ndim:
         raise InputError(f"{path}: expected a {ndim}-D array ({what}), got shape {arr.shape}")
+    check_numeric_array(arr, str(path), what)
     return arr
 
 
@@ -89,6 +91,8 @@ def load_class_ids(spec: Path | list[int], num_classes: int, key: str,
         raise InputError(f"{where}: class ids {bad[:5]} outside {class_list} (0..{num_classes - 1})")
     if len(set(ids)) != len(ids):
         raise InputError(f"{where}: repeated class ids")
+    if not ids:
+        raise InputError(f"{where}: no class ids (an empty split would silently train or test on nothing)")
     return sorted(int(c) for c in ids)
 
 
@@ -106,8 +110,9 @@ def load_feature_split(folder: Path, feat_name: str, label_name: str, num_classe
     if y.size and (y.min() < 0 or y.max() >= num_classes):
         raise InputError(f"{folder / label_name}: labels outside {class_list} (0..{num_classes - 1}): "
                          f"min {y.min()}, max {y.max()}")
-    if not np.isfinite(x).all():
-        raise InputError(f"{folder / feat_name}: contains NaN or inf")
+    if x.shape[1] == 0:
+        raise InputError(f"{folder / feat_name}: zero-width features (shape {x.shape}), expected N x D with D >= 1")
+    check_finite_rows(x, str(folder / feat_name))
     return FeatureSplit(torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y.astype(np.int64)))
 
 
@@ -123,7 +128,8 @@ def resolve_split(cfg: DataConfig, num_classes: int, default_unseen: list[int], 
                   present: set[int] | None = None) -> tuple[list[int], list[int], list[int]]:
     """(seen, unseen, val) from the config, checked for overlaps and unknown classes.
 
-    A validation *count* is carved from the seen classes in `present` (those with training samples) when given.
+    present: the classes with training samples, when known. The default seen set is these minus the unseen
+    ones (every class of the list only when `present` is None), and a validation *count* is carved from them.
     """
     unseen = (load_class_ids(cfg.unseen, num_classes, "data.unseen", class_list) if cfg.unseen is not None
               else default_unseen)
@@ -133,7 +139,10 @@ def resolve_split(cfg: DataConfig, num_classes: int, default_unseen: list[int], 
         if overlap:
             raise InputError(f"data.seen ({cfg.seen}) and data.unseen overlap on classes {overlap}")
     else:
-        seen = [c for c in range(num_classes) if c not in set(unseen)]
+        # Never "every class of the names file": NTU-120's 120 names over NTU-60 features would put 60 classes
+        # without a sample among the training classes and the negative pool.
+        candidates = range(num_classes) if present is None else sorted(present)
+        seen = [c for c in candidates if c not in set(unseen)]
     if isinstance(cfg.val_unseen, int):
         val = carve_validation([c for c in seen if present is None or c in present], cfg.val_unseen, cfg.val_seed)
     else:
@@ -159,6 +168,9 @@ def load_feature_task(cfg: DataConfig, num_classes: int, class_list: str = "the 
         raise InputError(f"{folder}: features folder not found")
     train = load_feature_split(folder, "train.npy", "train_label.npy", num_classes, class_list)
     test = load_feature_split(folder, "ztest.npy", "z_label.npy", num_classes, class_list)
+    for split, name in ((train, "train.npy"), (test, "ztest.npy")):
+        if len(split) == 0:
+            raise InputError(f"{folder / name}: no samples (0 rows); its accuracy would be NaN")
     if train.features.shape[1] != test.features.shape[1]:
         raise InputError(f"{folder / 'ztest.npy'}: feature width {test.features.shape[1]} differs from "
                          f"train.npy's {train.features.shape[1]}")
@@ -177,6 +189,11 @@ def load_feature_task(cfg: DataConfig, num_classes: int, class_list: str = "the 
     missing = sorted(set(val) - set(train.labels.tolist()))
     if missing:
         raise InputError(f"data.val_unseen: validation classes {missing} have no samples in train.npy")
+    empty = sorted(set(seen) - set(train.labels.tolist()))
+    if empty:
+        # Only an explicit data.seen can get here: a class without samples would still be drawn as a negative.
+        raise InputError(f"data.seen ({cfg.seen}): seen classes {empty[:5]} have no samples in "
+                         f"{folder / 'train_label.npy'} (leave data.seen unset to use the classes with samples)")
     return ZSLTask(folder.name, num_classes, train, test, seen, unseen, val)
 
 

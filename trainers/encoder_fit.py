@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from trainers.config import Section
 from trainers.errors import InputError
-from trainers.io import atomic_torch_save, load_checkpoint, stable_hash
+from trainers.guards import LossGuard
+from trainers.io import atomic_torch_save, load_checkpoint, load_torch, stable_hash
 from trainers.runtime import (
     autocast,
     epoch_batch,
@@ -149,6 +150,7 @@ def fit_encoder(cfg: EncoderConfig, x: torch.Tensor, y: torch.Tensor, classes: l
     model.train()
     bar = tqdm(total=cfg.steps, initial=step, desc=cfg.name, disable=not progress, file=sys.stderr,
                mininterval=1.0, dynamic_ncols=True)
+    guard = LossGuard(device, "lower the encoder's lr")
     while step < cfg.steps:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg.steps, cfg.lr, warmup, 0.0)
@@ -157,6 +159,9 @@ def fit_encoder(cfg: EncoderConfig, x: torch.Tensor, y: torch.Tensor, classes: l
         tb = target[idx].to(device)
         loss, logits = train_step(train_model, opt, xb, tb, device, precision)
         step += 1
+        guard.update(loss, step)
+        if step % log_every == 0 or step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            guard.flush()                  # nothing diverged is logged as a metric or saved
         bar.update(1)
         correct += int((logits.argmax(-1) == tb).sum())
         seen += len(tb)
@@ -190,7 +195,7 @@ def _save_last(path: Path, fingerprint: str, model: nn.Module, opt, step: int, m
 
 def _resume(path: Path, fingerprint: str, model: nn.Module, opt) -> int:
     """Load last.pt into model/optimizer; refuse a checkpoint written under another config or data."""
-    state = load_checkpoint(path, fingerprint)
+    state = load_checkpoint(path, fingerprint, ("model", "optimizer", "step"))
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     return int(state["step"])
@@ -205,15 +210,15 @@ def save_encoder(model: Encoder, classes: list[int], cfg: EncoderConfig, path: P
 
 def load_encoder(path: Path) -> tuple[Encoder, EncoderConfig, list[int]]:
     """(model in eval mode, its config, its seen classes) from encoder.pt."""
+    blob = load_torch(path, "encoder checkpoint", ("config", "classes", "in_channels", "model"))
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=False)
         cfg = EncoderConfig.model_validate(blob["config"])
-    except Exception as err:  # noqa: BLE001 - any unreadable checkpoint gets one line
+        model = build_encoder(cfg.name, len(blob["classes"]), in_channels=blob["in_channels"], layout=cfg.layout,
+                              base_channels=cfg.base_channels, units_per_stage=tuple(cfg.units_per_stage),
+                              dropout=cfg.dropout)
+        model.load_state_dict(blob["model"])
+    except Exception as err:  # noqa: BLE001 - a config or weights that do not fit: one line
         raise InputError(f"{path}: not an encoder checkpoint ({type(err).__name__})") from None
-    model = build_encoder(cfg.name, len(blob["classes"]), in_channels=blob["in_channels"], layout=cfg.layout,
-                          base_channels=cfg.base_channels, units_per_stage=tuple(cfg.units_per_stage),
-                          dropout=cfg.dropout)
-    model.load_state_dict(blob["model"])
     return model.eval(), cfg, list(blob["classes"])
 
 

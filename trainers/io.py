@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -40,15 +42,46 @@ def atomic_torch_save(obj: Any, path: Path) -> Path:
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
-def load_checkpoint(path: Path, fingerprint: str | None = None) -> dict[str, Any]:
-    """torch.load a checkpoint on CPU; one-line InputErrors for an unreadable file and, when `fingerprint` is
-    given, for one written under another training config (resuming it would silently mix two runs)."""
+# What a refused pickle says; the message tests and the README quote.
+REFUSED = "refused: it holds Python objects, and loading them would run code; only tensors and plain data load"
+
+
+def load_torch(path: Path, what: str = "checkpoint", keys: tuple[str, ...] = ()) -> Any:
+    """torch.load(weights_only=True) on CPU: tensors and plain containers only, so a crafted file can never run
+    code. Any failure (missing, truncated, foreign pickle, not a dict with `keys`) is a one-line InputError."""
     from trainers.errors import InputError
 
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: missing (expected a skeldiff {what})")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 - any unreadable checkpoint gets the same one-line answer
-        raise InputError(f"{path}: unreadable checkpoint ({type(err).__name__}); delete it to start over") from None
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # The weights-only unpickler refuses a global it does not allow before calling it: nothing has run.
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if found:
+            raise InputError(f"{path}: not a skeldiff {what} ({REFUSED}; found {found.group(1)})") from None
+        raise InputError(f"{path}: unreadable {what} (not a torch.save file of tensors and plain data: foreign, "
+                         "truncated or corrupt; refused unread)") from None
+    except Exception as err:  # noqa: BLE001 - truncated zip, wrong format, I/O error: one answer
+        raise InputError(f"{path}: unreadable {what} ({type(err).__name__}: truncated or corrupt; delete it to "
+                         "start over)") from None
+    if keys:
+        missing = [k for k in keys if not isinstance(obj, dict) or k not in obj]
+        if missing:
+            raise InputError(f"{path}: not a skeldiff {what} (no {', '.join(map(repr, missing))} "
+                             f"entr{'ies' if len(missing) > 1 else 'y'})")
+    return obj
+
+
+def load_checkpoint(path: Path, fingerprint: str | None = None, keys: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A checkpoint through `load_torch`; when `fingerprint` is given, one written under another training config
+    is refused too (resuming it would silently mix two runs)."""
+    from trainers.errors import InputError
+
+    state = load_torch(path, "checkpoint", keys)
+    if not isinstance(state, dict):
+        raise InputError(f"{path}: not a skeldiff checkpoint (a {type(state).__name__}, expected a dict)")
     if fingerprint is not None and state.get("fingerprint") != fingerprint:
         raise InputError(f"{path}: written with a different training config (or data); use another run dir or "
                          "delete it")

@@ -1,10 +1,12 @@
-"""Device, precision and seeding helpers shared by fit loops, evaluation and benchmarks."""
+"""Device, precision, CPU-thread and seeding helpers shared by fit loops, evaluation and benchmarks."""
 
 from __future__ import annotations
 
 import contextlib
+import math
+import os
 import random
-from typing import ContextManager
+from typing import ContextManager, Mapping
 
 import numpy as np
 import torch
@@ -62,3 +64,65 @@ def epoch_batch(step: int, batch_size: int, n: int, seed: int) -> torch.Tensor:
     epoch, k = divmod(step, per_epoch)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
     return perm[k * batch_size:(k + 1) * batch_size]
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU threads (README "Benchmarks": contended vs alone)
+# ----------------------------------------------------------------------------------------------
+
+# Below this transformer width, one thread: a tiny model's matmuls take microseconds, so waking a second
+# thread costs more than it saves, and on a shared core a second, spinning thread starves the first.
+SINGLE_THREAD_BELOW_WIDTH = 256
+
+_interop_set = False   # torch accepts set_num_interop_threads once, before any inter-op work
+
+
+def cgroup_cpu_limit(path: str = "/sys/fs/cgroup/cpu.max") -> int | None:
+    """Whole CPUs a cgroup v2 quota allows ('200000 100000' -> 2), or None when unlimited or not on Linux."""
+    try:
+        quota, period = open(path).read().split()[:2]
+    except (OSError, ValueError):
+        return None
+    if quota == "max":
+        return None
+    try:
+        return max(1, math.ceil(int(quota) / int(period)))
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity mask, capped by a container's CPU quota."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    limit = cgroup_cpu_limit()
+    return min(cpus, limit) if limit else cpus
+
+
+def resolve_threads(requested: int = 0, hidden_size: int | None = None, cpus: int | None = None,
+                    environ: Mapping[str, str] | None = None) -> int:
+    """train.threads -> torch intra-op threads. N > 0 is taken as is. 0 (auto) = the CPUs available (`cpus`,
+    else affinity and cgroup quota), at most $OMP_NUM_THREADS (the user's, or Ray's per-worker CPUs), and 1 for a
+    model narrower than SINGLE_THREAD_BELOW_WIDTH."""
+    if requested:
+        return requested
+    environ = os.environ if environ is None else environ
+    budget = cpus if cpus else available_cpus()
+    omp = (environ.get("OMP_NUM_THREADS") or "").split(",")[0].strip()   # OpenMP allows a per-level list
+    if omp.isdigit() and int(omp) > 0:
+        budget = min(budget, int(omp))
+    if hidden_size is not None and hidden_size < SINGLE_THREAD_BELOW_WIDTH:
+        budget = 1
+    return max(1, budget)
+
+
+def apply_thread_policy(requested: int = 0, hidden_size: int | None = None, cpus: int | None = None) -> int:
+    """Set torch's intra-op threads by `resolve_threads` (and, the first time, its inter-op threads); returns them."""
+    global _interop_set
+    threads = resolve_threads(requested, hidden_size, cpus)
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    if not _interop_set:
+        _interop_set = True
+        with contextlib.suppress(RuntimeError):   # raised once inter-op work has started: keep torch's pool
+            torch.set_num_interop_threads(threads)
+    return threads

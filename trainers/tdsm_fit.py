@@ -21,9 +21,10 @@ from trainers.config import TDSMConfig, flatten, to_plain
 from trainers.data import FeatureSplit
 from trainers.diffusion import NoiseSchedule
 from trainers.errors import InputError
+from trainers.guards import LossGuard
 from trainers.io import atomic_torch_save, load_checkpoint, stable_hash
 from trainers.losses import sample_negative_classes, triplet_diffusion_loss
-from trainers.runtime import autocast, resolve_device, resolve_precision, seed_everything
+from trainers.runtime import apply_thread_policy, autocast, resolve_device, resolve_precision, seed_everything
 from trainers.tdsm_model import TDSMDenoiser
 from trainers.text import TextFeatures
 from trainers.tracking import Reporter
@@ -61,17 +62,24 @@ def training_fingerprint(cfg: TDSMConfig) -> str:
     return stable_hash({k: v for k, v in flat.items() if not k.startswith(NON_TRAINING_KEYS)})
 
 
-def zsl_metric_dict(curve: ZSLCurve, t_test: int, prefix: str, tuned: bool = False) -> dict[str, float]:
-    """Scalars of a curve: accuracy at t_test (at the best grid point when `tuned`), the best t_test, every point."""
+def zsl_metric_dict(curve: ZSLCurve, t_test: int, prefix: str, tuned: bool = False,
+                    selection: bool = False) -> dict[str, float]:
+    """Scalars of a curve: accuracy at t_test (at the best grid point when `tuned`), every grid point, and, on a
+    split that may choose t_test (`selection`: validation, never test), the best grid point and its t_test."""
+    if (selection or tuned) and prefix == "test":
+        raise ValueError("t_test is never chosen on the test classes: no best-of-grid metrics for prefix 'test'")
+    if tuned and not selection:
+        raise ValueError("tuned=True reads the best grid point: it needs selection=True")
     best = curve.best()
     at = best if tuned else curve.at(t_test)
     out = {
         f"{prefix}/zsl_top1": at.top1,
         f"{prefix}/zsl_top1_std": at.top1_std,
         f"{prefix}/zsl_top1_ensemble": at.top1_ensemble,
-        f"{prefix}/zsl_top1_best": best.top1,
-        f"{prefix}/best_t_test": float(best.t_test),
     }
+    if selection:
+        out[f"{prefix}/zsl_top1_best"] = best.top1
+        out[f"{prefix}/best_t_test"] = float(best.t_test)
     if at.top5 is not None:
         out[f"{prefix}/zsl_top5"] = at.top5
     for t, m in curve.by_t.items():
@@ -148,8 +156,7 @@ def fit_tdsm(cfg: TDSMConfig, train: FeatureSplit, train_classes: list[int], eva
         raise InputError("no training samples for the training classes")
     device = resolve_device(cfg.train.device)
     precision = resolve_precision(cfg.train.precision, device)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    apply_thread_policy(cfg.train.threads, cfg.model.hidden_size)
     gen = seed_everything(cfg.train.seed)
     schedule = build_schedule(cfg)
     model = build_model(cfg, train.features.shape[1], text).to(device)
@@ -168,12 +175,15 @@ def fit_tdsm(cfg: TDSMConfig, train: FeatureSplit, train_classes: list[int], eva
 
     start_step = step
     evaluating = evaluation is not None and len(evaluation) > 0
+    if evaluating and eval_prefix == "test":
+        # The in-loop evaluation keeps best.pt and may choose t_test: that is selection, never done on test.
+        raise ValueError("fit_tdsm selects on its evaluation split: eval_prefix='test' is not allowed")
 
     def evaluate_now(grid: list[int]) -> tuple[ZSLCurve, dict[str, float]]:
         c = evaluate_zsl(model, schedule, evaluation.features.to(device), evaluation.labels, eval_classes,
                          text_g, text_l, grid, cfg.eval.noise_draws, cfg.eval.seed,
                          cfg.eval.batch_size * cfg.eval.noise_draws * len(eval_classes), amp)
-        return c, zsl_metric_dict(c, cfg.eval.t_test, eval_prefix, cfg.eval.tune_t_test)
+        return c, zsl_metric_dict(c, cfg.eval.t_test, eval_prefix, cfg.eval.tune_t_test, selection=True)
 
     train_model = wrap_model(model) if wrap_model is not None else model
     total, B, T = cfg.train.steps, cfg.optim.batch_size, cfg.diffusion.num_train_timesteps
@@ -181,6 +191,7 @@ def fit_tdsm(cfg: TDSMConfig, train: FeatureSplit, train_classes: list[int], eva
     curve, last_metrics = None, {}
     bar = tqdm(total=total, initial=step, desc="tdsm", disable=not progress, file=sys.stderr,
                mininterval=1.0, dynamic_ncols=True)
+    guard = LossGuard(device, "lower optim.lr or set optim.grad_clip > 0")
     model.train()
     while step < total:
         for group in opt.param_groups:
@@ -188,14 +199,17 @@ def fit_tdsm(cfg: TDSMConfig, train: FeatureSplit, train_classes: list[int], eva
         losses = train_step(train_model, opt, schedule, cfg, draw_batch(x_all, y_all, pool, B, T, gen),
                             text_g, text_l, amp)
         step += 1
+        guard.update(losses["loss"], step)
         bar.update(1)
+        is_eval = step % cfg.train.eval_every == 0 or step == total
+        is_ckpt = step % cfg.train.checkpoint_every == 0 or step == total
+        if step % log_every == 0 or is_eval or is_ckpt:
+            guard.flush()                  # nothing diverged is logged as a metric or saved
         if step % log_every == 0 or step == total:
             scalars = {f"train/{k}": float(v.detach()) for k, v in losses.items()}
             scalars["train/lr"] = opt.param_groups[0]["lr"]
             reporter.log_metrics(scalars, step)
             bar.set_postfix(loss=f"{scalars['train/loss']:.4f}", refresh=False)
-        is_eval = step % cfg.train.eval_every == 0 or step == total
-        is_ckpt = step % cfg.train.checkpoint_every == 0 or step == total
         if is_eval and evaluating:
             # Intermediate evaluations score t_test only; the last one scores the whole grid (the curve).
             curve, last_metrics = evaluate_now(
@@ -231,11 +245,13 @@ def _save_last(path: Path, fingerprint: str, model, opt, gen: torch.Generator, s
 
 def _resume(path: Path, fingerprint: str, model, opt, gen: torch.Generator) -> tuple[int, float]:
     """Load last.pt into model/optimizer/generator; refuse a checkpoint written under another config."""
-    state = load_checkpoint(path, fingerprint)
+    state = load_checkpoint(path, fingerprint, ("model", "optimizer", "generator", "torch_rng", "step", "best"))
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     gen.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])
+    if (Path(path).parent / BEST).is_file():    # a bad best.pt fails now, not after the whole run has trained
+        load_best(Path(path).parent)
     return int(state["step"]), float(state["best"])
 
 
@@ -244,13 +260,21 @@ def load_best_weights(model: TDSMDenoiser, run_dir: Path) -> bool:
     path = Path(run_dir) / BEST
     if not path.is_file():
         return False
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["model"])
+    model.load_state_dict(load_best(run_dir)["model"])
     return True
+
+
+def load_best(run_dir: Path) -> dict[str, Any]:
+    """run_dir/best.pt (weights, step, metrics, config); one-line InputError when it is unreadable."""
+    return load_checkpoint(Path(run_dir) / BEST, keys=("model", "metrics"))
 
 
 def evaluate_split(cfg: TDSMConfig, model: TDSMDenoiser, split: FeatureSplit, classes: list[int],
                    text: TextFeatures, prefix: str) -> tuple[dict[str, float], ZSLCurve]:
-    """Zero-shot metrics of a trained model on one split (e.g. the unseen test classes, once, at the end)."""
+    """Zero-shot metrics of a trained model on one split (e.g. the unseen test classes, once, at the end).
+
+    Read at cfg.eval.t_test only: the whole grid is reported point by point, but nothing is chosen on it.
+    """
     device = next(model.parameters()).device
     precision = resolve_precision(cfg.train.precision, device)
     curve = evaluate_zsl(model, build_schedule(cfg), split.features.to(device), split.labels, classes,
@@ -261,4 +285,4 @@ def evaluate_split(cfg: TDSMConfig, model: TDSMDenoiser, split: FeatureSplit, cl
 
 
 __all__ = ["FitResult", "ZSLMetrics", "build_model", "build_schedule", "evaluate_split", "fit_tdsm", "lr_at",
-           "load_best_weights", "zsl_metric_dict"]
+           "load_best", "load_best_weights", "zsl_metric_dict"]

@@ -39,7 +39,8 @@ def encode_class_texts(cfg: TDSMConfig) -> tuple[list[str], TextFeatures]:
     names = read_prompt_file(files[0])
     sets = [names] + [read_prompt_file(f, expected_count=len(names)) for f in files[1:]]
     cache = Path(cfg.text.cache_dir) if cfg.text.cache_dir else default_cache_dir() / "text"
-    return names, encode_prompt_sets(cfg.text.encoder, sets, cfg.text.max_tokens, cache)
+    return names, encode_prompt_sets(cfg.text.encoder, sets, cfg.text.max_tokens, cache, layer=cfg.text.layer,
+                                     pooled=cfg.text.pooled, set_names=[str(f) for f in files])
 
 
 def prepare_tdsm(cfg: TDSMConfig) -> tuple[ZSLTask, list[str], TextFeatures]:

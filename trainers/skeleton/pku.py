@@ -19,6 +19,8 @@ from trainers.errors import InputError
 NUM_BODIES = 2
 NUM_JOINTS = 25
 FRAME_VALUES = NUM_BODIES * NUM_JOINTS * 3      # 150
+# Kinect v2 positions in metres (a few metres at most); above 1 km a value is corruption, not a reading.
+MAX_ABS_XYZ = 1e3
 
 
 class PKULabel(NamedTuple):
@@ -60,6 +62,11 @@ def read_pku_skeleton(path: str | Path) -> np.ndarray:
     if bad.any():
         lineno = int(np.argmax(bad)) + 1
         raise InputError(f"{path}:{lineno}: expected finite numbers, got {_first_bad(rows[lineno - 1])!r}")
+    far = (np.abs(values) > MAX_ABS_XYZ).any(axis=1)
+    if far.any():
+        lineno = int(np.argmax(far)) + 1
+        raise InputError(f"{path}:{lineno}: a coordinate of {np.abs(values[lineno - 1]).max():.3g} m "
+                         f"(more than {MAX_ABS_XYZ:g} m: not a Kinect reading)")
     frames = values.reshape(len(rows), NUM_BODIES, NUM_JOINTS, 3)                   # (T, M, V, C)
     return np.ascontiguousarray(frames.transpose(1, 0, 2, 3), dtype=np.float32)     # (M, T, V, C)
 

@@ -1,0 +1,184 @@
+"""The paper's table across splits: `python -m service.report --splits A B ... [--tracking-uri URI] [--out DIR]`.
+
+For each named split it reads the latest finished TDSM final run (`service.final`, tags phase=final, method=tdsm)
+from MLflow and puts two numbers of ours, each mean ± std over the seed child runs, beside the paper's top-1 from
+the split's `reference:` block (search_spaces/tdsm_splits.yaml):
+- `test/zsl_top1`: each seed's accuracy averaged over its K evaluation noise draws (the paper's protocol);
+- `test/zsl_top1_ensemble`: each seed's accuracy of the argmin of the error summed over the K draws (the metric of
+  the official code, which sums the errors of 3 fixed noises).
+Splits whose `reference.group` is shared (SMIE's three random splits) also get a row with the mean over the group,
+which is what the paper reports. Writes paper_table.md and paper_table.csv under --out, prints the markdown, and
+logs both (artifacts report/paper_table.{md,csv}) on every final parent run it read. `service.final` calls
+`write_report` itself at the end of a TDSM final.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from service.cli import exits_cleanly
+from service.splits import load_references, splits_file
+from service.tracking import resolve_tracking_uri
+from trainers.errors import InputError
+from trainers.io import atomic_write_text
+
+TOP1, ENSEMBLE = "test/zsl_top1", "test/zsl_top1_ensemble"
+ARTIFACT_DIR = "report"
+CSV_FIELDS = ("split", "protocol", "paper_top1", "ours_top1_mean", "ours_top1_std_seeds", "ours_ensemble_mean",
+              "ours_ensemble_std_seeds", "delta_top1", "seeds", "draws", "t_test", "T", "run_id", "paper_source")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m service.report", description=__doc__.splitlines()[0])
+    p.add_argument("--splits", nargs="+", required=True, help="named splits (their latest TDSM final runs)")
+    p.add_argument("--splits-file", type=Path, help="default: search_spaces/tdsm_splits.yaml")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    p.add_argument("--out", type=Path, default=Path("final"), help="folder for paper_table.md / .csv")
+    p.add_argument("--no-log", action="store_true", help="do not attach the table to the final runs")
+    return p
+
+
+def latest_final_run(client, split: str):
+    """The newest finished TDSM final parent run of `split` in any experiment, or None."""
+    if "'" in split:
+        raise InputError(f"--splits {split!r}: split names cannot contain quotes")
+    ids = [e.experiment_id for e in client.search_experiments()]
+    if not ids:
+        return None
+    runs = client.search_runs(ids, f"tags.phase = 'final' AND tags.split = '{split}' AND tags.method = 'tdsm' "
+                                   "AND attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"])
+    return next((r for r in runs if "mlflow.parentRunId" not in r.data.tags), None)
+
+
+def run_result(client, run) -> dict[str, Any]:
+    """Ours for one final parent run: mean ± std over its seed child runs of both top-1 metrics."""
+    children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+    seeds = [c.data.metrics for c in children if TOP1 in c.data.metrics]
+    params = run.data.params
+    out: dict[str, Any] = {"run_id": run.info.run_id, "seeds": len(seeds), "draws": params.get("final.noise_draws"),
+                           "t_test": params.get("eval.t_test"), "T": params.get("diffusion.num_train_timesteps")}
+    for key, name in ((TOP1, "ours_top1"), (ENSEMBLE, "ours_ensemble")):
+        values = [m[key] for m in seeds if key in m]
+        if values:
+            out[f"{name}_mean"] = statistics.fmean(values)
+            out[f"{name}_std_seeds"] = statistics.pstdev(values) if len(values) > 1 else 0.0
+    return out
+
+
+def report_rows(results: dict[str, dict[str, Any] | None], refs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per split (ours may be missing: not run yet), then one per complete reference group."""
+    rows = []
+    for split, ours in results.items():
+        ref = refs.get(split, {})
+        row = {"split": split, "protocol": ref.get("protocol", ""), "paper_top1": ref.get("top1"),
+               "paper_source": ref.get("source") or ref.get("note") or "", **(ours or {})}
+        if row["paper_top1"] is not None and "ours_top1_mean" in row:
+            row["delta_top1"] = row["ours_top1_mean"] - row["paper_top1"]
+        rows.append(row)
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        if refs.get(row["split"], {}).get("group") and "ours_top1_mean" in row:
+            groups.setdefault(refs[row["split"]]["group"], []).append(row)
+    for group, members in groups.items():
+        ref = refs[members[0]["split"]]
+        row = {"split": f"{group} (mean of {len(members)} splits)", "protocol": ref.get("protocol", ""),
+               "paper_top1": ref.get("top1"), "paper_source": ref.get("source") or ref.get("note") or "",
+               "seeds": members[0].get("seeds"), "draws": members[0].get("draws"),
+               "t_test": members[0].get("t_test"), "T": members[0].get("T"), "group_of": len(members)}
+        for name in ("ours_top1", "ours_ensemble"):
+            means = [m[f"{name}_mean"] for m in members if f"{name}_mean" in m]
+            if len(means) == len(members):   # std over the splits' means
+                row[f"{name}_mean"] = statistics.fmean(means)
+                row[f"{name}_std_seeds"] = statistics.pstdev(means) if len(means) > 1 else 0.0
+        if row["paper_top1"] is not None and "ours_top1_mean" in row:
+            row["delta_top1"] = row["ours_top1_mean"] - row["paper_top1"]
+        rows.append(row)
+    return rows
+
+
+def _pm(row: dict[str, Any], name: str) -> str:
+    if f"{name}_mean" not in row:
+        return "not run"
+    return f"{row[f'{name}_mean']:.2f} ± {row[f'{name}_std_seeds']:.2f}"
+
+
+def markdown_report(rows: list[dict[str, Any]]) -> str:
+    """The table (paper beside ours), then the source of every paper figure."""
+    head = ("| split | protocol | paper top-1 % | ours top-1 % (mean over noise draws) | "
+            "ours top-1 % (\"ensemble\": summed error over draws) | Δ ours − paper | seeds × draws | t_test / T |\n"
+            "|---|---|---|---|---|---|---|---|\n")
+    lines, notes = [], []
+    for r in rows:
+        paper = ("–" if not r["protocol"] else "not verified" if r["paper_top1"] is None
+                 else f"{r['paper_top1']:.2f}")
+        if r["paper_source"] and "group_of" not in r and r["protocol"] not in {n[0] for n in notes}:
+            notes.append((r["protocol"], r["paper_source"]))
+        delta = f"{r['delta_top1']:+.2f}" if "delta_top1" in r else "–"
+        draws = f"{r.get('seeds', '–')} × {r.get('draws') or '–'}" if "ours_top1_mean" in r else "–"
+        if "group_of" in r:
+            draws = f"{r['group_of']} splits × {r.get('seeds', '–')} seeds"
+        t = f"{r.get('t_test') or '–'} / {r.get('T') or '–'}" if "ours_top1_mean" in r else "–"
+        lines.append(f"| {r['split']} | {r['protocol'] or '–'} | {paper} | {_pm(r, 'ours_top1')} | "
+                     f"{_pm(r, 'ours_ensemble')} | {delta} | {draws} | {t} |")
+    legend = ("\nOurs: mean ± std over training seeds (population std; on a group row, over the splits' means). "
+              "The paper averages 10 noise draws; the official code sums the errors of 3 fixed noises (\"ensemble\"). "
+              "Δ uses the mean over draws.\n")
+    sources = "".join(f"\n- {protocol}: {source}" for protocol, source in notes)
+    return head + "\n".join(lines) + "\n" + legend + ("\nPaper figures:" + sources + "\n" if notes else "")
+
+
+def csv_report(rows: list[dict[str, Any]]) -> str:
+    """The same rows as CSV (full precision, empty cells where a value is missing)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_FIELDS})
+    return buf.getvalue()
+
+
+def write_report(uri: str, runs: dict[str, str | None], splits_path: Path, out: Path,
+                 log: bool = True) -> tuple[str, str]:
+    """Table for {split: final parent run id (None: the latest final run of that split)}: writes out/paper_table.md
+    and .csv, logs both on every run read (unless log=False); returns (markdown, csv)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    refs = load_references(splits_path, list(runs)) if Path(splits_path).is_file() else {}
+    results: dict[str, dict[str, Any] | None] = {}
+    for split, run_id in runs.items():
+        run = client.get_run(run_id) if run_id else latest_final_run(client, split)
+        results[split] = run_result(client, run) if run is not None else None
+    rows = report_rows(results, refs)
+    md, table = markdown_report(rows), csv_report(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "paper_table.md", md)
+    atomic_write_text(out / "paper_table.csv", table)
+    if log:
+        for result in results.values():
+            if result is not None:
+                client.log_text(result["run_id"], md, f"{ARTIFACT_DIR}/paper_table.md")
+                client.log_text(result["run_id"], table, f"{ARTIFACT_DIR}/paper_table.csv")
+    return md, table
+
+
+@exits_cleanly
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    path = splits_file("tdsm", args.splits_file)
+    if not path.is_file():
+        raise InputError(f"--splits-file {path}: not found")
+    md, _ = write_report(resolve_tracking_uri(args.tracking_uri), dict.fromkeys(args.splits), path, args.out,
+                         log=not args.no_log)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""The paper's protocols as named TDSM splits (search_spaces/tdsm_splits.yaml: split files, class lists and
+reference figures, checked against the releases in ../shared/data when present) and the cross-split report
+(`service.report`, `service.final --splits`): ours beside the paper's figure, read from MLflow, logged back."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from service.splits import load_references, load_splits
+from trainers.config import TDSMConfig, build_config
+from trainers.errors import InputError
+from trainers.text import read_prompt_file
+
+ROOT = Path(__file__).resolve().parents[1]
+SPLITS = ROOT / "search_spaces" / "tdsm_splits.yaml"
+# The 48/12 NTU-60 unseen list of PURLS, SMIE and TDSM (METHODS.md §3), not SynSE's own ru12.npy.
+PROTOCOL_48_12 = [3, 5, 9, 12, 15, 40, 42, 47, 51, 56, 58, 59]
+# split -> (classes in the data set, unseen classes); SMIE splits take their unseen classes from z_label.npy.
+PROTOCOLS = {
+    "ntu60-synse-55-5": (60, 5), "ntu60-synse-48-12": (60, 12), "ntu120-synse-110-10": (120, 10),
+    "ntu120-synse-96-24": (120, 24), "ntu60-purls-40-20": (60, 20), "ntu60-purls-30-30": (60, 30),
+    "ntu120-purls-80-40": (120, 40), "ntu120-purls-60-60": (120, 60),
+    **{f"ntu60-smie-55-5-split{i}": (60, 5) for i in (2, 3, 4)},
+    **{f"ntu120-smie-110-10-split{i}": (120, 10) for i in (2, 3, 4)},
+    **{f"pku51-smie-46-5-split{i}": (51, 5) for i in (1, 2, 3)},
+}
+
+
+def real_splits(monkeypatch, root: Path) -> dict[str, dict]:
+    """Every features split of the table, resolved against the data root `root`."""
+    monkeypatch.setenv("SKELDIFF_DATA", str(root))
+    table = yaml.safe_load(SPLITS.read_text())
+    names = [n for n, v in table.items() if (v or {}).get("data.source") == "features"]
+    return dict(load_splits(SPLITS, names))
+
+
+def shared_file(path: str, root: Path, zsl: Path) -> Path:
+    """A path under the data root -> the same release file in ../shared/data/zsl (README layout)."""
+    rel = Path(path).relative_to(root)
+    if rel.parts[0] == "class_lists":
+        return zsl / "sa-dvae" / rel
+    if rel.parts[0] == "label_splits" and len(rel.parts) == 3:          # label_splits/ntu60/ru5.npy: PURLS
+        return zsl / "purls" / rel
+    assert rel.parts[0] == "label_splits", rel
+    return zsl / "synse-zsl" / rel                                      # label_splits/rv5_0.npy: SynSE
+
+
+# ----------------------------------------------------------------------------------------------
+# The named real-data splits
+# ----------------------------------------------------------------------------------------------
+
+def test_every_paper_protocol_is_a_named_split_with_a_reference(monkeypatch, tmp_path):
+    splits = real_splits(monkeypatch, tmp_path)
+    assert set(PROTOCOLS) <= set(splits)
+    refs = load_references(SPLITS, list(splits))
+    for name, overrides in splits.items():
+        assert "reference" not in overrides                              # metadata, never a config key
+        cfg = build_config(TDSMConfig, {}, overrides)                    # validates every key and value
+        assert cfg.data.features_dir.parent == tmp_path
+        assert cfg.text.class_names.suffix == ".csv"                     # prompt 1: the SA-DVAE `label` column
+        if not name.startswith("pku51"):
+            assert [p.name for p in cfg.text.descriptions] == [f"{name.split('-')[0]}_llm.txt"]   # prompt 2
+        assert name in refs and refs[name]["protocol"]
+    verified = {n: r["top1"] for n, r in refs.items() if r["top1"] is not None}
+    assert len(refs) >= 8 and len(verified) >= 4
+    assert verified["ntu60-synse-55-5"] == 86.49 and verified["ntu60-synse-48-12"] == 56.03       # METHODS.md §1
+    assert verified["ntu120-synse-110-10"] == 74.15 and verified["ntu120-synse-96-24"] == 65.06
+    assert {verified[f"ntu60-smie-55-5-split{i}"] for i in (2, 3, 4)} == {88.88}
+    assert all(refs[n]["note"] for n in refs if refs[n]["top1"] is None)
+
+
+def test_split_files_are_the_released_protocols(monkeypatch, tmp_path, shared_data):
+    zsl = shared_data / "zsl"
+    splits = real_splits(monkeypatch, tmp_path)
+    for name, (num_classes, unseen_count) in PROTOCOLS.items():
+        cfg = build_config(TDSMConfig, {}, splits[name])
+        names_file = shared_file(str(cfg.text.class_names), tmp_path, zsl)
+        with names_file.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        assert len(rows) == num_classes and all(r["label"].strip() for r in rows), names_file
+        for desc in cfg.text.descriptions or []:                         # pku51: the label only
+            assert len(read_prompt_file(shared_file(str(desc), tmp_path, zsl), expected_count=num_classes))
+        if cfg.data.unseen is None:                                      # SMIE: the feature folder's z_label
+            continue
+        unseen = np.load(shared_file(str(cfg.data.unseen), tmp_path, zsl)).tolist()
+        assert len(unseen) == len(set(unseen)) == unseen_count and 0 <= min(unseen) <= max(unseen) < num_classes
+        if name == "ntu60-synse-48-12":
+            assert sorted(unseen) == PROTOCOL_48_12
+        if isinstance(cfg.data.val_unseen, int):
+            assert 0 < cfg.data.val_unseen < num_classes - unseen_count
+        else:
+            val = np.load(shared_file(str(cfg.data.val_unseen), tmp_path, zsl)).tolist()
+            assert len(val) == unseen_count and not set(val) & set(unseen), name      # validation inside seen
+        seen_file = zsl / "purls" / cfg.data.unseen.relative_to(tmp_path)
+        seen = np.load(seen_file.with_name(f"rs{num_classes - unseen_count}.npy")).tolist()
+        assert not set(seen) & set(unseen) and len(set(seen) | set(unseen)) == num_classes, name
+    smie = json.loads((zsl / "smie" / "smie_splits_from_config.json").read_text())["optimized_setting_random_splits"]
+    assert {d: sorted(len(v) for v in s.values()) for d, s in smie.items()} == \
+        {"ntu60": [5, 5, 5], "ntu120": [10, 10, 10], "pku51": [5, 5, 5]}
+
+
+def test_synse_ru12_is_not_the_protocol_list(shared_data):
+    """Why ntu60-synse-48-12 reads PURLS' ntu60/ru12.npy and no SynSE rv12_0.npy (it holds unseen class 56)."""
+    synse = shared_data / "zsl" / "synse-zsl" / "label_splits"
+    assert sorted(np.load(synse / "ru12.npy").tolist()) != PROTOCOL_48_12
+    assert 56 in np.load(synse / "rv12_0.npy").tolist()
+    assert sorted(np.load(shared_data / "zsl" / "purls" / "label_splits" / "ntu60" / "ru12.npy").tolist()) \
+        == PROTOCOL_48_12
+
+
+@pytest.mark.parametrize("reference, fragment", [
+    ({"top1": 50.0, "source": "t"}, "must be a mapping with protocol and top1"),
+    ({"protocol": "p", "top1": 50.0, "source": "t", "seed": 1}, "must be a mapping"),
+    ({"protocol": "p", "top1": 150.0, "source": "t"}, "expected a percentage"),
+    ({"protocol": "p", "top1": None}, "a note must say why"),
+    ({"protocol": "p", "top1": 50.0}, "a source"),
+])
+def test_bad_reference_blocks_name_the_split(tmp_path, reference, fragment):
+    path = tmp_path / "splits.yaml"
+    path.write_text(yaml.safe_dump({"s": {"data.source": "synthetic", "reference": reference}}))
+    with pytest.raises(InputError, match=fragment) as err:
+        load_references(path, ["s"])
+    assert f"{path}: s.reference" in str(err.value)
+    assert load_splits(path, ["s"]) == [("s", {"data.source": "synthetic"})]
+
+
+# ----------------------------------------------------------------------------------------------
+# service.report from MLflow runs
+# ----------------------------------------------------------------------------------------------
+
+def log_final(uri: str, split: str, top1: list[float], ensemble: list[float]) -> str:
+    """A finished TDSM final as service.final logs it: a parent (tags, params) and one child run per seed."""
+    from service.tracking import MLflowReporter, standard_tags
+
+    parent = MLflowReporter.start(uri, f"tdsm-{split}", f"final-{split}",
+                                  tags=standard_tags(split=split, phase="final", method="tdsm"))
+    parent.log_params({"eval.t_test": 25, "diffusion.num_train_timesteps": 50, "final.noise_draws": 10})
+    for i, (a, b) in enumerate(zip(top1, ensemble)):
+        child = MLflowReporter.start(uri, f"tdsm-{split}", f"final-{split}-seed{i}", parent_run_id=parent.run_id,
+                                     tags=standard_tags(split=split, phase="final", seed=i))
+        child.log_metrics({"test/zsl_top1": a, "test/zsl_top1_ensemble": b}, 1)
+        child.finish()
+    parent.finish()
+    return parent.run_id
+
+
+def test_report_puts_ours_beside_the_paper_and_logs_the_table(tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from service.report import main as report_main
+
+    splits = tmp_path / "splits.yaml"
+    ref = {"protocol": "SMIE X 55/5 (mean of 3 splits)", "top1": 80.0, "source": "Table 9, row TDSM", "group": "g"}
+    splits.write_text(yaml.safe_dump({
+        "a": {"data.source": "synthetic", "reference": {"protocol": "P 55/5", "top1": 60.0, "source": "Table 1"}},
+        "b": {"data.source": "synthetic", "reference": {"protocol": "Q 30/30", "top1": None, "note": "not here"}},
+        **{f"s{i}": {"data.source": "synthetic", "reference": ref} for i in (1, 2)},
+        "unrun": {"data.source": "synthetic"}}))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    log_final(uri, "a", [50.0, 40.0], [52.0, 44.0])          # an older final of `a`: the report takes the newest
+    run_a = log_final(uri, "a", [60.0, 70.0], [61.0, 73.0])
+    run_b = log_final(uri, "b", [30.0], [31.0])
+    run_s = [log_final(uri, f"s{i}", [70.0 + 10 * i] * 2, [71.0 + 10 * i] * 2) for i in (1, 2)]
+    rc = report_main(["--splits", "a", "b", "s1", "s2", "unrun", "--splits-file", str(splits), "--tracking-uri", uri,
+                      "--out", str(tmp_path / "out")])
+    md = capsys.readouterr().out
+    assert rc == 0
+    lines = {line.split(" | ")[0].lstrip("| "): line for line in md.splitlines() if line.startswith("| ")}
+    assert "paper top-1 %" in lines["split"] and "ensemble" in lines["split"]
+    # a: seeds 60, 70 -> 65 ± 5 (population std); ensemble 61, 73 -> 67 ± 6; Δ = 65 - 60
+    assert "| 60.00 | 65.00 ± 5.00 | 67.00 ± 6.00 | +5.00 | 2 × 10 | 25 / 50 |" in lines["a"]
+    assert "| not verified | 30.00 ± 0.00 | 31.00 ± 0.00 | – |" in lines["b"]
+    assert "| – | not run | not run |" in lines["unrun"]
+    # the group row: the mean of the splits' means 80 and 90, std over the splits 5, beside the paper's 80
+    assert "| 80.00 | 85.00 ± 5.00 | 86.00 ± 5.00 | +5.00 | 2 splits × 2 seeds |" in lines["g (mean of 2 splits)"]
+    assert "- P 55/5: Table 1" in md and "- Q 30/30: not here" in md
+    table = list(csv.DictReader((tmp_path / "out" / "paper_table.csv").open()))
+    assert [r["split"] for r in table] == ["a", "b", "s1", "s2", "unrun", "g (mean of 2 splits)"]
+    assert table[0]["run_id"] == run_a and float(table[0]["ours_ensemble_mean"]) == 67.0
+    assert (tmp_path / "out" / "paper_table.md").read_text() == md.rstrip("\n") + "\n"
+    client = MlflowClient(uri)
+    for run_id in (run_a, run_b, *run_s):
+        assert {a.path for a in client.list_artifacts(run_id, "report")} == \
+            {"report/paper_table.md", "report/paper_table.csv"}
+
+
+def test_report_refuses_a_missing_splits_file(tmp_path, capsys):
+    from service.report import main as report_main
+
+    assert report_main(["--splits", "a", "--splits-file", str(tmp_path / "absent.yaml"),
+                        "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]) == 2
+    assert "absent.yaml: not found" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_final_over_two_splits_writes_the_paper_table(tmp_path):
+    """A real (tiny) `service.final --splits` on two generated splits: one table, one row per split, logged."""
+    from mlflow.tracking import MlflowClient
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({"method": "tdsm", "model": {"preset": "tiny"}, "optim": {"batch_size": 16},
+                                      "train": {"steps": 10, "eval_every": 10, "device": "cpu"}}))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "service.final", "--from", str(config), "--splits", "synthetic-u5",
+                           "synthetic-u12", "--seeds", "2", "--noise-draws", "2", "--no-register", "--no-progress",
+                           "--tracking-uri", uri, "--out", str(tmp_path / "out")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    md = (tmp_path / "out" / "paper_table.md").read_text()
+    assert "paper top-1 %" in md and md in proc.stderr
+    rows = [line for line in md.splitlines() if line.startswith("| synthetic-")]
+    assert [r.split(" | ")[0] for r in rows] == ["| synthetic-u5", "| synthetic-u12"]
+    assert all("2 × 2 | 25 / 50 |" in r for r in rows)
+    client = MlflowClient(uri)
+    for row in json.loads(proc.stdout.strip().splitlines()[-1])["splits"]:
+        assert {a.path for a in client.list_artifacts(row["parent_run_id"], "report")} == \
+            {"report/paper_table.md", "report/paper_table.csv"}

@@ -1,0 +1,192 @@
+"""The CPU thread policy: auto thread counts from cores, quota, $OMP_NUM_THREADS and model width; passive OpenMP
+waits set before torch loads (CLIs) and forwarded to Ray workers; train.threads / --threads; the contended bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from service.bench import contended_arms, format_contended_report, summarise_contended
+from service.cli import add_config_args, resolve_config, shortcut_overrides
+from trainers import runtime
+from trainers.config import TDSMConfig, build_config
+from trainers.errors import InputError
+from trainers.runtime import apply_thread_policy, available_cpus, cgroup_cpu_limit, resolve_threads
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# resolve_threads / available_cpus
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("requested, hidden, cpus, env, expected", [
+    (3, 64, 2, {}, 3),                              # an explicit train.threads is taken as is
+    (0, 768, 8, {}, 8),                             # paper width: every available core
+    (0, 256, 2, {}, 2),                             # small width: still wide enough to split
+    (0, 64, 8, {}, 1),                              # tiny width: one thread whatever the cores
+    (0, None, 4, {}, 4),                            # no model (a CLI's start): the cores
+    (0, 768, 8, {"OMP_NUM_THREADS": "2"}, 2),       # the user's (or Ray's per-worker) OpenMP budget caps it
+    (0, 768, 2, {"OMP_NUM_THREADS": "16"}, 2),      # ... but never raises it above the cores
+    (0, 768, 8, {"OMP_NUM_THREADS": "3,2"}, 3),     # nested-level list: the outer level counts
+    (0, 768, 4, {"OMP_NUM_THREADS": "lots"}, 4),    # not a count: ignored
+    (0, 768, 4, {"OMP_NUM_THREADS": "0"}, 4),
+])
+def test_resolve_threads(requested, hidden, cpus, env, expected):
+    assert resolve_threads(requested, hidden, cpus=cpus, environ=env) == expected
+
+
+def test_resolve_threads_defaults_to_available_cpus(monkeypatch):
+    monkeypatch.setattr(runtime, "available_cpus", lambda: 6)
+    assert resolve_threads(0, 768, environ={}) == 6
+
+
+@pytest.mark.parametrize("text, expected", [("200000 100000\n", 2), ("150000 100000\n", 2), ("50000 100000\n", 1),
+                                            ("max 100000\n", None), ("garbage\n", None)])
+def test_cgroup_cpu_limit(tmp_path, text, expected):
+    path = tmp_path / "cpu.max"
+    path.write_text(text)
+    assert cgroup_cpu_limit(str(path)) == expected
+
+
+def test_cgroup_cpu_limit_missing_file(tmp_path):
+    assert cgroup_cpu_limit(str(tmp_path / "absent")) is None
+
+
+def test_available_cpus_takes_the_smaller_of_affinity_and_quota(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(runtime, "cgroup_cpu_limit", lambda: 2)
+    assert available_cpus() == 2
+    monkeypatch.setattr(runtime, "cgroup_cpu_limit", lambda: None)
+    assert available_cpus() == 4
+
+
+def test_apply_thread_policy_sets_torch_threads():
+    before = torch.get_num_threads()
+    try:
+        assert apply_thread_policy(1, 768) == 1 and torch.get_num_threads() == 1
+        assert apply_thread_policy(0, 64) == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------------------------
+# Wait policy: CLI processes and Ray workers
+# ----------------------------------------------------------------------------------------------
+
+def _python(code: str, env_update: dict[str, str | None]) -> str:
+    env = {k: v for k, v in os.environ.items() if k not in env_update}
+    env.update({k: v for k, v in env_update.items() if v is not None})
+    return subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def test_service_package_sets_passive_wait_only_when_unset_and_before_torch():
+    code = "import os, sys, service; print(os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)"
+    assert _python(code, {"OMP_WAIT_POLICY": None}) == "PASSIVE False"   # torch not loaded yet: libgomp will see it
+    assert _python(code, {"OMP_WAIT_POLICY": "ACTIVE"}) == "ACTIVE False"
+
+
+def _connect_ray_env(monkeypatch, job_env: dict | None) -> dict[str, str]:
+    import ray
+
+    from service import sweep
+
+    for key in ("RAY_ADDRESS", "OMP_WAIT_POLICY", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
+                "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        monkeypatch.setenv(key, "x")       # registered, so the test restores whatever was there
+        monkeypatch.delenv(key)
+    if job_env is not None:
+        monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"env_vars": job_env}}))
+    seen = {}
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.update(kw))
+    monkeypatch.setattr(sweep, "install_sigterm_handler", lambda: None)
+    sweep.connect_ray(None)
+    return seen["runtime_env"]["env_vars"]
+
+
+def test_ray_workers_get_the_passive_wait_policy(monkeypatch):
+    # A Train worker imports torch (ray.train.torch) before any service module: only its env can set the policy.
+    assert _connect_ray_env(monkeypatch, None)["OMP_WAIT_POLICY"] == "PASSIVE"
+
+
+def test_ray_job_wait_policy_is_not_overridden(monkeypatch):
+    assert "OMP_WAIT_POLICY" not in _connect_ray_env(monkeypatch, {"OMP_WAIT_POLICY": "ACTIVE"})
+
+
+# ----------------------------------------------------------------------------------------------
+# train.threads and --threads
+# ----------------------------------------------------------------------------------------------
+
+def test_train_threads_validation():
+    assert build_config(TDSMConfig, {}, {}).train.threads == 0            # auto by default
+    assert build_config(TDSMConfig, {}, {"train.threads": 2}).train.threads == 2
+    with pytest.raises(InputError, match="train.threads"):
+        build_config(TDSMConfig, {}, {"train.threads": -1})
+
+
+def test_threads_flag_is_a_train_threads_shortcut():
+    p = argparse.ArgumentParser()
+    add_config_args(p)
+    args = p.parse_args(["--threads", "3"])
+    assert shortcut_overrides(args) == {"train.threads": 3}
+    assert resolve_config("tdsm", args).train.threads == 3
+    assert resolve_config("cocodiff", args).train.threads == 3
+    assert "train.threads" not in shortcut_overrides(p.parse_args([]))
+    with pytest.raises(InputError, match="train.threads"):
+        resolve_config("tdsm", p.parse_args(["--threads", "-2"]))
+
+
+# ----------------------------------------------------------------------------------------------
+# The contended benchmark (its table; the real run is slow)
+# ----------------------------------------------------------------------------------------------
+
+def _run(size, n, arm, ms, threads=1, policy="PASSIVE"):
+    return {"size": size, "competitors": n, "arm": arm, "round": 0, "threads": threads, "wait_policy": policy,
+            "median_s": ms / 1e3, "cpu_share": 0.5, "times_s": [ms / 1e3]}
+
+
+def test_contended_summary_ratios_and_goal():
+    runs = [_run("tiny", 0, "torch default", 300, 2, None), _run("tiny", 0, "auto", 100),
+            _run("tiny", 1, "torch default", 2000, 2, None), _run("tiny", 1, "auto", 150),
+            _run("tiny", 1, "auto", 130), _run("tiny", 1, "1 thread", 110), {"error": "exit 1"}]
+    rows = {(r["competitors"], r["arm"]): r for r in summarise_contended(runs)}
+    auto = rows[(1, "auto")]
+    assert auto["median_s"] == pytest.approx(0.140) and auto["rounds"] == 2      # median over rounds
+    assert auto["vs_best"] == pytest.approx(140 / 110)
+    assert auto["vs_alone"] == pytest.approx(140 / 100)
+    assert rows[(1, "1 thread")]["vs_alone"] is None                                 # never run alone
+    report = {"machine": {"cpu_model": "X", "cpu_cores_usable": 2, "torch": "2", "cpu_busy_before": 0.1},
+              "settings": {"sizes": ["tiny"], "competitors": [0, 1], "rounds": 2, "iters": 3, "batch": 32},
+              "rows": list(rows.values())}
+    text = format_contended_report(report)
+    assert "goal (tiny, 1 competitor): auto at 1.27x the best setting (<= 1.5x): met" in text
+    assert "(libgomp)" in text
+
+
+def test_contended_arms_cover_default_one_all_passive_and_auto():
+    arms = contended_arms(2)
+    assert [(a.name, a.threads, a.torch_first) for a in arms] == [
+        ("torch default", 2, True), ("1 thread", 1, False), ("2 passive", 2, False), ("auto", 0, False)]
+
+
+@pytest.mark.slow
+def test_contended_bench_end_to_end(tmp_path):
+    out = tmp_path / "c.json"
+    proc = subprocess.run([sys.executable, "-m", "service.bench", "contended", "--sizes", "tiny", "--competitors",
+                           "1", "--rounds", "1", "--iters", "1", "--warmup", "0", "--batch", "4", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    by_arm = {r["arm"]: r for r in report["rows"]}
+    assert len(by_arm) == 4
+    assert by_arm["torch default"]["wait_policy"] is None                 # torch loaded before `service`
+    assert by_arm["auto"]["wait_policy"] == "PASSIVE" and by_arm["auto"]["threads"] == 1   # tiny width
+    assert "goal (tiny, 1 competitor)" in proc.stdout
