@@ -2,8 +2,14 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
+# `make cluster`: a local Ray head on loopback. Its own temp dir keeps `ray.init()` elsewhere on the machine from
+# attaching to it and lets `make cluster-stop` stop it alone (`ray stop` kills every Ray process of the machine).
+CLUSTER_PORT           ?= 6379
+CLUSTER_DASHBOARD_PORT ?= 8265
+CLUSTER_TEMP_DIR       ?= /tmp/skeldiff-ray-$(shell id -u)
+CLUSTER_ARGS           ?=
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench cluster cluster-stop clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +29,20 @@ test-fast: install     ## unit and component tests only
 
 bench: install
 	$(PY) -m service.bench tdsm
+
+# A job's entrypoint (`-- python -m ...`) runs with the PATH of `ray start`: put the venv first so `python` is the
+# venv's whatever the calling shell has active. Token auth on, with a token generated if none exists (Ray 2.60's
+# default for local clusters); jobs log to ./mlflow.db of this checkout unless MLFLOW_TRACKING_URI is set.
+cluster: install       ## a local Ray head for `ray job submit` (dashboard http://127.0.0.1:8265)
+	mkdir -p $(CLUSTER_TEMP_DIR)
+	RAY_AUTH_MODE=token $(VENV)/bin/ray get-auth-token --generate > /dev/null
+	export PATH="$(CURDIR)/$(VENV)/bin:$$PATH" RAY_AUTH_MODE=token \
+	  MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}"; \
+	$(VENV)/bin/ray start --head --node-ip-address=127.0.0.1 --port=$(CLUSTER_PORT) --dashboard-host=127.0.0.1 \
+	  --dashboard-port=$(CLUSTER_DASHBOARD_PORT) --temp-dir=$(CLUSTER_TEMP_DIR) $(CLUSTER_ARGS)
+
+cluster-stop:          ## stop the head of `make cluster` (and only it)
+	$(PY) -m service.cluster stop $(CLUSTER_TEMP_DIR)
 
 clean:
 	rm -rf $(VENV) runs mlflow.db mlartifacts .pytest_cache

@@ -1168,8 +1168,17 @@ BENCHMARKS: dict[str, Benchmark] = {
 }
 
 
+BENCH_EXAMPLES = """examples:
+  python -m service.bench tdsm --quick --out bench-tdsm.json      # training step and zero-shot scoring, two sizes
+  python -m service.bench cocodiff --device cuda                   # module overhead and exported-classifier speed
+  python -m service.bench prepare --format kinetics                # parse + preprocess throughput of a reader
+  python -m service.bench encoder --sizes chain                    # GCN encoder training and extraction
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m service.bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m service.bench", description=__doc__.splitlines()[0],
+                                epilog=BENCH_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
     for name, bench in BENCHMARKS.items():
         bench.add_arguments(sub.add_parser(name, help=bench.help, description=bench.help))

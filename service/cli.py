@@ -35,7 +35,10 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--config", type=Path, help="YAML config (nested, same keys as --print-config)")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one dotted key, e.g. --set optim.lr=3e-4 (repeatable; wins over shortcuts)")
-    g.add_argument("--print-config", action="store_true", help="print the fully resolved config as YAML and exit")
+    g.add_argument("--print-config", action="store_true",
+                   help="print the config that will run as YAML (loadable by --config) and exit: the named or "
+                        "default split applied, a skeleton chain resolved to its cached paths (generated and "
+                        "prepared if missing, never trained: '# (built on first run)' marks features not built yet)")
     g.add_argument("--threads", type=int, metavar="N",
                    help="shortcut for --set train.threads=N: CPU threads of the fit loop (0 = auto, see README)")
     d = parser.add_argument_group("data and text shortcuts")

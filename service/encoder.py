@@ -144,11 +144,45 @@ def encoder_worker(loop: dict[str, Any]) -> None:
     mlflow = (MLflowReporter.start(loop["tracking_uri"], loop["experiment"], "", run_id=loop["run_id"])
               if rank == 0 and loop["run_id"] else None)
     wrap = ray.train.torch.prepare_model if world > 1 else None
+    # Ray Train retries every worker error; bad input or a diverged loss fails the same way again, so a retry
+    # re-raises the first attempt's message instead of training again.
+    marker = Path(loop["input_error_file"]) if loop.get("input_error_file") else None
     try:
+        if marker is not None and marker.is_file():
+            raise InputError(marker.read_text())
         fit_encoder(cfg, x, y, seen, EncoderWorkerReporter(rank, mlflow, cfg.steps), run_dir, progress=False,
                     held_out=held_out, wrap_model=wrap, rank=rank, world=world)
+    except InputError as err:
+        if marker is not None and not marker.is_file():
+            atomic_write_text(marker, str(err))
+        raise
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def input_error_cause(err: BaseException) -> InputError | None:
+    """The InputError (e.g. TrainingDivergedError) a Ray Train/Tune failure wraps, or None.
+
+    Ray wraps a worker's exception in a RayTaskError, then in a WorkerGroupError (Train) and again in a
+    RayTaskError (a Tune trial): walk those wrappers (and __cause__ chains) so the driver can report the
+    one-line message instead of Ray's traceback.
+    """
+    from ray.exceptions import RayTaskError
+
+    todo, seen = [err], set()
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, RayTaskError):      # its dual-class instance prints a traceback: use the cause itself
+            todo.append(e.cause)
+            continue
+        if isinstance(e, InputError):
+            return e
+        todo.extend([*(getattr(e, "worker_failures", None) or {}).values(), getattr(e, "controller_failure", None),
+                     e.__cause__, e.__context__])
+    return None
 
 
 def train_encoder_on_ray(prepared: Path, unseen: list[int], cfg: EncoderConfig, out: Path, *, storage: Path,
@@ -179,15 +213,24 @@ def train_encoder_on_ray(prepared: Path, unseen: list[int], cfg: EncoderConfig, 
     loop = {"config": cfg.model_dump(mode="json"), "prepared": str(prepared), "unseen": list(unseen),
             "benchmark": benchmark, "threads": max(1, int(cpus_per_worker)), "tracking_uri": tracking_uri,
             "experiment": experiment, "run_id": mlflow.run_id if mlflow else None}
+    run_name = f"encoder-{stable_hash(str(out))[:12]}"
+    loop["input_error_file"] = str(Path(storage) / run_name / "input_error.txt")
+    Path(loop["input_error_file"]).unlink(missing_ok=True)     # from an earlier call, maybe with another config
     resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
     trainer = TorchTrainer(
         encoder_worker, train_loop_config=loop,
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=bool(gpus_per_worker),
                                                resources_per_worker=resources),
-        run_config=ray.train.RunConfig(name=f"encoder-{stable_hash(str(out))[:12]}", storage_path=str(storage),
+        run_config=ray.train.RunConfig(name=run_name, storage_path=str(storage),
                                        failure_config=ray.train.FailureConfig(max_failures=retries)))
     try:
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except Exception as err:   # a worker's bad input or divergence: its one-line message, not Ray's traceback
+            cause = input_error_cause(err)
+            if cause is None:
+                raise
+            raise type(cause)(str(cause)) from None
         if result.checkpoint is None:
             raise RuntimeError("encoder training reported no checkpoint")
         with result.checkpoint.as_directory() as d:
@@ -266,8 +309,12 @@ EncoderTrainer = Callable[[Path, list[int], EncoderConfig, Path], Path]
 
 
 def synthetic_skeleton_features(root: Path, per_class: int, encoder: EncoderConfig, unseen: list[int] | None = None,
-                                seed: int = 0, log=None, trainer: EncoderTrainer | None = None) -> dict[str, Any]:
-    """generate → prepare → train encoder on seen → extract, each stage cached under `root`."""
+                                seed: int = 0, log=None, trainer: EncoderTrainer | None = None,
+                                build: bool = True) -> dict[str, Any]:
+    """generate → prepare → train encoder on seen → extract, each stage cached under `root`.
+
+    build=False (`--print-config`): generate and prepare only (cheap, cached; they fix the cache key), train and
+    extract nothing, and return the paths the encoder and features have once built; "built": whether they are."""
     from trainers.skeleton.synthetic import NUM_CLASSES
 
     log = log or (lambda msg: print(f"chain: {msg}", file=sys.stderr))
@@ -276,42 +323,59 @@ def synthetic_skeleton_features(root: Path, per_class: int, encoder: EncoderConf
     raw, prepared, stamp = synthetic_prepared(root, per_class, seed, log)
     key = stable_hash({"prepare": stamp, "encoder": encoder.model_dump(mode="json"), "unseen": unseen})[:12]
     enc_dir, feat_dir = root / f"encoder-{key}", root / f"features-{key}"
+    done = feat_dir / "done.json"
+    made = {"features_dir": str(feat_dir), "unseen": unseen, "class_names": str(raw / "class_names.txt"),
+            "descriptions": str(raw / "descriptions.txt"), "encoder": str(enc_dir / "encoder.pt")}
+    if not build:
+        return {**made, "built": done.is_file()}
     if not (enc_dir / "encoder.pt").is_file():
         log(f"training {encoder.name} on {NUM_CLASSES - len(unseen)} seen classes -> {enc_dir}")
         (trainer or train_encoder)(prepared, unseen, encoder, enc_dir)
     else:
         log(f"encoder up to date: {enc_dir}")
-    done = feat_dir / "done.json"
     if not done.is_file():
         log(f"extracting features -> {feat_dir}")
         extract_to_folder(prepared, enc_dir / "encoder.pt", unseen, feat_dir)
         atomic_write_text(done, json.dumps({"encoder": str(enc_dir), "unseen": unseen}))
     else:
         log(f"features up to date: {feat_dir}")
-    return {"features_dir": str(feat_dir), "unseen": unseen, "class_names": str(raw / "class_names.txt"),
-            "descriptions": str(raw / "descriptions.txt"), "encoder": str(enc_dir / "encoder.pt")}
+    return made
 
 
 # ----------------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------------
 
+ENCODER_EXAMPLES = """examples:
+  python -m service.encoder train --data $SKELDIFF_DATA/prepared/ntu60 --unseen label_splits/ru5.npy \\
+      --out encoders/stgcn-ru5 --set name=stgcn --set steps=20000 --set batch_size=64 --workers 2 --gpus-per-worker 1
+  python -m service.encoder train --data prepared/synthetic --unseen 1,2,4 --out encoders/tiny --in-process
+  python -m service.encoder extract --data $SKELDIFF_DATA/prepared/ntu60 --unseen label_splits/ru5.npy \\
+      --encoder encoders/stgcn-ru5/encoder.pt --out features/stgcn-ru5   # then: service.run tdsm --features ...
+"""
+SUBCOMMANDS = {"train": "train a GCN encoder on the seen classes (Ray Train workers, or --in-process)",
+               "extract": "write SA-DVAE-layout features (train / ztest / gtest + labels) with a trained encoder"}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m service.encoder", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True)
+    p = argparse.ArgumentParser(prog="python -m service.encoder", description=__doc__.splitlines()[0],
+                                epilog=ENCODER_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in ("train", "extract"):
-        s = sub.add_parser(name)
+        s = sub.add_parser(name, help=SUBCOMMANDS[name], description=SUBCOMMANDS[name])
         s.add_argument("--data", type=Path, required=True, help="prepared folder (service.prepare output)")
         s.add_argument("--unseen", required=True, help="unseen class ids: ru*.npy or a comma list")
         s.add_argument("--benchmark", help="split column of index.tsv (default: the first)")
-        s.add_argument("--out", type=Path, required=True)
+        s.add_argument("--out", type=Path, required=True,
+                       help="output folder (train: encoder.pt and checkpoints; extract: the feature files)")
     train = sub.choices["train"]
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="encoder config, e.g. --set name=ctrgcn --set steps=2000")
     train.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
     train.add_argument("--workers", type=int, default=1, help="Ray Train workers (DDP when > 1)")
     train.add_argument("--cpus-per-worker", type=float, default=1.0, help="also the torch thread count per worker")
-    train.add_argument("--gpus-per-worker", type=float, default=0.0)
+    train.add_argument("--gpus-per-worker", type=float, default=0.0,
+                       help="GPUs per Ray Train worker (default 0: CPU; fractions share a GPU)")
     train.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else start a local one)")
     train.add_argument("--storage-path", type=Path,
                        default=Path(os.environ.get("SKELDIFF_RESULTS", "~/skeldiff_results")),

@@ -33,8 +33,16 @@ from trainers.text import read_prompt_file
 DEFAULT_EXPERIMENT = "cocodiff-ensemble"   # when no SOURCE is a run (otherwise: the first run's experiment)
 
 
+ENSEMBLE_EXAMPLES = """examples:
+  python -m service.ensemble <joint_run_id> <bone_run_id> <motion_run_id> --weights 1 1 0.5
+  python -m service.ensemble runs/joint-preds runs/bone-preds --out fused/   # folders of test_logits/labels.npy
+  python -m service.ensemble <run_id_a> <run_id_b> --split val --names class_names.txt
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m service.ensemble", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m service.ensemble", description=__doc__.splitlines()[0],
+                                epilog=ENSEMBLE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sources", nargs="+", metavar="SOURCE",
                    help="MLflow run id, or a folder holding <split>_logits.npy and <split>_labels.npy")
     p.add_argument("--weights", type=float, nargs="+", metavar="W", help="one weight per SOURCE (default: all 1)")

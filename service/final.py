@@ -22,6 +22,7 @@ import json
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, get_args
 
@@ -53,8 +54,17 @@ from trainers.tdsm_task import prepare_tdsm
 STREAMS = get_args(BackboneConfig.model_fields["stream"].annotation)   # ('joint', 'bone', 'motion')
 
 
+FINAL_EXAMPLES = """examples:
+  python -m service.final --from ~/skeldiff_results/<sweep>/best_config.yaml --seeds 3 --noise-draws 10
+  python -m service.final --from RUN_ID --set train.steps=2000 --no-register   # a sweep's parent or trial run
+  python -m service.final --from <best_config.yaml> --ablation --seeds 5     # cocodiff: backbone alone vs +CoCoDiff
+  python -m service.final --from <best_config.yaml> --streams joint bone motion --splits ntu60-xsub ntu60-xview
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m service.final", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m service.final", description=__doc__.splitlines()[0],
+                                epilog=FINAL_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--from", dest="source", required=True,
                    help="best_config.yaml written by a sweep, or an MLflow run id (sweep parent or trial)")
     p.add_argument("--seeds", type=int, default=3, help="training seeds (default 3)")
@@ -68,13 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--splits", nargs="+", help="re-target the config to named splits (default: its own data)")
     p.add_argument("--splits-file", type=Path, help="default: search_spaces/<method>_splits.yaml")
     p.add_argument("--storage-path", type=Path, default=DEFAULT_STORAGE,
-                   help="where a split's cached skeleton chain lives (as for service.sweep)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+                   help="where a split's cached skeleton chain lives and --out defaults under (as for service.sweep)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one dotted key of the --from config, e.g. --set train.steps=2000 (repeatable; "
+                        "applied after --splits; tdsm: --noise-draws sets eval.noise_draws and t_test is never tuned)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
     p.add_argument("--experiment-name", help="MLflow experiment (default: <method>-<split>)")
-    p.add_argument("--out", type=Path, default=Path("final"), help="folder for tables and checkpoints")
+    p.add_argument("--out", type=Path,
+                   help="folder for the tables (default: <storage-path>/final/<method>-<splits>-<time>)")
     p.add_argument("--no-register", action="store_true", help="skip the model registry")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 
@@ -104,6 +117,27 @@ def load_source(source: str, uri: str) -> tuple[dict[str, Any], str | None]:
     return tree, run.data.tags.get("split")
 
 
+def source_sweep_run_id(source: str, uri: str) -> str | None:
+    """The sweep parent run a --from came out of (best_config.yaml beside its state file, a sweep parent run or one
+    of its trials), or None; tagged on the final run so that service.report pairs the two."""
+    path = Path(source)
+    if path.is_file():
+        state = path.parent / STATE_FILE
+        return json.loads(state.read_text()).get("parent_run_id") if state.is_file() else None
+    from mlflow.tracking import MlflowClient
+
+    tags = MlflowClient(uri).get_run(source).data.tags    # load_source has checked that the run exists
+    if tags.get("phase") != "sweep":
+        return None
+    return tags.get("mlflow.parentRunId") or source
+
+
+def default_out(args, method: str, splits: list[str]) -> Path:
+    """<storage-path>/final/<method>-<splits>-<time>: never a folder in the working directory (the repository)."""
+    label = "+".join(splits) if len(splits) <= 3 else f"{splits[0]}-and-{len(splits) - 1}-more"
+    return args.storage_path.expanduser().resolve() / "final" / f"{method}-{label}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
 def seed_stats(per_seed: list[dict[str, float]], per_draw: list[list[float]]) -> dict[str, float]:
     """Mean ± std over seeds (each seed's mean over draws) and over every (seed, draw) pair."""
     tops = [m["test/zsl_top1"] for m in per_seed]
@@ -129,15 +163,30 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+def source_tags(source: str, uri: str) -> dict[str, str]:
+    """--from, and the sweep's parent run id (and the trial's run id) it leads back to, where they are known."""
+    tags = {"source": source}
+    path = Path(source)
+    if path.is_file():
+        state = path.parent / STATE_FILE
+        sweep = json.loads(state.read_text()).get("parent_run_id") if state.is_file() else None
+        return {**tags, **({"source_sweep_run_id": sweep} if sweep else {})}
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(uri).get_run(source)        # load_source already proved it exists
+    parent = run.data.tags.get("mlflow.parentRunId")
+    return {**tags, "source_sweep_run_id": parent or source, **({"source_run_id": source} if parent else {})}
+
+
 def register_model(reporter: MLflowReporter, uri: str, cfg: TDSMConfig, model, task, names, text,
-                   name: str) -> str:
+                   name: str, example=None, tags: dict[str, Any] | None = None) -> str:
     """Log the seed-0 model as an MLflow pyfunc zero-shot classifier and register it; returns the version."""
     import mlflow
 
     from service.registry import log_zero_shot_model
 
     mlflow.set_tracking_uri(uri)
-    version = log_zero_shot_model(reporter.run_id, cfg, model, task.unseen, names, text, name)
+    version = log_zero_shot_model(reporter.run_id, cfg, model, task.unseen, names, text, name, example, tags)
     reporter.set_tags({"registered_model": f"{name}/{version}"})
     return version
 
@@ -151,7 +200,8 @@ def run_split(args, split: str, tree: dict[str, Any], uri: str) -> dict[str, Any
     train, test, seen = task.final_split()
     experiment = args.experiment_name or f"tdsm-{split}"
     parent = MLflowReporter.start(uri, experiment, f"final-{split}",
-                                  tags=standard_tags(split=split, phase="final", method="tdsm"))
+                                  tags=standard_tags(split=split, phase="final", method="tdsm",
+                                                     source_sweep_run_id=getattr(args, "sweep_run_id", None)))
     parent.log_params(flatten(to_plain(cfg)))
     parent.log_params({"final.seeds": args.seeds, "final.noise_draws": args.noise_draws,
                        "derived.seen_classes": len(seen)})
@@ -183,7 +233,10 @@ def run_split(args, split: str, tree: dict[str, Any], uri: str) -> dict[str, Any
         atomic_write_text(args.out / f"table-{split}.md", table)
         parent.log_artifact(args.out / f"table-{split}.md")
         if not args.no_register:
-            row["registered_version"] = register_model(parent, uri, cfg, first, task, names, text, f"tdsm-{split}")
+            tags = {"split": split, **source_tags(args.source, uri), "test_top1": per_seed[0]["test/zsl_top1"],
+                    "test_top1_mean_over_seeds": stats["test/zsl_top1_mean"], "seeds": args.seeds}
+            row["registered_version"] = register_model(parent, uri, cfg, first, task, names, text, f"tdsm-{split}",
+                                                       test.features[:4].numpy(), tags)   # (4, D) real rows
     except BaseException:
         parent.finish("FAILED")
         raise
@@ -329,7 +382,8 @@ def run_cocodiff_split(args, split: str, tree: dict[str, Any], uri: str) -> list
     phase = "ablation" if args.ablation else "final"
     suffix = f"-{'+'.join(args.streams)}" if args.streams else ""
     parent = MLflowReporter.start(uri, experiment, f"{phase}-{split}{suffix}",
-                                  tags=standard_tags(split=split, phase=phase, method="cocodiff"))
+                                  tags=standard_tags(split=split, phase=phase, method="cocodiff",
+                                                     source_sweep_run_id=getattr(args, "sweep_run_id", None)))
     parent.log_params(flatten(to_plain(cfg)))
     parent.log_params({"final.seeds": args.seeds, "final.ablation": args.ablation,
                        **({"final.streams": ",".join(args.streams)} if args.streams else {})})
@@ -407,12 +461,15 @@ def main(argv: list[str] | None = None) -> int:
     cfg = build_config(METHOD_CONFIGS[method], tree, source=args.source)  # fail early, naming the offending key
     if args.seeds < 1:
         raise InputError(f"--seeds must be >= 1 (got {args.seeds})")
+    args.sweep_run_id = source_sweep_run_id(args.source, uri)
     if method == "cocodiff":
         if args.splits:   # the same config on other data: search_spaces/cocodiff_splits.yaml
             targets = [(name, absolute_paths(build_config(CoCoDiffConfig, tree, ov).model_dump(mode="json"), method))
                        for name, ov in load_splits(splits_file(method, args.splits_file), args.splits)]
         else:
             targets = [(split_name or cocodiff_fit.dataset_label(cfg), tree)]
+        args.out = args.out or default_out(args, method, [split for split, _ in targets])
+        print(f"[final] tables in {args.out}", file=sys.stderr)
         rows = [row for split, t in targets for row in run_cocodiff_split(args, split, t, uri)]
         table = cocodiff_table(rows)
         print(table, file=sys.stderr)
@@ -430,6 +487,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         name = split_name or (cfg.data.source if cfg.data.source == "synthetic" else Path(cfg.data.features_dir).name)
         targets = [(name, tree)]
+    args.out = args.out or default_out(args, method, [split for split, _ in targets])
+    print(f"[final] tables and report in {args.out}", file=sys.stderr)
     rows = [run_split(args, split, t, uri) for split, t in targets]
     table = markdown_table(rows)
     print(table, file=sys.stderr)

@@ -606,9 +606,22 @@ def _cpu_seconds() -> float:
 # CLI
 # ----------------------------------------------------------------------------------------------
 
+PREPARE_EXAMPLES = """examples:
+  python -m service.prepare ntu60 --raw nturgb+d_skeletons/ --out $SKELDIFF_DATA/prepared/ntu60 \\
+      --missing NTU_RGBD_samples_with_missing_skeletons.txt --workers 16
+  python -m service.prepare kinetics --raw kinetics-skeleton/ --out $SKELDIFF_DATA/prepared/kinetics
+  python -m service.prepare pku --raw PKUMMD/Data --labels PKUMMD/Label --out $SKELDIFF_DATA/prepared/pku \\
+      --split-list pku-xsub=PKUMMD/Split/cross-subject.txt pku-xview=PKUMMD/Split/cross-view.txt
+  python -m service.prepare synthetic --out prepared/synthetic --per-class 12   # the generated NTU-format actions
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m service.prepare", description=__doc__.splitlines()[0])
-    p.add_argument("dataset", choices=DATASETS)
+    p = argparse.ArgumentParser(prog="python -m service.prepare", description=__doc__.splitlines()[0],
+                                epilog=PREPARE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dataset", choices=DATASETS,
+                   help="raw format: ntu60 / ntu120 (.skeleton files), pku (PKU-MMD sequences + --labels), "
+                        "kinetics (Kinetics-Skeleton JSON), synthetic (generated NTU-format actions)")
     p.add_argument("--raw", type=Path, help="folder of raw files, searched recursively (synthetic: generated "
                    "here, default <out>/raw)")
     p.add_argument("--out", type=Path, required=True, help="output folder")

@@ -1,8 +1,11 @@
 """The registered artefacts of final runs, as MLflow pyfunc models.
 
-TDSM (`ZeroShotTDSM`): input (N, D) skeleton features; output (N,) predicted class ids among the unseen classes
-it was built with. The bundle holds the denoiser weights, the resolved config and the candidate classes'
-encoded text, so the model scores without the text encoder or the datasets. Each sample's evaluation noise is
+TDSM (`ZeroShotTDSM`): input (N, D) float32 pooled skeleton features (the encoder's pooled output, one row per
+sequence; the signature says so); output (N,) predicted class ids among the unseen classes it was built with.
+The registered model and version carry a description, tags (split, source sweep and run, test top-1, t_test,
+text encoder), the class-id -> name map (`classes.json`) and an input example of real feature rows. The bundle
+holds the denoiser weights, the resolved config and the candidate classes' encoded text, so the model scores
+without the text encoder or the datasets. Each sample's evaluation noise is
 keyed by (eval.seed, the sample's values), so its prediction is the same whatever batch it arrives in.
 
 CoCoDiff (`SkeletonClassifierModel`): input (N, C, T, V, M) joint sequences; output (N,) class ids. The bundle
@@ -16,10 +19,13 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import numpy as np
 import torch
+from mlflow.models import ModelSignature
+from mlflow.types import Schema, TensorSpec
 
 from trainers.cocodiff import CoCoDiffConfig
 from trainers.cocodiff_fit import SkeletonClassifier, ensemble_logits, load_classifier
@@ -58,25 +64,72 @@ def _pip_requirements() -> list[str]:
     return [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", "skeldiff"]
 
 
+def zero_shot_signature(feature_dim: int) -> ModelSignature:
+    """(N, D) float32 pooled skeleton features in, (N,) int64 class ids out."""
+    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, feature_dim))]),
+                          outputs=Schema([TensorSpec(np.dtype(np.int64), (-1,), "class_id")]))
+
+
+def classes_artifact(folder: Path, classes: list[int], names: list[str]) -> Path:
+    """classes.json: {class id: class name} of the classes the model can answer, in id order."""
+    path = folder / "classes.json"
+    path.write_text(json.dumps({str(c): names[c] for c in classes}, indent=1))
+    return path
+
+
+def describe_model(name: str, version: str, description: str, tags: dict[str, Any]) -> None:
+    """The same description and tags on the registered model (its latest 'final') and on this version."""
+    client = mlflow.tracking.MlflowClient()
+    client.update_registered_model(name, description=description)
+    client.update_model_version(name, version, description=description)
+    for key, value in tags.items():
+        client.set_registered_model_tag(name, key, str(value))
+        client.set_model_version_tag(name, version, key, str(value))
+
+
+def zero_shot_description(split: str, feature_dim: int, classes: list[int], tags: dict[str, Any]) -> str:
+    """What the model takes and answers, in words (the registry's description field)."""
+    top1 = tags.get("test_top1")
+    return (f"TDSM zero-shot skeleton action classifier, split {split}. Input: an (N, {feature_dim}) float32 array "
+            f"of pooled skeleton features, one row per sequence: the globally pooled output of the skeleton encoder "
+            f"that produced the training features (SA-DVAE layout), not raw joints. Output: (N,) int64 class ids "
+            f"among its {len(classes)} unseen classes; their names are in the artifact classes.json. "
+            + (f"Test top-1 {float(top1):.2f} % " if top1 is not None else "")
+            + f"at t_test={tags.get('t_test')}, text encoder {tags.get('text_encoder')}.")
+
+
 def log_zero_shot_model(run_id: str, cfg: TDSMConfig, model, classes: list[int], names: list[str],
-                        text: TextFeatures, registered_name: str) -> str:
-    """Log the bundle as a pyfunc model under `run_id`, register it, alias it 'final'; returns the version."""
+                        text: TextFeatures, registered_name: str, example: np.ndarray | None = None,
+                        tags: dict[str, Any] | None = None) -> str:
+    """Log the bundle as a pyfunc model under `run_id`, register it, alias it 'final', describe and tag it;
+    returns the version.
+
+    example: a few (n, D) feature rows (default: zeros) for the input example; tags: what final knows of the
+    run (split, source sweep, test top-1 ...), set on the model and the version with t_test and text encoder.
+    """
     idx = torch.tensor(classes)
+    dim = model.skeleton_dim
+    example = np.zeros((2, dim), dtype=np.float32) if example is None else np.asarray(example, dtype=np.float32)
+    tags = {**(tags or {}), "method": "tdsm", "t_test": cfg.eval.t_test, "text_encoder": cfg.text.encoder,
+            "feature_dim": dim, "classes": len(classes), "final_run_id": run_id}
     with tempfile.TemporaryDirectory() as tmp:
         bundle = Path(tmp) / "tdsm_zero_shot.pt"
         torch.save({"config": to_plain(cfg), "model": {k: v.cpu() for k, v in model.state_dict().items()},
                     "classes": classes, "class_names": [names[c] for c in classes],
-                    "feature_dim": model.skeleton_dim, "text_global": text.global_feats[idx],
+                    "feature_dim": dim, "text_global": text.global_feats[idx],
                     "text_local": text.local_feats[idx]}, bundle)
+        artifacts = {"bundle": str(bundle), "classes": str(classes_artifact(Path(tmp), classes, names))}
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
-                name="zero_shot_model", python_model=ZeroShotTDSM(), artifacts={"bundle": str(bundle)},
-                input_example=np.zeros((2, model.skeleton_dim), dtype=np.float32),
+                name="zero_shot_model", python_model=ZeroShotTDSM(), artifacts=artifacts,
+                signature=zero_shot_signature(dim), input_example=example,
                 registered_model_name=registered_name,
                 pip_requirements=_pip_requirements())
     client = mlflow.tracking.MlflowClient()
     version = str(info.registered_model_version)
     client.set_registered_model_alias(registered_name, "final", version)
+    describe_model(registered_name, version,
+                   zero_shot_description(tags.get("split", registered_name), dim, classes, tags), tags)
     return version
 
 

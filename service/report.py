@@ -1,15 +1,21 @@
 """The paper's table across splits: `python -m service.report --splits A B ... [--tracking-uri URI] [--out DIR]`.
 
-For each named split it reads the latest finished TDSM final run (`service.final`, tags phase=final, method=tdsm)
-from MLflow and puts two numbers of ours, each mean ± std over the seed child runs, beside the paper's top-1 from
-the split's `reference:` block (search_spaces/tdsm_splits.yaml):
+One row per named split, read from MLflow (MlflowClient only: any tracking URI, local or a remote server).
+Sweep side: the sweep the split's final run was started from (its tag source_sweep_run_id), else the newest
+finished TDSM sweep parent run of the split (`service.sweep`, tags phase=sweep, sweep=<name>): its best trial's
+validation objective (`<metric>_max`, never test) and the chosen T, τ (loss.margin), λ (loss.triplet_weight), lr
+and t_test.
+Final side: the latest finished TDSM final run (`service.final`, tags phase=final, method=tdsm) and two numbers of
+ours, each mean ± std over the seed child runs, beside the paper's top-1 from the split's `reference:` block
+(search_spaces/tdsm_splits.yaml):
 - `test/zsl_top1`: each seed's accuracy averaged over its K evaluation noise draws (the paper's protocol);
 - `test/zsl_top1_ensemble`: each seed's accuracy of the argmin of the error summed over the K draws (the metric of
   the official code, which sums the errors of 3 fixed noises).
 Splits whose `reference.group` is shared (SMIE's three random splits) also get a row with the mean over the group,
-which is what the paper reports. Writes paper_table.md and paper_table.csv under --out, prints the markdown, and
-logs both (artifacts report/paper_table.{md,csv}) on every final parent run it read. `service.final` calls
-`write_report` itself at the end of a TDSM final.
+which is what the paper reports. Cells are empty ("–") where a split has no sweep or no final yet. Writes
+paper_table.md and paper_table.csv under --out (default $SKELDIFF_RESULTS/report), prints the markdown, and logs
+both (artifacts report/paper_table.{md,csv}) on every final parent run it read and on one run of the experiment
+`skeldiff-report`. `service.final` calls `write_report` itself at the end of a TDSM final.
 """
 
 from __future__ import annotations
@@ -17,12 +23,14 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import math
 import statistics
+import time
 import sys
 from pathlib import Path
 from typing import Any
 
-from service.cli import exits_cleanly
+from service.cli import DEFAULT_STORAGE, exits_cleanly
 from service.splits import load_references, splits_file
 from service.tracking import resolve_tracking_uri
 from trainers.errors import InputError
@@ -30,35 +38,131 @@ from trainers.io import atomic_write_text
 
 TOP1, ENSEMBLE = "test/zsl_top1", "test/zsl_top1_ensemble"
 ARTIFACT_DIR = "report"
+REPORT_EXPERIMENT = "skeldiff-report"
+PAGE = 100   # runs per search request: every search pages on, none stops silently at MLflow's 1000 default
+# (column suffix, dotted config key) of the sweep's chosen hyper-parameters, read from its best trial's params
+SWEEP_PARAMS = (("T", "diffusion.num_train_timesteps"), ("tau", "loss.margin"), ("lambda", "loss.triplet_weight"),
+                ("lr", "optim.lr"))
 CSV_FIELDS = ("split", "protocol", "paper_top1", "ours_top1_mean", "ours_top1_std_seeds", "ours_ensemble_mean",
-              "ours_ensemble_std_seeds", "delta_top1", "seeds", "draws", "t_test", "T", "run_id", "paper_source")
+              "ours_ensemble_std_seeds", "delta_top1", "seeds", "draws", "t_test", "T", "run_id",
+              "sweep_metric", "sweep_best_val", "sweep_T", "sweep_tau", "sweep_lambda", "sweep_lr", "sweep_t_test",
+              "sweep_trials", "sweep_name", "sweep_run_id", "sweep_best_run_id", "paper_source")
+
+
+REPORT_EXAMPLES = """examples:
+  python -m service.report --splits ntu60-synse-55-5 ntu60-synse-48-12 --tracking-uri http://mlflow:5000
+  python -m service.report --splits synthetic-skeleton --out report/ --no-log
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m service.report", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m service.report", description=__doc__.splitlines()[0],
+                                epilog=REPORT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--splits", nargs="+", required=True, help="named splits (their latest TDSM final runs)")
     p.add_argument("--splits-file", type=Path, help="default: search_spaces/tdsm_splits.yaml")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
-    p.add_argument("--out", type=Path, default=Path("final"), help="folder for paper_table.md / .csv")
-    p.add_argument("--no-log", action="store_true", help="do not attach the table to the final runs")
+    p.add_argument("--out", type=Path, default=DEFAULT_STORAGE / "report",
+                   help="folder for paper_table.md / .csv (default: $SKELDIFF_RESULTS/report)")
+    p.add_argument("--no-log", action="store_true",
+                   help=f"do not attach the table to the final runs nor log it in experiment {REPORT_EXPERIMENT}")
     return p
+
+
+def experiment_ids(client) -> list[str]:
+    """Every active experiment's id, page by page."""
+    ids, token = [], None
+    while True:
+        page = client.search_experiments(max_results=PAGE, page_token=token)
+        ids += [e.experiment_id for e in page]
+        token = page.token
+        if not token:
+            return ids
+
+
+def search_pages(client, ids: list[str], filter_string: str, order_by: list[str] | None = None):
+    """Yield the matching runs page by page (PAGE per request) until the last page."""
+    token = None
+    while True:
+        page = client.search_runs(ids, filter_string, order_by=order_by, max_results=PAGE, page_token=token)
+        yield from page
+        token = page.token
+        if not token:
+            return
+
+
+def newest_parent_run(client, filter_string: str):
+    """The newest run matching `filter_string` that is no child run (trials and seeds carry the same tags)."""
+    ids = experiment_ids(client)
+    if not ids:
+        return None
+    runs = search_pages(client, ids, filter_string, ["attributes.start_time DESC"])
+    return next((r for r in runs if "mlflow.parentRunId" not in r.data.tags), None)
+
+
+def _check_split(split: str) -> None:
+    if "'" in split:
+        raise InputError(f"--splits {split!r}: split names cannot contain quotes")
 
 
 def latest_final_run(client, split: str):
     """The newest finished TDSM final parent run of `split` in any experiment, or None."""
-    if "'" in split:
-        raise InputError(f"--splits {split!r}: split names cannot contain quotes")
-    ids = [e.experiment_id for e in client.search_experiments()]
-    if not ids:
-        return None
-    runs = client.search_runs(ids, f"tags.phase = 'final' AND tags.split = '{split}' AND tags.method = 'tdsm' "
-                                   "AND attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"])
-    return next((r for r in runs if "mlflow.parentRunId" not in r.data.tags), None)
+    _check_split(split)
+    return newest_parent_run(client, f"tags.phase = 'final' AND tags.split = '{split}' AND tags.method = 'tdsm' "
+                                     "AND attributes.status = 'FINISHED'")
+
+
+def latest_sweep_run(client, split: str):
+    """The newest finished TDSM sweep parent run of `split` in any experiment, or None."""
+    _check_split(split)
+    # tags.sweep (the sweep's name) is on the parent only: the server skips the trial runs
+    return newest_parent_run(client, f"tags.phase = 'sweep' AND tags.split = '{split}' AND tags.method = 'tdsm' "
+                                     "AND tags.sweep LIKE '%' AND attributes.status = 'FINISHED'")
+
+
+def sweep_for(client, split: str, final_run):
+    """The sweep a final run was started from (its tag source_sweep_run_id, when that sweep was on this split and
+    finished), else the newest finished sweep of the split."""
+    source = final_run.data.tags.get("source_sweep_run_id") if final_run is not None else None
+    if source:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = client.get_run(source)
+        except MlflowException:   # deleted since
+            run = None
+        if run is not None and run.data.tags.get("split") == split and run.info.status == "FINISHED":
+            return run
+    return latest_sweep_run(client, split)
+
+
+def sweep_result(client, run) -> dict[str, Any]:
+    """The sweep side of a row: its best trial's validation objective and chosen hyper-parameters."""
+    from mlflow.exceptions import MlflowException
+
+    tags, params = run.data.tags, run.data.params
+    metric = params.get("sweep.metric", "val/zsl_top1")
+    out: dict[str, Any] = {"sweep_run_id": run.info.run_id, "sweep_name": tags.get("sweep") or run.info.run_name,
+                           "sweep_metric": metric, "sweep_trials": params.get("sweep.num_samples")}
+    value = run.data.metrics.get(f"sweep/best_{metric.replace('/', '_')}")     # logged by the driver at the end
+    best = None
+    if tags.get("best_run_id"):
+        try:
+            best = client.get_run(tags["best_run_id"])
+        except MlflowException:   # the trial run was deleted: the parent's own figure stays
+            best = None
+    if best is not None:
+        value = best.data.metrics.get(f"{metric}_max", value)
+        out["sweep_best_run_id"] = best.info.run_id
+        out.update({f"sweep_{name}": best.data.params.get(key) for name, key in SWEEP_PARAMS})
+        out["sweep_t_test"] = best.data.tags.get("best_t_test")
+    if value is not None and math.isfinite(value):
+        out["sweep_best_val"] = value
+    return out
 
 
 def run_result(client, run) -> dict[str, Any]:
     """Ours for one final parent run: mean ± std over its seed child runs of both top-1 metrics."""
-    children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+    children = search_pages(client, [run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
     seeds = [c.data.metrics for c in children if TOP1 in c.data.metrics]
     params = run.data.params
     out: dict[str, Any] = {"run_id": run.info.run_id, "seeds": len(seeds), "draws": params.get("final.noise_draws"),
@@ -71,13 +175,15 @@ def run_result(client, run) -> dict[str, Any]:
     return out
 
 
-def report_rows(results: dict[str, dict[str, Any] | None], refs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per split (ours may be missing: not run yet), then one per complete reference group."""
+def report_rows(results: dict[str, dict[str, Any] | None], refs: dict[str, dict[str, Any]],
+                sweeps: dict[str, dict[str, Any] | None] | None = None) -> list[dict[str, Any]]:
+    """One row per split (its final or sweep may be missing: not run yet), then one per complete reference group."""
     rows = []
     for split, ours in results.items():
         ref = refs.get(split, {})
         row = {"split": split, "protocol": ref.get("protocol", ""), "paper_top1": ref.get("top1"),
-               "paper_source": ref.get("source") or ref.get("note") or "", **(ours or {})}
+               "paper_source": ref.get("source") or ref.get("note") or "", **(ours or {}),
+               **((sweeps or {}).get(split) or {})}
         if row["paper_top1"] is not None and "ours_top1_mean" in row:
             row["delta_top1"] = row["ours_top1_mean"] - row["paper_top1"]
         rows.append(row)
@@ -108,11 +214,33 @@ def _pm(row: dict[str, Any], name: str) -> str:
     return f"{row[f'{name}_mean']:.2f} ± {row[f'{name}_std_seeds']:.2f}"
 
 
+def _num(value: Any) -> str:
+    """A logged param (a string in MLflow) in 3 significant digits, '–' when absent."""
+    if value in (None, ""):
+        return "–"
+    try:
+        return f"{float(value):.3g}"
+    except ValueError:
+        return str(value)
+
+
+def sweep_cells(r: dict[str, Any]) -> str:
+    """The sweep's two cells: best validation objective (trials), chosen T / τ / λ / lr / t_test."""
+    if "sweep_run_id" not in r:
+        return "– | –"
+    best = f"{r['sweep_best_val']:.2f}" if "sweep_best_val" in r else "no best trial"
+    n = r.get("sweep_trials")
+    trials = f" ({n} trial{'' if str(n) == '1' else 's'})" if n else ""
+    chosen = " / ".join(_num(r.get(f"sweep_{k}")) for k in ("T", "tau", "lambda", "lr", "t_test"))
+    return f"{best}{trials} | {chosen if 'sweep_best_run_id' in r else '–'}"
+
+
 def markdown_report(rows: list[dict[str, Any]]) -> str:
-    """The table (paper beside ours), then the source of every paper figure."""
+    """The table (paper beside ours, then the sweep that chose the config), then the source of every paper figure."""
     head = ("| split | protocol | paper top-1 % | ours top-1 % (mean over noise draws) | "
-            "ours top-1 % (\"ensemble\": summed error over draws) | Δ ours − paper | seeds × draws | t_test / T |\n"
-            "|---|---|---|---|---|---|---|---|\n")
+            "ours top-1 % (\"ensemble\": summed error over draws) | Δ ours − paper | seeds × draws | t_test / T | "
+            "sweep: best val % | sweep: chosen T / τ / λ / lr / t_test |\n"
+            "|---|---|---|---|---|---|---|---|---|---|\n")
     lines, notes = [], []
     for r in rows:
         paper = ("–" if not r["protocol"] else "not verified" if r["paper_top1"] is None
@@ -125,10 +253,12 @@ def markdown_report(rows: list[dict[str, Any]]) -> str:
             draws = f"{r['group_of']} splits × {r.get('seeds', '–')} seeds"
         t = f"{r.get('t_test') or '–'} / {r.get('T') or '–'}" if "ours_top1_mean" in r else "–"
         lines.append(f"| {r['split']} | {r['protocol'] or '–'} | {paper} | {_pm(r, 'ours_top1')} | "
-                     f"{_pm(r, 'ours_ensemble')} | {delta} | {draws} | {t} |")
+                     f"{_pm(r, 'ours_ensemble')} | {delta} | {draws} | {t} | {sweep_cells(r)} |")
     legend = ("\nOurs: mean ± std over training seeds (population std; on a group row, over the splits' means). "
               "The paper averages 10 noise draws; the official code sums the errors of 3 fixed noises (\"ensemble\"). "
-              "Δ uses the mean over draws.\n")
+              "Δ uses the mean over draws. Sweep: the sweep the final run was started from, else the split's newest; "
+              "its best trial's validation objective (classes carved from the seen ones, never test) and the "
+              "hyper-parameters it chose (τ = loss.margin, λ = loss.triplet_weight).\n")
     sources = "".join(f"\n- {protocol}: {source}" for protocol, source in notes)
     return head + "\n".join(lines) + "\n" + legend + ("\nPaper figures:" + sources + "\n" if notes else "")
 
@@ -144,18 +274,22 @@ def csv_report(rows: list[dict[str, Any]]) -> str:
 
 
 def write_report(uri: str, runs: dict[str, str | None], splits_path: Path, out: Path,
-                 log: bool = True) -> tuple[str, str]:
+                 log: bool = True, report_run: bool = False) -> tuple[str, str]:
     """Table for {split: final parent run id (None: the latest final run of that split)}: writes out/paper_table.md
-    and .csv, logs both on every run read (unless log=False); returns (markdown, csv)."""
+    and .csv, logs both on every final run read (unless log=False) and, with report_run, on a new run of the
+    experiment `skeldiff-report`; returns (markdown, csv)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
     refs = load_references(splits_path, list(runs)) if Path(splits_path).is_file() else {}
     results: dict[str, dict[str, Any] | None] = {}
+    sweeps: dict[str, dict[str, Any] | None] = {}
     for split, run_id in runs.items():
         run = client.get_run(run_id) if run_id else latest_final_run(client, split)
         results[split] = run_result(client, run) if run is not None else None
-    rows = report_rows(results, refs)
+        sweep = sweep_for(client, split, run)
+        sweeps[split] = sweep_result(client, sweep) if sweep is not None else None
+    rows = report_rows(results, refs, sweeps)
     md, table = markdown_report(rows), csv_report(rows)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "paper_table.md", md)
@@ -165,6 +299,14 @@ def write_report(uri: str, runs: dict[str, str | None], splits_path: Path, out: 
             if result is not None:
                 client.log_text(result["run_id"], md, f"{ARTIFACT_DIR}/paper_table.md")
                 client.log_text(result["run_id"], table, f"{ARTIFACT_DIR}/paper_table.csv")
+        if report_run:   # one place for the table, also when no split has a final run yet
+            from service.tracking import MLflowReporter, standard_tags
+
+            run = MLflowReporter.start(uri, REPORT_EXPERIMENT, f"report-{time.strftime('%Y%m%d-%H%M%S')}",
+                                       tags=standard_tags(phase="report", splits=",".join(runs)))
+            client.log_text(run.run_id, md, f"{ARTIFACT_DIR}/paper_table.md")
+            client.log_text(run.run_id, table, f"{ARTIFACT_DIR}/paper_table.csv")
+            run.finish()
     return md, table
 
 
@@ -174,8 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     path = splits_file("tdsm", args.splits_file)
     if not path.is_file():
         raise InputError(f"--splits-file {path}: not found")
-    md, _ = write_report(resolve_tracking_uri(args.tracking_uri), dict.fromkeys(args.splits), path, args.out,
-                         log=not args.no_log)
+    md, _ = write_report(resolve_tracking_uri(args.tracking_uri), dict.fromkeys(args.splits), path,
+                         args.out.expanduser(), log=not args.no_log, report_run=not args.no_log)
     print(md)
     return 0
 

@@ -50,9 +50,29 @@ from trainers.tdsm_task import prepare_tdsm
 from trainers.zsl import metrics_from_errors
 
 
+EXAMPLES = """examples:
+  python -m service.run tdsm                      # the embedded default: skeleton chain, then TDSM (= make demo)
+  python -m service.run tdsm --print-config       # the config that would run (split and chain resolved), as YAML
+  python -m service.run tdsm --split synthetic-u5 --set optim.lr=3e-4 --set model.preset=small
+  python -m service.run tdsm --features DATA/shift_ntu60_5_r --unseen DATA/label_splits/ru5.npy \\
+      --val-unseen DATA/label_splits/rv5_0.npy --class-names ntu60.csv --descriptions ntu60_llm.txt
+  python -m service.run cocodiff --config service/configs/cocodiff_paper.yaml --split ntu60-xsub
+
+The last stdout line is JSON: <objective>_max (the kept checkpoint's validation score: val/zsl_top1_max for
+tdsm, val/top1_max for cocodiff), best_step, the test metrics, mlflow_run_id, run_dir; the MLflow run holds the
+same values under the same names and a best_step tag.
+"""
+
+# The validation metric that chooses the kept (best.pt) weights; reported as `<metric>_max`, the name the sweep
+# ranks trials on (its running maximum), so the JSON line, the MLflow run and a sweep trial agree.
+OBJECTIVES = {"tdsm": "val/zsl_top1", "cocodiff": "val/top1"}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m service.run", description=__doc__.splitlines()[0])
-    p.add_argument("method", choices=["tdsm", "cocodiff"])
+    p = argparse.ArgumentParser(prog="python -m service.run", description=__doc__.splitlines()[0], epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("method", choices=["tdsm", "cocodiff"],
+                   help="tdsm: zero-shot (TDSM); cocodiff: supervised classification (CoCoDiff)")
     add_config_args(p)
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
     p.add_argument("--experiment-name", help="MLflow experiment (default: <method>-<dataset>)")
@@ -63,6 +83,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--splits-file", type=Path, help="default: search_spaces/<method>_splits.yaml")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
+
+
+def log_selection(reporter: MLflowReporter, method: str, best_metrics: dict[str, float], best_step: int,
+                  step: int) -> dict[str, float | int]:
+    """Log the kept checkpoint's objective as `<objective>_max` (at the last step) and a best_step tag; returns the
+    JSON's selection keys (rounded like headline)."""
+    objective = OBJECTIVES[method]
+    if objective not in best_metrics:                 # no evaluation ran: nothing was selected
+        return {}
+    value = float(best_metrics[objective])
+    reporter.log_metrics({f"{objective}_max": value}, step)
+    tags: dict[str, int] = {"best_step": best_step}
+    if "val/best_t_test" in best_metrics:             # as a sweep trial: service.final --from RUN_ID reads it
+        tags["best_t_test"] = int(best_metrics["val/best_t_test"])
+    reporter.set_tags(tags)
+    return {f"{objective}_max": round(value, 4), "best_step": best_step}
 
 
 def log_zsl_plots(reporter: MLflowReporter, curve, names: list[str], t_test: int, prefix: str) -> None:
@@ -148,6 +184,7 @@ def run_tdsm(args, cfg: TDSMConfig) -> dict:
         val_metrics = best.get("metrics", result.last_metrics)
         test_metrics, test_curve = evaluate_split(cfg, result.model, task.test, task.unseen, text, "test")
         reporter.log_metrics(test_metrics, result.step)
+        selection = log_selection(reporter, "tdsm", val_metrics, int(best.get("step", result.step)), result.step)
         if result.last_curve is not None:
             log_zsl_plots(reporter, result.last_curve, names, cfg.eval.t_test, "val")
         log_zsl_plots(reporter, test_curve, names, cfg.eval.t_test, "test")
@@ -158,7 +195,7 @@ def run_tdsm(args, cfg: TDSMConfig) -> dict:
         raise
     reporter.finish()
     # seen_classes: the classes with training samples (training + validation); the negative pool is drawn from them.
-    return {**headline(val_metrics), **headline(test_metrics), "seen_classes": len(task.seen),
+    return {**selection, **headline(test_metrics), "seen_classes": len(task.seen),
             "mlflow_run_id": reporter.run_id, "run_dir": str(run_dir)}
 
 
@@ -182,6 +219,7 @@ def run_cocodiff(args, cfg: CoCoDiffConfig) -> dict:
                              "derived.num_parameters_module": count_parameters(result.module) if result.module else 0})
         test_metrics, test_logits = cocodiff_fit.evaluate_split(cfg, classifier, data.test_x, data.test_y, "test")
         reporter.log_metrics(test_metrics, result.step)
+        selection = log_selection(reporter, "cocodiff", result.best_metrics or {}, result.best_step, result.step)
         if result.val_logits is not None:
             log_classification_outputs(reporter, result.val_logits, data.val_y, names, "val")
         log_classification_outputs(reporter, test_logits, data.test_y, names, "test")
@@ -191,26 +229,50 @@ def run_cocodiff(args, cfg: CoCoDiffConfig) -> dict:
         reporter.finish("FAILED" if not isinstance(sys.exc_info()[1], KeyboardInterrupt) else "KILLED")
         raise
     reporter.finish()
-    return {**headline(result.best_metrics), **headline(test_metrics), "best_step": result.best_step,
-            "mlflow_run_id": reporter.run_id, "run_dir": str(run_dir)}
+    return {**selection, **headline(test_metrics), "mlflow_run_id": reporter.run_id, "run_dir": str(run_dir)}
 
 
 RUNNERS = {"tdsm": run_tdsm, "cocodiff": run_cocodiff}
+PENDING = "  # (built on first run)"
+
+
+def resolved_config_yaml(method: str, cfg, split: str | None, overrides: dict | None, splits_path: Path,
+                         storage: Path) -> str:
+    """The config that will run, as YAML loadable by --config: the named (or default) split applied and a skeleton
+    chain resolved to its cached outputs. Trains nothing: a chain not yet built shows the paths it will write."""
+    if overrides is None:
+        return dump_yaml(cfg)
+    resolved = resolve_chain(overrides, storage, build=False)   # generate + prepare only (cached)
+    cfg = build_config(METHOD_CONFIGS[method], to_plain(cfg), resolved)
+    head = f"# split {split} of {splits_path}\n"
+    text = dump_yaml(cfg)
+    if "chain" not in overrides:
+        return head + text
+    features = resolved["data.features_dir"]
+    head += f"# data and text: the skeleton chain's outputs under {storage / 'chain'}\n"
+    if not (Path(features) / "done.json").is_file():   # done.json: written last by the chain's extract stage
+        # The encoder is trained and the features extracted by the first run; the paths are fixed already.
+        head += "# the features are not built yet: run without --print-config first, then --config this file\n"
+        text = text.replace(f"  features_dir: {features}\n", f"  features_dir: {features}{PENDING}\n", 1)
+    return head + text
 
 
 @exits_cleanly
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = resolve_config(args.method, args)
-    if args.print_config:
-        print(dump_yaml(cfg), end="")
-        return 0
-    args.tracking_uri = resolve_tracking_uri(args.tracking_uri)   # credentials out, server probed: before any work
     names = [args.split] if args.split else default_splits(args.method, args)
+    overrides = None
+    storage = DEFAULT_STORAGE.expanduser().resolve()
     if names:
         args.split = names[0]
         [(_, overrides)] = load_splits(splits_file(args.method, args.splits_file), names)
-        storage = DEFAULT_STORAGE.expanduser().resolve()
+    if args.print_config:
+        print(resolved_config_yaml(args.method, cfg, args.split, overrides,
+                                   splits_file(args.method, args.splits_file), storage), end="")
+        return 0
+    args.tracking_uri = resolve_tracking_uri(args.tracking_uri)   # credentials out, server probed: before any work
+    if overrides is not None:
         trainer = functools.partial(train_encoder, progress=not args.no_progress)     # in this process, no Ray
         cfg = build_config(METHOD_CONFIGS[args.method], to_plain(cfg), resolve_chain(overrides, storage, trainer))
     print(json.dumps(RUNNERS[args.method](args, cfg)))

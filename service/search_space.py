@@ -78,8 +78,13 @@ class SmokeSpec(BaseModel):
     inference: InferenceSpace | None = None
 
 
-# What each method's trials are ranked on by default (always a validation metric, never test).
+# What each method's trials report at every evaluation by default (always a validation metric, never test). Trials
+# are ranked on its running maximum, `<metric>_max` (SearchSpace.objective).
 DEFAULT_METRICS = {"tdsm": "val/zsl_top1", "cocodiff": "val/top1"}
+# Short names of searched keys in run names and tables (other keys: their last dotted part).
+PARAM_LABELS = {"diffusion.num_train_timesteps": "T", "module.num_train_timesteps": "T", "loss.margin": "τ",
+                "loss.triplet_weight": "λ", "optim.lr": "lr", "model.hidden_size": "width", "model.depth": "depth",
+                "diffusion.prediction_type": "pred", "module.beta_schedule": "β"}
 # Methods scored over an inference-time grid (TDSM's t_test); the others have no `inference` section.
 INFERENCE_METHODS = ("tdsm",)
 
@@ -90,7 +95,8 @@ class SearchSpace(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     method: Literal["tdsm", "cocodiff"]
-    metric: str | None = Field(None, description="Validation metric trials are ranked on (default: the method's).")
+    metric: str | None = Field(None, description="Validation metric reported at every evaluation (default: the "
+                               "method's); trials are ranked on its running maximum, `objective`.")
     mode: Literal["max", "min"] = "max"
     params: dict[str, Distribution]
     inference: InferenceSpace | None = Field(None, description="tdsm only: the t_test grid scored per trial.")
@@ -117,8 +123,36 @@ class SearchSpace(BaseModel):
             "inference": self.smoke.inference or self.inference,
         })
 
+    @property
+    def objective(self) -> str:
+        """What trials are ranked on (Tune, ASHA, the best config): the best `metric` a trial reached, i.e. the value
+        of its best checkpoint, which is what `service.final` reuses (a stopped trial's last value is not its best)."""
+        return f"{self.metric}_max"
+
     def tune_param_space(self) -> dict[str, Any]:
         return {key: dist.to_tune() for key, dist in self.params.items()}
+
+
+def param_label(key: str) -> str:
+    """Short name of a searched key: `optim.lr` -> `lr`, `loss.margin` -> `τ`."""
+    return PARAM_LABELS.get(key, key.rsplit(".", 1)[-1])
+
+
+def format_value(value: Any) -> str:
+    """Two significant digits, exponent without padding (`2.1e-3`); ints and strings as they are."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, int) or float(value).is_integer() and abs(value) < 1e4:
+        return str(int(value))
+    if 0.01 <= abs(value) < 1e4:
+        return f"{value:.2g}" if abs(value) < 10 else f"{value:.3g}"
+    mantissa, exponent = f"{value:.1e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def trial_label(sampled: dict[str, Any]) -> str:
+    """A trial's run name: what differs between trials, e.g. `T=50 τ=0.52 λ=0.93 lr=2.1e-3`."""
+    return " ".join(f"{param_label(k)}={format_value(v)}" for k, v in sampled.items())
 
 
 def load_search_space(path: Path) -> SearchSpace:

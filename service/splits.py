@@ -79,11 +79,12 @@ def splits_file(method: str, given: Path | None) -> Path:
     return given or REPO_SPACES / f"{method}_splits.yaml"
 
 
-def resolve_chain(overrides: dict[str, Any], storage: Path, trainer=None) -> dict[str, Any]:
+def resolve_chain(overrides: dict[str, Any], storage: Path, trainer=None, build: bool = True) -> dict[str, Any]:
     """A split with `chain:` runs the cached skeleton chain (service.encoder) and points the data at its output.
 
     trainer trains the encoder (default: in this process; the sweep passes Ray Train workers); every stage
-    is cached under <storage>/chain and skipped when its inputs did not change."""
+    is cached under <storage>/chain and skipped when its inputs did not change. build=False (--print-config)
+    trains nothing: the data points at where the chain's features are once built."""
     if "chain" not in overrides:
         return overrides
     from service.encoder import default_synthetic_unseen, synthetic_skeleton_features
@@ -96,7 +97,7 @@ def resolve_chain(overrides: dict[str, Any], storage: Path, trainer=None) -> dic
     per_class = int(opts.pop("per_class", 12))
     if opts:
         raise InputError(f"splits chain options {sorted(opts)}: unknown (expected per_class, unseen_count, encoder)")
-    made = synthetic_skeleton_features(storage / "chain", per_class, encoder, unseen, trainer=trainer)
+    made = synthetic_skeleton_features(storage / "chain", per_class, encoder, unseen, trainer=trainer, build=build)
     return {**overrides, "data.source": "features", "data.features_dir": made["features_dir"],
             "data.unseen": made["unseen"], "text.class_names": made["class_names"],
             "text.descriptions": [made["descriptions"]]}

@@ -10,7 +10,9 @@ shared; what differs per method is in `SWEEP_METHODS` here and `service.trial.WO
 from __future__ import annotations
 
 import argparse
+import csv
 import functools
+import io
 import json
 import math
 import os
@@ -36,7 +38,7 @@ from service.cli import (
     lock_dir,
     resolve_config,
 )
-from service.search_space import SearchSpace, check_against_config, load_search_space
+from service.search_space import SearchSpace, check_against_config, format_value, load_search_space, param_label
 from service.splits import (
     REPO_SPACES,
     default_splits,
@@ -48,8 +50,11 @@ from service.tracking import (
     CREDENTIAL_VARS,
     HTTP_DEFAULTS,
     MLflowReporter,
+    column_key,
     resolve_tracking_uri,
+    share_runs_view,
     standard_tags,
+    ui_link,
 )
 from trainers.cocodiff import CoCoDiffConfig
 from trainers.config import TDSMConfig, build_config, dump_yaml, to_plain
@@ -57,25 +62,46 @@ from trainers.errors import InputError
 from trainers.io import atomic_write_text
 
 STATE_FILE = "skeldiff_sweep.json"
+TRIAL_ID_TAG = "ray_trial_id"      # = service.trial.TRIAL_TAG (not imported here: trial imports torch)
+
+
+SWEEP_EXAMPLES = """examples:
+  python -m service.sweep tdsm --smoke                  # embedded default: skeleton chain + 4 trials, minutes on 2 CPUs
+  python -m service.sweep tdsm --splits synthetic-skeleton synthetic-u12 --num-samples 32 \\
+      --workers-per-trial 2 --gpus-per-worker 1 --tracking-uri http://mlflow:5000
+  python -m service.sweep cocodiff --splits ntu60-xsub --config service/configs/cocodiff_paper.yaml --search optuna
+  python -m service.sweep tdsm --smoke --resume         # continue the latest such sweep after a crash or Ctrl-C
+
+Trials are ranked on <metric>_max of the search space (e.g. val/zsl_top1_max: the best validation score a trial
+reached, the value of the checkpoint it keeps), never on test; then: python -m service.final --from <best_config.yaml>
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m service.sweep", description=__doc__.splitlines()[0])
-    p.add_argument("method", choices=["tdsm", "cocodiff"])
+    p = argparse.ArgumentParser(prog="python -m service.sweep", description=__doc__.splitlines()[0],
+                                epilog=SWEEP_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("method", choices=["tdsm", "cocodiff"],
+                   help="tdsm: zero-shot (TDSM); cocodiff: supervised classification (CoCoDiff)")
     p.add_argument("--space", type=Path, help="search space YAML (default: search_spaces/<method>.yaml)")
     p.add_argument("--num-samples", type=int, help="trials per split (default: 16, or the space's smoke count)")
-    p.add_argument("--scheduler", choices=["asha", "fifo"], default="asha")
-    p.add_argument("--search", choices=["random", "optuna"], default="random")
+    p.add_argument("--scheduler", choices=["asha", "fifo"], default="asha",
+                   help="asha (default): stop weak trials early at their evaluations (reduction factor 2); "
+                        "fifo: every trial trains all train.steps")
+    p.add_argument("--search", choices=["random", "optuna"], default="random",
+                   help="random (default): independent draws from the space; optuna: TPE guided by finished "
+                        "trials (needs the optuna extra: pip install -e '.[optuna]')")
     p.add_argument("--max-concurrent", type=int, help="concurrent trials (default: fit the cluster's CPUs/GPUs)")
     p.add_argument("--workers-per-trial", type=int, default=1,
                    help="Ray Train workers per trial (DDP when > 1; tdsm only)")
-    p.add_argument("--gpus-per-worker", type=float, default=0.0)
+    p.add_argument("--gpus-per-worker", type=float, default=0.0,
+                   help="GPUs per Ray Train worker (default 0: CPU; fractions share a GPU, e.g. 0.5); also used by "
+                        "the skeleton chain's encoder")
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="also the torch thread count per worker")
     p.add_argument("--trial-retries", type=int, default=1, help="restarts of a crashed trial (from its checkpoint)")
     p.add_argument("--splits", nargs="+",
                    help="named splits from --splits-file (default: the data flags, else the method's embedded default)")
     p.add_argument("--splits-file", type=Path, help="default: search_spaces/<method>_splits.yaml")
-    p.add_argument("--experiment-name", help="MLflow experiment (default: <method>-<split>)")
+    p.add_argument("--experiment-name", help="MLflow experiment (default: <method>-<split>-sweeps)")
     p.add_argument("--name", help="sweep name (default: <method>-<split>[-smoke]-<time>; --resume: the latest)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
     p.add_argument("--storage-path", type=Path, default=DEFAULT_STORAGE,
@@ -83,7 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else start a local one)")
     p.add_argument("--resume", action="store_true", help="continue the sweep named by --name (or the latest one)")
     p.add_argument("--smoke", action="store_true", help="a tiny sweep that finishes in minutes on 2 CPU cores")
-    p.add_argument("--seed", type=int, default=0, help="seed of the search and of trial training")
+    p.add_argument("--ray-logs", action="store_true",
+                   help="also print everything Ray's workers print (default: only our own lines; the rest stays in "
+                        "Ray's log files, path printed at start)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the search (the same command samples the same configs) and of trial training")
     add_config_args(p)
     return p
 
@@ -126,6 +156,11 @@ def cocodiff_absolute_paths(tree: dict[str, Any]) -> dict[str, Any]:
 def absolute_paths(tree: dict[str, Any], method: str = "tdsm") -> dict[str, Any]:
     """The method's config tree with its data/text paths made absolute."""
     return SWEEP_METHODS[method].absolute_paths(tree)
+
+
+def sweep_experiment(method: str, split: str) -> str:
+    """Sweeps of a split get their own MLflow experiment: its charts never mix trials with demo or final runs."""
+    return f"{method}-{split}-sweeps"
 
 
 def sweep_dir_name(method: str, split: str, smoke: bool, storage: Path, name: str | None, resume: bool) -> str:
@@ -204,8 +239,48 @@ SWEEP_METHODS: dict[str, SweepMethod] = {
 # Ray
 # ----------------------------------------------------------------------------------------------
 
-def connect_ray(address: str | None) -> None:
+# Lines of Ray's workers that are ours (the chain encoder's progress, warnings of our code). Everything else workers
+# print (Ray Train's INFO lines, internal threads' tracebacks, C++ core_worker messages) stays in Ray's log files.
+OWN_WORKER_LINES = ("encoder step", "chain:", "synthetic:", "warning:", "error:", "note:")
+WORKER_COUNT_HINT = "PYTHON worker processes have been started"
+
+
+def route_worker_logs(forward_all: bool) -> None:
+    """Forward only our own lines from Ray's workers to this terminal (all of them with `--ray-logs`).
+
+    Ray prints what its workers write through one handler of its log dispatcher (ray.init(log_to_driver=True));
+    it is replaced by a filtering one. Should that internal handler move, workers' output is not forwarded at all.
+    """
+    import ray._private.worker as ray_worker
+
+    dispatcher = getattr(ray_worker, "global_worker_stdstream_dispatcher", None)
+    printer = getattr(ray_worker, "print_to_stdstream", None)
+    if forward_all or dispatcher is None or printer is None or getattr(printer, "routed", False):
+        return                                                 # routed already (a second ray.init in one process)
+    ignore_prefix = ray_worker._should_ignore_worker_log_prefix(ray_worker.global_worker)  # noqa: SLF001
+
+    def ours(batch: dict[str, Any]) -> None:
+        lines = [line for line in batch.get("lines", []) if line.lstrip().startswith(OWN_WORKER_LINES)]
+        if lines:
+            printer({**batch, "lines": lines}, ignore_prefix=ignore_prefix)
+
+    def raylet_messages(batch: dict[str, Any], ignore_prefix: bool) -> None:
+        # The raylet's messages (a worker killed for memory, a crash) stay, except its hint that many worker
+        # processes started at once: every trial starts a Train controller and workers, so it is expected here.
+        if batch.get("pid") == "raylet" and any(WORKER_COUNT_HINT in line for line in batch.get("lines", [])):
+            return
+        printer(batch, ignore_prefix=ignore_prefix)
+
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", ours)
+    raylet_messages.routed = True
+    ray_worker.print_to_stdstream = raylet_messages     # what ray's error-message listener prints through
+
+
+def connect_ray(address: str | None, forward_all: bool = False) -> None:
     """Attach to a running cluster (--address, $RAY_ADDRESS, `ray job submit`) or start a local one."""
+    import logging
+
     import ray
 
     # Train's controller polls every 2 s by default; each report would cost that much (RAY_MLFLOW_NOTES.md).
@@ -224,8 +299,17 @@ def connect_ray(address: str | None) -> None:
     # the tracking credentials (service.tracking.move_credentials) so the URI itself never carries a secret.
     forwarded = (*HTTP_DEFAULTS, *CREDENTIAL_VARS) if address else tuple(HTTP_DEFAULTS)
     env["env_vars"].update({key: os.environ[key] for key in forwarded if key in os.environ and key not in preset})
-    ray.init(address=address or None, runtime_env=env)
+    context = ray.init(address=address or None, runtime_env=env, log_to_driver=True)
     install_sigterm_handler()   # ray.init's own handler would exit without closing the MLflow runs
+    if not forward_all:
+        route_worker_logs(forward_all)
+        # Tune's status table and trial errors are printed, not logged; its INFO records ("Wrote the latest version
+        # of all result files ...") are not for the user, its warnings (e.g. a trial that cannot fit) are.
+        for name in ("ray.tune", "ray.train", "ray.air"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        session = (getattr(context, "address_info", None) or {}).get("session_dir") or "/tmp/ray/session_latest"
+        print(f"Ray's own output (workers, Train controllers): {session}/logs on each node, or `ray logs`; "
+              "--ray-logs shows it here", file=sys.stderr)
 
 
 def default_concurrency(workers: int, cpus_per_worker: float, gpus_per_worker: float) -> int:
@@ -242,7 +326,8 @@ class MLflowTrialCloser(tune.Callback):
     """Tune callback (driver side): mark each trial's MLflow run finished / early-stopped / failed.
 
     A run opened in a worker stays RUNNING when ASHA stops the trial (the worker's code after its last report
-    never runs), so the driver closes it.
+    never runs), so the driver closes it. A trial the scheduler stopped ends FINISHED with tag
+    trial_state=early_stopped (it ran as intended, only shorter); only a trial that failed ends FAILED.
     """
 
     def __init__(self, uri: str, experiment: str, total_steps: int):
@@ -253,6 +338,12 @@ class MLflowTrialCloser(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._close(trial, failed=True)
+        # Workers' tracebacks are not forwarded to this terminal (route_worker_logs): say why the trial failed.
+        error_file = getattr(trial, "error_file", None)
+        lines = Path(error_file).read_text(errors="replace").strip().splitlines() if error_file and \
+            Path(error_file).is_file() else []
+        print(f"trial {trial.trial_id} failed: {lines[-1] if lines else 'no error message'} "
+              f"(traceback: {error_file})", file=sys.stderr)
 
     def _close(self, trial, failed: bool) -> None:
         from mlflow.tracking import MlflowClient
@@ -271,7 +362,103 @@ class MLflowTrialCloser(tune.Callback):
         state = "failed" if failed else ("finished" if step >= self.total_steps else "early_stopped")
         client.set_tag(run.info.run_id, "trial_state", state)
         if run.info.status == "RUNNING" or failed:
-            client.set_terminated(run.info.run_id, {"failed": "FAILED", "early_stopped": "KILLED"}.get(state, "FINISHED"))
+            client.set_terminated(run.info.run_id, "FAILED" if failed else "FINISHED")
+
+
+def search_algorithm(kind: str, seed: int, concurrency: int):
+    """The seeded searcher: the same command samples the same configs (random search: Tune's variant generator)."""
+    if kind == "optuna":
+        try:
+            from ray.tune.search.optuna import OptunaSearch
+        except ImportError:
+            raise InputError("--search optuna needs the optional extra: pip install -e '.[optuna]'") from None
+        return OptunaSearch(seed=seed)
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    # A SearchGenerator takes its concurrency itself (Tune ignores max_concurrent_trials for it).
+    return BasicVariantGenerator(max_concurrent=concurrency, random_state=seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# What a researcher reads: the ranked trials (stderr, trials.csv) and a runs-table view in MLflow
+# ----------------------------------------------------------------------------------------------
+
+def _cell(value: Any) -> str:
+    """A param as logged by MLflow (a string) or a metric, in the short form of run names."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        try:
+            value = int(value) if value.lstrip("-").isdigit() else float(value)
+        except ValueError:
+            return value
+    return format_value(value) if math.isfinite(value) else str(value)
+
+
+def ranked_trials(children: list, space: SearchSpace, best_run_id: str | None = None) -> list[dict[str, Any]]:
+    """One row per trial run: the ones the best config may come from by objective (rank 1 = best; among ties, the
+    run the best config came from), then the rest."""
+    rows = []
+    for run in children:
+        tags, value = run.data.tags, run.data.metrics.get(space.objective)
+        row = {"rank": "", "trial": tags.get(TRIAL_ID_TAG, ""), space.objective: value,
+               **{key: run.data.params.get(key) for key in space.params}}
+        if space.inference is not None:
+            row["best_t_test"] = tags.get("best_t_test")
+        row.update(best_step=tags.get("best_step"), trial_state=tags.get("trial_state", run.info.status.lower()),
+                   run_name=run.info.run_name, run_id=run.info.run_id)
+        rows.append((eligible_for_best(run, space.objective), row))
+    sign = 1.0 if space.mode == "max" else -1.0
+    rows.sort(key=lambda er: (not er[0], -sign * er[1][space.objective] if er[0] else 0.0,
+                              er[1]["run_id"] != best_run_id, er[1]["trial"]))
+    for i, (eligible, row) in enumerate(rows, 1):
+        row["rank"] = i if eligible else "-"
+    return [row for _, row in rows]
+
+
+def format_trials_table(rows: list[dict[str, Any]], space: SearchSpace) -> str:
+    """The ranked trials as a short fixed-width table (searched keys by their short names)."""
+    columns = ["rank", "trial", space.objective, *space.params,
+               *(["best_t_test"] if space.inference is not None else []), "best_step", "trial_state"]
+    headers = {key: param_label(key) for key in space.params} | {"best_t_test": "t_test", "best_step": "step",
+                                                                  "trial_state": "state"}
+    cells = [[headers.get(c, c) for c in columns]] + [[_cell(r.get(c)) if c != "rank" else str(r[c]) for c in columns]
+                                                      for r in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in cells)
+
+
+def trials_csv(rows: list[dict[str, Any]]) -> str:
+    """The ranked trials as CSV, full-precision values and full dotted keys."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]) if rows else ["rank"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def view_columns(space: SearchSpace) -> list[str]:
+    """The runs-table columns that tell trials apart: objective, searched params, chosen t_test, state."""
+    return [column_key("metrics", space.objective), column_key("metrics", space.metric),
+            *(column_key("params", key) for key in space.params),
+            *([column_key("tags", "best_t_test")] if space.inference is not None else []),
+            column_key("tags", "best_step"), column_key("tags", "trial_state"), column_key("tags", TRIAL_ID_TAG)]
+
+
+def report_trials(parent: MLflowReporter, experiment: str, uri: str, name: str, sweep_path: Path, split: str,
+                  space: SearchSpace, best_run_id: str | None = None) -> dict[str, Any]:
+    """Print the ranked trials, write them as trials.csv (sweep folder and parent run), share a runs-table view."""
+    client = parent.client
+    exp_id = client.get_experiment_by_name(experiment).experiment_id
+    children = client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{parent.run_id}'", max_results=1000)
+    rows = ranked_trials(children, space, best_run_id)
+    print(f"[{split}] trials of sweep {name}, best {space.objective} first:\n{format_trials_table(rows, space)}",
+          file=sys.stderr)
+    out = atomic_write_text(sweep_path / "trials.csv", trials_csv(rows))
+    parent.log_artifact(out)
+    share_runs_view(client, exp_id, name, view_columns(space), search_filter=f"tags.sweep = '{name}'",
+                    order_by=column_key("metrics", space.objective), expanded=[parent.run_id])
+    return {"trials_csv": str(out), "mlflow_view": ui_link(uri, exp_id, name)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -289,10 +476,10 @@ def run_split(args, method: str, split: str, base: dict[str, Any], space: Search
     storage = args.storage_path.expanduser().resolve()
     name = sweep_dir_name(method, split, args.smoke, storage, args.name, args.resume)
     sweep_path = storage / name
-    experiment = args.experiment_name or f"{method}-{split}"
     state_path = sweep_path / STATE_FILE
     lock_dir(sweep_path)                        # a second driver on this sweep is refused, never a second writer
     state = json.loads(state_path.read_text()) if args.resume and state_path.is_file() else {}
+    experiment = args.experiment_name or state.get("experiment") or sweep_experiment(method, split)
 
     print(f"[{split}] preparing data and text once for the whole sweep ...", file=sys.stderr)
     t0 = time.perf_counter()
@@ -303,8 +490,9 @@ def run_split(args, method: str, split: str, base: dict[str, Any], space: Search
                                   tags=standard_tags(split=split, phase="sweep", method=method, sweep=name))
     if parent.run_id != state.get("parent_run_id"):     # new sweep, or its parent run was deleted: a new parent
         parent.log_params({"sweep.num_samples": num_samples, "sweep.scheduler": args.scheduler,
-                           "sweep.search": args.search, "sweep.workers_per_trial": args.workers_per_trial,
-                           "sweep.split": split, "sweep.metric": space.metric})
+                           "sweep.search": args.search, "sweep.seed": args.seed,
+                           "sweep.workers_per_trial": args.workers_per_trial, "sweep.split": split,
+                           "sweep.metric": space.metric, "sweep.objective": space.objective})
         parent.log_text(yaml.safe_dump(space.model_dump(mode="json"), sort_keys=False), "search_space.yaml")
         parent.log_text(dump_yaml(cfg), "base_config.yaml")
         sweep_path.mkdir(parents=True, exist_ok=True)
@@ -316,7 +504,7 @@ def run_split(args, method: str, split: str, base: dict[str, Any], space: Search
         "default_T": cfg.diffusion.num_train_timesteps if space.inference is not None else None,
         "seed": args.seed, "workers_per_trial": args.workers_per_trial, "gpus_per_worker": args.gpus_per_worker,
         "cpus_per_worker": args.cpus_per_worker, "trial_retries": args.trial_retries,
-        "tracking_uri": uri, "experiment": experiment, "parent_run_id": parent.run_id, "split": split,
+        "tracking_uri": uri, "experiment": experiment, "parent_run_id": parent.run_id, "split": split, "sweep": name,
         "storage_path": str(storage / f"{name}-train"), "data_ref": data_ref,
     }
     # The trial function only launches a TorchTrainer: it needs almost no CPU of its own, so trials x workers
@@ -327,15 +515,9 @@ def run_split(args, method: str, split: str, base: dict[str, Any], space: Search
     scheduler = (tune.schedulers.ASHAScheduler(time_attr="training_iteration", max_t=n_evals + 1, grace_period=1,
                                                reduction_factor=2)
                  if args.scheduler == "asha" and n_evals > 1 else tune.schedulers.FIFOScheduler())
-    search_alg = None
-    if args.search == "optuna":
-        try:
-            from ray.tune.search.optuna import OptunaSearch
-        except ImportError:
-            raise InputError("--search optuna needs the optional extra: pip install -e '.[optuna]'") from None
-        search_alg = OptunaSearch(seed=args.seed)
     concurrency = args.max_concurrent or default_concurrency(args.workers_per_trial, args.cpus_per_worker,
                                                              args.gpus_per_worker)
+    search_alg = search_algorithm(args.search, args.seed, concurrency)
     run_config = tune.RunConfig(
         name=name, storage_path=str(storage),
         failure_config=tune.FailureConfig(max_failures=args.trial_retries),
@@ -347,12 +529,14 @@ def run_split(args, method: str, split: str, base: dict[str, Any], space: Search
     else:
         tuner = tune.Tuner(
             trainable, param_space=space.tune_param_space(),
-            tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, scheduler=scheduler,
+            # Ranked (Tune's status table, ASHA) on the objective, the key the best config is chosen on too.
+            tune_config=tune.TuneConfig(metric=space.objective, mode=space.mode, scheduler=scheduler,
                                         search_alg=search_alg, num_samples=num_samples,
-                                        max_concurrent_trials=concurrency),
+                                        max_concurrent_trials=None if args.search == "random" else concurrency),
             run_config=run_config)
     print(f"[{split}] sweep {name}: {num_samples} trials, {concurrency} at a time, "
-          f"{args.workers_per_trial} worker(s) each", file=sys.stderr)
+          f"{args.workers_per_trial} worker(s) each, {args.search} search with seed {args.seed}; "
+          f"objective {space.objective} ({space.mode} of {space.metric} over a trial's evaluations)", file=sys.stderr)
     t1 = time.perf_counter()
     results = tuner.fit()
     fit_s = time.perf_counter() - t1
@@ -361,9 +545,22 @@ def run_split(args, method: str, split: str, base: dict[str, Any], space: Search
         raise Terminated(f"sweep {name} stopped")
     summary = finish_split(parent, experiment, uri, name, sweep_path, split, space, method)
     summary.update(prepare_s=round(prep_s, 2), fit_s=round(fit_s, 1), errors=results.num_errors,
-                   trials=len(results))
+                   trials=len(results), seed=args.seed, experiment=experiment)
     parent.log_metrics({"sweep/fit_seconds": fit_s, "sweep/prepare_seconds": prep_s,
-                        f"sweep/best_{space.metric.replace('/', '_')}": summary.get("best_metric", float("nan"))}, 0)
+                        f"sweep/best_{space.objective.replace('/', '_')}": summary.get("best_metric", float("nan"))}, 0)
+    summary.update(report_trials(parent, experiment, uri, name, sweep_path, split, space, summary.get("best_run_id")))
+    if summary.get("best_run_id") is None:      # every trial failed or reported no finite metric: nothing to rank
+        from service.encoder import input_error_cause
+
+        failures = [r.error for r in results if r.error is not None]
+        causes = [input_error_cause(e) for e in failures]
+        why = next((str(c) for c in causes if c is not None), str(failures[0]).strip().splitlines()[-1] if failures else "")
+        summary.update(input_error=bool(failures) and None not in causes, error=(
+            f"[{split}] no trial produced a finite {space.metric} ({len(failures)} of {len(results)} trials failed"
+            f"{': ' + why if why else ''}); no best config written"))
+        parent.set_tags({"sweep_error": summary["error"][:5000]})
+        parent.finish("FAILED")
+        return summary
     parent.finish("FINISHED")
     return summary
 
@@ -410,6 +607,7 @@ def finish_split(parent: MLflowReporter, experiment: str, uri: str, name: str, s
 @exits_cleanly
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")   # a bar per download reads as noise
     method = SWEEP_METHODS[args.method]
     if args.workers_per_trial > 1 and not method.multi_worker:
         raise InputError(f"--workers-per-trial {args.workers_per_trial}: {args.method} trials run one worker "
@@ -423,12 +621,22 @@ def main(argv: list[str] | None = None) -> int:
         space = space.for_smoke()
     num_samples = args.num_samples or (space.smoke.num_samples if args.smoke and space.smoke else 16)
     cfg = resolve_config(args.method, args, extra=smoke_cfg)
-    if args.print_config:
-        print(dump_yaml(cfg), end="")
-        return 0
+    searched = [item.split("=", 1)[0].strip() for item in args.overrides
+                if item.split("=", 1)[0].strip() in space.params]
+    if searched:     # each trial's sampled value would silently replace it
+        raise InputError(f"--set {searched[0]}: {space_path} searches this key (params.{searched[0]}); fix it there "
+                         "(e.g. {choice: [VALUE]}) or pass a --space without it")
     names = args.splits or default_splits(args.method, args)
     splits = (load_splits(splits_file(args.method, args.splits_file), names) if names
               else [(method.split_name(cfg), {})])
+    if args.print_config:    # as service.run: each split applied, its chain resolved to cached paths, nothing trained
+        from service.run import resolved_config_yaml
+
+        print("---\n".join(resolved_config_yaml(args.method, cfg, split, overrides if names else None,
+                                              splits_file(args.method, args.splits_file),
+                                              args.storage_path.expanduser().resolve())
+                             for split, overrides in splits), end="")
+        return 0
     uri = resolve_tracking_uri(args.tracking_uri)
     config_cls = METHOD_CONFIGS[args.method]
     storage = args.storage_path.expanduser().resolve()
@@ -440,7 +648,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for _, overrides in splits:      # every config and space checked before Ray starts or a chain trains
         split_tree({k: v for k, v in overrides.items() if k != "chain"})
-    connect_ray(args.address)
+    connect_ray(args.address, forward_all=args.ray_logs)
     from service.encoder import train_encoder_on_ray
 
     encoder_on_ray = functools.partial(train_encoder_on_ray, storage=storage / "chain-train", tracking_uri=uri,
@@ -456,11 +664,17 @@ def main(argv: list[str] | None = None) -> int:
               f"{s.get('metric')}={s.get('best_metric')}{at}; "
               f"{s.get('children')} trial runs in {s.get('fit_s')} s", file=sys.stderr)
         print(f"[{s['split']}] best config: {s.get('best_config')}", file=sys.stderr)
+        if s.get("trials_csv"):
+            print(f"[{s['split']}] ranked trials: {s['trials_csv']}; MLflow runs table of this sweep (experiment "
+                  f"{s.get('experiment')}): {s.get('mlflow_view')}", file=sys.stderr)
         print(f"[{s['split']}] final runs: python -m service.final --from {s.get('best_config')}", file=sys.stderr)
     print(f"browse: mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else f"browse: {uri}",
           file=sys.stderr)
     print(json.dumps({"sweeps": summaries, "tracking_uri": uri}))
-    return 0 if all(s.get("best_run_id") for s in summaries) else 1
+    failed = [s for s in summaries if not s.get("best_run_id")]
+    for s in failed:      # last on stderr; exit 2 when the trials failed on bad input (e.g. a diverging config)
+        print(f"error: {s.get('error') or s['split'] + ': no best trial'}", file=sys.stderr)
+    return 0 if not failed else (2 if all(s.get("input_error") for s in failed) else 1)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ driver, in a Ray Train worker and in a Tune callback.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -14,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import mlflow
 from mlflow.entities import Metric, Param, RunTag
@@ -26,13 +27,18 @@ from trainers.zsl import ZSLCurve
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
 BATCH = 100  # MLflow's per-request limit on params/metrics
+# MLflow 3 opens an experiment without this tag in its GenAI view ("No data"); custom_model_development is the
+# value its UI uses for model-training experiments (runs table with metric columns, model-metric charts).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+SHARED_VIEW_PREFIX = "mlflow.sharedViewState."   # experiment tags the UI reads a shared runs-table view from
 
 
 # MLflow's HTTP client retries 7 times with exponential backoff (about 250 s against a dead server) and waits
 # 120 s per request; these defaults (used unless the user set them) keep a lost server from stalling a run.
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 CREDENTIAL_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "PGPASSWORD")
-PROBE_TIMEOUT_S = 5.0
+PROBE_TIMEOUT_S = 15.0   # a loaded server can take seconds for its first answer; refused connects fail at once
 _checked: set[str] = set()   # servers already probed by this process
 
 
@@ -117,21 +123,49 @@ def is_local_store(uri: str) -> bool:
 
 
 def ensure_experiment(client: MlflowClient, name: str) -> str:
-    """Experiment id for `name`, created once; local stores get an absolute artifact folder beside the DB."""
+    """Experiment id for `name`, created once as a model-training experiment; local stores get an absolute artifact
+    folder beside the DB."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp.experiment_id)
+        if EXPERIMENT_KIND_TAG not in exp.tags:      # created by an older version, or by hand
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
         return exp.experiment_id
     location = None
     uri = client._tracking_client.tracking_uri  # noqa: SLF001 - the client's resolved URI
     if uri.startswith("sqlite:///"):
         location = (Path(uri[len("sqlite:///"):]).parent / DEFAULT_ARTIFACTS).resolve().as_uri()
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location,
+                                        tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
     except mlflow.exceptions.MlflowException:
         # Created concurrently by another process: read it back.
         return client.get_experiment_by_name(name).experiment_id
+
+
+def column_key(kind: str, name: str) -> str:
+    """A runs-table column as the MLflow UI names it: kind is metrics, params, tags or attributes."""
+    return f"{kind}.`{name}`"
+
+
+def share_runs_view(client: MlflowClient, experiment_id: str, key: str, columns: list[str], search_filter: str = "",
+                    order_by: str | None = None, expanded: list[str] = ()) -> None:
+    """Store a runs-table view (visible columns, filter, sort) in the experiment, as the UI's Share button does.
+
+    The UI opens it from `.../#/experiments/<id>/runs?viewStateShareKey=<key>` (see `ui_link`); it reads the tag
+    as plain JSON.
+    """
+    state = {"searchFilter": search_filter, "orderByKey": order_by or "attributes.start_time", "orderByAsc": False,
+             "selectedColumns": columns, "runsExpanded": {run_id: True for run_id in expanded},
+             "runsHiddenMode": "SHOW_ALL", "runListHidden": False}
+    client.set_experiment_tag(experiment_id, f"{SHARED_VIEW_PREFIX}{key}", json.dumps(state))
+
+
+def ui_link(uri: str, experiment_id: str, view_key: str | None = None) -> str:
+    """Where to look: the MLflow UI page of an experiment (`mlflow ui` on port 5000 for a local store)."""
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id}/runs" + (f"?viewStateShareKey={quote(view_key)}" if view_key else "")
 
 
 def git_commit() -> str:

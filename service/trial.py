@@ -25,7 +25,8 @@ from service.tracking import MLflowReporter, standard_tags
 from trainers import cocodiff_fit, tdsm_fit
 from trainers.cocodiff import build_module
 from trainers.config import build_config, dump_yaml, flatten, to_plain
-from trainers.io import load_checkpoint
+from trainers.errors import InputError
+from trainers.io import atomic_write_text, load_checkpoint
 from trainers.runtime import apply_thread_policy
 from trainers.tdsm_model import count_parameters
 from trainers.zsl import ZSLCurve
@@ -79,9 +80,9 @@ class RayTrainReporter:
                        checkpoint_dir: Path | None) -> None:
         self.last_curve = curve
         self.best = max(self.best, metrics[self.metric])
-        out = {**metrics, f"{self.metric}_max": self.best, "step": step}
+        objective = {f"{self.metric}_max": self.best}
         if self.mlflow is not None:
-            self.mlflow.log_metrics({k: v for k, v in out.items() if k != "step"}, step)
+            self.mlflow.log_metrics({**metrics, **objective}, step)
             if metrics[self.metric] >= self.best:
                 tags: dict[str, Any] = {"best_step": step}
                 if "val/best_t_test" in metrics:           # zero-shot fits choose t_test on validation
@@ -90,6 +91,7 @@ class RayTrainReporter:
             if step >= self.final_step:
                 # Before the last report: once Tune has it, the scheduler may stop the trial at once.
                 self.final_artifacts(self.mlflow, curve, checkpoint_dir)
+        out = self.tune_result(metrics, step)
         if self.rank == 0 and checkpoint_dir is not None:
             with tempfile.TemporaryDirectory() as tmp:
                 for name in CHECKPOINT_FILES:
@@ -98,6 +100,12 @@ class RayTrainReporter:
                 ray.train.report(out, checkpoint=Checkpoint.from_directory(tmp))
         else:
             ray.train.report(out)
+
+    def tune_result(self, metrics: dict[str, float], step: int) -> dict[str, float]:
+        """What Tune sees (its status table, ASHA, the closer): the objective first, the metric, the chosen t_test.
+        Every other metric goes to MLflow only, so Tune's per-trial result boxes stay a few lines."""
+        chosen = {k: v for k, v in metrics.items() if k.endswith("/best_t_test")}
+        return {f"{self.metric}_max": self.best, self.metric: metrics[self.metric], **chosen, "step": step}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,9 +138,10 @@ class TrialWorker:
         """Open (or find, on a retry) the MLflow child run on rank 0; derived.* params describe the model."""
         loop = self.loop
         if self.rank == 0:
+            # Named by what differs between trials (the Ray names stay as tags, for `--resume` and Ray's logs).
             self.mlflow = find_or_start_child_run(
-                loop["tracking_uri"], loop["experiment"], loop["parent_run_id"], loop["trial_id"], loop["trial_name"],
-                standard_tags(split=loop["split"], phase="sweep", method=self.method,
+                loop["tracking_uri"], loop["experiment"], loop["parent_run_id"], loop["trial_id"], loop["run_name"],
+                standard_tags(split=loop["split"], phase="sweep", method=self.method, sweep=loop["sweep"],
                               ray_trial_name=loop["trial_name"]))
             self.mlflow.log_params({**flatten(to_plain(self.cfg)), "derived.workers": self.world,
                                     **{f"derived.{k}": v for k, v in derived.items()}})
@@ -218,6 +227,8 @@ def tune_trial(config: dict[str, Any], *, settings: dict[str, Any]) -> None:
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from service.search_space import trial_label
+
     ctx = tune.get_context()
     overrides = trial_overrides_from_config(config, settings)
     workers, gpus = settings["workers_per_trial"], settings["gpus_per_worker"]
@@ -230,7 +241,8 @@ def tune_trial(config: dict[str, Any], *, settings: dict[str, Any]) -> None:
             "threads": max(1, int(settings["cpus_per_worker"])), "data": settings["data_ref"],
             "tracking_uri": settings["tracking_uri"], "experiment": settings["experiment"],
             "parent_run_id": settings["parent_run_id"], "trial_id": ctx.get_trial_id(),
-            "trial_name": ctx.get_trial_name(), "split": settings["split"],
+            "trial_name": ctx.get_trial_name(), "split": settings["split"], "sweep": settings["sweep"],
+            "run_name": trial_label(config) or ctx.get_trial_name(),
         },
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=bool(gpus), resources_per_worker=resources),
         run_config=ray.train.RunConfig(
@@ -243,7 +255,21 @@ def tune_trial(config: dict[str, Any], *, settings: dict[str, Any]) -> None:
             failure_config=ray.train.FailureConfig(max_failures=0),
         ),
     )
-    trainer.fit()
+    # Tune retries every trial error; bad input or a diverged loss (an InputError) fails the same way again, so a
+    # retry re-raises the first attempt's one-line message (kept beside the Train run) instead of training again.
+    marker = Path(settings["storage_path"]) / f"train-{ctx.get_trial_id()}" / "input_error.txt"
+    if marker.is_file():
+        raise InputError(marker.read_text())
+    try:
+        trainer.fit()
+    except Exception as err:
+        from service.encoder import input_error_cause
+
+        cause = input_error_cause(err)
+        if cause is None:
+            raise
+        atomic_write_text(marker, str(cause))
+        raise type(cause)(str(cause)) from None
 
 
 def trial_overrides_from_config(config: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:

@@ -118,7 +118,7 @@ def test_run_cocodiff_logs_metrics_and_artifacts(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = last_json(run_module("service.run", tmp_path, "cocodiff", *sets(TINY), "--tracking-uri", uri,
                                "--no-progress"))
-    for key in ("val/top1", "val/top5", "test/top1", "test/top5"):
+    for key in ("val/top1_max", "test/top1", "test/top5"):
         assert 0.0 <= out[key] <= 100.0
     assert out["best_step"] in (10, 20)
     run_dir = tmp_path / out["run_dir"]
@@ -134,6 +134,8 @@ def test_run_cocodiff_logs_metrics_and_artifacts(tmp_path):
     n_test = int(params["derived.test_samples"])
     assert 0 < n_test < PER_CLASS * 46 == n_test + int(params["derived.train_samples"]) + int(params["derived.val_samples"])
     assert run.data.metrics["test/top1"] == pytest.approx(out["test/top1"], abs=1e-3)
+    assert all(round(run.data.metrics[k], 4) == out[k] for k in out if "/" in k)     # the JSON's numbers, by name
+    assert int(run.data.tags["best_step"]) == out["best_step"]
     assert {"train/loss", "train/loss_diff", "train/loss_coarse", "val/top1"} <= set(run.data.metrics)
 
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -302,7 +304,7 @@ def test_smoke_sweep_leaves_child_runs_with_the_guidance_weights(tmp_path):
     (summary,) = out["sweeps"]
     assert summary["metric"] == "val/top1_max" and summary["errors"] == 0
     client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("cocodiff-synthetic-skeleton")
+    exp = client.get_experiment_by_name("cocodiff-synthetic-skeleton-sweeps")
     kids = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{summary['parent_run_id']}'")
     assert len(kids) >= 2
     for kid in kids:

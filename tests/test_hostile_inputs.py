@@ -1,4 +1,4 @@
-"""Catalogue of hostile inputs and faults (issue 12 §4, §5, §7, §9): each one is a one-line `error:` and exit code 2,
+"""Catalogue of hostile inputs and faults (issue 12 §4, §5, §7, §9): each is a one-line `error:` and exit code 2,
 a skipped file listed with its reason, or a warning, never a traceback, a NaN result with exit 0, or a hang.
 
 The CLI cases start at once in one module fixture (each pays the torch + MLflow import), then each test reads its
@@ -84,7 +84,8 @@ def build_cases(ws: Path) -> dict[str, tuple[list[str], str]]:
                           "training diverged: non-finite loss at step"),
         "features_3e38": (tdsm_args(ws, "f_big"), "f_big/train.npy: sample 3 holds |value| up to 3e+38"),
         "features_nan": (tdsm_args(ws, "f_nan"), "f_nan/train.npy: sample 4 holds NaN or inf"),
-        "features_string_dtype": (tdsm_args(ws, "f_str"), "f_str/train.npy: expected numbers (N x D features), got dtype <U"),
+        "features_string_dtype": (tdsm_args(ws, "f_str"),
+                                  "f_str/train.npy: expected numbers (N x D features), got dtype <U"),
         "features_zero_width": (tdsm_args(ws, "f_zero"), "f_zero/train.npy: zero-width features"),
         "empty_test_split": (tdsm_args(ws, "f_empty_test"), "f_empty_test/ztest.npy: no samples"),
         "empty_rv_file": (tdsm_args(ws, "feats", "--val-unseen", str(ws / "rv_empty.npy")),
@@ -233,7 +234,8 @@ def test_sweep_best_config_never_comes_from_a_failed_or_non_finite_trial():
 
     def run(status, value, state=None):
         tags = {"trial_state": state} if state else {}
-        return SimpleNamespace(info=SimpleNamespace(status=status), data=SimpleNamespace(metrics={"m": value}, tags=tags))
+        return SimpleNamespace(info=SimpleNamespace(status=status),
+                               data=SimpleNamespace(metrics={"m": value}, tags=tags))
 
     assert eligible_for_best(run("FINISHED", 50.0, "finished"), "m")
     assert eligible_for_best(run("KILLED", 40.0, "early_stopped"), "m")      # ASHA-stopped: its best is real
@@ -431,7 +433,8 @@ def test_any_exception_while_reading_a_file_skips_only_that_file(monkeypatch, tm
     monkeypatch.setattr(prep, "read_kinetics", boom)
     (tmp_path / "c.json").write_text("{}")
     ((kind, name, path, reason),) = prep.process_job(prep.Job("kinetics", str(tmp_path / "c.json")), 8)
-    assert kind == "skip" and name == "c" and reason == f"{tmp_path / 'c.json'}: OverflowError: Python int too large to convert to C long"
+    assert kind == "skip" and name == "c"
+    assert reason == f"{tmp_path / 'c.json'}: OverflowError: Python int too large to convert to C long"
 
 
 def children(pid: int) -> set[int]:

@@ -139,7 +139,9 @@ def test_unreachable_server_fails_fast_naming_the_redacted_uri(ws, tmp_path):
     assert out.returncode == 2, out.stderr
     line = one_error_line(out.stderr)
     assert "http://127.0.0.1:9 is unreachable" in line and SECRET not in out.stderr + out.stdout
-    assert elapsed < 30
+    # The goal is 30 s (typically 8 s: interpreter + torch/mlflow imports + one refused connect); the bound
+    # is wider so a busy CI machine cannot flake it, and still far below the 250 s of retries it replaces.
+    assert elapsed < 90
     assert not (tmp_path / "runs").exists()                  # checked before any data or training
 
 

@@ -225,3 +225,101 @@ def test_final_over_two_splits_writes_the_paper_table(tmp_path):
     for row in json.loads(proc.stdout.strip().splitlines()[-1])["splits"]:
         assert {a.path for a in client.list_artifacts(row["parent_run_id"], "report")} == \
             {"report/paper_table.md", "report/paper_table.csv"}
+
+
+def log_sweep(uri: str, split: str, trials: list[tuple[float, int, float, float, float, int]],
+              best: int | None) -> str:
+    """A finished TDSM sweep as service.sweep logs it: a parent (tags, params, best_run_id, sweep/best_* metric) and
+    one child run per trial (T, τ, λ, lr params; val/zsl_top1_max; best_t_test tag)."""
+    from service.tracking import MLflowReporter, standard_tags
+
+    name = f"tdsm-{split}-smoke-{len(trials)}"
+    parent = MLflowReporter.start(uri, f"tdsm-{split}", name,
+                                  tags=standard_tags(split=split, phase="sweep", method="tdsm", sweep=name))
+    parent.log_params({"sweep.num_samples": len(trials), "sweep.metric": "val/zsl_top1"})
+    ids = []
+    for i, (val, T, tau, lam, lr, t_test) in enumerate(trials):
+        child = MLflowReporter.start(uri, f"tdsm-{split}", f"trial{i}", parent_run_id=parent.run_id,
+                                     tags=standard_tags(split=split, phase="sweep", method="tdsm",
+                                                        ray_trial_name=f"trial{i}"))
+        child.log_params({"diffusion.num_train_timesteps": T, "loss.margin": tau, "loss.triplet_weight": lam,
+                          "optim.lr": lr})
+        child.log_metrics({"val/zsl_top1": val - 1.0, "val/zsl_top1_max": val}, 1)
+        child.set_tags({"best_t_test": t_test})
+        child.finish()
+        ids.append(child.run_id)
+    if best is not None:
+        parent.set_tags({"best_run_id": ids[best], "best_config": f"/tmp/{name}/best_config.yaml"})
+    parent.log_metrics({"sweep/best_val_zsl_top1": trials[best][0] if best is not None else float("nan")}, 0)
+    parent.finish()
+    return parent.run_id
+
+
+def test_report_carries_the_sweep_that_chose_the_config(tmp_path, capsys, monkeypatch):
+    """Sweep columns: the final's own sweep (tag source_sweep_run_id) over a newer one, the newest sweep of a split
+    without a final, none for a split with neither; every search pages on (PAGE=1 here: one run per request)."""
+    from mlflow.tracking import MlflowClient
+
+    import service.report as report
+
+    monkeypatch.setattr(report, "PAGE", 1)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    splits = tmp_path / "splits.yaml"
+    splits.write_text(yaml.safe_dump({n: {"data.source": "synthetic"} for n in ("a", "b", "c", "none")}))
+    own = log_sweep(uri, "a", [(80.0, 10, 0.5, 1.2, 2.0e-3, 9), (91.25, 50, 1.0, 0.75, 1.5e-3, 25)], best=1)
+    newer = log_sweep(uri, "a", [(99.0, 10, 2.0, 0.5, 1.0e-3, 5)], best=0)       # not the one `a`'s final came from
+    run_a = log_final(uri, "a", [60.0, 70.0], [61.0, 73.0])
+    MlflowClient(uri).set_tag(run_a, "source_sweep_run_id", own)
+    log_sweep(uri, "b", [(40.0, 10, 0.5, 1.0, 1.0e-3, 1)], best=0)               # older: the newest wins
+    run_b = log_sweep(uri, "b", [(55.5, 50, 0.5, 1.1, 3.0e-3, 40), (60.0, 10, 1.0, 0.6, 1.0e-3, 5)], best=1)
+    log_sweep(uri, "c", [(float("nan"), 10, 0.5, 1.0, 1.0e-3, 1)], best=None)    # every trial failed
+    rc = report.main(["--splits", "a", "b", "c", "none", "--splits-file", str(splits), "--tracking-uri", uri,
+                      "--out", str(tmp_path / "out")])
+    md = capsys.readouterr().out
+    assert rc == 0
+    lines = {line.split(" | ")[0].lstrip("| "): line for line in md.splitlines() if line.startswith("| ")}
+    assert "sweep: best val % | sweep: chosen T / τ / λ / lr / t_test |" in lines["split"]
+    assert lines["a"].endswith("| 65.00 ± 5.00 | 67.00 ± 6.00 | – | 2 × 10 | 25 / 50 | "
+                               "91.25 (2 trials) | 50 / 1 / 0.75 / 0.0015 / 25 |")
+    assert lines["b"].endswith("| not run | not run | – | – | – | 60.00 (2 trials) | 10 / 1 / 0.6 / 0.001 / 5 |")
+    assert lines["c"].endswith("| not run | not run | – | – | – | no best trial (1 trial) | – |")
+    assert lines["none"].endswith("| not run | not run | – | – | – | – | – |")
+    table = {r["split"]: r for r in csv.DictReader((tmp_path / "out" / "paper_table.csv").open())}
+    assert table["a"]["sweep_run_id"] == own != newer and float(table["a"]["sweep_best_val"]) == 91.25
+    assert (table["a"]["sweep_T"], table["a"]["sweep_tau"], table["a"]["sweep_lambda"], table["a"]["sweep_lr"],
+            table["a"]["sweep_t_test"]) == ("50", "1.0", "0.75", "0.0015", "25")
+    assert table["b"]["sweep_run_id"] == run_b and table["b"]["ours_top1_mean"] == ""
+    assert table["c"]["sweep_best_val"] == "" and table["none"]["sweep_run_id"] == ""
+    client = MlflowClient(uri)
+    (made,) = client.search_runs([client.get_experiment_by_name("skeldiff-report").experiment_id])
+    assert made.data.tags["phase"] == "report" and made.data.tags["splits"] == "a,b,c,none"
+    assert {a.path for a in client.list_artifacts(made.info.run_id, "report")} == \
+        {"report/paper_table.md", "report/paper_table.csv"}
+    assert {a.path for a in client.list_artifacts(run_a, "report")} == \
+        {"report/paper_table.md", "report/paper_table.csv"}
+
+
+def test_final_defaults_its_folder_to_the_storage_path_and_names_its_sweep(tmp_path):
+    """`final/` never lands in the working directory; a final knows the sweep its config came from."""
+    from service.final import build_parser, default_out, source_sweep_run_id
+    from service.sweep import STATE_FILE
+
+    args = build_parser().parse_args(["--from", "x", "--storage-path", str(tmp_path / "store")])
+    assert args.out is None
+    out = default_out(args, "tdsm", ["synthetic-u5", "synthetic-u12"])
+    assert out.parent == tmp_path / "store" / "final" and out.name.startswith("tdsm-synthetic-u5+synthetic-u12-")
+    assert default_out(args, "tdsm", list("abcd")).name.startswith("tdsm-a-and-3-more-")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    best = tmp_path / "sweep" / "best_config.yaml"
+    best.parent.mkdir()
+    best.write_text("method: tdsm\n")
+    assert source_sweep_run_id(str(best), uri) is None                          # no state file beside it
+    (best.parent / STATE_FILE).write_text(json.dumps({"parent_run_id": "p1", "split": "a"}))
+    assert source_sweep_run_id(str(best), uri) == "p1"
+    parent = log_sweep(uri, "a", [(50.0, 10, 0.5, 1.0, 1.0e-3, 1)], best=0)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    trial = client.get_run(parent).data.tags["best_run_id"]
+    assert source_sweep_run_id(parent, uri) == parent and source_sweep_run_id(trial, uri) == parent
+    assert source_sweep_run_id(log_final(uri, "a", [1.0], [1.0]), uri) is None

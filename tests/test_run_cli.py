@@ -130,6 +130,41 @@ def test_print_config_round_trips(ws, tmp_path):
     assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
 
 
+def test_print_config_applies_a_named_split(tmp_path, capsys, monkeypatch):
+    """--print-config shows the split's data (what runs), and that YAML via --config trains the same config."""
+    from service.run import main
+    from trainers.config import TDSMConfig, build_config, load_yaml
+    from trainers.tdsm_fit import training_fingerprint
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["tdsm", "--split", "synthetic-u12", "--set", "optim.lr=3e-4", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("# split synthetic-u12 of ")
+    tree = yaml.safe_load(printed)
+    assert tree["data"]["unseen"] == [3, 5, 9, 12, 15, 40, 42, 47, 51, 56, 58, 59] and tree["data"]["val_unseen"] == 12
+    assert tree["optim"]["lr"] == 3e-4
+    (tmp_path / "resolved.yaml").write_text(printed)
+    assert main(["tdsm", "--config", str(tmp_path / "resolved.yaml"), "--print-config"]) == 0
+    again = capsys.readouterr().out
+    assert yaml.safe_load(again) == tree
+    assert training_fingerprint(build_config(TDSMConfig, load_yaml(tmp_path / "resolved.yaml"))) == \
+        training_fingerprint(build_config(TDSMConfig, tree))
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_sweep_prints_each_split_as_service_run_does(tmp_path, capsys, monkeypatch):
+    """service.sweep --print-config: one YAML document per split, each what service.run --split prints."""
+    from service.run import main as run_main
+    from service.sweep import main as sweep_main
+
+    monkeypatch.chdir(tmp_path)
+    assert sweep_main(["tdsm", "--splits", "synthetic-u5", "synthetic-u12", "--print-config"]) == 0
+    docs = capsys.readouterr().out.split("---\n")
+    assert [yaml.safe_load(d)["data"]["val_unseen"] for d in docs] == [5, 12]
+    assert run_main(["tdsm", "--split", "synthetic-u12", "--print-config"]) == 0
+    assert capsys.readouterr().out == docs[1]
+
+
 def test_print_config_of_the_paper_preset(tmp_path):
     """The paper preset trains like the official code (README: the paper preset vs the official code)."""
     out = run_cli(tmp_path, "--config", str(ROOT / "service/configs/tdsm_paper.yaml"), "--print-config")
@@ -186,8 +221,11 @@ def artifact_paths(uri: str, run_id: str, path: str | None = None) -> list[str]:
 
 def test_end_to_end_prints_final_metrics(e2e):
     summary = e2e["summary"]
-    for key in ("val/zsl_top1", "test/zsl_top1", "val/best_t_test", "test/zsl_top1_ensemble"):
-        assert 0 <= summary[key] <= 100 if "top1" in key else key in summary
+    for key in ("val/zsl_top1_max", "test/zsl_top1", "test/zsl_top1_ensemble"):
+        assert 0 <= summary[key] <= 100
+    assert summary["best_step"] in (4, 8)                                    # an evaluation step (eval_every=4)
+    # Validation: only the kept checkpoint's objective (the in-loop values are MLflow's history, not the result).
+    assert [k for k in summary if k.startswith("val/")] == ["val/zsl_top1_max"]
     assert not any(k.endswith(("_t010", "_t025")) for k in summary)          # grid points stay in MLflow
     assert not [k for k in summary if k.startswith("test/") and "best" in k]  # nothing chosen on test
     # 24 names, features for 12 classes, 2 unseen: the 10 classes with samples are the seen ones.
@@ -218,6 +256,22 @@ def test_end_to_end_mlflow_run(e2e):
     assert logged["model"]["preset"] == "tiny" and logged["data"]["unseen"] == str(e2e["args"][3])
 
 
+def test_json_line_and_mlflow_run_carry_the_same_numbers(e2e):
+    """Every metric of the JSON line is the MLflow run's value under the same name; best_step is a tag."""
+    summary = e2e["summary"]
+    run = client(e2e["uri"]).get_run(summary["mlflow_run_id"])
+    metric_keys = [k for k in summary if "/" in k]
+    assert "val/zsl_top1_max" in metric_keys and "test/zsl_top1" in metric_keys
+    for key in metric_keys:
+        assert round(run.data.metrics[key], 4) == summary[key], key     # the JSON rounds to 4 decimals
+    assert int(run.data.tags["best_step"]) == summary["best_step"]
+    assert "best_t_test" in run.data.tags                                # what service.final --from RUN_ID reads
+    # The objective is the kept checkpoint's validation top-1: the best of the in-loop evaluations, at best_step.
+    history = {m.step: m.value for m in client(e2e["uri"]).get_metric_history(run.info.run_id, "val/zsl_top1")}
+    assert summary["val/zsl_top1_max"] == round(max(history.values()), 4)
+    assert round(history[summary["best_step"]], 4) == summary["val/zsl_top1_max"]
+
+
 def test_rerun_resumes_without_new_run_or_steps(e2e):
     second = json.loads(e2e["second"].stdout.strip().splitlines()[-1])
     assert second["mlflow_run_id"] == e2e["summary"]["mlflow_run_id"] and second["run_dir"] == e2e["summary"]["run_dir"]
@@ -227,7 +281,8 @@ def test_rerun_resumes_without_new_run_or_steps(e2e):
     history = client(e2e["uri"]).get_metric_history(second["mlflow_run_id"], "train/loss")
     steps = [m.step for m in history]
     assert len(steps) == len(set(steps)) and max(steps) == 8
-    assert second["val/zsl_top1"] == e2e["summary"]["val/zsl_top1"]
+    assert second["val/zsl_top1_max"] == e2e["summary"]["val/zsl_top1_max"]
+    assert second["best_step"] == e2e["summary"]["best_step"]
 
 
 def test_rerun_with_other_evaluation_settings_reuses_training(e2e):
@@ -241,3 +296,64 @@ def test_rerun_with_other_evaluation_settings_reuses_training(e2e):
     assert (e2e["run_dir"] / "last.pt").read_bytes() == e2e["last_before"]
     runs = {r.info.run_id: r for r in all_runs(e2e["uri"])}
     assert len(runs) == 2 and runs[summary["mlflow_run_id"]].data.params["eval.noise_draws"] == "2"
+
+
+# ----------------------------------------------------------------------------------------------
+# --print-config of a chain split: what will run, before and after the chain is built
+# ----------------------------------------------------------------------------------------------
+
+TINY_CHAIN = ("tiny-chain:\n  chain:\n    per_class: 3\n    unseen_count: 4\n"
+              "    encoder: {name: stgcn, base_channels: 8, units_per_stage: [1, 1], steps: 4, batch_size: 8}\n"
+              "  data.val_unseen: 4\n")
+
+
+def test_print_config_of_an_unbuilt_chain_trains_nothing(tmp_path, capsys, monkeypatch):
+    """The chain's paths are printed (generate + prepare only) and marked as built on first run."""
+    import service.run
+
+    (tmp_path / "splits.yaml").write_text(TINY_CHAIN)
+    monkeypatch.setattr(service.run, "DEFAULT_STORAGE", tmp_path / "results")
+    monkeypatch.chdir(tmp_path)
+    argv = ["tdsm", "--split", "tiny-chain", "--splits-file", str(tmp_path / "splits.yaml"), "--print-config"]
+    assert service.run.main(argv) == 0
+    printed = capsys.readouterr().out
+    tree = yaml.safe_load(printed)
+    chain = tmp_path / "results" / "chain"
+    assert Path(tree["data"]["features_dir"]).parent == chain and tree["data"]["source"] == "features"
+    assert f"features_dir: {tree['data']['features_dir']}  # (built on first run)\n" in printed
+    assert list(chain.glob("prepared-*")) and not list(chain.glob("encoder-*")) and not list(chain.glob("features-*"))
+
+
+@pytest.mark.slow
+def test_print_config_of_a_chain_split_is_what_runs(tmp_path):
+    """print (chain not built: paths + comment, nothing trained) -> run -> print -> --config that file on the same
+    run dir: the same training fingerprint (the run resumes from last.pt, no step taken) and the same numbers."""
+    (tmp_path / "splits.yaml").write_text(TINY_CHAIN)
+    results = tmp_path / "results"
+    chain_env = {**env(), "SKELDIFF_RESULTS": str(results)}
+    split = ["--split", "tiny-chain", "--splits-file", str(tmp_path / "splits.yaml")]
+    common = [*TINY, "--set", "train.steps=4", "--set", "train.eval_every=2", "--tracking-uri",
+              f"sqlite:///{tmp_path / 'm.db'}", "--run-dir", str(tmp_path / "run")]
+
+    def cli(*args):
+        out = subprocess.run(command(*args), cwd=tmp_path, env=chain_env, capture_output=True, text=True,
+                             timeout=600, check=False)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out
+
+    before = cli(*split, *common, "--print-config").stdout
+    tree = yaml.safe_load(before)
+    assert tree["data"]["source"] == "features" and tree["data"]["val_unseen"] == 4 and len(tree["data"]["unseen"]) == 4
+    assert Path(tree["text"]["class_names"]).is_file() and tree["text"]["descriptions"][0].endswith("descriptions.txt")
+    assert f"features_dir: {tree['data']['features_dir']}  # (built on first run)" in before
+    assert not list((results / "chain").glob("encoder-*")) and not (tmp_path / "run").exists()   # nothing trained
+
+    summary = json.loads(cli(*split, *common).stdout.strip().splitlines()[-1])
+    after = cli(*split, *common, "--print-config").stdout
+    assert "(built on first run)" not in after and yaml.safe_load(after) == tree     # the paths did not move
+    (tmp_path / "resolved.yaml").write_text(after)
+    last = (tmp_path / "run" / "last.pt").read_bytes()
+    again = json.loads(cli("--config", str(tmp_path / "resolved.yaml"), *common).stdout.strip().splitlines()[-1])
+    assert (tmp_path / "run" / "last.pt").read_bytes() == last                     # resumed: same fingerprint
+    assert again["mlflow_run_id"] == summary["mlflow_run_id"]                      # same config hash
+    assert {k: v for k, v in again.items() if "/" in k} == {k: v for k, v in summary.items() if "/" in k}

@@ -1,8 +1,9 @@
 """End-to-end sweeps on a real local Ray and a real MLflow store (slow; run by .ci/run).
 
-- `ray start --head` on loopback, `service.sweep tdsm --smoke` on the embedded default submitted with
-  `ray job submit` (the whole skeleton chain: generate -> prepare -> ST-GCN on Ray Train -> features -> sweep),
-  then `service.final`, whose unseen-class accuracy must be well above chance;
+- the README's `make cluster` (a Ray head on loopback), `service.sweep tdsm --smoke` on the embedded default
+  submitted with its `ray job submit` line verbatim from a shell without the venv on PATH (the whole skeleton
+  chain: generate -> prepare -> ST-GCN on Ray Train -> features -> sweep) and its `make cluster-stop`, then
+  `service.final`, whose unseen-class accuracy must be well above chance;
 - a sweep driver killed mid-way and resumed: finished trials kept, no duplicated MLflow runs.
 """
 
@@ -15,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,11 +46,12 @@ def env_for(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def submit_job(cmd: list, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+def submit_job(cmd: list, env: dict[str, str], timeout: float,
+               cwd: Path | None = None) -> subprocess.CompletedProcess:
     """`ray job submit`, retried while the head's dashboard agent is still starting (a loaded machine)."""
-    deadline = time.time() + 180
+    deadline = time.time() + 420
     while True:
-        job = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        job = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
         if job.returncode == 0 or "No available agent" not in job.stdout + job.stderr or time.time() > deadline:
             return job
         time.sleep(5)
@@ -64,37 +67,57 @@ def children_of_sweep(uri: str, experiment: str) -> tuple[object, list]:
     return parents[0], kids
 
 
+# The README's Quick start, verbatim: run from the checkout by a shell whose PATH has no venv on it.
+README_CLUSTER = ["make cluster", "RAY_AUTH_MODE=token .venv/bin/ray job submit --working-dir . -- "
+                  "python -m service.sweep tdsm --smoke", "make cluster-stop"]
+
+
 def test_job_submit_smoke_sweep_then_final(tmp_path):
+    readme = (REPO / "README.md").read_text()
+    assert all(line in readme for line in README_CLUSTER)
     env = env_for(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     gcs, dash = free_port(), free_port()
-    subprocess.run([BIN / "ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-                    f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", "--num-cpus=2"],
-                   env=env, check=True, capture_output=True, timeout=180)
+    ray_tmp = Path(tempfile.mkdtemp(prefix="skr", dir="/tmp"))   # short: Ray's socket paths must fit 107 bytes
+    # Only what a fresh login shell has, plus where this test wants the cluster and its outputs.
+    shell = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", str(tmp_path)), "OMP_NUM_THREADS": "1",
+             **{k: v for k, v in os.environ.items() if k.startswith(("SKELDIFF_", "HF_", "LANG", "LC_"))},
+             "MLFLOW_TRACKING_URI": uri, "SKELDIFF_RESULTS": str(tmp_path / "results"),
+             "CLUSTER_PORT": str(gcs), "CLUSTER_DASHBOARD_PORT": str(dash), "CLUSTER_TEMP_DIR": str(ray_tmp),
+             # The agent's fixed default port (52365) is taken by any other Ray on the machine: no agent, no job.
+             "CLUSTER_ARGS": f"--dashboard-agent-listen-port={free_port()} --num-cpus=2"}
+    start, submit, stop = README_CLUSTER
     try:
-        job = submit_job(
-            [BIN / "ray", "job", "submit", f"--address=http://127.0.0.1:{dash}", f"--working-dir={REPO}", "--",
-             "python", "-m", "service.sweep", "tdsm", "--smoke", "--tracking-uri", uri,
-             "--storage-path", str(tmp_path / "results")], env, timeout=1500)
+        up = subprocess.run(start, shell=True, cwd=REPO, env=shell, capture_output=True, text=True, timeout=300)
+        assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+        job = submit_job(["bash", "-c", submit], {**shell, "RAY_ADDRESS": f"http://127.0.0.1:{dash}"},
+                         timeout=1500, cwd=REPO)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert "succeeded" in (job.stdout + job.stderr).lower()
     finally:
-        subprocess.run([BIN / "ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+        down = subprocess.run(stop, shell=True, cwd=REPO, env=shell, capture_output=True, text=True, timeout=120)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert down.returncode == 0 and "stopped" in down.stdout, down.stdout + down.stderr
 
     client = MlflowClient(uri)
     [encoder] = client.search_runs([client.get_experiment_by_name("encoder-prepared-raw-12x46-s0").experiment_id])
     assert encoder.info.status == "FINISHED" and encoder.data.metrics["encoder/held_out_top1"] > 2 * 100 / 34
-    parent, kids = children_of_sweep(uri, "tdsm-synthetic-skeleton")
+    parent, kids = children_of_sweep(uri, "tdsm-synthetic-skeleton-sweeps")
+    assert client.get_experiment_by_name("tdsm-synthetic-skeleton-sweeps").tags["mlflow.experimentKind"] == \
+        "custom_model_development"
     assert len(kids) >= 4
     for kid in kids:
         params = kid.data.params
         assert {"diffusion.num_train_timesteps", "loss.margin", "loss.triplet_weight"} <= set(params)
-        assert "val/zsl_top1" in kid.data.metrics
+        assert {"val/zsl_top1", "val/zsl_top1_max"} <= set(kid.data.metrics)
         assert kid.data.tags["trial_state"] in {"finished", "early_stopped"}
-        assert kid.info.status in {"FINISHED", "KILLED"}
+        assert kid.info.status == "FINISHED"                  # ASHA-stopped trials too (trial_state tells them apart)
+        assert kid.info.run_name.startswith("T=") and " λ=" in kid.info.run_name     # named by what differs
+        assert kid.data.tags["sweep"] == parent.data.tags["sweep"]
     best = Path(parent.data.tags["best_config"])
     assert best.is_file()
-    assert "best_config.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"best_config.yaml", "trials.csv"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert (best.parent / "trials.csv").read_text().count("\n") == len(kids) + 1
 
     final = subprocess.run(
         [sys.executable, "-m", "service.final", "--from", str(best), "--seeds", "1", "--noise-draws", "3",
@@ -126,7 +149,8 @@ def test_killed_driver_resumes_without_duplicates(tmp_path):
     try:
         while time.time() < deadline and first.poll() is None:
             time.sleep(3)
-            exp = client.get_experiment_by_name("tdsm-synthetic-u5") if (tmp_path / "mlflow.db").exists() else None
+            db = tmp_path / "mlflow.db"
+            exp = client.get_experiment_by_name("tdsm-synthetic-u5-sweeps") if db.exists() else None
             if exp is None:
                 continue
             done = client.search_runs([exp.experiment_id], "tags.trial_state = 'finished'")
@@ -145,7 +169,7 @@ def test_killed_driver_resumes_without_duplicates(tmp_path):
 
     again = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=1500, cwd=tmp_path)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    parent, kids = children_of_sweep(uri, "tdsm-synthetic-u5")
+    parent, kids = children_of_sweep(uri, "tdsm-synthetic-u5-sweeps")
     assert len(kids) == 4, sorted(k.data.tags.get("ray_trial_id") for k in kids)     # no duplicates
     assert len({k.data.tags["ray_trial_id"] for k in kids}) == 4
     by_id = {k.info.run_id: k for k in kids}

@@ -83,8 +83,9 @@ class CoCoDiffModuleConfig(Section):
     fine_dropout: float = Field(
         0.0, ge=0, lt=1, description="Probability of dropping a sample's fine-text conditioning (zero vector).")
     detach_diffusion_input: bool = Field(
-        False, description="Build the x_t of the diffusion term ||x̂_0 - sg(x_0)||² from sg(x_0), so that term trains "
-                           "the denoiser only; CE(head(x̂_0)) and the coarse KL still reach the backbone through x_t.")
+        True, description="Build the x_t of the diffusion term ||x̂_0 - sg(x_0)||² from sg(x_0), so that term trains "
+                          "the denoiser only; CE(head(x̂_0)) and the coarse KL still reach the backbone through x_t "
+                          "(README, Results: the detach ablation).")
 
     @model_validator(mode="after")
     def _check_betas(self) -> CoCoDiffModuleConfig:
@@ -376,8 +377,8 @@ def cocodiff_loss(logits: torch.Tensor, logits_gen: torch.Tensor, x0: torch.Tens
     text_emb (N, A) the aligned coarse text of each sample's class. x0_hat_diff (N, D): the prediction the
     diffusion term uses (default x0_hat), e.g. one denoised from an x_t built of sg(x_0)
     (module.detach_diffusion_input). The diffusion term is a mean over elements with x_0 detached as target; it
-    reaches the backbone only through x_t. Every term is returned undetached so each can be inspected or
-    back-propagated alone.
+    reaches the backbone only through x_t, and not at all from an x_t of sg(x_0). Every term is returned
+    undetached so each can be inspected or back-propagated alone.
     """
     x0_hat_diff = x0_hat if x0_hat_diff is None else x0_hat_diff
     terms = {

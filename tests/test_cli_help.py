@@ -1,0 +1,61 @@
+"""`--help` of every CLI: each option and positional is described, and each CLI ends with runnable examples."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+import pytest
+
+CLIS = ["service.run", "service.sweep", "service.final", "service.encoder", "service.ensemble", "service.prepare",
+        "service.report", "service.bench"]
+
+
+def parser_of(module: str) -> argparse.ArgumentParser:
+    return importlib.import_module(module).build_parser()
+
+
+def walk(parser: argparse.ArgumentParser, name: str):
+    """(command name, action) of the parser and of its sub-commands, recursively."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            described = {a.dest for a in action._choices_actions if a.help}
+            for sub, subparser in action.choices.items():
+                assert sub in described, f"{name} {sub}: sub-command without a help line"
+                yield from walk(subparser, f"{name} {sub}")
+        elif not isinstance(action, argparse._HelpAction):
+            yield name, action
+
+
+@pytest.mark.parametrize("module", CLIS)
+def test_every_option_has_a_help_string(module):
+    missing = [f"{cmd}: {'/'.join(a.option_strings) or a.dest}" for cmd, a in walk(parser_of(module), module)
+               if not (a.help or "").strip()]
+    assert not missing, f"options without help: {missing}"
+
+
+@pytest.mark.parametrize("module", CLIS)
+def test_help_ends_with_examples_of_this_cli(module):
+    parser = parser_of(module)
+    assert parser.formatter_class is argparse.RawDescriptionHelpFormatter      # keeps the examples' line breaks
+    epilog = parser.epilog or ""
+    assert epilog.startswith("examples:"), epilog
+    commands = [line.strip() for line in epilog.splitlines() if line.strip().startswith("python -m ")]
+    assert len(commands) >= 2 and all(c.startswith(f"python -m {module}") for c in commands), commands
+    assert "examples:" in parser.format_help()
+
+
+@pytest.mark.parametrize("module", CLIS)
+def test_example_commands_parse(module):
+    """Each example (its arguments up to the first comment, placeholders kept) is accepted by the parser."""
+    parser = parser_of(module)
+    lines, joined = (parser.epilog or "").splitlines(), []
+    for line in lines:
+        text = line.split("  #", 1)[0].strip()
+        if joined and joined[-1].endswith("\\"):
+            joined[-1] = joined[-1][:-1] + " " + text
+        elif text.startswith("python -m "):
+            joined.append(text)
+    for command in joined:
+        argv = command.split()[3:]                              # after "python -m service.x"
+        parser.parse_args(argv)                                 # SystemExit (exit 2) on an unknown option

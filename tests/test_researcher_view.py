@@ -1,0 +1,166 @@
+"""What a researcher sees of a sweep: run names, trial states, the MLflow experiment kind and runs-table view,
+the ranked trials table and CSV, reproducible sampling (no Ray trials: the driver-side pieces on a sqlite store)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from service.search_space import format_value, load_search_space, trial_label
+from service.sweep import (
+    MLflowTrialCloser,
+    format_trials_table,
+    ranked_trials,
+    report_trials,
+    search_algorithm,
+    sweep_experiment,
+    trials_csv,
+)
+from service.tracking import (
+    EXPERIMENT_KIND_TAG,
+    MODEL_TRAINING_KIND,
+    SHARED_VIEW_PREFIX,
+    MLflowReporter,
+    ensure_experiment,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SPACE = load_search_space(REPO / "search_spaces" / "tdsm.yaml").for_smoke()
+
+
+def test_trial_label_names_what_differs():
+    sampled = {"diffusion.num_train_timesteps": 50, "loss.margin": 0.5234, "loss.triplet_weight": 0.9312,
+               "optim.lr": 0.0021234}
+    assert trial_label(sampled) == "T=50 τ=0.52 λ=0.93 lr=2.1e-3"
+    assert trial_label({"model.hidden_size": 128, "diffusion.prediction_type": "v_prediction",
+                        "module.w_gen": 12.345}) == "width=128 pred=v_prediction w_gen=12.3"
+    assert [format_value(v) for v in (1.0, 3e-4, 250000.0, True)] == ["1", "3.0e-4", "2.5e5", "True"]
+
+
+def test_objective_is_the_running_maximum_of_the_space_metric():
+    assert SPACE.metric == "val/zsl_top1" and SPACE.objective == "val/zsl_top1_max"
+    cocodiff = load_search_space(REPO / "search_spaces" / "cocodiff.yaml")
+    assert cocodiff.objective == "val/top1_max"
+
+
+def test_random_search_is_seeded():
+    """The same seed samples the same configs (what two runs of one sweep command do); another seed differs."""
+    from ray.tune.experiment import Experiment
+
+    def sample(seed: int) -> list[dict]:
+        gen = search_algorithm("random", seed, concurrency=8)
+        gen.add_configurations([Experiment("e", lambda config: None, config=SPACE.tune_param_space(),
+                                           num_samples=4)])
+        return [trial.config for trial in iter(gen.next_trial, None)]
+
+    first = sample(0)
+    assert len(first) == 4 and first == sample(0) and first != sample(1)
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    """One sqlite store for the module (creating one costs seconds); each test uses its own experiments."""
+    return MlflowClient(f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}")
+
+
+def test_experiments_are_model_training_experiments(client):
+    """MLflow 3 opens an experiment without a kind in its GenAI view; new and older experiments get the kind."""
+    exp_id = ensure_experiment(client, "fresh")
+    assert client.get_experiment(exp_id).tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING_KIND
+    older = client.create_experiment("older")
+    assert EXPERIMENT_KIND_TAG not in client.get_experiment(older).tags
+    assert ensure_experiment(client, "older") == older
+    assert client.get_experiment(older).tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING_KIND
+    assert sweep_experiment("tdsm", "synthetic-u5") == "tdsm-synthetic-u5-sweeps"
+
+
+def test_closer_finishes_early_stopped_trials_and_fails_failed_ones(client):
+    uri = client._tracking_client.tracking_uri  # noqa: SLF001
+    runs = {tid: MLflowReporter.start(uri, "sweeps", f"trial {tid}", tags={"ray_trial_id": tid})
+            for tid in ("a", "b", "c")}
+    closer = MLflowTrialCloser(uri, "sweeps", total_steps=300)
+    closer.on_trial_complete(0, [], SimpleNamespace(trial_id="a", last_result={"step": 100}))   # ASHA stopped it
+    closer.on_trial_complete(0, [], SimpleNamespace(trial_id="b", last_result={"step": 300}))
+    closer.on_trial_error(0, [], SimpleNamespace(trial_id="c", last_result={"step": 200}))
+    got = {tid: client.get_run(r.run_id) for tid, r in runs.items()}
+    assert {tid: (r.info.status, r.data.tags["trial_state"]) for tid, r in got.items()} == {
+        "a": ("FINISHED", "early_stopped"), "b": ("FINISHED", "finished"), "c": ("FAILED", "failed")}
+
+
+def fake_run(trial: str, value: float | None, status: str = "FINISHED", state: str = "finished", **params):
+    metrics = {} if value is None else {"val/zsl_top1_max": value, "val/zsl_top1": value}
+    tags = {"ray_trial_id": trial, "trial_state": state, "best_t_test": "5", "best_step": "200"}
+    return SimpleNamespace(info=SimpleNamespace(run_name=f"run {trial}", run_id=f"id-{trial}", status=status),
+                           data=SimpleNamespace(metrics=metrics, tags=tags,
+                                                params={k.replace("__", "."): str(v) for k, v in params.items()}))
+
+
+def test_ranked_trials_best_first_failed_and_unscored_last():
+    runs = [fake_run("a", 40.0, state="early_stopped", optim__lr=0.0021), fake_run("b", 55.5, optim__lr=0.001),
+            fake_run("c", 90.0, status="FAILED", state="failed"), fake_run("d", None, state="early_stopped"),
+            fake_run("e", math.nan)]
+    rows = ranked_trials(runs, SPACE)
+    assert [(r["rank"], r["trial"]) for r in rows] == [(1, "b"), (2, "a"), ("-", "c"), ("-", "d"), ("-", "e")]
+    table = format_trials_table(rows, SPACE).splitlines()
+    assert table[0].split() == ["rank", "trial", "val/zsl_top1_max", "T", "τ", "λ", "lr", "t_test", "step", "state"]
+    assert table[2].split()[:3] == ["2", "a", "40"] and "2.1e-3" in table[2] and table[2].endswith("early_stopped")
+    tied = [fake_run("x", 50.0), fake_run("y", 50.0)]         # among ties, rank 1 is the run the best config used
+    assert [r["trial"] for r in ranked_trials(tied, SPACE, best_run_id="id-y")] == ["y", "x"]
+    parsed = list(csv.DictReader(io.StringIO(trials_csv(rows))))
+    assert [p["trial"] for p in parsed] == ["b", "a", "c", "d", "e"]
+    assert parsed[1]["optim.lr"] == "0.0021" and float(parsed[0]["val/zsl_top1_max"]) == 55.5
+
+
+def test_report_trials_writes_csv_artifact_and_a_shared_runs_view(client, tmp_path, capsys):
+    uri = client._tracking_client.tracking_uri  # noqa: SLF001
+    parent = MLflowReporter.start(uri, "tdsm-x-sweeps", "sweep-1", tags={"sweep": "sweep-1"})
+    for tid, value in (("t1", 30.0), ("t2", 60.0)):
+        child = MLflowReporter.start(uri, "tdsm-x-sweeps", f"T=10 {tid}", parent_run_id=parent.run_id,
+                                     tags={"ray_trial_id": tid, "sweep": "sweep-1", "trial_state": "finished"})
+        child.log_params({"diffusion.num_train_timesteps": 10, "optim.lr": 0.002})
+        child.log_metrics({"val/zsl_top1_max": value}, 300)
+    out = report_trials(parent, "tdsm-x-sweeps", uri, "sweep-1", tmp_path, "x", SPACE)
+    assert "t2" in capsys.readouterr().err.split("first:\n")[1].splitlines()[1]     # rank 1 = the best
+    assert [r["trial"] for r in csv.DictReader(open(out["trials_csv"]))] == ["t2", "t1"]
+    assert "trials.csv" in {a.path for a in client.list_artifacts(parent.run_id)}
+    exp = client.get_experiment_by_name("tdsm-x-sweeps")
+    view = json.loads(exp.tags[SHARED_VIEW_PREFIX + "sweep-1"])
+    assert view["searchFilter"] == "tags.sweep = 'sweep-1'" and view["orderByKey"] == "metrics.`val/zsl_top1_max`"
+    assert {"metrics.`val/zsl_top1_max`", "params.`optim.lr`", "tags.`best_t_test`",
+            "tags.`trial_state`"} <= set(view["selectedColumns"])
+    assert out["mlflow_view"].endswith(f"/#/experiments/{exp.experiment_id}/runs?viewStateShareKey=sweep-1")
+    # the filter the view applies holds exactly this sweep's runs
+    assert len(client.search_runs([exp.experiment_id], view["searchFilter"])) == 3
+
+
+def test_only_our_own_worker_lines_reach_the_terminal(monkeypatch):
+    """Ray Train's INFO lines, internal tracebacks and C++ messages stay in Ray's log files; ours are forwarded."""
+    import ray._private.worker as ray_worker
+
+    from service.sweep import route_worker_logs
+
+    assert hasattr(ray_worker, "print_to_stdstream")          # the handler route_worker_logs replaces is still there
+    assert hasattr(ray_worker.global_worker_stdstream_dispatcher, "remove_handler")
+    printed = []
+    dispatcher = type(ray_worker.global_worker_stdstream_dispatcher)()
+    dispatcher.add_handler("ray_print_logs", lambda batch: printed.append(("all", batch["lines"])))
+    monkeypatch.setattr(ray_worker, "global_worker_stdstream_dispatcher", dispatcher)
+    monkeypatch.setattr(ray_worker, "print_to_stdstream", lambda batch, ignore_prefix: printed.append(batch["lines"]))
+    route_worker_logs(forward_all=False)
+    dispatcher.emit({"pid": 1, "is_err": True, "lines": [
+        "Checkpoint successfully created at: Checkpoint(filesystem=local, path=/x)",
+        "[2026-11-30 17:12:48,735 E 8214 8373] core_worker.cc:2465: Actor with class name: 'PreemptionWatcher'",
+        "Traceback (most recent call last):", "ray.train.WorkerGroupError: Training failed",
+        "encoder step 15/300: loss 3.280, train top-1 9.4 %"]})
+    assert printed == [["encoder step 15/300: loss 3.280, train top-1 9.4 %"]]
+    printed.clear()
+    for message in ("WARNING: 8 PYTHON worker processes have been started on node: abc", "Task was killed (OOM)"):
+        ray_worker.print_to_stdstream({"pid": "raylet", "is_err": False, "lines": [message]}, ignore_prefix=False)
+    assert printed == [["Task was killed (OOM)"]]
