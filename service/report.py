@@ -3,8 +3,8 @@
 One row per named split, read from MLflow (MlflowClient only: any tracking URI, local or a remote server).
 Sweep side: the sweep the split's final run was started from (its tag source_sweep_run_id), else the newest
 finished TDSM sweep parent run of the split (`service.sweep`, tags phase=sweep, sweep=<name>): its best trial's
-validation objective (`<metric>_max`, never test) and the chosen T, τ (loss.margin), λ (loss.triplet_weight), lr
-and t_test.
+validation objective (param sweep.objective, e.g. `val/zsl_top1_max`; never test) and the chosen T,
+τ (loss.margin), λ (loss.triplet_weight), lr and t_test.
 Final side: the latest finished TDSM final run (`service.final`, tags phase=final, method=tdsm) and two numbers of
 ours, each mean ± std over the seed child runs, beside the paper's top-1 from the split's `reference:` block
 (search_spaces/tdsm_splits.yaml):
@@ -141,9 +141,12 @@ def sweep_result(client, run) -> dict[str, Any]:
 
     tags, params = run.data.tags, run.data.params
     metric = params.get("sweep.metric", "val/zsl_top1")
+    objective = params.get("sweep.objective") or f"{metric}_max"       # older sweeps logged no sweep.objective
     out: dict[str, Any] = {"sweep_run_id": run.info.run_id, "sweep_name": tags.get("sweep") or run.info.run_name,
-                           "sweep_metric": metric, "sweep_trials": params.get("sweep.num_samples")}
-    value = run.data.metrics.get(f"sweep/best_{metric.replace('/', '_')}")     # logged by the driver at the end
+                           "sweep_metric": objective, "sweep_trials": params.get("sweep.num_samples")}
+    value = next((run.data.metrics[k] for k in (f"sweep/best_{objective.replace('/', '_')}",
+                                                 f"sweep/best_{metric.replace('/', '_')}") if k in run.data.metrics),
+                 None)                                                # logged by the driver at the end
     best = None
     if tags.get("best_run_id"):
         try:
@@ -151,7 +154,7 @@ def sweep_result(client, run) -> dict[str, Any]:
         except MlflowException:   # the trial run was deleted: the parent's own figure stays
             best = None
     if best is not None:
-        value = best.data.metrics.get(f"{metric}_max", value)
+        value = best.data.metrics.get(objective, value)
         out["sweep_best_run_id"] = best.info.run_id
         out.update({f"sweep_{name}": best.data.params.get(key) for name, key in SWEEP_PARAMS})
         out["sweep_t_test"] = best.data.tags.get("best_t_test")

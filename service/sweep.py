@@ -668,7 +668,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{s['split']}] ranked trials: {s['trials_csv']}; MLflow runs table of this sweep (experiment "
                   f"{s.get('experiment')}): {s.get('mlflow_view')}", file=sys.stderr)
         print(f"[{s['split']}] final runs: python -m service.final --from {s.get('best_config')}", file=sys.stderr)
-    print(f"browse: mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else f"browse: {uri}",
+    print(f"browse: mlflow ui --workers 1 --backend-store-uri {uri}" if uri.startswith("sqlite") else f"browse: {uri}",
           file=sys.stderr)
     print(json.dumps({"sweeps": summaries, "tracking_uri": uri}))
     failed = [s for s in summaries if not s.get("best_run_id")]

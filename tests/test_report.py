@@ -228,15 +228,17 @@ def test_final_over_two_splits_writes_the_paper_table(tmp_path):
 
 
 def log_sweep(uri: str, split: str, trials: list[tuple[float, int, float, float, float, int]],
-              best: int | None) -> str:
+              best: int | None, objective: bool = True) -> str:
     """A finished TDSM sweep as service.sweep logs it: a parent (tags, params, best_run_id, sweep/best_* metric) and
-    one child run per trial (T, τ, λ, lr params; val/zsl_top1_max; best_t_test tag)."""
+    one child run per trial (T, τ, λ, lr params; val/zsl_top1_max; best_t_test tag). objective=False: as sweeps
+    logged it before the sweep.objective param."""
     from service.tracking import MLflowReporter, standard_tags
 
     name = f"tdsm-{split}-smoke-{len(trials)}"
     parent = MLflowReporter.start(uri, f"tdsm-{split}", name,
                                   tags=standard_tags(split=split, phase="sweep", method="tdsm", sweep=name))
-    parent.log_params({"sweep.num_samples": len(trials), "sweep.metric": "val/zsl_top1"})
+    parent.log_params({"sweep.num_samples": len(trials), "sweep.metric": "val/zsl_top1",
+                       **({"sweep.objective": "val/zsl_top1_max"} if objective else {})})
     ids = []
     for i, (val, T, tau, lam, lr, t_test) in enumerate(trials):
         child = MLflowReporter.start(uri, f"tdsm-{split}", f"trial{i}", parent_run_id=parent.run_id,
@@ -271,7 +273,8 @@ def test_report_carries_the_sweep_that_chose_the_config(tmp_path, capsys, monkey
     run_a = log_final(uri, "a", [60.0, 70.0], [61.0, 73.0])
     MlflowClient(uri).set_tag(run_a, "source_sweep_run_id", own)
     log_sweep(uri, "b", [(40.0, 10, 0.5, 1.0, 1.0e-3, 1)], best=0)               # older: the newest wins
-    run_b = log_sweep(uri, "b", [(55.5, 50, 0.5, 1.1, 3.0e-3, 40), (60.0, 10, 1.0, 0.6, 1.0e-3, 5)], best=1)
+    run_b = log_sweep(uri, "b", [(55.5, 50, 0.5, 1.1, 3.0e-3, 40), (60.0, 10, 1.0, 0.6, 1.0e-3, 5)], best=1,
+                      objective=False)
     log_sweep(uri, "c", [(float("nan"), 10, 0.5, 1.0, 1.0e-3, 1)], best=None)    # every trial failed
     rc = report.main(["--splits", "a", "b", "c", "none", "--splits-file", str(splits), "--tracking-uri", uri,
                       "--out", str(tmp_path / "out")])
@@ -286,9 +289,11 @@ def test_report_carries_the_sweep_that_chose_the_config(tmp_path, capsys, monkey
     assert lines["none"].endswith("| not run | not run | – | – | – | – | – |")
     table = {r["split"]: r for r in csv.DictReader((tmp_path / "out" / "paper_table.csv").open())}
     assert table["a"]["sweep_run_id"] == own != newer and float(table["a"]["sweep_best_val"]) == 91.25
+    assert table["a"]["sweep_metric"] == "val/zsl_top1_max"
     assert (table["a"]["sweep_T"], table["a"]["sweep_tau"], table["a"]["sweep_lambda"], table["a"]["sweep_lr"],
             table["a"]["sweep_t_test"]) == ("50", "1.0", "0.75", "0.0015", "25")
     assert table["b"]["sweep_run_id"] == run_b and table["b"]["ours_top1_mean"] == ""
+    assert table["b"]["sweep_metric"] == "val/zsl_top1_max" and float(table["b"]["sweep_best_val"]) == 60.0
     assert table["c"]["sweep_best_val"] == "" and table["none"]["sweep_run_id"] == ""
     client = MlflowClient(uri)
     (made,) = client.search_runs([client.get_experiment_by_name("skeldiff-report").experiment_id])

@@ -123,7 +123,7 @@ class TrainConfig(Section):
         "auto", description="bf16 autocast where the device supports it fast (auto), or force one.")
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
     threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = auto: the process's CPUs (affinity, "
-                         "cgroup quota, at most $OMP_NUM_THREADS), 1 for models narrower than 64 "
+                         "cgroup quota, at most $OMP_NUM_THREADS), 1 for models narrower than 256 "
                          "(trainers.runtime.resolve_threads).")
 
 

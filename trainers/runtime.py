@@ -70,11 +70,10 @@ def epoch_batch(step: int, batch_size: int, n: int, seed: int) -> torch.Tensor:
 # CPU threads (README "Benchmarks": contended vs alone)
 # ----------------------------------------------------------------------------------------------
 
-# Below this transformer width (narrower than the 'tiny' preset), one thread: such a model's matmuls take
-# microseconds, less than waking a second thread. From 'tiny' up, every core with passive waits: under contention
-# it was never slower than one thread in `python -m service.bench contended` (README "Benchmarks"), often faster,
-# while torch's default spinning threads were 4-30x slower.
-SINGLE_THREAD_BELOW_WIDTH = 64
+# Below this transformer width ('tiny'), one thread: its matmuls take microseconds, less than waking a second
+# thread, and beside two busy processes two passive threads ran about 2x slower than one (README "Benchmarks",
+# `python -m service.bench contended`). From 'small' up, every core, with passive waits.
+SINGLE_THREAD_BELOW_WIDTH = 256
 
 _interop_set = False   # torch accepts set_num_interop_threads once, before any inter-op work
 
