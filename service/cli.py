@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import fcntl
 import functools
@@ -101,14 +102,28 @@ class Terminated(KeyboardInterrupt):
 SIGTERM_RECEIVED = threading.Event()   # read after Ray Tune's graceful stop, which returns instead of raising
 
 
+_DELEGATE_TO_SIGINT = threading.Event()   # set only while Ray Tune's fit() runs (see sigterm_stops_tune)
+
+
 def on_sigterm(signum, frame) -> None:
     """SIGTERM handler: what Ctrl-C does (Ray Tune's graceful-stop SIGINT handler while a sweep runs)."""
     SIGTERM_RECEIVED.set()
     sigint = signal.getsignal(signal.SIGINT)
-    if callable(sigint) and sigint is not signal.default_int_handler:
+    # Only while Tune runs: a SIGINT handler left behind by an earlier (in-process) sweep must not swallow it.
+    if _DELEGATE_TO_SIGINT.is_set() and callable(sigint) and sigint is not signal.default_int_handler:
         sigint(signal.SIGINT, frame)
         return
     raise Terminated(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def sigterm_stops_tune():
+    """While Tune's fit() runs, SIGTERM triggers Tune's graceful stop (state saved, resumable) instead of raising."""
+    _DELEGATE_TO_SIGINT.set()
+    try:
+        yield
+    finally:
+        _DELEGATE_TO_SIGINT.clear()
 
 
 def install_sigterm_handler() -> None:

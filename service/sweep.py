@@ -37,6 +37,7 @@ from service.cli import (
     install_sigterm_handler,
     lock_dir,
     resolve_config,
+    sigterm_stops_tune,
 )
 from service.search_space import SearchSpace, check_against_config, format_value, load_search_space, param_label
 from service.splits import (
@@ -538,7 +539,8 @@ def run_split(args, method: str, split: str, base: dict[str, Any], space: Search
           f"{args.workers_per_trial} worker(s) each, {args.search} search with seed {args.seed}; "
           f"objective {space.objective} ({space.mode} of {space.metric} over a trial's evaluations)", file=sys.stderr)
     t1 = time.perf_counter()
-    results = tuner.fit()
+    with sigterm_stops_tune():
+        results = tuner.fit()
     fit_s = time.perf_counter() - t1
     if SIGTERM_RECEIVED.is_set():        # Tune stopped gracefully and saved its state: resumable with --resume
         parent.finish("KILLED")
