@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,20 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     """Encoded-text cache per test session, never the user's ~/.cache."""
     cache = os.environ.get("SKELDIFF_TEST_CACHE") or str(tmp_path_factory.getbasetemp() / "skeldiff-cache")
     monkeypatch.setenv("SKELDIFF_CACHE", cache)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_ray_left_running():
+    """Shut down a Ray instance a test module started in this process.
+
+    Left running, it is a second Ray cluster on the machine: Ray's placement-group cleaner in the next cluster
+    (the README's `make cluster` in the job-submission test) then fails with "Found multiple active Ray
+    instances", each finished trial keeps its CPU, and the last trial waits forever.
+    """
+    yield
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 @pytest.fixture
