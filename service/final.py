@@ -164,18 +164,14 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def source_tags(source: str, uri: str) -> dict[str, str]:
-    """--from, and the sweep's parent run id (and the trial's run id) it leads back to, where they are known."""
+    """--from, the sweep parent run it leads back to (source_sweep_run_id) and, for a trial run, that run's id."""
     tags = {"source": source}
-    path = Path(source)
-    if path.is_file():
-        state = path.parent / STATE_FILE
-        sweep = json.loads(state.read_text()).get("parent_run_id") if state.is_file() else None
-        return {**tags, **({"source_sweep_run_id": sweep} if sweep else {})}
-    from mlflow.tracking import MlflowClient
-
-    run = MlflowClient(uri).get_run(source)        # load_source already proved it exists
-    parent = run.data.tags.get("mlflow.parentRunId")
-    return {**tags, "source_sweep_run_id": parent or source, **({"source_run_id": source} if parent else {})}
+    sweep = source_sweep_run_id(source, uri)
+    if sweep:
+        tags["source_sweep_run_id"] = sweep
+        if sweep != source and not Path(source).is_file():
+            tags["source_run_id"] = source       # --from named one trial of that sweep
+    return tags
 
 
 def register_model(reporter: MLflowReporter, uri: str, cfg: TDSMConfig, model, task, names, text,

@@ -16,6 +16,15 @@ from trainers.tracking import ListReporter
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+# Twelve class names and the smallest `service.run tdsm` that still trains, evaluates and checkpoints (CLI tests).
+CLI_CLASS_NAMES = ["wave", "clap", "jump up", "sit down", "stand up", "kick", "punch", "walk", "run", "drink water",
+                   "eat a meal", "read a book"]
+TINY_RUN_ARGS = ["--set", "model.preset=tiny", "--set", "train.steps=8", "--set", "train.eval_every=4",
+                 "--set", "train.checkpoint_every=4", "--set", "optim.batch_size=16", "--set", "optim.warmup_steps=2",
+                 "--set", "eval.noise_draws=1", "--set", "eval.t_test_grid=[10, 25]", "--set", "train.threads=1",
+                 "--no-progress"]
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Encoded-text cache per test session, never the user's ~/.cache."""

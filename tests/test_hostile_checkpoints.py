@@ -231,12 +231,18 @@ def test_damaged_checkpoints_are_one_line_errors(tmp_path, damage):
     assert "\n" not in str(err.value) and str(path) in str(err.value)
 
 
-def test_checkpoints_hold_plain_data_only(tmp_path):
-    """What the fit loops save loads with weights_only=True (a model's state and RNG states as tensors)."""
+def tiny_fit_inputs() -> tuple[FeatureSplit, FeatureSplit, TextFeatures]:
+    """Two training classes, two evaluation classes, text for four: the smallest fit_tdsm that checkpoints."""
     g = torch.Generator().manual_seed(0)
     train = FeatureSplit(torch.randn(8, 16, generator=g), torch.arange(2).repeat(4))
     val = FeatureSplit(torch.randn(4, 16, generator=g), torch.tensor([2, 3, 2, 3]))
     text = TextFeatures(torch.randn(4, 12, generator=g), torch.randn(4, 4, 10, generator=g))
+    return train, val, text
+
+
+def test_checkpoints_hold_plain_data_only(tmp_path):
+    """What the fit loops save loads with weights_only=True (a model's state and RNG states as tensors)."""
+    train, val, text = tiny_fit_inputs()
     cfg = tiny_config(**{"train.steps": 2, "train.eval_every": 2, "train.checkpoint_every": 2})
     tdsm_fit.fit_tdsm(cfg, train, [0, 1], val, [2, 3], text, ListReporter(), tmp_path, progress=False)
     for name in (tdsm_fit.LAST, tdsm_fit.BEST):
@@ -245,10 +251,7 @@ def test_checkpoints_hold_plain_data_only(tmp_path):
 
 def test_a_truncated_best_pt_fails_the_resume_before_training(tmp_path):
     """service.run read best.pt after a whole resumed run had trained; now the resume refuses it first."""
-    g = torch.Generator().manual_seed(0)
-    train = FeatureSplit(torch.randn(8, 16, generator=g), torch.arange(2).repeat(4))
-    val = FeatureSplit(torch.randn(4, 16, generator=g), torch.tensor([2, 3, 2, 3]))
-    text = TextFeatures(torch.randn(4, 12, generator=g), torch.randn(4, 4, 10, generator=g))
+    train, val, text = tiny_fit_inputs()
     cfg = tiny_config(**{"train.steps": 4, "train.eval_every": 2, "train.checkpoint_every": 2})
     tdsm_fit.fit_tdsm(cfg, train, [0, 1], val, [2, 3], text, ListReporter(), tmp_path, progress=False)
     best = tmp_path / tdsm_fit.BEST

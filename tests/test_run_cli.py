@@ -14,17 +14,11 @@ import pytest
 import torch
 import yaml
 
-from conftest import write_feature_folder
+from conftest import CLI_CLASS_NAMES as NAMES, TINY_RUN_ARGS as TINY, write_feature_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 12
 UNSEEN = [2, 7]
-NAMES = ["wave", "clap", "jump up", "sit down", "stand up", "kick", "punch", "walk", "run", "drink water",
-         "eat a meal", "read a book"]
-TINY = ["--set", "model.preset=tiny", "--set", "train.steps=8", "--set", "train.eval_every=4",
-        "--set", "train.checkpoint_every=4", "--set", "optim.batch_size=16", "--set", "optim.warmup_steps=2",
-        "--set", "eval.noise_draws=1", "--set", "eval.t_test_grid=[10, 25]", "--set", "train.threads=1",
-        "--no-progress"]
 
 
 @pytest.fixture(scope="module")
