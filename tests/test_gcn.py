@@ -106,14 +106,21 @@ def test_person_order_does_not_change_the_feature(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_bf16_autocast_forward_on_cpu(name):
-    model = build_encoder(name, num_classes=3, **TINY).eval()
+    """bf16 logits stay within a few bf16 roundings (unit roundoff 2**-9) of fp32.
+
+    Relative error of the logits over 40 init seeds: worst 0.5 % (ST-GCN), 1.4 % (Shift-GCN), 2.1 % (CTR-GCN, the
+    deepest); 6 % leaves ~3x headroom. The init is seeded so the bound does not depend on test order.
+    """
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = build_encoder(name, num_classes=3, **TINY).eval()
     x = skeletons()
     with torch.no_grad():
         ref = model(x)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = model(x)
     assert out.shape == (2, 3) and torch.isfinite(out).all()
-    torch.testing.assert_close(out.float(), ref, rtol=0.1, atol=0.1)
+    assert ((out.float() - ref).norm() / ref.norm()).item() < 6e-2
 
 
 def test_per_person_data_bn():

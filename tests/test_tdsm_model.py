@@ -98,10 +98,22 @@ def test_paper_preset_has_paper_size():
 
 
 def test_bf16_autocast_runs_and_is_close(gen):
-    model = perturb(make(), gen)
+    """bf16 autocast stays within a few bf16 roundings of fp32.
+
+    bf16 keeps 8 significant bits (unit roundoff 2**-9 ~ 2e-3); through the tiny DiT's few matmul/softmax/LayerNorm
+    roundings the relative error of the whole output is ~6e-3 (measured over 200 init seeds: median 5.9e-3,
+    worst 7.0e-3), so 3e-2 leaves 4x headroom on any CPU. Weights are perturbed gently (0.05) and the init is
+    seeded: larger random weights make the untrained net chaotic (a 0.2 perturbation gave up to 26 % on some
+    seeds), which measures the net's conditioning, not bf16.
+    """
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = perturb(make(), gen, scale=0.05)
     args = inputs(4, gen)
-    ref = model(*args)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(*args)
+    with torch.no_grad():
+        ref = model(*args)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(*args)
     assert out.dtype == torch.bfloat16
-    assert torch.allclose(out.float(), ref, atol=0.1 * ref.abs().max().item() + 1e-3)
+    rel = ((out.float() - ref).norm() / ref.norm()).item()
+    assert 0 < rel < 3e-2, rel
