@@ -1,9 +1,15 @@
-"""One Tune trial = one Ray Train run: the worker loops, their Reporter, and the Tune function that launches them.
+"""One Tune trial: the worker loops, their Reporter, and the Tune function that runs them.
 
-Ray 2.60 (Train V2) supports Train inside Tune as a Tune *function* trainable that builds a TorchTrainer and
-calls fit(); TuneReportCallback forwards rank-0 metrics (and the checkpoint path) to Tune, where ASHA acts.
+Two trial drivers run the same worker loop:
+- `direct` (the default for one worker per trial): the Tune function trainable runs the loop itself and reports
+  with `ray.tune.report`. No TorchTrainer, no Train controller, no second placement group: on 2 CPUs a trial's
+  first metric comes ~4x sooner (README, Benchmarks).
+- `train` (needed for DDP, `--workers-per-trial > 1`): Ray 2.60 (Train V2) supports Train inside Tune as a Tune
+  function trainable that builds a TorchTrainer and calls fit(); TuneReportCallback forwards rank-0 metrics to
+  Tune, where ASHA acts.
 What every method shares (config, data from the object store, the MLflow child run, checkpoint restore, the
-reporter) lives in `TrialWorker` and `RayTrainReporter`; each method adds only its fit call (`WORKERS`).
+reporter) lives in `TrialWorker` and `TrialReporter`; each method adds only its fit call (`WORKERS`); how a
+result and a checkpoint reach Tune is the `TrialSession`.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import functools
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,7 +25,6 @@ from typing import Any
 import ray
 import ray.train
 import torch
-from ray.train import Checkpoint
 
 from service.cli import METHOD_CONFIGS
 from service.tracking import MLflowReporter, standard_tags
@@ -54,30 +60,90 @@ def find_or_start_child_run(uri: str, experiment: str, parent_run_id: str, trial
                                 parent_run_id=parent_run_id)
 
 
-class RayTrainReporter:
-    """Reporter for a Train worker: every rank reports to Ray Train; rank 0 also logs to MLflow and checkpoints.
+class TrainSession:
+    """A Ray Train worker of a TorchTrainer (driver `train`): results and checkpoints go through Ray Train."""
+
+    def __init__(self) -> None:
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+
+    @staticmethod
+    def get_checkpoint():
+        return ray.train.get_checkpoint()
+
+    @staticmethod
+    def report(result: dict[str, Any], checkpoint_dir: str | None) -> None:
+        ray.train.report(result, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir)
+                         if checkpoint_dir else None)
+
+
+class TuneSession:
+    """The Tune trial itself runs the loop (driver `direct`, one worker): results and checkpoints go to Tune."""
+
+    rank, world = 0, 1
+
+    @staticmethod
+    def get_checkpoint():
+        from ray import tune
+
+        return tune.get_checkpoint()
+
+    @staticmethod
+    def report(result: dict[str, Any], checkpoint_dir: str | None) -> None:
+        from ray import tune
+
+        tune.report(result, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
+
+
+TrialSession = TrainSession | TuneSession
+
+
+class TrialReporter:
+    """Reporter of a trial's worker: every rank reports to its session; rank 0 also logs to MLflow and checkpoints.
 
     Tracks the running maximum of `metric` as `<metric>_max`: the sweep ranks trials on it (an ASHA-stopped or
-    restored trial's last value is not its best).
+    restored trial's last value is not its best). Also measures its own cost: each result carries the wall time of
+    the trial's first logged metric and the seconds the fit loop spent outside this reporter (`compute_s`), from
+    which the driver derives the trial's Ray + MLflow overhead (service.sweep.MLflowTrialCloser).
     """
 
-    def __init__(self, rank: int, mlflow: MLflowReporter | None, final_step: int, metric: str,
+    def __init__(self, session: TrialSession, mlflow: MLflowReporter | None, final_step: int, metric: str,
                  final_artifacts: FinalArtifacts):
-        self.rank = rank
+        self.session = session
+        self.rank = session.rank
         self.mlflow = mlflow
         self.final_step = final_step
         self.metric = metric
         self.final_artifacts = final_artifacts
         self.best = float("-inf")
         self.last_curve: ZSLCurve | None = None
+        self.fit_start = time.time()
+        self.first_metric_time: float | None = None
+        self.reporting_s = 0.0              # wall time inside this reporter (MLflow calls, Tune reports, copies)
+
+    def _timed(self) -> float:
+        now = time.time()
+        if self.first_metric_time is None:
+            self.first_metric_time = now
+        return now
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        # Frequent scalars go to MLflow only: each ray.train.report costs a controller round trip.
+        # Frequent scalars go to MLflow only: each report to Ray costs a round trip (Train: to the controller).
+        t0 = self._timed()
         if self.mlflow is not None:
             self.mlflow.log_metrics(metrics, step)
+        self.reporting_s += time.time() - t0
 
     def log_evaluation(self, metrics: dict[str, float], step: int, curve: ZSLCurve | None,
                        checkpoint_dir: Path | None) -> None:
+        t0 = self._timed()
+        try:
+            self._log_evaluation(metrics, step, curve, checkpoint_dir, t0)
+        finally:
+            self.reporting_s += time.time() - t0
+
+    def _log_evaluation(self, metrics: dict[str, float], step: int, curve: ZSLCurve | None,
+                        checkpoint_dir: Path | None, t0: float) -> None:
         self.last_curve = curve
         self.best = max(self.best, metrics[self.metric])
         objective = {f"{self.metric}_max": self.best}
@@ -92,20 +158,23 @@ class RayTrainReporter:
                 # Before the last report: once Tune has it, the scheduler may stop the trial at once.
                 self.final_artifacts(self.mlflow, curve, checkpoint_dir)
         out = self.tune_result(metrics, step)
+        # Time inside this reporter up to here is overhead; the loop's own time (now - fit_start - reporting) is not.
+        out.update(first_metric_time=self.first_metric_time, compute_s=t0 - self.fit_start - self.reporting_s)
         if self.rank == 0 and checkpoint_dir is not None:
             with tempfile.TemporaryDirectory() as tmp:
                 for name in CHECKPOINT_FILES:
                     if (checkpoint_dir / name).is_file():
                         shutil.copy2(checkpoint_dir / name, Path(tmp) / name)
-                ray.train.report(out, checkpoint=Checkpoint.from_directory(tmp))
+                self.session.report(out, tmp)
         else:
-            ray.train.report(out)
+            self.session.report(out, None)
 
     def tune_result(self, metrics: dict[str, float], step: int) -> dict[str, float]:
         """What Tune sees (its status table, ASHA, the closer): the objective first, the metric, the chosen t_test.
         Every other metric goes to MLflow only, so Tune's per-trial result boxes stay a few lines."""
         chosen = {k: v for k, v in metrics.items() if k.endswith("/best_t_test")}
         return {f"{self.metric}_max": self.best, self.metric: metrics[self.metric], **chosen, "step": step}
+
 
 
 # ----------------------------------------------------------------------------------------------
@@ -116,25 +185,25 @@ class TrialWorker:
     """What every method's worker loop shares: the trial's config, the sweep's data, the latest checkpoint
     restored into a fresh run dir, and (rank 0) the trial's MLflow child run with every flattened config param."""
 
-    def __init__(self, loop: dict[str, Any]):
-        ctx = ray.train.get_context()
+    def __init__(self, loop: dict[str, Any], session: TrialSession | None = None):
+        self.session = session or TrainSession()
         self.loop = loop
         self.method = loop["method"]
-        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.rank, self.world = self.session.rank, self.session.world
         apply_thread_policy(cpus=loop["threads"])   # the worker's Ray CPUs, less if its cores are fewer
         self.cfg = build_config(METHOD_CONFIGS[self.method], loop["base"],
                                 {**loop["overrides"], "train.seed": loop["seed"]})   # same on every rank
         self.data = ray.get(loop["data"])  # prepared once per sweep by the driver (object store)
         self.mlflow: MLflowReporter | None = None
         self.run_dir = Path(tempfile.mkdtemp(prefix=f"{self.method}-trial-"))
-        checkpoint = ray.train.get_checkpoint()
+        checkpoint = self.session.get_checkpoint()
         if checkpoint is not None:  # a retried or resumed trial continues from its latest checkpoint
             with checkpoint.as_directory() as d:
                 for name in CHECKPOINT_FILES:
                     if (Path(d) / name).is_file():
                         shutil.copy2(Path(d) / name, self.run_dir / name)
 
-    def reporter(self, derived: dict[str, Any], final_artifacts: FinalArtifacts) -> RayTrainReporter:
+    def reporter(self, derived: dict[str, Any], final_artifacts: FinalArtifacts) -> TrialReporter:
         """Open (or find, on a retry) the MLflow child run on rank 0; derived.* params describe the model."""
         loop = self.loop
         if self.rank == 0:
@@ -146,7 +215,7 @@ class TrialWorker:
             self.mlflow.log_params({**flatten(to_plain(self.cfg)), "derived.workers": self.world,
                                     **{f"derived.{k}": v for k, v in derived.items()}})
             self.mlflow.log_text(dump_yaml(self.cfg), "config.yaml")
-        return RayTrainReporter(self.rank, self.mlflow, self.cfg.train.steps, loop["metric"], final_artifacts)
+        return TrialReporter(self.session, self.mlflow, self.cfg.train.steps, loop["metric"], final_artifacts)
 
     def close(self) -> None:
         if self.mlflow is not None:
@@ -180,9 +249,9 @@ def cocodiff_final_artifacts(mlflow: MLflowReporter, curve: None, checkpoint_dir
     log_best_checkpoint(mlflow, checkpoint_dir)
 
 
-def tdsm_worker(loop: dict[str, Any]) -> None:
-    """Ray Train worker loop of a TDSM trial (DDP through Ray Train when the trial has several workers)."""
-    w = TrialWorker(loop)
+def tdsm_worker(loop: dict[str, Any], session: TrialSession | None = None) -> None:
+    """Worker loop of a TDSM trial (DDP through Ray Train when the trial has several workers)."""
+    w = TrialWorker(loop, session)
     task, names, text = w.data
     fit_train, val, fit_classes = task.tuning_split()
     with torch.device("meta"):  # size only: no memory, no init
@@ -195,10 +264,10 @@ def tdsm_worker(loop: dict[str, Any]) -> None:
     w.close()
 
 
-def cocodiff_worker(loop: dict[str, Any]) -> None:
-    """Ray Train worker loop of a CoCoDiff trial; with several workers, DDP through Ray Train: every rank trains
+def cocodiff_worker(loop: dict[str, Any], session: TrialSession | None = None) -> None:
+    """Worker loop of a CoCoDiff trial; with several workers, DDP through Ray Train: every rank trains
     on its own shard of each global batch, gradients are averaged, and all ranks evaluate the same weights."""
-    w = TrialWorker(loop)
+    w = TrialWorker(loop, session)
     data, names, fine, coarse = w.data
     cfg = w.cfg           # one seed on every rank: fit_cocodiff shards a common batch order by rank
     with torch.device("meta"):  # sizes only
@@ -214,54 +283,58 @@ def cocodiff_worker(loop: dict[str, Any]) -> None:
     w.close()
 
 
-WORKERS: dict[str, Callable[[dict[str, Any]], None]] = {"tdsm": tdsm_worker, "cocodiff": cocodiff_worker}
+WORKERS: dict[str, Callable[..., None]] = {"tdsm": tdsm_worker, "cocodiff": cocodiff_worker}
 
 
 # ----------------------------------------------------------------------------------------------
 # The Tune function trainable
 # ----------------------------------------------------------------------------------------------
 
+def trial_driver(choice: str, workers_per_trial: int) -> str:
+    """`auto`: the Tune trial runs its one worker itself (`direct`); a TorchTrainer (`train`) only for DDP."""
+    if choice == "direct" and workers_per_trial > 1:
+        raise InputError(f"--trial-driver direct runs one worker per trial, not --workers-per-trial "
+                         f"{workers_per_trial}: use --trial-driver train (or auto)")
+    return choice if choice != "auto" else ("direct" if workers_per_trial == 1 else "train")
+
+
+def trial_resources(settings: dict[str, Any]) -> dict[str, float]:
+    """What a trial reserves. `direct`: the worker's own CPUs/GPUs. `train`: the trial function only launches a
+    TorchTrainer and needs almost no CPU of its own, so trials x workers x cpus_per_worker is the whole reservation
+    (a full CPU per trial driver deadlocks 2-CPU machines; Ray rejects a plain {"cpu": 0}, hence the memory)."""
+    if settings["driver"] == "direct":
+        gpus = settings["gpus_per_worker"]
+        return {"cpu": settings["cpus_per_worker"], **({"gpu": gpus} if gpus else {})}
+    return {"cpu": 0, "memory": 64 * 1024**2}
+
+
 def tune_trial(config: dict[str, Any], *, settings: dict[str, Any]) -> None:
-    """Tune function trainable: launch a TorchTrainer running the method's worker loop and wait for it."""
+    """Tune function trainable: run the method's worker loop here (`direct`) or on a TorchTrainer (`train`)."""
     from ray import tune
-    from ray.train.torch import TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from service.search_space import trial_label
 
     ctx = tune.get_context()
-    overrides = trial_overrides_from_config(config, settings)
-    workers, gpus = settings["workers_per_trial"], settings["gpus_per_worker"]
-    resources = {"CPU": settings["cpus_per_worker"], **({"GPU": gpus} if gpus else {})}
-    trainer = TorchTrainer(
-        WORKERS[settings["method"]],
-        train_loop_config={
-            "method": settings["method"], "metric": settings["metric"],
-            "base": settings["base"], "overrides": overrides, "seed": settings["seed"],
-            "threads": max(1, int(settings["cpus_per_worker"])), "data": settings["data_ref"],
-            "tracking_uri": settings["tracking_uri"], "experiment": settings["experiment"],
-            "parent_run_id": settings["parent_run_id"], "trial_id": ctx.get_trial_id(),
-            "trial_name": ctx.get_trial_name(), "split": settings["split"], "sweep": settings["sweep"],
-            "run_name": trial_label(config) or ctx.get_trial_name(),
-        },
-        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=bool(gpus), resources_per_worker=resources),
-        run_config=ray.train.RunConfig(
-            name=f"train-{ctx.get_trial_id()}",       # stable name: a restarted trial finds its checkpoints
-            storage_path=settings["storage_path"],
-            callbacks=[TuneReportCallback()],
-            # Retries happen at the Tune level (a new TorchTrainer with this name resumes from the checkpoint). A
-            # Train-level retry would also fire when the scheduler stops the trial, and its new worker group
-            # then holds resources that the next trial waits for.
-            failure_config=ray.train.FailureConfig(max_failures=0),
-        ),
-    )
+    loop = {
+        "method": settings["method"], "metric": settings["metric"],
+        "base": settings["base"], "overrides": trial_overrides_from_config(config, settings), "seed": settings["seed"],
+        "threads": max(1, int(settings["cpus_per_worker"])), "data": settings["data_ref"],
+        "tracking_uri": settings["tracking_uri"], "experiment": settings["experiment"],
+        "parent_run_id": settings["parent_run_id"], "trial_id": ctx.get_trial_id(),
+        "trial_name": ctx.get_trial_name(), "split": settings["split"], "sweep": settings["sweep"],
+        "run_name": trial_label(config) or ctx.get_trial_name(),
+    }
     # Tune retries every trial error; bad input or a diverged loss (an InputError) fails the same way again, so a
-    # retry re-raises the first attempt's one-line message (kept beside the Train run) instead of training again.
+    # retry re-raises the first attempt's one-line message (kept beside the trial's Train storage) instead of
+    # training again.
     marker = Path(settings["storage_path"]) / f"train-{ctx.get_trial_id()}" / "input_error.txt"
     if marker.is_file():
         raise InputError(marker.read_text())
     try:
-        trainer.fit()
+        if settings["driver"] == "direct":
+            WORKERS[settings["method"]](loop, TuneSession())
+        else:
+            train_trial(loop, settings, ctx.get_trial_id())
     except Exception as err:
         from service.encoder import input_error_cause
 
@@ -270,6 +343,30 @@ def tune_trial(config: dict[str, Any], *, settings: dict[str, Any]) -> None:
             raise
         atomic_write_text(marker, str(cause))
         raise type(cause)(str(cause)) from None
+
+
+def train_trial(loop: dict[str, Any], settings: dict[str, Any], trial_id: str) -> None:
+    """The `train` driver: a TorchTrainer of `workers_per_trial` workers runs the loop (DDP when > 1)."""
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    workers, gpus = settings["workers_per_trial"], settings["gpus_per_worker"]
+    resources = {"CPU": settings["cpus_per_worker"], **({"GPU": gpus} if gpus else {})}
+    trainer = TorchTrainer(
+        WORKERS[settings["method"]],
+        train_loop_config=loop,
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=bool(gpus), resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=f"train-{trial_id}",       # stable name: a restarted trial finds its checkpoints
+            storage_path=settings["storage_path"],
+            callbacks=[TuneReportCallback()],
+            # Retries happen at the Tune level (a new TorchTrainer with this name resumes from the checkpoint). A
+            # Train-level retry would also fire when the scheduler stops the trial, and its new worker group
+            # then holds resources that the next trial waits for.
+            failure_config=ray.train.FailureConfig(max_failures=0),
+        ),
+    )
+    trainer.fit()
 
 
 def trial_overrides_from_config(config: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
