@@ -46,7 +46,7 @@ from trainers.losses import sample_negative_classes
 from trainers.runtime import (
     apply_thread_policy, autocast, available_cpus, cpu_has_fast_bf16, resolve_precision, seed_everything,
 )
-from trainers.tdsm_fit import TrainBatch, build_schedule, train_step
+from trainers.tdsm_fit import TrainBatch, build_optimizer, build_schedule, train_step
 from trainers.tdsm_model import TDSMDenoiser, count_parameters
 from trainers.zsl import evaluation_noise, score_candidates, score_candidates_loop
 
@@ -294,6 +294,7 @@ class TDSMBenchSettings:
     candidates: tuple[int, ...]    # candidate class counts C, one scoring run each
     t_test: int = 25
     seed: int = 0
+    compile: bool = False          # also time torch.compile'd training steps (and their compile time)
 
 
 def settings_for(size: str, args: argparse.Namespace) -> TDSMBenchSettings:
@@ -314,6 +315,7 @@ def settings_for(size: str, args: argparse.Namespace) -> TDSMBenchSettings:
         score_warmup=score_warmup, score_iters=score_iters,
         score_samples=args.score_samples if args.score_samples is not None else plan.score_samples,
         draws=args.draws, candidates=tuple(args.candidates) if args.candidates else candidates, seed=args.seed,
+        compile=args.compile,
     )
 
 
@@ -354,25 +356,76 @@ def make_train_batch(batch: int, num_steps: int, gen: torch.Generator, device: t
     )
 
 
+def matmul_peak_gflops(device: torch.device, precision: str, seconds: float = 2.0) -> float | None:
+    """The best GFLOP/s of a square GEMM in this process, the yardstick of a step's efficiency (its fraction
+    of peak). n = 2048 on CPU (~17 GFLOP, fits the caches' blocking), 8192 on CUDA. None for bf16 on a CPU
+    without bf16 matrix units (AMX / AVX512-BF16): its emulated GEMM is no peak to measure against (a 2048^3
+    bf16 GEMM took ~30 s on an AMD EPYC without them)."""
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_fast_bf16():
+        return None
+    n = 8192 if device.type == "cuda" else 2048
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    best, deadline = float("inf"), time.perf_counter() + seconds
+    for i in range(100):
+        synchronize(device)
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+        if time.perf_counter() > deadline:
+            break
+    return 2 * n**3 / best / 1e9
+
+
+def train_step_flops(cfg: TDSMConfig, batch: int) -> float:
+    """Matmul + attention FLOPs of one training step's forward and backward (torch's FlopCounterMode on meta
+    tensors: exact for this shape, no memory, no time). Elementwise ops and the optimizer are not counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    rows = 2 * batch
+    with torch.device("meta"):
+        model = TDSMDenoiser(cfg.model, SKELETON_DIM, TEXT_DIM, TEXT_DIM, TEXT_TOKENS)
+        text_g, text_l = torch.randn(NUM_CLASSES, TEXT_DIM), torch.randn(NUM_CLASSES, TEXT_TOKENS, TEXT_DIM)
+        cls = torch.randint(NUM_CLASSES, (rows,))
+        texts = (text_g, text_l, cls) if NUM_CLASSES < rows else (text_g[cls], text_l[cls], None)  # as train_step
+        with FlopCounterMode(display=False) as counter:
+            model(torch.randn(rows, SKELETON_DIM), torch.randint(10, (rows,)), *texts).pow(2).mean().backward()
+    return float(counter.get_total_flops())
+
+
 def bench_train_step(cfg: TDSMConfig, s: TDSMBenchSettings, precision: str, device: torch.device,
-                     text_g: torch.Tensor, text_l: torch.Tensor) -> dict[str, Any]:
-    """Median step time of a freshly built model + AdamW; the memory peak covers weights, gradients,
-    optimizer state and activations (everything training this model needs)."""
+                     text_g: torch.Tensor, text_l: torch.Tensor, compile_model: bool = False) -> dict[str, Any]:
+    """Median step time of a freshly built model + AdamW (as fit_tdsm builds them: fused AdamW, torch.compile
+    when asked); the memory peak covers weights, gradients, optimizer state and activations (everything training
+    this model needs). With compile, `compile_s` is the first call's extra time (tracing + code generation)."""
     schedule = build_schedule(cfg)
     batch = make_train_batch(s.batch, cfg.diffusion.num_train_timesteps, torch.Generator().manual_seed(s.seed),
                              device)
+    label = f"[{s.size}] train {precision}{' compiled' if compile_model else ''}"
+    compile_s = None
     with PeakMemory(device) as mem:
         model = build_denoiser(cfg, s.seed, device).train()
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-        step = lambda: train_step(model, opt, schedule, cfg, batch, text_g, text_l,  # noqa: E731
+        opt = build_optimizer(cfg, model)
+        train_model = torch.compile(model) if compile_model else model
+        step = lambda: train_step(train_model, opt, schedule, cfg, batch, text_g, text_l,  # noqa: E731
                                   lambda: autocast(device, precision))["loss"].detach()
-        timed = time_calls(step, s.train_warmup, s.train_iters, device, f"[{s.size}] train {precision}")
-        del model, opt, step
+        if compile_model:
+            log(f"{label}: compiling (first call) ...")
+            t0 = time.perf_counter()
+            step()
+            synchronize(device)
+            compile_s = time.perf_counter() - t0
+        timed = time_calls(step, s.train_warmup, s.train_iters, device, label)
+        del model, train_model, opt, step
     median = timed.median_s
     # A non-finite loss would mean the timing measured garbage (e.g. a broken bf16 path).
-    return {"median_s": median, "times_s": timed.times_s, "samples_per_s": s.batch / median,
-            "rows_per_s": 2 * s.batch / median, "cpu_share": timed.cpu_share, "peak_mib": mem.peak_mib,
-            "loss_finite": bool(torch.isfinite(timed.result))}
+    out = {"median_s": median, "times_s": timed.times_s, "samples_per_s": s.batch / median,
+           "rows_per_s": 2 * s.batch / median, "cpu_share": timed.cpu_share, "peak_mib": mem.peak_mib,
+           "loss_finite": bool(torch.isfinite(timed.result))}
+    if compile_s is not None:
+        out["compile_s"] = max(0.0, compile_s - median)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -429,7 +482,7 @@ def compare_scores(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
 
 
 def bench_scoring(cfg: TDSMConfig, s: TDSMBenchSettings, device: torch.device) -> list[dict[str, Any]]:
-    """Batched vs per-class scoring (bf16) and batched fp32, for each candidate count. Memory peaks are above
+    """Batched vs per-class scoring in bf16 and in fp32, for each candidate count. Memory peaks are above
     the resident model: activations and the repeated inputs the batched path materialises."""
     schedule = build_schedule(cfg)
     model = open_gates(build_denoiser(cfg, s.seed, device), torch.Generator().manual_seed(s.seed)).eval()
@@ -438,11 +491,12 @@ def bench_scoring(cfg: TDSMConfig, s: TDSMBenchSettings, device: torch.device) -
         inputs = make_scoring_inputs(s.score_samples, s.draws, C, s.seed, device)
         row: dict[str, Any] = {"candidates": C, "samples": s.score_samples, "draws": s.draws}
         scores = {}
-        for mode, precision in (("batched", "bf16"), ("loop", "bf16"), ("batched", "fp32")):
+        for mode, precision in (("batched", "bf16"), ("loop", "bf16"), ("batched", "fp32"), ("loop", "fp32")):
             key, label = f"{mode}_{precision}", f"[{s.size}] score C={C} {mode} {precision}"
             row[key], scores[key] = time_scoring(model, schedule, inputs, s.t_test, mode, precision, device,
                                                  s.score_warmup, s.score_iters, label)
         row["batched_over_loop"] = row["loop_bf16"]["median_s"] / row["batched_bf16"]["median_s"]
+        row["batched_over_loop_fp32"] = row["loop_fp32"]["median_s"] / row["batched_fp32"]["median_s"]
         row["bf16_over_fp32"] = row["batched_fp32"]["median_s"] / row["batched_bf16"]["median_s"]
         row["agreement_bf16_batched_vs_loop"] = compare_scores(scores["batched_bf16"], scores["loop_bf16"])
         row["agreement_bf16_vs_fp32"] = compare_scores(scores["batched_fp32"], scores["batched_bf16"])
@@ -465,8 +519,21 @@ def run_tdsm_size(s: TDSMBenchSettings, device: torch.device) -> dict[str, Any]:
         params = count_parameters(TDSMDenoiser(cfg.model, SKELETON_DIM, TEXT_DIM, TEXT_DIM, TEXT_TOKENS))
     start, load_start = time.perf_counter(), os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     log(f"[{s.size}] {params / 1e6:.1f}M parameters on {device}")
-    train = {p: bench_train_step(cfg, s, p, device, text_g, text_l) for p in ("fp32", "bf16")}
+    peak = {p: matmul_peak_gflops(device, p) for p in ("fp32", "bf16")}
+    flops = train_step_flops(cfg, s.batch)
+    log(f"[{s.size}] matmul peak in this process (GFLOP/s): "
+        f"{', '.join(f'{p} {v:.0f}' if v else f'{p} -' for p, v in peak.items())}; "
+        f"a training step is {flops / 1e12:.2f} TFLOP")
+    arms = [(p, False) for p in ("fp32", "bf16")] + ([(p, True) for p in ("fp32", "bf16")] if s.compile else [])
+    train: dict[str, Any] = {}
+    for precision, compiled in arms:
+        r = bench_train_step(cfg, s, precision, device, text_g, text_l, compile_model=compiled)
+        r["gflop_per_s"] = flops / r["median_s"] / 1e9
+        r["peak_fraction"] = r["gflop_per_s"] / peak[precision] if peak[precision] else None
+        train[precision + ("_compiled" if compiled else "")] = r
     train["bf16_speedup"] = train["fp32"]["median_s"] / train["bf16"]["median_s"]
+    train["step_tflop"] = flops / 1e12
+    train["matmul_peak_gflops"] = peak
     score = bench_scoring(cfg, s, device)
     return {
         "settings": asdict(s),
@@ -556,7 +623,7 @@ def format_tdsm_report(report: dict[str, Any]) -> str:
     ]
     warning = contention_warning(report)
     lines += [warning, ""] if warning else [""]
-    train_rows, score_rows = [], []
+    train_rows, score_rows, flop_rows = [], [], []
     for name, r in report["sizes"].items():
         if "error" in r:
             lines.append(f"{name}: {r['error']}")
@@ -570,13 +637,25 @@ def format_tdsm_report(report: dict[str, Any]) -> str:
             f"{t['fp32']['peak_mib']:.0f}", f"{t['bf16']['peak_mib']:.0f}",
             format_share(min_cpu_share(t["fp32"], t["bf16"])),
         ])
+        for key in ("fp32", "bf16", "fp32_compiled", "bf16_compiled"):
+            if key in t:
+                arm = t[key]
+                flop_rows.append([
+                    name, key.replace("_", " "), format_seconds(arm["median_s"]), f"{t['step_tflop']:.3f}",
+                    f"{arm['gflop_per_s']:.0f}",
+                    f"{t['matmul_peak_gflops'][key[:4]]:.0f}" if arm["peak_fraction"] is not None else "-",
+                    f"{100 * arm['peak_fraction']:.0f} %" if arm["peak_fraction"] is not None else "-",
+                    format_seconds(arm["compile_s"]) if "compile_s" in arm else "-",
+                    format_share(arm.get("cpu_share")),
+                ])
         for row in r["score"]:
             agree = row["agreement_bf16_batched_vs_loop"]
             score_rows.append([
                 name, str(row["candidates"]), f"{row['samples']}x{row['draws']}",
                 f"{st['score_warmup']}+{st['score_iters']}",
                 f"{row['batched_bf16']['pairs_per_s']:.1f}", f"{row['loop_bf16']['pairs_per_s']:.1f}",
-                f"{row['batched_fp32']['pairs_per_s']:.1f}", f"{row['batched_over_loop']:.2f}x",
+                f"{row['batched_fp32']['pairs_per_s']:.1f}", f"{row['loop_fp32']['pairs_per_s']:.1f}",
+                f"{row['batched_over_loop']:.2f}x / {row['batched_over_loop_fp32']:.2f}x",
                 f"{row['bf16_over_fp32']:.2f}x",
                 "/".join(f"{row[k]['peak_mib']:.0f}" for k in ("batched_bf16", "loop_bf16", "batched_fp32")),
                 f"{agree['max_rel_diff']:.1e} / {agree['argmin_agreement']:.2f}",
@@ -588,10 +667,15 @@ def format_tdsm_report(report: dict[str, Any]) -> str:
         format_table(["size", "params", "B/rows", "warm+timed", "fp32", "bf16", "bf16 speed-up", "fp32 samp/s",
                       "bf16 samp/s", "peak MiB fp32", "peak MiB bf16", "cpu share"], train_rows),
         "",
+        "efficiency: the step's matmul + attention FLOPs (forward + backward) per second, against the best square "
+        "GEMM of the same precision in the same process; compile = the first call's extra time (--compile)",
+        format_table(["size", "arm", "step", "TFLOP", "GFLOP/s", "GEMM peak", "of peak", "compile", "cpu share"],
+                     flop_rows),
+        "",
         "zero-shot scoring: (sample x candidate) pairs/s, each pair over all K noise draws; batched = "
         "score_candidates, loop = score_candidates_loop",
-        format_table(["size", "C", "N x K", "warm+timed", "batched bf16", "loop bf16", "batched fp32",
-                      "batched/loop", "bf16/fp32", "peak MiB b-bf16/loop/b-fp32", "batched vs loop: rel diff / argmin",
+        format_table(["size", "C", "N x K", "warm+timed", "batched bf16", "loop bf16", "batched fp32", "loop fp32",
+                      "batched/loop bf16 / fp32", "bf16/fp32", "peak MiB b-bf16/loop/b-fp32", "batched vs loop: rel diff / argmin",
                       "cpu share"],
                      score_rows),
         "",
@@ -623,6 +707,8 @@ def add_tdsm_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--quick", action="store_true", help="fewer timed calls, C=5 only")
+    p.add_argument("--compile", action="store_true",
+                   help="also time torch.compile'd training steps (train.compile) and report the compile time")
     p.add_argument("--sizes", nargs="+", choices=list(SIZE_PLANS), default=DEFAULT_SIZES, help=argparse.SUPPRESS)
     p.add_argument("--worker", help=argparse.SUPPRESS)   # JSON settings of one size: run it, write --out
 

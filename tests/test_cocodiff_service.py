@@ -295,9 +295,10 @@ def test_ablation_reports_both_arms_and_their_paired_difference(tmp_path, tiny_c
 
 @pytest.mark.slow
 def test_smoke_sweep_leaves_child_runs_with_the_guidance_weights(tmp_path):
+    """Also the `train` trial driver (a TorchTrainer per trial, what DDP sweeps use) end to end."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = last_json(run_module(
-        "service.sweep", tmp_path, "cocodiff", "--smoke", "--num-samples", "2",
+        "service.sweep", tmp_path, "cocodiff", "--smoke", "--num-samples", "2", "--trial-driver", "train",
         *sets({"train.steps": 40, "train.eval_every": 20, "train.checkpoint_every": 20,
                "data.synthetic.per_class": PER_CLASS}),
         "--tracking-uri", uri, "--storage-path", str(tmp_path / "results"), timeout=1200))
@@ -312,6 +313,8 @@ def test_smoke_sweep_leaves_child_runs_with_the_guidance_weights(tmp_path):
                 "optim.lr"} <= set(kid.data.params)
         assert {"val/top1", "val/top1_max"} <= set(kid.data.metrics)
         assert kid.data.tags["trial_state"] in {"finished", "early_stopped"}
+        assert kid.data.metrics["trial/start_to_first_metric_s"] > 0
+    assert summary["start_to_first_metric_s_max"] > 0
     best = Path(summary["best_config"])
     cfg = build_config(CoCoDiffConfig, yaml.safe_load(best.read_text()))
     assert cfg.backbone.base_channels == 8 and cfg.train.steps == 40

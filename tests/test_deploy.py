@@ -709,7 +709,8 @@ def test_sweep_logs_to_a_postgres_backed_mlflow_server(mlflow_server, postgres, 
     url, art = mlflow_server.url, mlflow_server.artifacts
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     env.update(MLFLOW_TRACKING_USERNAME=mlflow_server.username, MLFLOW_TRACKING_PASSWORD=mlflow_server.password)
-    cmd = [sys.executable, "-m", "service.sweep", "tdsm", "--smoke", "--num-samples", "2",
+    # The generated feature task (not the embedded skeleton chain): this test is about where the runs land.
+    cmd = [sys.executable, "-m", "service.sweep", "tdsm", "--smoke", "--num-samples", "2", "--splits", "synthetic-u5",
            "--set", "train.steps=40", "--set", "train.eval_every=20", "--set", "train.checkpoint_every=20",
            "--storage-path", str(tmp_path / "results"), "--tracking-uri", url, "--experiment-name", "deploy-test"]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)

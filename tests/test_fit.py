@@ -314,3 +314,53 @@ def test_learns_unseen_classes_from_text():
     print(f"component: {COMPONENT_STEPS} steps in {time.perf_counter() - start:.1f}s, "
           f"test/zsl_top1 {metrics['test/zsl_top1']:.1f}%")
     assert metrics["test/zsl_top1"] > 50.0          # chance: 20% over 5 unseen classes
+
+
+# ----------------------------------------------------------------------------------------------
+# Speed switches keep the maths
+# ----------------------------------------------------------------------------------------------
+
+def test_train_step_embeds_each_class_text_once_with_the_same_update(tiny_task):
+    """Fewer classes than rows: each class's text is embedded once (`candidate=`). The update equals the one from
+    texts gathered per row (float64: the two paths only reorder sums, ~1e-15 relative)."""
+    from trainers.tdsm_fit import TrainBatch, build_optimizer, build_schedule, train_step
+
+    cfg = tiny_config(**{"optim.grad_clip": 0.0})
+    g, l = tiny_task.text.global_feats.double(), tiny_task.text.local_feats.double()     # 6 classes
+    gen = torch.Generator().manual_seed(1)
+    b = TrainBatch(torch.randn(8, 16, generator=gen, dtype=torch.float64), torch.randint(4, (8,), generator=gen),
+                   torch.randint(4, (8,), generator=gen), torch.randint(10, (8,), generator=gen),
+                   torch.randn(8, 16, generator=gen, dtype=torch.float64))             # 16 rows > 6 classes
+    updated = []
+    for tables in ((g, l), (g.repeat(3, 1), l.repeat(3, 1, 1))):     # 18 >= 16 rows: the per-row gather path
+        torch.manual_seed(0)
+        model = build_model(cfg, 16, tiny_task.text).double()
+        with torch.no_grad():                     # open the adaLN-Zero gates so every weight gets a gradient
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()),
+                                          dtype=p.dtype))
+        opt = build_optimizer(cfg, model)
+        losses = train_step(model, opt, build_schedule(cfg), cfg, b, *tables,
+                            lambda: torch.autocast("cpu", enabled=False))
+        updated.append((losses["loss"].item(), weights(model)))
+    assert updated[0][0] == pytest.approx(updated[1][0], rel=1e-12)
+    for key, value in updated[0][1].items():
+        torch.testing.assert_close(value, updated[1][1][key], rtol=0, atol=1e-12, msg=key)
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tiny_task):
+    """train.compile: the same losses and weights as eager up to fp32 rounding (inductor fuses and reorders
+    elementwise ops: ~1e-6 relative per step; 1e-4 over 4 steps of a tiny model is ample)."""
+    results = []
+    for compiled in (False, True):
+        reporter = ListReporter()
+        cfg = tiny_config(**{"train.steps": 4, "train.compile": compiled, "train.precision": "fp32"})
+        results.append((fit_tdsm(cfg, *tiny_task.fit_args[:2], None, [], tiny_task.text, reporter, None,
+                                 progress=False), reporter))
+    (eager, rep_e), (comp, rep_c) = results
+    loss_e = [m["train/loss"] for _, m in rep_e.metrics if "train/loss" in m]
+    loss_c = [m["train/loss"] for _, m in rep_c.metrics if "train/loss" in m]
+    assert len(loss_e) == 4 and loss_c == pytest.approx(loss_e, rel=1e-4)
+    for key, value in weights(eager.model).items():
+        torch.testing.assert_close(weights(comp.model)[key], value, rtol=1e-4, atol=1e-5, msg=key)

@@ -15,14 +15,19 @@ from mlflow.tracking import MlflowClient
 
 from service.search_space import format_value, load_search_space, trial_label
 from service.sweep import (
+    TIMING_KEYS,
     MLflowTrialCloser,
     format_trials_table,
     ranked_trials,
+    report_overhead,
     report_trials,
     search_algorithm,
     sweep_experiment,
+    trial_timing,
     trials_csv,
 )
+from service.trial import trial_driver, trial_resources
+from trainers.errors import InputError
 from service.tracking import (
     EXPERIMENT_KIND_TAG,
     MODEL_TRAINING_KIND,
@@ -92,6 +97,44 @@ def test_closer_finishes_early_stopped_trials_and_fails_failed_ones(client):
     got = {tid: client.get_run(r.run_id) for tid, r in runs.items()}
     assert {tid: (r.info.status, r.data.tags["trial_state"]) for tid, r in got.items()} == {
         "a": ("FINISHED", "early_stopped"), "b": ("FINISHED", "finished"), "c": ("FAILED", "failed")}
+
+
+def test_trial_timing_is_start_to_first_metric_and_the_share_outside_the_fit_loop():
+    started = 1000.0
+    timing = trial_timing(started, {"first_metric_time": 1004.5, "compute_s": 30.0}, ended=1040.0)
+    assert timing == pytest.approx({TIMING_KEYS[0]: 4.5, TIMING_KEYS[1]: 40.0, TIMING_KEYS[2]: 0.25})
+    assert trial_timing(None, {"first_metric_time": 1.0, "compute_s": 1.0}, 2.0) == {}   # restored: start unseen
+    assert trial_timing(started, {"step": 3}, 1040.0) == {}                               # reported nothing yet
+    assert trial_timing(started, {"first_metric_time": 999.0, "compute_s": 99.0}, 1040.0)[TIMING_KEYS[2]] == 0.0
+
+
+def test_closer_logs_each_trials_timing_on_its_run_and_the_parent_gets_median_and_max(client, capsys):
+    uri = client._tracking_client.tracking_uri  # noqa: SLF001
+    parent = MLflowReporter.start(uri, "sweeps", "sweep")
+    run = MLflowReporter.start(uri, "sweeps", "trial t", tags={"ray_trial_id": "t"}, parent_run_id=parent.run_id)
+    closer = MLflowTrialCloser(uri, "sweeps", total_steps=300)
+    trial = SimpleNamespace(trial_id="t", last_result={"step": 300})
+    closer.on_trial_start(0, [], trial)
+    trial.last_result.update(first_metric_time=closer.started["t"] + 2.0, compute_s=0.0)
+    closer.on_trial_complete(0, [], trial)
+    metrics = client.get_run(run.run_id).data.metrics
+    assert metrics[TIMING_KEYS[0]] == pytest.approx(2.0) and metrics[TIMING_KEYS[2]] == 1.0
+    rows = [{"start_to_first_metric_s": v, "overhead_share": v / 10} for v in (2.0, 9.0, 4.0)] + [{}]
+    out = report_overhead(parent, "split", rows)
+    assert out == {"start_to_first_metric_s_median": 4.0, "start_to_first_metric_s_max": 9.0,
+                   "overhead_share_median": 0.4, "overhead_share_max": 0.9}
+    assert client.get_run(parent.run_id).data.metrics["sweep/overhead_share_max"] == 0.9
+    assert "first metric: median 4.0 s" in capsys.readouterr().err
+
+
+def test_trial_driver_direct_for_one_worker_train_for_ddp():
+    assert trial_driver("auto", 1) == "direct" and trial_driver("auto", 2) == "train"
+    assert trial_driver("train", 1) == "train"
+    with pytest.raises(InputError, match="--trial-driver direct"):
+        trial_driver("direct", 2)
+    settings = {"cpus_per_worker": 2.0, "gpus_per_worker": 0.5}
+    assert trial_resources({**settings, "driver": "direct"}) == {"cpu": 2.0, "gpu": 0.5}
+    assert trial_resources({**settings, "driver": "train"})["cpu"] == 0     # its TorchTrainer's workers hold them
 
 
 def fake_run(trial: str, value: float | None, status: str = "FINISHED", state: str = "finished", **params):

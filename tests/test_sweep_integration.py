@@ -114,6 +114,10 @@ def test_job_submit_smoke_sweep_then_final(tmp_path):
         assert kid.info.status == "FINISHED"                  # ASHA-stopped trials too (trial_state tells them apart)
         assert kid.info.run_name.startswith("T=") and " λ=" in kid.info.run_name     # named by what differs
         assert kid.data.tags["sweep"] == parent.data.tags["sweep"]
+        # its own cost: seconds from start to the first metric, the share of its wall time outside the fit loop
+        assert 0 < kid.data.metrics["trial/start_to_first_metric_s"] < kid.data.metrics["trial/wall_s"]
+        assert 0 <= kid.data.metrics["trial/overhead_share"] < 1
+    assert {"sweep/start_to_first_metric_s_median", "sweep/overhead_share_max"} <= set(parent.data.metrics)
     best = Path(parent.data.tags["best_config"])
     assert best.is_file()
     assert {"best_config.yaml", "trials.csv"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}

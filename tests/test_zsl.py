@@ -96,3 +96,22 @@ def test_sample_keyed_noise_follows_the_sample_not_its_row():
     assert not torch.equal(batch[:, 0], batch[:, 1])                             # so does the sample
     # Standard normal: 384 values, so the mean is within 4 standard errors (4 / sqrt(384) ~ 0.2) of 0.
     assert abs(float(batch.mean())) < 0.2 and 0.8 < float(batch.std()) < 1.2
+
+
+def test_cpu_forwards_are_capped_to_cache_sized_row_counts(gen):
+    """On a CPU one forward holds at most cpu_rows_per_forward rows (a whole chunk of K x C rows at least), and
+    the capped scores equal the per-class loop's (computed in float64, where only the batching differs, ~1e-15;
+    stored as float32, so they agree to an ulp of that)."""
+    from trainers.zsl import cpu_rows_per_forward
+
+    model = TDSMDenoiser(ModelConfig(preset="tiny", hidden_size=256, depth=1, num_heads=4), 16, 12, 10, 4).double()
+    seen = []
+    model.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    sched = NoiseSchedule(50)
+    x, noise = torch.randn(40, 16, generator=gen).double(), torch.randn(2, 40, 16, generator=gen).double()
+    g, l = torch.randn(6, 12, generator=gen).double(), torch.randn(6, 4, 10, generator=gen).double()
+    cap = cpu_rows_per_forward(model, 5)
+    assert cap == 256 * 36 * 256 // (5 * 256)
+    batched = score_candidates(model, sched, x, noise, 10, g, l, max_rows=10**6)
+    assert max(seen) <= cap and len(seen) == -(-40 // (cap // 12))          # 12 = K x C rows per sample
+    torch.testing.assert_close(batched, score_candidates_loop(model, sched, x, noise, 10, g, l), rtol=1e-6, atol=0)

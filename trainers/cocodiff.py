@@ -187,6 +187,7 @@ class CoCoDiffTrainConfig(TrainConfig):
     checkpoint_every: int = Field(100, ge=1, description="Write a resumable checkpoint every N steps.")
     threads: int = Field(1, ge=0, description="torch intra-op threads; 0 keeps torch's default. One: small "
                                              "convolutions run fastest so on shared cores.")
+    compile: Literal[False] = Field(False, description="not available for CoCoDiff (TDSM only).")
 
 
 class CoCoDiffConfig(Section):
