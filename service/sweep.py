@@ -1,7 +1,7 @@
 """Hyper-parameter sweeps: `python -m service.sweep {tdsm,cocodiff} [--smoke] [--splits NAME ...]`.
 
-Ray Tune samples configs from search_spaces/<method>.yaml; each trial trains with a Ray Train TorchTrainer
-(1..N workers) and is ranked on validation data (TDSM: classes carved from the seen ones; CoCoDiff: a draw of
+Ray Tune samples configs from search_spaces/<method>.yaml; each trial trains in its Tune trial process (one
+worker) or on a Ray Train TorchTrainer (N workers, DDP; service.trial) and is ranked on validation data (TDSM: classes carved from the seen ones; CoCoDiff: a draw of
 the training split), never on test. Every trial is a nested MLflow run under one parent run per split; the
 best config is written as YAML for `python -m service.final`. The driver, Tuner and MLflow parent logic is
 shared; what differs per method is in `SWEEP_METHODS` here and `service.trial.WORKERS`.
