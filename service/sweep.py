@@ -388,14 +388,18 @@ def trial_timing(started: float | None, result: dict[str, Any], ended: float) ->
     start -> first metric: Tune starting the trial (actor, imports, data from the object store, MLflow run, model
     build) until the worker logged its first metric. Overhead: the share of the trial's wall time not spent in its
     fit loop (`compute_s`, which already excludes the loop's MLflow logging, Tune reports and checkpoint copies).
-    Empty when the trial reported nothing or was restored by a new driver (its start was not seen).
+    Empty when the trial reported nothing since this start (a retried or restored trial keeps its previous
+    attempt's last result until it reports again: its first metric then predates the start) or the numbers do not
+    fit together (clocks of another node). The first metric's time comes from the worker's clock, the start and
+    end from the driver's: on a cluster they agree to NTP's accuracy.
     """
     first, compute = result.get("first_metric_time"), result.get("compute_s")
     if started is None or first is None or compute is None:
         return {}
-    wall = max(ended - started, 1e-9)
-    return {TIMING_KEYS[0]: max(0.0, first - started), TIMING_KEYS[1]: wall,
-            TIMING_KEYS[2]: min(1.0, max(0.0, 1.0 - compute / wall))}
+    wall = ended - started
+    if first < started or first > ended or not 0 <= compute <= wall:
+        return {}
+    return {TIMING_KEYS[0]: first - started, TIMING_KEYS[1]: wall, TIMING_KEYS[2]: 1.0 - compute / wall}
 
 
 def search_algorithm(kind: str, seed: int, concurrency: int):
@@ -521,7 +525,7 @@ def run_split(args, method: str, split: str, base: dict[str, Any], space: Search
     """Sweep one split; returns the summary (best trial, metric, best-config path)."""
     import ray
 
-    from service.trial import trial_driver, trial_resources, tune_trial
+    from service.trial import trial_resources, tune_trial
 
     cfg = build_config(METHOD_CONFIGS[method], base)
     storage = args.storage_path.expanduser().resolve()
@@ -531,6 +535,7 @@ def run_split(args, method: str, split: str, base: dict[str, Any], space: Search
     lock_dir(sweep_path)                        # a second driver on this sweep is refused, never a second writer
     state = json.loads(state_path.read_text()) if args.resume and state_path.is_file() else {}
     experiment = args.experiment_name or state.get("experiment") or sweep_experiment(method, split)
+    driver = sweep_driver(state, args.trial_driver, args.workers_per_trial, name)
 
     print(f"[{split}] preparing data and text once for the whole sweep ...", file=sys.stderr)
     t0 = time.perf_counter()
@@ -548,7 +553,7 @@ def run_split(args, method: str, split: str, base: dict[str, Any], space: Search
         parent.log_text(dump_yaml(cfg), "base_config.yaml")
         sweep_path.mkdir(parents=True, exist_ok=True)
         atomic_write_text(state_path, json.dumps({"parent_run_id": parent.run_id, "tracking_uri": uri,
-                                                  "experiment": experiment, "split": split}))
+                                                  "experiment": experiment, "split": split, "driver": driver}))
 
     settings = {
         "method": method, "metric": space.metric, "base": base, "space": space.model_dump(mode="json"),
@@ -557,7 +562,7 @@ def run_split(args, method: str, split: str, base: dict[str, Any], space: Search
         "cpus_per_worker": args.cpus_per_worker, "trial_retries": args.trial_retries,
         "tracking_uri": uri, "experiment": experiment, "parent_run_id": parent.run_id, "split": split, "sweep": name,
         "storage_path": str(storage / f"{name}-train"), "data_ref": data_ref,
-        "driver": trial_driver(args.trial_driver, args.workers_per_trial),
+        "driver": driver,
     }
     trainable = tune.with_resources(tune.with_parameters(tune_trial, settings=settings), trial_resources(settings))
     n_evals = -(-cfg.train.steps // cfg.train.eval_every)
@@ -618,6 +623,23 @@ def run_split(args, method: str, split: str, base: dict[str, Any], space: Search
         return summary
     parent.finish("FINISHED")
     return summary
+
+
+def sweep_driver(state: dict[str, Any], choice: str, workers: int, name: str) -> str:
+    """The trial driver of this sweep: a resumed sweep keeps the one it started with (its trials' checkpoints live
+    where that driver put them, and Tune restores each trial's reserved resources); sweeps whose state file
+    predates the choice ran TorchTrainers."""
+    from service.trial import trial_driver
+
+    wanted = trial_driver(choice, workers)
+    if not state:
+        return wanted
+    stored = state.get("driver", "train")
+    if (choice != "auto" and wanted != stored) or (stored == "direct" and workers > 1):
+        raise InputError(f"--resume: sweep {name} was started with the {stored} trial driver "
+                         f"({'one worker per trial' if stored == 'direct' else 'a TorchTrainer per trial'}); resume it "
+                         f"with that driver (--trial-driver auto or {stored}, and the same --workers-per-trial)")
+    return stored
 
 
 def eligible_for_best(run, metric: str) -> bool:

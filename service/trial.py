@@ -191,8 +191,12 @@ class TrialWorker:
         self.method = loop["method"]
         self.rank, self.world = self.session.rank, self.session.world
         apply_thread_policy(cpus=loop["threads"])   # the worker's Ray CPUs, less if its cores are fewer
+        # A trial that reserved no GPU trains on the CPU even where one is visible (Ray 2.60 no longer hides the
+        # GPUs from a process that reserved none).
+        cpu_only = {"train.device": "cpu"} if not loop.get("gpus") and loop["base"].get("train", {}).get(
+            "device", "auto") == "auto" else {}
         self.cfg = build_config(METHOD_CONFIGS[self.method], loop["base"],
-                                {**loop["overrides"], "train.seed": loop["seed"]})   # same on every rank
+                                {**loop["overrides"], **cpu_only, "train.seed": loop["seed"]})   # same on every rank
         self.data = ray.get(loop["data"])  # prepared once per sweep by the driver (object store)
         self.mlflow: MLflowReporter | None = None
         self.run_dir = Path(tempfile.mkdtemp(prefix=f"{self.method}-trial-"))
@@ -220,6 +224,11 @@ class TrialWorker:
     def close(self) -> None:
         if self.mlflow is not None:
             self.mlflow.finish()
+        self.cleanup()
+
+    def cleanup(self) -> None:
+        """Remove the local run dir (its checkpoints went to Ray with each report), also when the scheduler stops
+        the trial: Ray then ends the loop inside its report call (SystemExit)."""
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
@@ -259,8 +268,11 @@ def tdsm_worker(loop: dict[str, Any], session: TrialSession | None = None) -> No
     reporter = w.reporter({"num_parameters": n_params, "seen_classes": len(task.seen)},
                           functools.partial(tdsm_final_artifacts, names=names))
     wrap = ray.train.torch.prepare_model if w.world > 1 else None
-    tdsm_fit.fit_tdsm(w.cfg, fit_train, fit_classes, val, task.val, text, reporter, w.run_dir, eval_prefix="val",
-                      progress=False, wrap_model=wrap, rank=w.rank)
+    try:
+        tdsm_fit.fit_tdsm(w.cfg, fit_train, fit_classes, val, task.val, text, reporter, w.run_dir, eval_prefix="val",
+                          progress=False, wrap_model=wrap, rank=w.rank)
+    finally:
+        w.cleanup()
     w.close()
 
 
@@ -276,10 +288,13 @@ def cocodiff_worker(loop: dict[str, Any], session: TrialSession | None = None) -
                                                        coarse.shape[1])) if cfg.module.enabled else 0)
     derived = {"num_parameters_inference": count_parameters(classifier), "num_parameters_module": module_params}
     reporter = w.reporter(derived, functools.partial(cocodiff_final_artifacts, names=names))
-    cocodiff_fit.fit_cocodiff(cfg, data.train_x, data.train_y, data.val_x, data.val_y, fine, coarse, reporter,
-                              w.run_dir, progress=False, num_classes=data.num_classes,
-                              wrap_model=ray.train.torch.prepare_model if w.world > 1 else None,
-                              rank=w.rank, world_size=w.world)
+    try:
+        cocodiff_fit.fit_cocodiff(cfg, data.train_x, data.train_y, data.val_x, data.val_y, fine, coarse, reporter,
+                                  w.run_dir, progress=False, num_classes=data.num_classes,
+                                  wrap_model=ray.train.torch.prepare_model if w.world > 1 else None,
+                                  rank=w.rank, world_size=w.world)
+    finally:
+        w.cleanup()
     w.close()
 
 
@@ -318,7 +333,8 @@ def tune_trial(config: dict[str, Any], *, settings: dict[str, Any]) -> None:
     loop = {
         "method": settings["method"], "metric": settings["metric"],
         "base": settings["base"], "overrides": trial_overrides_from_config(config, settings), "seed": settings["seed"],
-        "threads": max(1, int(settings["cpus_per_worker"])), "data": settings["data_ref"],
+        "threads": max(1, int(settings["cpus_per_worker"])), "gpus": settings["gpus_per_worker"],
+        "data": settings["data_ref"],
         "tracking_uri": settings["tracking_uri"], "experiment": settings["experiment"],
         "parent_run_id": settings["parent_run_id"], "trial_id": ctx.get_trial_id(),
         "trial_name": ctx.get_trial_name(), "split": settings["split"], "sweep": settings["sweep"],

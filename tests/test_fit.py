@@ -364,3 +364,27 @@ def test_compiled_training_matches_eager(tiny_task):
     assert len(loss_e) == 4 and loss_c == pytest.approx(loss_e, rel=1e-4)
     for key, value in weights(eager.model).items():
         torch.testing.assert_close(weights(comp.model)[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_resuming_a_per_tensor_adamw_state_keeps_the_fused_optimizer(tiny_task):
+    """Checkpoints written before fused AdamW load into it without switching fusing off, and step on equally."""
+    from trainers.tdsm_fit import build_optimizer, load_optimizer_state
+
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    model = build_model(cfg, 16, tiny_task.text)
+    old = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)            # the former optimizer
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    old.step()
+    opt = build_optimizer(cfg, model)
+    load_optimizer_state(opt, old.state_dict())
+    assert opt.param_groups[0]["fused"] is True and old.param_groups[0]["fused"] in (None, False)
+    assert all(opt.state[p]["step"].item() == 1 for p in model.parameters())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    old.step()
+    after_old = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(before)
+    opt.step()                                         # the same second update (fused: to rounding)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, after_old[key], rtol=1e-6, atol=1e-7)

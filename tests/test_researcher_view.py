@@ -103,9 +103,11 @@ def test_trial_timing_is_start_to_first_metric_and_the_share_outside_the_fit_loo
     started = 1000.0
     timing = trial_timing(started, {"first_metric_time": 1004.5, "compute_s": 30.0}, ended=1040.0)
     assert timing == pytest.approx({TIMING_KEYS[0]: 4.5, TIMING_KEYS[1]: 40.0, TIMING_KEYS[2]: 0.25})
-    assert trial_timing(None, {"first_metric_time": 1.0, "compute_s": 1.0}, 2.0) == {}   # restored: start unseen
+    assert trial_timing(None, {"first_metric_time": 1.0, "compute_s": 1.0}, 2.0) == {}   # start unseen
     assert trial_timing(started, {"step": 3}, 1040.0) == {}                               # reported nothing yet
-    assert trial_timing(started, {"first_metric_time": 999.0, "compute_s": 99.0}, 1040.0)[TIMING_KEYS[2]] == 0.0
+    # a retried trial that died before reporting again still carries its previous attempt's result
+    assert trial_timing(started, {"first_metric_time": 999.0, "compute_s": 30.0}, 1040.0) == {}
+    assert trial_timing(started, {"first_metric_time": 1001.0, "compute_s": 99.0}, 1040.0) == {}
 
 
 def test_closer_logs_each_trials_timing_on_its_run_and_the_parent_gets_median_and_max(client, capsys):
@@ -115,10 +117,12 @@ def test_closer_logs_each_trials_timing_on_its_run_and_the_parent_gets_median_an
     closer = MLflowTrialCloser(uri, "sweeps", total_steps=300)
     trial = SimpleNamespace(trial_id="t", last_result={"step": 300})
     closer.on_trial_start(0, [], trial)
-    trial.last_result.update(first_metric_time=closer.started["t"] + 2.0, compute_s=0.0)
+    closer.started["t"] -= 10.0                                      # the trial started 10 s ago
+    trial.last_result.update(first_metric_time=closer.started["t"] + 2.0, compute_s=5.0)
     closer.on_trial_complete(0, [], trial)
     metrics = client.get_run(run.run_id).data.metrics
-    assert metrics[TIMING_KEYS[0]] == pytest.approx(2.0) and metrics[TIMING_KEYS[2]] == 1.0
+    assert metrics[TIMING_KEYS[0]] == pytest.approx(2.0) and metrics[TIMING_KEYS[1]] == pytest.approx(10.0, abs=1.0)
+    assert metrics[TIMING_KEYS[2]] == pytest.approx(0.5, abs=0.05)
     rows = [{"start_to_first_metric_s": v, "overhead_share": v / 10} for v in (2.0, 9.0, 4.0)] + [{}]
     out = report_overhead(parent, "split", rows)
     assert out == {"start_to_first_metric_s_median": 4.0, "start_to_first_metric_s_max": 9.0,
@@ -135,6 +139,18 @@ def test_trial_driver_direct_for_one_worker_train_for_ddp():
     settings = {"cpus_per_worker": 2.0, "gpus_per_worker": 0.5}
     assert trial_resources({**settings, "driver": "direct"}) == {"cpu": 2.0, "gpu": 0.5}
     assert trial_resources({**settings, "driver": "train"})["cpu"] == 0     # its TorchTrainer's workers hold them
+
+
+def test_a_resumed_sweep_keeps_the_driver_it_started_with():
+    from service.sweep import sweep_driver
+
+    assert sweep_driver({}, "auto", 1, "s") == "direct"                                     # a new sweep
+    assert sweep_driver({"driver": "direct"}, "auto", 1, "s") == "direct"
+    assert sweep_driver({"parent_run_id": "x"}, "auto", 1, "s") == "train"     # state from before the choice
+    with pytest.raises(InputError, match="started with the train trial driver"):
+        sweep_driver({"parent_run_id": "x"}, "direct", 1, "s")
+    with pytest.raises(InputError, match="started with the direct trial driver"):
+        sweep_driver({"driver": "direct"}, "auto", 2, "s")
 
 
 def fake_run(trial: str, value: float | None, status: str = "FINISHED", state: str = "finished", **params):

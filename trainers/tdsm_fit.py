@@ -64,6 +64,20 @@ def build_optimizer(cfg: TDSMConfig, model: nn.Module) -> torch.optim.AdamW:
                              fused=device.type in ("cpu", "cuda") or None)
 
 
+def load_optimizer_state(opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load an optimizer state, keeping this optimizer's own `fused` choice: load_state_dict takes the saved
+    groups' flags, so a checkpoint of the per-tensor AdamW would switch fusing off (and a fused one would force it
+    on a device it was not chosen for). Fused AdamW keeps its step counts on the parameters' device."""
+    chosen = [group.get("fused") for group in opt.param_groups]
+    opt.load_state_dict(state)
+    for group, fused in zip(opt.param_groups, chosen):
+        group["fused"] = fused
+        if fused:
+            for p in group["params"]:
+                if "step" in opt.state.get(p, {}):
+                    opt.state[p]["step"] = opt.state[p]["step"].to(device=p.device, dtype=torch.float32)
+
+
 def training_fingerprint(cfg: TDSMConfig) -> str:
     """Hash of everything that changes what training computes (resuming under another config is refused)."""
     flat = flatten(to_plain(cfg))
@@ -201,7 +215,11 @@ def fit_tdsm(cfg: TDSMConfig, train: FeatureSplit, train_classes: list[int], eva
 
     train_model = wrap_model(model) if wrap_model is not None else model
     if cfg.train.compile:       # the training forward and backward only: evaluation shapes vary, checkpoints and
-        train_model = torch.compile(train_model)     # evaluation use the plain module (same parameters)
+        # evaluation use the plain module (same parameters). A fresh compile cache per fit: a process that runs
+        # many fits (a reused Tune trial process) would otherwise reach dynamo's recompile limit and fall back to
+        # eager without a word.
+        torch._dynamo.reset()
+        train_model = torch.compile(train_model)
     total, B, T = cfg.train.steps, cfg.optim.batch_size, cfg.diffusion.num_train_timesteps
     log_every = max(1, min(50, total // 20))
     curve, last_metrics = None, {}
@@ -263,7 +281,7 @@ def _resume(path: Path, fingerprint: str, model, opt, gen: torch.Generator) -> t
     """Load last.pt into model/optimizer/generator; refuse a checkpoint written under another config."""
     state = load_checkpoint(path, fingerprint, ("model", "optimizer", "generator", "torch_rng", "step", "best"))
     model.load_state_dict(state["model"])
-    opt.load_state_dict(state["optimizer"])
+    load_optimizer_state(opt, state["optimizer"])
     gen.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])
     if (Path(path).parent / BEST).is_file():    # a bad best.pt fails now, not after the whole run has trained
