@@ -187,14 +187,6 @@ class CoCoDiffTrainConfig(TrainConfig):
     checkpoint_every: int = Field(100, ge=1, description="Write a resumable checkpoint every N steps.")
     threads: int = Field(1, ge=0, description="torch intra-op threads; 0 keeps torch's default. One: small "
                                              "convolutions run fastest so on shared cores.")
-    compile: bool = Field(False, description="not available for CoCoDiff (TDSM only).")
-
-    @field_validator("compile")
-    @classmethod
-    def _no_compile(cls, value: bool) -> bool:
-        if value:
-            raise ValueError("torch.compile is not available for CoCoDiff's fit loop (TDSM only); expected false")
-        return value
 
 
 class CoCoDiffConfig(Section):
