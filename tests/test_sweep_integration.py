@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -142,11 +143,18 @@ def test_killed_driver_resumes_without_duplicates(tmp_path):
     env = env_for(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     name = "resume-me"
-    cmd = [sys.executable, "-m", "service.sweep", "tdsm", "--smoke", "--num-samples", "4", "--max-concurrent", "1",
-           "--scheduler", "fifo", *FAST, "--tracking-uri", uri, "--storage-path", str(tmp_path / "results"),
+    # 6 trials of 80 steps (~10-15 s each, one at a time): the kill, 15 s after the second trial finished, must
+    # land while later trials still run (at 4 x 40 steps the whole sweep had finished by then).
+    longer = [a.replace("train.steps=40", "train.steps=80") for a in FAST]
+    cmd = [sys.executable, "-m", "service.sweep", "tdsm", "--smoke", "--num-samples", "6", "--max-concurrent", "1",
+           "--scheduler", "fifo", *longer, "--tracking-uri", uri, "--storage-path", str(tmp_path / "results"),
            "--name", name]
     log = open(tmp_path / "first.log", "w")
-    first = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True)
+    # Tune snapshots its state every 10-19 s by default ("auto": at least 10 s, 19x the last snapshot's cost); a
+    # trial that finished inside that window is restored from its last checkpoint and reports again on resume
+    # (without training). Snapshot every 2 s so that "finished before the kill" means finished in the snapshot.
+    first = subprocess.Popen(cmd, env={**env, "TUNE_GLOBAL_CHECKPOINT_S": "2"}, stdout=log, stderr=subprocess.STDOUT,
+                             cwd=tmp_path, start_new_session=True)
     client = MlflowClient(uri)
     deadline = time.time() + 900
     finished_before: dict[str, int] = {}
@@ -167,15 +175,16 @@ def test_killed_driver_resumes_without_duplicates(tmp_path):
         assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
         assert finished_before, "no trial finished within the deadline"
     finally:
-        os.killpg(first.pid, signal.SIGKILL)   # the driver and the local Ray it started
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(first.pid, signal.SIGKILL)   # the driver and the local Ray it started
         first.wait(timeout=60)
         subprocess.run([BIN / "ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
 
     again = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=1500, cwd=tmp_path)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     parent, kids = children_of_sweep(uri, "tdsm-synthetic-u5-sweeps")
-    assert len(kids) == 4, sorted(k.data.tags.get("ray_trial_id") for k in kids)     # no duplicates
-    assert len({k.data.tags["ray_trial_id"] for k in kids}) == 4
+    assert len(kids) == 6, sorted(k.data.tags.get("ray_trial_id") for k in kids)     # no duplicates
+    assert len({k.data.tags["ray_trial_id"] for k in kids}) == 6
     by_id = {k.info.run_id: k for k in kids}
     for run_id, end_time in finished_before.items():   # completed before the kill: kept, not re-run
         assert by_id[run_id].info.end_time == end_time
