@@ -675,7 +675,8 @@ def format_tdsm_report(report: dict[str, Any]) -> str:
         "zero-shot scoring: (sample x candidate) pairs/s, each pair over all K noise draws; batched = "
         "score_candidates, loop = score_candidates_loop",
         format_table(["size", "C", "N x K", "warm+timed", "batched bf16", "loop bf16", "batched fp32", "loop fp32",
-                      "batched/loop bf16 / fp32", "bf16/fp32", "peak MiB b-bf16/loop/b-fp32", "batched vs loop: rel diff / argmin",
+                      "batched/loop bf16 / fp32", "bf16/fp32", "peak MiB b-bf16/loop/b-fp32",
+                      "batched vs loop: rel diff / argmin",
                       "cpu share"],
                      score_rows),
         "",

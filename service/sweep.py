@@ -1,10 +1,11 @@
 """Hyper-parameter sweeps: `python -m service.sweep {tdsm,cocodiff} [--smoke] [--splits NAME ...]`.
 
 Ray Tune samples configs from search_spaces/<method>.yaml; each trial trains in its Tune trial process (one
-worker) or on a Ray Train TorchTrainer (N workers, DDP; service.trial) and is ranked on validation data (TDSM: classes carved from the seen ones; CoCoDiff: a draw of
-the training split), never on test. Every trial is a nested MLflow run under one parent run per split; the
-best config is written as YAML for `python -m service.final`. The driver, Tuner and MLflow parent logic is
-shared; what differs per method is in `SWEEP_METHODS` here and `service.trial.WORKERS`.
+worker) or on a Ray Train TorchTrainer (N workers, DDP; service.trial) and is ranked on validation data (TDSM:
+classes carved from the seen ones; CoCoDiff: a draw of the training split), never on test. Every trial is a
+nested MLflow run under one parent run per split; the best config is written as YAML for
+`python -m service.final`. The driver, Tuner and MLflow parent logic is shared; what differs per method is in
+`SWEEP_METHODS` here and `service.trial.WORKERS`.
 """
 
 from __future__ import annotations
@@ -397,7 +398,7 @@ def trial_timing(started: float | None, result: dict[str, Any], ended: float) ->
     if started is None or first is None or compute is None:
         return {}
     wall = ended - started
-    if first < started or first > ended or not 0 <= compute <= wall:
+    if wall <= 0 or first < started or first > ended or not 0 <= compute <= wall:
         return {}
     return {TIMING_KEYS[0]: first - started, TIMING_KEYS[1]: wall, TIMING_KEYS[2]: 1.0 - compute / wall}
 
@@ -485,7 +486,8 @@ def view_columns(space: SearchSpace) -> list[str]:
 
 def report_trials(parent: MLflowReporter, experiment: str, uri: str, name: str, sweep_path: Path, split: str,
                   space: SearchSpace, best_run_id: str | None = None) -> dict[str, Any]:
-    """Print the ranked trials, write them as trials.csv (sweep folder and parent run), share a runs-table view."""
+    """Print the ranked trials, write them as trials.csv (sweep folder and parent run), share a runs-table view;
+    log the sweep's own overhead on the parent run."""
     client = parent.client
     exp_id = client.get_experiment_by_name(experiment).experiment_id
     children = client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{parent.run_id}'", max_results=1000)
@@ -496,18 +498,18 @@ def report_trials(parent: MLflowReporter, experiment: str, uri: str, name: str, 
     parent.log_artifact(out)
     share_runs_view(client, exp_id, name, view_columns(space), search_filter=f"tags.sweep = '{name}'",
                     order_by=column_key("metrics", space.objective), expanded=[parent.run_id])
-    return {"trials_csv": str(out), "mlflow_view": ui_link(uri, exp_id, name), "rows": rows}
+    return {"trials_csv": str(out), "mlflow_view": ui_link(uri, exp_id, name), **report_overhead(parent, split, rows)}
 
 
 def report_overhead(parent: MLflowReporter, split: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The sweep's own cost in its parent run: median and worst trial start -> first metric and overhead share
     (per trial: the child runs' trial/* metrics and trials.csv)."""
     out: dict[str, Any] = {}
-    for key, label in (("start_to_first_metric_s", "start_to_first_metric_s"), ("overhead_share", "overhead_share")):
+    for key in ("start_to_first_metric_s", "overhead_share"):
         values = sorted(v for r in rows if isinstance(v := r.get(key), float) and math.isfinite(v))
         if values:
-            out[f"{label}_median"] = round(values[len(values) // 2], 3)
-            out[f"{label}_max"] = round(values[-1], 3)
+            out[f"{key}_median"] = round(values[len(values) // 2], 3)
+            out[f"{key}_max"] = round(values[-1], 3)
     if out:
         parent.log_metrics({f"sweep/{k}": v for k, v in out.items()}, 0)
         print(f"[{split}] trial start -> first metric: median {out.get('start_to_first_metric_s_median')} s, "
@@ -589,11 +591,10 @@ def run_split(args, method: str, split: str, base: dict[str, Any], space: Search
                                         max_concurrent_trials=None if args.search == "random" else concurrency,
                                         # direct trials reuse the trial process (no new actor, torch imported
                                         # once): the first metric ~2 s after start instead of ~5.5 s.
-                                        reuse_actors=settings["driver"] == "direct"),
+                                        reuse_actors=driver == "direct"),
             run_config=run_config)
     print(f"[{split}] sweep {name}: {num_samples} trials, {concurrency} at a time, "
-          f"{args.workers_per_trial} worker(s) each ({settings['driver']} driver), {args.search} search with seed "
-          f"{args.seed}; "
+          f"{args.workers_per_trial} worker(s) each ({driver} driver), {args.search} search with seed {args.seed}; "
           f"objective {space.objective} ({space.mode} of {space.metric} over a trial's evaluations)", file=sys.stderr)
     t1 = time.perf_counter()
     with sigterm_stops_tune():
@@ -608,7 +609,6 @@ def run_split(args, method: str, split: str, base: dict[str, Any], space: Search
     parent.log_metrics({"sweep/fit_seconds": fit_s, "sweep/prepare_seconds": prep_s,
                         f"sweep/best_{space.objective.replace('/', '_')}": summary.get("best_metric", float("nan"))}, 0)
     summary.update(report_trials(parent, experiment, uri, name, sweep_path, split, space, summary.get("best_run_id")))
-    summary.update(report_overhead(parent, split, summary.pop("rows")))
     if summary.get("best_run_id") is None:      # every trial failed or reported no finite metric: nothing to rank
         from service.encoder import input_error_cause
 

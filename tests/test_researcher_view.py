@@ -121,8 +121,9 @@ def test_closer_logs_each_trials_timing_on_its_run_and_the_parent_gets_median_an
     trial.last_result.update(first_metric_time=closer.started["t"] + 2.0, compute_s=5.0)
     closer.on_trial_complete(0, [], trial)
     metrics = client.get_run(run.run_id).data.metrics
-    assert metrics[TIMING_KEYS[0]] == pytest.approx(2.0) and metrics[TIMING_KEYS[1]] == pytest.approx(10.0, abs=1.0)
-    assert metrics[TIMING_KEYS[2]] == pytest.approx(0.5, abs=0.05)
+    wall = metrics[TIMING_KEYS[1]]            # 10 s plus however long the closer's MLflow calls took
+    assert metrics[TIMING_KEYS[0]] == pytest.approx(2.0) and 10.0 <= wall < 60.0
+    assert metrics[TIMING_KEYS[2]] == pytest.approx(1.0 - 5.0 / wall)
     rows = [{"start_to_first_metric_s": v, "overhead_share": v / 10} for v in (2.0, 9.0, 4.0)] + [{}]
     out = report_overhead(parent, "split", rows)
     assert out == {"start_to_first_metric_s_median": 4.0, "start_to_first_metric_s_max": 9.0,

@@ -318,5 +318,5 @@ def evaluate_split(cfg: TDSMConfig, model: TDSMDenoiser, split: FeatureSplit, cl
     return zsl_metric_dict(curve, cfg.eval.t_test, prefix), curve
 
 
-__all__ = ["FitResult", "ZSLMetrics", "build_model", "build_optimizer", "build_schedule", "evaluate_split", "fit_tdsm", "lr_at",
-           "load_best", "load_best_weights", "zsl_metric_dict"]
+__all__ = ["FitResult", "ZSLMetrics", "build_model", "build_optimizer", "build_schedule", "evaluate_split", "fit_tdsm",
+           "load_best", "load_best_weights", "load_optimizer_state", "lr_at", "zsl_metric_dict"]

@@ -44,8 +44,9 @@ def sample_keyed_noise(features: torch.Tensor, num_draws: int, seed: int) -> tor
 
 # On a CPU a forward pass over more rows than fit the caches is slower per row than a few smaller ones (its
 # elementwise chains stream every (rows, tokens, width) activation through memory): a small denoiser scored 1,920
-# rows at once at 0.77x the speed of the per-class loop, 240 rows at 1.17x (C=20, K=3, N=32, fp32, one core of an
-# AMD EPYC). Rows per forward are capped so one activation holds about this many elements (~9 MiB in fp32).
+# rows at once at 0.80x the speed of the per-class loop, 240 rows at a time at 1.02x (C=20, K=3, N=32, fp32, one
+# core of an AMD EPYC, medians of 5 alternating rounds). Rows per forward are capped so one activation holds about
+# this many elements (~9 MiB in fp32).
 CPU_ACTIVATION_ELEMENTS = 256 * 36 * 256
 
 
