@@ -13,8 +13,17 @@ import json
 import pytest
 import torch
 
-from service.bench import (BENCHMARKS, PeakMemory, bench_config, build_denoiser, compare_scores, contention_warning,
-                           main, make_scoring_inputs, memory_method, open_gates, time_scoring)
+from service.cli.bench import BENCHMARKS, main
+from service.benchmarks.common import PeakMemory, memory_method
+from service.benchmarks.tdsm import (
+    bench_config,
+    build_denoiser,
+    compare_scores,
+    contention_warning,
+    make_scoring_inputs,
+    open_gates,
+    time_scoring,
+)
 from trainers.tdsm_fit import build_schedule
 
 CPU = torch.device("cpu")

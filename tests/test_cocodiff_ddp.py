@@ -1,5 +1,5 @@
 """CoCoDiff data-parallel training (slow): a real 2-worker Ray Train TorchTrainer (gloo on CPU) runs fit_cocodiff
-with Ray's prepare_model as the DDP wrapper, the way `service.trial.cocodiff_worker` does for
+with Ray's prepare_model as the DDP wrapper, the way `service.methods.cocodiff.fit_trial` does for
 `--workers-per-trial 2`. Both ranks must end with identical weights (gradients averaged, BatchNorm buffers
 broadcast) that moved away from the initial ones, having trained on different shards of each global batch.
 """

@@ -18,8 +18,8 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from service.cocodiff_data import prepare_cocodiff_inputs, synthetic_root
-from service.search_space import (
+from service.data.generated import prepare_cocodiff_inputs, synthetic_root
+from service.methods.search_space import (
     check_against_config,
     load_search_space,
     trial_overrides,
@@ -93,7 +93,7 @@ def test_shipped_configs_are_the_embedded_default_and_the_paper_plan():
 
 
 def test_named_splits_cover_the_synthetic_default_and_every_benchmark(monkeypatch):
-    from service.splits import load_splits
+    from service.data.splits import load_splits
     from trainers.skeleton.splits import BENCHMARKS
 
     monkeypatch.setenv("SKELDIFF_DATA", "/data")

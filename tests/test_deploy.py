@@ -188,7 +188,7 @@ def test_raycluster_autoscales_a_gpu_worker_group():
 
 
 def test_sweep_trials_fit_one_gpu_worker_pod(monkeypatch):
-    from service.splits import load_splits, splits_file
+    from service.data.splits import load_splits, splits_file
     from service.sweep import build_parser
 
     cluster = one("RayCluster")

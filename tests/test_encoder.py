@@ -17,14 +17,9 @@ import torch
 
 from conftest import CrashAfter
 
-from service.encoder import (
-    default_synthetic_unseen,
-    extract_to_folder,
-    seen_class_data,
-    synthetic_skeleton_features,
-    train_encoder,
-)
-from service.prepare import prepare
+from service.data.chain import default_synthetic_unseen, synthetic_skeleton_features
+from service.data.features import extract_to_folder, seen_class_data, train_encoder
+from trainers.skeleton.prepare import prepare
 from trainers.encoder_fit import EncoderConfig, fit_encoder, load_encoder
 from trainers.errors import InputError
 from trainers.skeleton.synthetic import action_catalogue, write_synthetic_dataset
@@ -176,7 +171,7 @@ def test_service_encoder_train_on_ray_workers(prepared, tmp_path, workers):
 
 def test_names_data_decides_whether_the_embedded_default_applies(tmp_path):
     from service.run import build_parser
-    from service.splits import default_splits
+    from service.cli.options import default_splits
 
     def parsed(*argv):
         return build_parser().parse_args(["tdsm", *argv])

@@ -16,9 +16,9 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from service.ensemble import main
-from service.final import cocodiff_table
-from service.run import log_classification_outputs
-from service.tracking import MLflowReporter
+from service.methods.cocodiff import cocodiff_table
+from service.tracking.artifacts import log_classification_outputs
+from service.tracking.store import MLflowReporter
 from trainers.cocodiff import CoCoDiffConfig
 from trainers.config import build_config, to_plain
 

@@ -8,7 +8,7 @@ Catalogue (loader exercised; "CLI" = the command's `main` or a subprocess, exit 
   tdsm runs/<id>/last.pt     trainers.tdsm_fit.fit_tdsm (the resume of service.run / a Tune trial)
   tdsm best.pt               trainers.tdsm_fit.load_best (service.run after training) and the resume check
   cocodiff last.pt           trainers.cocodiff_fit._resume
-  cocodiff best.pt           trainers.cocodiff_fit.load_classifier, service.trial.cocodiff_final_artifacts
+  cocodiff best.pt           trainers.cocodiff_fit.load_classifier, service.methods.cocodiff.final_artifacts
   registry bundles           service.registry ZeroShotTDSM / SkeletonClassifierModel .load_context
   text-feature cache         trainers.text._load_cached: ignored with a warning and recomputed (never run)
 """
@@ -175,7 +175,7 @@ def test_cocodiff_best_pt(tmp_path, marker, form):
 
 def test_cocodiff_best_pt_in_a_trial(tmp_path, marker):
     pytest.importorskip("ray")
-    from service.trial import cocodiff_final_artifacts
+    from service.methods.cocodiff import final_artifacts as cocodiff_final_artifacts
 
     path = write_hostile(tmp_path / cocodiff_fit.BEST, marker, "torch")
     with pytest.raises(InputError) as err:
@@ -186,7 +186,7 @@ def test_cocodiff_best_pt_in_a_trial(tmp_path, marker):
 @pytest.mark.parametrize("kind", ["tdsm", "cocodiff"])
 def test_registry_bundles(tmp_path, marker, kind):
     pytest.importorskip("mlflow")
-    from service.registry import SkeletonClassifierModel, ZeroShotTDSM
+    from service.tracking.registry import SkeletonClassifierModel, ZeroShotTDSM
 
     path = write_hostile(tmp_path / "bundle.pt", marker, "torch")
     model = ZeroShotTDSM() if kind == "tdsm" else SkeletonClassifierModel()
@@ -276,7 +276,7 @@ def synthetic_raw(tmp_path_factory) -> Path:
 
 
 def run_prepare(raw: Path, out: Path, **kw) -> tuple[dict, list[str]]:
-    from service.prepare import prepare
+    from trainers.skeleton.prepare import prepare
 
     logs: list[str] = []
     summary = prepare("synthetic", raw, out, frames=8, chunk_size=2, progress=False, log=logs.append, **kw)

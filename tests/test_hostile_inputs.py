@@ -230,7 +230,7 @@ def test_loss_guard_on_an_accelerator_reports_the_first_bad_step_at_flush():
 
 
 def test_sweep_best_config_never_comes_from_a_failed_or_non_finite_trial():
-    from service.sweep import eligible_for_best
+    from service.tracking.trials import eligible_for_best
 
     def run(status, value, state=None):
         tags = {"trial_state": state} if state else {}
@@ -425,7 +425,7 @@ def test_kinetics_prepare_skips_each_hostile_clip_with_its_reason(tmp_path):
 
 def test_any_exception_while_reading_a_file_skips_only_that_file(monkeypatch, tmp_path):
     """A MemoryError / OverflowError / RecursionError from one file becomes a skip with its type as the reason."""
-    import service.prepare as prep
+    import trainers.skeleton.prepare as prep
 
     def boom(path, max_people=2, num_classes=None):
         raise OverflowError("Python int too large to convert to C long")

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from service import tracking
+from service.tracking import store as tracking
 from test_hostile_tracking import ADMIN_PASSWORD, SECRET, files_containing, mlflow_server  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,7 +68,7 @@ def test_input_error_cause_unwraps_ray_train_and_tune_wrappers():
     from ray.exceptions import RayTaskError
     from ray.train import WorkerGroupError
 
-    from service.encoder import input_error_cause
+    from service.orchestration.cluster import input_error_cause
     from trainers.errors import TrainingDivergedError
 
     diverged = TrainingDivergedError("training diverged: non-finite loss at step 2 (loss=nan)")
@@ -107,7 +107,7 @@ def test_sweep_of_diverging_trials_fails_cleanly_without_a_best_config(tmp_path)
 
 @pytest.mark.slow
 def test_encoder_on_ray_with_a_diverging_lr_is_one_line_exit_2(tmp_path):
-    from service.prepare import prepare
+    from trainers.skeleton.prepare import prepare
     from trainers.skeleton.synthetic import write_synthetic_dataset
 
     write_synthetic_dataset(tmp_path / "raw", num_classes=8, per_class=6, seed=3)

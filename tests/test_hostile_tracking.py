@@ -22,8 +22,8 @@ import pytest
 import torch
 
 from conftest import CLI_CLASS_NAMES as NAMES, TINY_RUN_ARGS as TINY, tiny_config, write_feature_folder
-from service import tracking
-from service.tracking import move_credentials, redact_uri, resolve_tracking_uri
+from service.tracking import store as tracking
+from service.tracking.store import move_credentials, redact_uri, resolve_tracking_uri
 from trainers.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,13 +171,13 @@ def test_second_run_on_a_locked_run_dir_is_refused(ws, tmp_path):
 
 
 def open_run_args(tmp_path: Path, **kw) -> argparse.Namespace:
-    """What service.run.open_run reads from the command line."""
+    """What service.methods.common.open_run reads from the command line."""
     return argparse.Namespace(**{"split": None, "run_dir": tmp_path / "run", "fresh": False,
                                  "tracking_uri": f"sqlite:///{tmp_path / 'm.db'}", "experiment_name": "hostile", **kw})
 
 
 def test_open_run_refuses_a_locked_run_dir(tmp_path):
-    from service.run import open_run
+    from service.methods.common import open_run
 
     (tmp_path / "run").mkdir()
     with open(tmp_path / "run" / ".lock", "w") as held:
@@ -190,7 +190,7 @@ def test_open_run_refuses_a_locked_run_dir(tmp_path):
 
 
 def test_lock_is_released_when_main_returns(tmp_path):
-    from service.cli import _held_locks, exits_cleanly, lock_dir
+    from service.process import _held_locks, exits_cleanly, lock_dir
 
     @exits_cleanly
     def main(folder: Path) -> int:
@@ -208,8 +208,8 @@ def test_lock_is_released_when_main_returns(tmp_path):
 def test_open_run_replaces_a_deleted_run_and_a_torn_run_file(tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
-    from service.cli import _held_locks
-    from service.run import open_run
+    from service.process import _held_locks
+    from service.methods.common import open_run
 
     args, cfg = open_run_args(tmp_path), tiny_config()
     try:
@@ -233,7 +233,7 @@ def test_open_run_replaces_a_deleted_run_and_a_torn_run_file(tmp_path, capsys):
 
 
 def test_sigterm_unwinds_like_ctrl_c():
-    from service.cli import Terminated, exits_cleanly
+    from service.process import Terminated, exits_cleanly
 
     seen = []
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.prepare import bench_prepare, prepare
+from service.benchmarks.prepare import bench_prepare
+from trainers.skeleton.prepare import prepare
 from trainers.skeleton import parse_sample_name, split_of
 from trainers.skeleton.synthetic import action_catalogue
 

@@ -193,7 +193,7 @@ def test_prepare_kinetics_writes_the_folder_split(kinetics_release, tmp_path):
 
 
 def test_kinetics_columns_follow_raw_and_invalidate_the_stamp(kinetics_release, tmp_path):
-    from service.prepare import prepare
+    from trainers.skeleton.prepare import prepare
 
     out = tmp_path / "out"
     prepare("kinetics", kinetics_release, out, progress=False, log=lambda msg: None)
@@ -236,7 +236,7 @@ def test_prepare_pku_bad_split_options_exit_2(pku_release, tmp_path, args, fragm
 
 
 def test_pku_without_lists_prepares_but_cannot_be_split(pku_release, tmp_path):
-    from service.prepare import prepare
+    from trainers.skeleton.prepare import prepare
     from trainers.skeleton.prepared import read_prepared
 
     logged = []
@@ -292,7 +292,7 @@ def test_config_ties_the_kinetics_benchmark_to_the_openpose_layout():
     cfg = CoCoDiffConfig.model_validate({"data": {"benchmark": "kinetics"}, "backbone": {"layout": "openpose"}})
     assert cfg.data.num_classes == 46                                    # the synthetic catalogue, not 400
     # every named set names its layout, so a Kinetics config moves to an NTU-25 set and back
-    from service.splits import load_splits
+    from service.data.splits import load_splits
     from trainers.config import build_config
 
     splits = ROOT / "search_spaces" / "cocodiff_splits.yaml"

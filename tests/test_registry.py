@@ -20,7 +20,7 @@ FEATURE_DIM, CLASSES = 16, [3, 5, 8, 11, 13, 17, 19, 23]
 def pyfunc(tmp_path_factory):
     """A loaded ZeroShotTDSM over a perturbed tiny denoiser, one noise draw: its answers hinge on the noise."""
     pytest.importorskip("mlflow")
-    from service.registry import ZeroShotTDSM
+    from service.tracking.registry import ZeroShotTDSM
 
     gen = torch.Generator().manual_seed(0)
     cfg = tiny_config(**{"eval.noise_draws": 1, "eval.t_test": 40, "eval.t_test_grid": [40]})

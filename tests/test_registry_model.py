@@ -23,8 +23,9 @@ NAMES = [f"action {i}" for i in range(9)]
 def registered(tmp_path_factory):
     """(tracking uri, loaded pyfunc, model version, example rows) after final's register_model on a tiny model."""
     mlflow = pytest.importorskip("mlflow")
-    from service.final import register_model, source_tags
-    from service.tracking import MLflowReporter
+    from service.tracking.registry import register_model
+    from service.tracking.sources import source_tags
+    from service.tracking.store import MLflowReporter
 
     tmp = tmp_path_factory.mktemp("registry")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
-from service.splits import load_references, load_splits
+from service.data.splits import load_references, load_splits
 from trainers.config import TDSMConfig, build_config
 from trainers.errors import InputError
 from trainers.text import read_prompt_file
@@ -139,7 +139,7 @@ def test_bad_reference_blocks_name_the_split(tmp_path, reference, fragment):
 
 def log_final(uri: str, split: str, top1: list[float], ensemble: list[float]) -> str:
     """A finished TDSM final as service.final logs it: a parent (tags, params) and one child run per seed."""
-    from service.tracking import MLflowReporter, standard_tags
+    from service.tracking.store import MLflowReporter, standard_tags
 
     parent = MLflowReporter.start(uri, f"tdsm-{split}", f"final-{split}",
                                   tags=standard_tags(split=split, phase="final", method="tdsm"))
@@ -232,7 +232,7 @@ def log_sweep(uri: str, split: str, trials: list[tuple[float, int, float, float,
     """A finished TDSM sweep as service.sweep logs it: a parent (tags, params, best_run_id, sweep/best_* metric) and
     one child run per trial (T, τ, λ, lr params; val/zsl_top1_max; best_t_test tag). objective=False: as sweeps
     logged it before the sweep.objective param."""
-    from service.tracking import MLflowReporter, standard_tags
+    from service.tracking.store import MLflowReporter, standard_tags
 
     name = f"tdsm-{split}-smoke-{len(trials)}"
     parent = MLflowReporter.start(uri, f"tdsm-{split}", name,
@@ -263,8 +263,9 @@ def test_report_carries_the_sweep_that_chose_the_config(tmp_path, capsys, monkey
     from mlflow.tracking import MlflowClient
 
     import service.report as report
+    from service.tracking import store
 
-    monkeypatch.setattr(report, "PAGE", 1)
+    monkeypatch.setattr(store, "PAGE", 1)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     splits = tmp_path / "splits.yaml"
     splits.write_text(yaml.safe_dump({n: {"data.source": "synthetic"} for n in ("a", "b", "c", "none")}))
@@ -306,8 +307,8 @@ def test_report_carries_the_sweep_that_chose_the_config(tmp_path, capsys, monkey
 
 def test_final_defaults_its_folder_to_the_storage_path_and_names_its_sweep(tmp_path):
     """`final/` never lands in the working directory; a final knows the sweep its config came from."""
-    from service.final import build_parser, default_out, source_sweep_run_id
-    from service.sweep import STATE_FILE
+    from service.cli.final import build_parser, default_out
+    from service.tracking.sources import STATE_FILE, source_sweep_run_id
 
     args = build_parser().parse_args(["--from", "x", "--storage-path", str(tmp_path / "store")])
     assert args.out is None

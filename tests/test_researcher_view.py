@@ -13,28 +13,23 @@ from types import SimpleNamespace
 import pytest
 from mlflow.tracking import MlflowClient
 
-from service.search_space import format_value, load_search_space, trial_label
-from service.sweep import (
+from service.methods.search_space import load_search_space
+from service.orchestration.sweep import MLflowTrialCloser, search_algorithm, sweep_experiment, tune_param_space
+from service.orchestration.trial import TrialResources, trial_driver, trial_resources
+from service.tracking.trials import (
     TIMING_KEYS,
-    MLflowTrialCloser,
     format_trials_table,
+    format_value,
     ranked_trials,
     report_overhead,
     report_trials,
-    search_algorithm,
-    sweep_experiment,
+    trial_label,
     trial_timing,
     trials_csv,
 )
-from service.trial import trial_driver, trial_resources
 from trainers.errors import InputError
-from service.tracking import (
-    EXPERIMENT_KIND_TAG,
-    MODEL_TRAINING_KIND,
-    SHARED_VIEW_PREFIX,
-    MLflowReporter,
-    ensure_experiment,
-)
+from service.tracking.store import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND, MLflowReporter, ensure_experiment
+from service.tracking.trials import SHARED_VIEW_PREFIX
 
 REPO = Path(__file__).resolve().parents[1]
 SPACE = load_search_space(REPO / "search_spaces" / "tdsm.yaml").for_smoke()
@@ -61,7 +56,7 @@ def test_random_search_is_seeded():
 
     def sample(seed: int) -> list[dict]:
         gen = search_algorithm("random", seed, concurrency=8)
-        gen.add_configurations([Experiment("e", lambda config: None, config=SPACE.tune_param_space(),
+        gen.add_configurations([Experiment("e", lambda config: None, config=tune_param_space(SPACE),
                                            num_samples=4)])
         return [trial.config for trial in iter(gen.next_trial, None)]
 
@@ -137,13 +132,14 @@ def test_trial_driver_direct_for_one_worker_train_for_ddp():
     assert trial_driver("train", 1) == "train"
     with pytest.raises(InputError, match="--trial-driver direct"):
         trial_driver("direct", 2)
-    settings = {"cpus_per_worker": 2.0, "gpus_per_worker": 0.5}
-    assert trial_resources({**settings, "driver": "direct"}) == {"cpu": 2.0, "gpu": 0.5}
-    assert trial_resources({**settings, "driver": "train"})["cpu"] == 0     # its TorchTrainer's workers hold them
+    direct = TrialResources(driver="direct", workers_per_trial=1, cpus_per_worker=2.0, gpus_per_worker=0.5)
+    assert trial_resources(direct) == {"cpu": 2.0, "gpu": 0.5}
+    train = TrialResources(driver="train", workers_per_trial=2, cpus_per_worker=2.0, gpus_per_worker=0.5)
+    assert trial_resources(train)["cpu"] == 0     # its TorchTrainer's workers hold them
 
 
 def test_a_resumed_sweep_keeps_the_driver_it_started_with():
-    from service.sweep import sweep_driver
+    from service.orchestration.sweep import sweep_driver
 
     assert sweep_driver({}, "auto", 1, "s") == "direct"                                     # a new sweep
     assert sweep_driver({"driver": "direct"}, "auto", 1, "s") == "direct"
@@ -204,7 +200,7 @@ def test_only_our_own_worker_lines_reach_the_terminal(monkeypatch):
     """Ray Train's INFO lines, internal tracebacks and C++ messages stay in Ray's log files; ours are forwarded."""
     import ray._private.worker as ray_worker
 
-    from service.sweep import route_worker_logs
+    from service.orchestration.cluster import route_worker_logs
 
     assert hasattr(ray_worker, "print_to_stdstream")          # the handler route_worker_logs replaces is still there
     assert hasattr(ray_worker.global_worker_stdstream_dispatcher, "remove_handler")

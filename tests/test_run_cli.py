@@ -303,10 +303,11 @@ TINY_CHAIN = ("tiny-chain:\n  chain:\n    per_class: 3\n    unseen_count: 4\n"
 
 def test_print_config_of_an_unbuilt_chain_trains_nothing(tmp_path, capsys, monkeypatch):
     """The chain's paths are printed (generate + prepare only) and marked as built on first run."""
+    import service.cli.run
     import service.run
 
     (tmp_path / "splits.yaml").write_text(TINY_CHAIN)
-    monkeypatch.setattr(service.run, "DEFAULT_STORAGE", tmp_path / "results")
+    monkeypatch.setattr(service.cli.run, "DEFAULT_STORAGE", tmp_path / "results")
     monkeypatch.chdir(tmp_path)
     argv = ["tdsm", "--split", "tiny-chain", "--splits-file", str(tmp_path / "splits.yaml"), "--print-config"]
     assert service.run.main(argv) == 0

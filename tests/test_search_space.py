@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from service.search_space import check_against_config, load_search_space, trial_overrides
+from service.methods.search_space import check_against_config, load_search_space, trial_overrides
 from trainers.config import TDSMConfig, build_config, to_plain
 from trainers.errors import InputError
 

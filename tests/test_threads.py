@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from service.bench import contended_arms, format_contended_report, summarise_contended
-from service.cli import add_config_args, resolve_config, shortcut_overrides
+from service.benchmarks.contended import contended_arms, format_contended_report, summarise_contended
+from service.cli.options import add_config_args, resolve_config, shortcut_overrides
 from trainers import runtime
 from trainers.config import TDSMConfig, build_config
 from trainers.errors import InputError
@@ -97,7 +97,7 @@ def test_service_package_sets_passive_wait_only_when_unset_and_before_torch():
 def _connect_ray_env(monkeypatch, job_env: dict | None) -> dict[str, str]:
     import ray
 
-    from service import sweep
+    from service.orchestration import cluster as sweep
 
     for key in ("RAY_ADDRESS", "OMP_WAIT_POLICY", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
                 "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "RAY_JOB_CONFIG_JSON_ENV_VAR"):

@@ -8,56 +8,98 @@ Two trial drivers run the same worker loop:
   function trainable that builds a TorchTrainer and calls fit(); TuneReportCallback forwards rank-0 metrics to
   Tune, where ASHA acts.
 What every method shares (config, data from the object store, the MLflow child run, checkpoint restore, the
-reporter) lives in `TrialWorker` and `TrialReporter`; each method adds only its fit call (`WORKERS`); how a
-result and a checkpoint reach Tune is the `TrialSession`.
+reporter) lives in `TrialWorker` and `TrialReporter`; each method adds only its fit call (`Method.fit_trial`); how
+a result and a checkpoint reach Tune is the `TrialSession`. Typed frozen objects cross the Ray boundary:
+`TrialSettings` (driver -> each trial) and `TrialLoop` (trial -> each worker).
 """
 
 from __future__ import annotations
 
-import functools
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import ray
 import ray.train
-import torch
+import ray.train.torch
+from ray import tune
+from ray.train.torch import TorchTrainer
+from ray.tune.integration.ray_train import TuneReportCallback
 
-from service.cli import METHOD_CONFIGS
-from service.tracking import MLflowReporter, standard_tags
+from service.methods import METHODS
+from service.methods.base import FinalArtifacts
+from service.methods.search_space import T_KEY, SearchSpace, trial_overrides
+from service.orchestration.cluster import input_error_cause
+from service.tracking.store import MLflowReporter, standard_tags
+from service.tracking.trials import find_or_start_child_run, trial_label
 from trainers import cocodiff_fit, tdsm_fit
-from trainers.cocodiff import build_module
 from trainers.config import build_config, dump_yaml, flatten, to_plain
 from trainers.errors import InputError
-from trainers.io import atomic_write_text, load_checkpoint
+from trainers.io import atomic_write_text
 from trainers.runtime import apply_thread_policy
-from trainers.tdsm_model import count_parameters
 from trainers.zsl import ZSLCurve
 
-TRIAL_TAG = "ray_trial_id"
 # Files a worker's run dir may hold and a retried trial restores (both fit loops use these names).
 CHECKPOINT_FILES = tuple(dict.fromkeys((tdsm_fit.LAST, tdsm_fit.BEST, cocodiff_fit.LAST, cocodiff_fit.BEST)))
-# (MLflow run, last evaluation's curve or None, checkpoint folder or None): artifacts logged before the last report.
-FinalArtifacts = Callable[[MLflowReporter, "ZSLCurve | None", "Path | None"], None]
 
 
-def find_or_start_child_run(uri: str, experiment: str, parent_run_id: str, trial_id: str, run_name: str,
-                            tags: dict[str, str]) -> MLflowReporter:
-    """The trial's MLflow run, found by its Ray trial id so a retried or resumed trial never duplicates it."""
-    from mlflow.tracking import MlflowClient
+@dataclass(frozen=True)
+class ParentRun:
+    """The sweep's MLflow parent run of a split, which every trial run nests under."""
 
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is not None:
-        found = client.search_runs([exp.experiment_id], filter_string=f"tags.{TRIAL_TAG} = '{trial_id}'",
-                                   max_results=1)
-        if found:
-            return MLflowReporter.start(uri, experiment, run_name, run_id=found[0].info.run_id)
-    return MLflowReporter.start(uri, experiment, run_name, tags={**tags, TRIAL_TAG: trial_id},
-                                parent_run_id=parent_run_id)
+    tracking_uri: str
+    experiment: str
+    run_id: str
+
+
+@dataclass(frozen=True)
+class TrialResources:
+    """What one trial reserves: `direct` runs its single worker in the Tune trial, `train` a TorchTrainer."""
+
+    driver: str                   # direct | train
+    workers_per_trial: int
+    cpus_per_worker: float
+    gpus_per_worker: float
+
+
+@dataclass(frozen=True)
+class TrialSettings:
+    """Everything a sweep's trials share (driver side -> each Tune trial, through tune.with_parameters)."""
+
+    method: str
+    base: dict[str, Any]          # the split's config tree, paths absolute
+    space: SearchSpace
+    default_T: int | None         # T of the base config when T is not searched (the t_test grid stays below it)
+    seed: int
+    resources: TrialResources
+    parent: ParentRun
+    split: str
+    sweep: str
+    storage_path: str             # the trials' Ray Train storage (and their input_error.txt markers)
+    data_ref: Any                 # ObjectRef of the method's prepared inputs (ray.put once per split)
+
+
+@dataclass(frozen=True)
+class TrialLoop:
+    """What one trial's worker loop gets (Ray Train passes it inside its train_loop_config dict)."""
+
+    method: str
+    base: dict[str, Any]
+    overrides: dict[str, Any]     # the trial's sampled params (+ its t_test grid), dotted
+    seed: int
+    threads: int                  # torch threads of a worker: its Ray CPUs
+    gpus: float
+    data_ref: Any
+    parent: ParentRun
+    trial_id: str
+    trial_name: str
+    run_name: str                 # the MLflow run's name: what differs between trials
+    split: str
+    sweep: str
+    metric: str                   # the search space's validation metric (its running max is the objective)
 
 
 class TrainSession:
@@ -84,14 +126,10 @@ class TuneSession:
 
     @staticmethod
     def get_checkpoint():
-        from ray import tune
-
         return tune.get_checkpoint()
 
     @staticmethod
     def report(result: dict[str, Any], checkpoint_dir: str | None) -> None:
-        from ray import tune
-
         tune.report(result, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
 
 
@@ -116,7 +154,6 @@ class TrialReporter:
         self.metric = metric
         self.final_artifacts = final_artifacts
         self.best = float("-inf")
-        self.last_curve: ZSLCurve | None = None
         self.fit_start = time.time()
         self.first_metric_time: float | None = None
         self.reporting_s = 0.0              # wall time inside this reporter (MLflow calls, Tune reports, copies)
@@ -144,7 +181,6 @@ class TrialReporter:
 
     def _log_evaluation(self, metrics: dict[str, float], step: int, curve: ZSLCurve | None,
                         checkpoint_dir: Path | None, t0: float) -> None:
-        self.last_curve = curve
         self.best = max(self.best, metrics[self.metric])
         objective = {f"{self.metric}_max": self.best}
         if self.mlflow is not None:
@@ -184,19 +220,20 @@ class TrialWorker:
     """What every method's worker loop shares: the trial's config, the sweep's data, the latest checkpoint
     restored into a fresh run dir, and (rank 0) the trial's MLflow child run with every flattened config param."""
 
-    def __init__(self, loop: dict[str, Any], session: TrialSession | None = None):
+    def __init__(self, loop: TrialLoop, session: TrialSession | None = None):
         self.session = session or TrainSession()
         self.loop = loop
-        self.method = loop["method"]
+        self.method = loop.method
         self.rank, self.world = self.session.rank, self.session.world
-        apply_thread_policy(cpus=loop["threads"])   # the worker's Ray CPUs, less if its cores are fewer
+        self.wrap_model = ray.train.torch.prepare_model if self.world > 1 else None
+        apply_thread_policy(cpus=loop.threads)   # the worker's Ray CPUs, less if its cores are fewer
         # A trial that reserved no GPU trains on the CPU even where one is visible (Ray 2.60 no longer hides the
         # GPUs from a process that reserved none).
-        cpu_only = {"train.device": "cpu"} if not loop.get("gpus") and loop["base"].get("train", {}).get(
+        cpu_only = {"train.device": "cpu"} if not loop.gpus and loop.base.get("train", {}).get(
             "device", "auto") == "auto" else {}
-        self.cfg = build_config(METHOD_CONFIGS[self.method], loop["base"],
-                                {**loop["overrides"], **cpu_only, "train.seed": loop["seed"]})   # same on every rank
-        self.data = ray.get(loop["data"])  # prepared once per sweep by the driver (object store)
+        self.cfg = build_config(METHODS[self.method].config_cls, loop.base,
+                                {**loop.overrides, **cpu_only, "train.seed": loop.seed})   # same on every rank
+        self.data = ray.get(loop.data_ref)  # prepared once per sweep by the driver (object store)
         self.mlflow: MLflowReporter | None = None
         self.run_dir = Path(tempfile.mkdtemp(prefix=f"{self.method}-trial-"))
         checkpoint = self.session.get_checkpoint()
@@ -212,13 +249,13 @@ class TrialWorker:
         if self.rank == 0:
             # Named by what differs between trials (the Ray names stay as tags, for `--resume` and Ray's logs).
             self.mlflow = find_or_start_child_run(
-                loop["tracking_uri"], loop["experiment"], loop["parent_run_id"], loop["trial_id"], loop["run_name"],
-                standard_tags(split=loop["split"], phase="sweep", method=self.method, sweep=loop["sweep"],
-                              ray_trial_name=loop["trial_name"]))
+                loop.parent.tracking_uri, loop.parent.experiment, loop.parent.run_id, loop.trial_id, loop.run_name,
+                standard_tags(split=loop.split, phase="sweep", method=self.method, sweep=loop.sweep,
+                              ray_trial_name=loop.trial_name))
             self.mlflow.log_params({**flatten(to_plain(self.cfg)), "derived.workers": self.world,
                                     **{f"derived.{k}": v for k, v in derived.items()}})
             self.mlflow.log_text(dump_yaml(self.cfg), "config.yaml")
-        return TrialReporter(self.session, self.mlflow, self.cfg.train.steps, loop["metric"], final_artifacts)
+        return TrialReporter(self.session, self.mlflow, self.cfg.train.steps, loop.metric, final_artifacts)
 
     def close(self) -> None:
         if self.mlflow is not None:
@@ -229,75 +266,6 @@ class TrialWorker:
         """Remove the local run dir (its checkpoints went to Ray with each report), also when the scheduler stops
         the trial: Ray then ends the loop inside its report call (SystemExit)."""
         shutil.rmtree(self.run_dir, ignore_errors=True)
-
-
-def log_best_checkpoint(mlflow: MLflowReporter, checkpoint_dir: Path | None) -> None:
-    if checkpoint_dir is not None and (checkpoint_dir / tdsm_fit.BEST).is_file():
-        mlflow.log_artifact(checkpoint_dir / tdsm_fit.BEST, "checkpoints")
-
-
-def tdsm_final_artifacts(mlflow: MLflowReporter, curve: ZSLCurve | None, checkpoint_dir: Path | None, *,
-                         names: list[str]) -> None:
-    """Validation t_test curve and confusion at the best t_test, and best.pt."""
-    from service.run import log_zsl_plots
-
-    log_zsl_plots(mlflow, curve, names, curve.best().t_test, "val")
-    log_best_checkpoint(mlflow, checkpoint_dir)
-
-
-def cocodiff_final_artifacts(mlflow: MLflowReporter, curve: None, checkpoint_dir: Path | None, *,
-                             names: list[str]) -> None:
-    """The best classifier's validation logits/labels and confusion (read back from best.pt), and best.pt."""
-    from service.run import log_classification_outputs
-
-    best = checkpoint_dir / cocodiff_fit.BEST if checkpoint_dir is not None else None
-    if best is not None and best.is_file():
-        ckpt = load_checkpoint(best, keys=("val_logits", "val_labels"))
-        log_classification_outputs(mlflow, ckpt["val_logits"], ckpt["val_labels"], names, "val")
-    log_best_checkpoint(mlflow, checkpoint_dir)
-
-
-def tdsm_worker(loop: dict[str, Any], session: TrialSession | None = None) -> None:
-    """Worker loop of a TDSM trial (DDP through Ray Train when the trial has several workers)."""
-    w = TrialWorker(loop, session)
-    task, names, text = w.data
-    fit_train, val, fit_classes = task.tuning_split()
-    with torch.device("meta"):  # size only: no memory, no init
-        n_params = count_parameters(tdsm_fit.build_model(w.cfg, task.feature_dim, text))
-    reporter = w.reporter({"num_parameters": n_params, "seen_classes": len(task.seen)},
-                          functools.partial(tdsm_final_artifacts, names=names))
-    wrap = ray.train.torch.prepare_model if w.world > 1 else None
-    try:
-        tdsm_fit.fit_tdsm(w.cfg, fit_train, fit_classes, val, task.val, text, reporter, w.run_dir, eval_prefix="val",
-                          progress=False, wrap_model=wrap, rank=w.rank)
-    finally:
-        w.cleanup()
-    w.close()
-
-
-def cocodiff_worker(loop: dict[str, Any], session: TrialSession | None = None) -> None:
-    """Worker loop of a CoCoDiff trial; with several workers, DDP through Ray Train: every rank trains
-    on its own shard of each global batch, gradients are averaged, and all ranks evaluate the same weights."""
-    w = TrialWorker(loop, session)
-    data, names, fine, coarse = w.data
-    cfg = w.cfg           # one seed on every rank: fit_cocodiff shards a common batch order by rank
-    with torch.device("meta"):  # sizes only
-        classifier = cocodiff_fit.build_classifier(cfg.backbone, data.num_classes, data.train_x.shape[1])
-        module_params = (count_parameters(build_module(cfg.module, classifier.encoder.feature_dim, fine.shape[1],
-                                                       coarse.shape[1])) if cfg.module.enabled else 0)
-    derived = {"num_parameters_inference": count_parameters(classifier), "num_parameters_module": module_params}
-    reporter = w.reporter(derived, functools.partial(cocodiff_final_artifacts, names=names))
-    try:
-        cocodiff_fit.fit_cocodiff(cfg, data.train_x, data.train_y, data.val_x, data.val_y, fine, coarse, reporter,
-                                  w.run_dir, progress=False, num_classes=data.num_classes,
-                                  wrap_model=ray.train.torch.prepare_model if w.world > 1 else None,
-                                  rank=w.rank, world_size=w.world)
-    finally:
-        w.cleanup()
-    w.close()
-
-
-WORKERS: dict[str, Callable[..., None]] = {"tdsm": tdsm_worker, "cocodiff": cocodiff_worker}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -312,47 +280,44 @@ def trial_driver(choice: str, workers_per_trial: int) -> str:
     return choice if choice != "auto" else ("direct" if workers_per_trial == 1 else "train")
 
 
-def trial_resources(settings: dict[str, Any]) -> dict[str, float]:
+def trial_resources(resources: TrialResources) -> dict[str, float]:
     """What a trial reserves. `direct`: the worker's own CPUs/GPUs. `train`: the trial function only launches a
     TorchTrainer and needs almost no CPU of its own, so trials x workers x cpus_per_worker is the whole reservation
     (a full CPU per trial driver deadlocks 2-CPU machines; Ray rejects a plain {"cpu": 0}, hence the memory)."""
-    if settings["driver"] == "direct":
-        gpus = settings["gpus_per_worker"]
-        return {"cpu": settings["cpus_per_worker"], **({"gpu": gpus} if gpus else {})}
+    if resources.driver == "direct":
+        gpus = resources.gpus_per_worker
+        return {"cpu": resources.cpus_per_worker, **({"gpu": gpus} if gpus else {})}
     return {"cpu": 0, "memory": 64 * 1024**2}
 
 
-def tune_trial(config: dict[str, Any], *, settings: dict[str, Any]) -> None:
+def run_worker(train_loop_config: dict[str, TrialLoop], session: TrialSession | None = None) -> None:
+    """One worker of a trial: the method's loop (`Method.fit_trial`) on a TrialWorker. Ray Train calls it with its
+    train_loop_config dict (driver `train`); the Tune trial itself with its own session (driver `direct`)."""
+    loop = train_loop_config["loop"]
+    METHODS[loop.method].fit_trial(TrialWorker(loop, session))
+
+
+def tune_trial(config: dict[str, Any], *, settings: TrialSettings) -> None:
     """Tune function trainable: run the method's worker loop here (`direct`) or on a TorchTrainer (`train`)."""
-    from ray import tune
-
-    from service.search_space import trial_label
-
     ctx = tune.get_context()
-    loop = {
-        "method": settings["method"], "metric": settings["metric"],
-        "base": settings["base"], "overrides": trial_overrides_from_config(config, settings), "seed": settings["seed"],
-        "threads": max(1, int(settings["cpus_per_worker"])), "gpus": settings["gpus_per_worker"],
-        "data": settings["data_ref"],
-        "tracking_uri": settings["tracking_uri"], "experiment": settings["experiment"],
-        "parent_run_id": settings["parent_run_id"], "trial_id": ctx.get_trial_id(),
-        "trial_name": ctx.get_trial_name(), "split": settings["split"], "sweep": settings["sweep"],
-        "run_name": trial_label(config) or ctx.get_trial_name(),
-    }
+    res = settings.resources
+    loop = TrialLoop(method=settings.method, base=settings.base, overrides=trial_overrides_from_config(config, settings),
+                     seed=settings.seed, threads=max(1, int(res.cpus_per_worker)), gpus=res.gpus_per_worker,
+                     data_ref=settings.data_ref, parent=settings.parent, trial_id=ctx.get_trial_id(),
+                     trial_name=ctx.get_trial_name(), run_name=trial_label(config) or ctx.get_trial_name(),
+                     split=settings.split, sweep=settings.sweep, metric=settings.space.metric)
     # Tune retries every trial error; bad input or a diverged loss (an InputError) fails the same way again, so a
     # retry re-raises the first attempt's one-line message (kept beside the trial's Train storage) instead of
     # training again.
-    marker = Path(settings["storage_path"]) / f"train-{ctx.get_trial_id()}" / "input_error.txt"
+    marker = Path(settings.storage_path) / f"train-{ctx.get_trial_id()}" / "input_error.txt"
     if marker.is_file():
         raise InputError(marker.read_text())
     try:
-        if settings["driver"] == "direct":
-            WORKERS[settings["method"]](loop, TuneSession())
+        if res.driver == "direct":
+            run_worker({"loop": loop}, TuneSession())
         else:
             train_trial(loop, settings, ctx.get_trial_id())
     except Exception as err:
-        from service.encoder import input_error_cause
-
         cause = input_error_cause(err)
         if cause is None:
             raise
@@ -360,20 +325,19 @@ def tune_trial(config: dict[str, Any], *, settings: dict[str, Any]) -> None:
         raise type(cause)(str(cause)) from None
 
 
-def train_trial(loop: dict[str, Any], settings: dict[str, Any], trial_id: str) -> None:
+def train_trial(loop: TrialLoop, settings: TrialSettings, trial_id: str) -> None:
     """The `train` driver: a TorchTrainer of `workers_per_trial` workers runs the loop (DDP when > 1)."""
-    from ray.train.torch import TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    workers, gpus = settings["workers_per_trial"], settings["gpus_per_worker"]
-    resources = {"CPU": settings["cpus_per_worker"], **({"GPU": gpus} if gpus else {})}
+    res = settings.resources
+    gpus = res.gpus_per_worker
+    resources = {"CPU": res.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
     trainer = TorchTrainer(
-        WORKERS[settings["method"]],
-        train_loop_config=loop,
-        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=bool(gpus), resources_per_worker=resources),
+        run_worker,
+        train_loop_config={"loop": loop},
+        scaling_config=ray.train.ScalingConfig(num_workers=res.workers_per_trial, use_gpu=bool(gpus),
+                                               resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=f"train-{trial_id}",       # stable name: a restarted trial finds its checkpoints
-            storage_path=settings["storage_path"],
+            storage_path=settings.storage_path,
             callbacks=[TuneReportCallback()],
             # Retries happen at the Tune level (a new TorchTrainer with this name resumes from the checkpoint). A
             # Train-level retry would also fire when the scheduler stops the trial, and its new worker group
@@ -384,10 +348,8 @@ def train_trial(loop: dict[str, Any], settings: dict[str, Any], trial_id: str) -
     trainer.fit()
 
 
-def trial_overrides_from_config(config: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+def trial_overrides_from_config(config: dict[str, Any], settings: TrialSettings) -> dict[str, Any]:
     """Sampled params -> full dotted overrides for this trial (TDSM: adds the t_test grid below the trial's T)."""
-    from service.search_space import T_KEY, SearchSpace, trial_overrides
-
-    space = SearchSpace.model_validate(settings["space"])
-    T = int(config.get(T_KEY, settings["default_T"])) if space.inference is not None else None
+    space = settings.space
+    T = int(config.get(T_KEY, settings.default_T)) if space.inference is not None else None
     return trial_overrides(space, dict(config), T)

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from service.methods import METHODS
 from trainers.config import build_config, format_validation_error, load_yaml
 from trainers.errors import InputError
 
@@ -50,14 +51,6 @@ class Distribution(BaseModel):
         lo, hi = getattr(self, self.kind)
         return [lo, hi - 1] if self.kind == "randint" else [lo, hi]
 
-    def to_tune(self):
-        from ray import tune  # service-only dependency, imported where used
-
-        if self.kind == "choice":
-            return tune.choice(self.choice)
-        lo, hi = getattr(self, self.kind)
-        return {"uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint}[self.kind](lo, hi)
-
 
 class InferenceSpace(BaseModel):
     """Inference-only parameters, scored from one trained model per trial."""
@@ -78,23 +71,12 @@ class SmokeSpec(BaseModel):
     inference: InferenceSpace | None = None
 
 
-# What each method's trials report at every evaluation by default (always a validation metric, never test). Trials
-# are ranked on its running maximum, `<metric>_max` (SearchSpace.objective).
-DEFAULT_METRICS = {"tdsm": "val/zsl_top1", "cocodiff": "val/top1"}
-# Short names of searched keys in run names and tables (other keys: their last dotted part).
-PARAM_LABELS = {"diffusion.num_train_timesteps": "T", "module.num_train_timesteps": "T", "loss.margin": "τ",
-                "loss.triplet_weight": "λ", "optim.lr": "lr", "model.hidden_size": "width", "model.depth": "depth",
-                "diffusion.prediction_type": "pred", "module.beta_schedule": "β"}
-# Methods scored over an inference-time grid (TDSM's t_test); the others have no `inference` section.
-INFERENCE_METHODS = ("tdsm",)
-
-
 class SearchSpace(BaseModel):
     """A method's search space."""
 
     model_config = ConfigDict(extra="forbid")
 
-    method: Literal["tdsm", "cocodiff"]
+    method: str
     metric: str | None = Field(None, description="Validation metric reported at every evaluation (default: the "
                                "method's); trials are ranked on its running maximum, `objective`.")
     mode: Literal["max", "min"] = "max"
@@ -105,12 +87,15 @@ class SearchSpace(BaseModel):
     @model_validator(mode="after")
     def _method_defaults(self) -> SearchSpace:
         """Fill the method's metric; an inference grid is required for TDSM and meaningless for the others."""
-        if self.metric is None:
-            self.metric = DEFAULT_METRICS[self.method]
+        if self.method not in METHODS:
+            raise ValueError(f"method {self.method!r}: expected one of {', '.join(METHODS)}")
+        method = METHODS[self.method]
+        if self.metric is None:          # always a validation metric, never test
+            self.metric = method.objective
         grids = self.inference is not None or (self.smoke is not None and self.smoke.inference is not None)
-        if self.method in INFERENCE_METHODS and self.inference is None:
+        if method.inference_grid and self.inference is None:
             raise ValueError(f"inference: required for method {self.method} (the t_test grid)")
-        if self.method not in INFERENCE_METHODS and grids:
+        if not method.inference_grid and grids:
             raise ValueError(f"inference: method {self.method} has no inference-time parameters; remove the section")
         return self
 
@@ -129,30 +114,6 @@ class SearchSpace(BaseModel):
         of its best checkpoint, which is what `service.final` reuses (a stopped trial's last value is not its best)."""
         return f"{self.metric}_max"
 
-    def tune_param_space(self) -> dict[str, Any]:
-        return {key: dist.to_tune() for key, dist in self.params.items()}
-
-
-def param_label(key: str) -> str:
-    """Short name of a searched key: `optim.lr` -> `lr`, `loss.margin` -> `τ`."""
-    return PARAM_LABELS.get(key, key.rsplit(".", 1)[-1])
-
-
-def format_value(value: Any) -> str:
-    """Two significant digits, exponent without padding (`2.1e-3`); ints and strings as they are."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return str(value)
-    if isinstance(value, int) or float(value).is_integer() and abs(value) < 1e4:
-        return str(int(value))
-    if 0.01 <= abs(value) < 1e4:
-        return f"{value:.2g}" if abs(value) < 10 else f"{value:.3g}"
-    mantissa, exponent = f"{value:.1e}".split("e")
-    return f"{mantissa}e{int(exponent)}"
-
-
-def trial_label(sampled: dict[str, Any]) -> str:
-    """A trial's run name: what differs between trials, e.g. `T=50 τ=0.52 λ=0.93 lr=2.1e-3`."""
-    return " ".join(f"{param_label(k)}={format_value(v)}" for k, v in sampled.items())
 
 
 def load_search_space(path: Path) -> SearchSpace:

@@ -1,37 +1,37 @@
-"""MLflow side of the tracking seam: URI resolution, experiments, and a Reporter that logs to one run.
+"""The MLflow store: URI resolution (credentials out of the URI, a remote server probed), experiments, paged
+searches, and `MLflowReporter`, the Reporter bound to one run (a context manager that ends it FINISHED, KILLED or
+FAILED).
 
 Uses `MlflowClient` with explicit run ids (no fluent "active run" state), so the same code works in the
-driver, in a Ray Train worker and in a Tune callback.
+driver, in a Ray Train worker and in a Tune callback. Ray's own `MLflowLoggerCallback` is not used: it cannot nest
+trials under a parent run per split, nor find a retried or resumed trial's run instead of opening a second one.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import socket
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
+from mlflow.utils.git_utils import get_git_commit
+from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
 
 from trainers.errors import InputError
 from trainers.zsl import ZSLCurve
 
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
-BATCH = 100  # MLflow's per-request limit on params/metrics
 # MLflow 3 opens an experiment without this tag in its GenAI view ("No data"); custom_model_development is the
 # value its UI uses for model-training experiments (runs table with metric columns, model-metric charts).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING_KIND = "custom_model_development"
-SHARED_VIEW_PREFIX = "mlflow.sharedViewState."   # experiment tags the UI reads a shared runs-table view from
 
 
 # MLflow's HTTP client retries 7 times with exponential backoff (about 250 s against a dead server) and waits
@@ -118,10 +118,6 @@ def resolve_tracking_uri(cli_value: str | None = None) -> str:
     return uri
 
 
-def is_local_store(uri: str) -> bool:
-    return uri.startswith("sqlite:") or uri.startswith("file:")
-
-
 def ensure_experiment(client: MlflowClient, name: str) -> str:
     """Experiment id for `name`, created once as a model-training experiment; local stores get an absolute artifact
     folder beside the DB."""
@@ -133,7 +129,7 @@ def ensure_experiment(client: MlflowClient, name: str) -> str:
             client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
         return exp.experiment_id
     location = None
-    uri = client._tracking_client.tracking_uri  # noqa: SLF001 - the client's resolved URI
+    uri = client.tracking_uri
     if uri.startswith("sqlite:///"):
         location = (Path(uri[len("sqlite:///"):]).parent / DEFAULT_ARTIFACTS).resolve().as_uri()
     try:
@@ -144,43 +140,12 @@ def ensure_experiment(client: MlflowClient, name: str) -> str:
         return client.get_experiment_by_name(name).experiment_id
 
 
-def column_key(kind: str, name: str) -> str:
-    """A runs-table column as the MLflow UI names it: kind is metrics, params, tags or attributes."""
-    return f"{kind}.`{name}`"
-
-
-def share_runs_view(client: MlflowClient, experiment_id: str, key: str, columns: list[str], search_filter: str = "",
-                    order_by: str | None = None, expanded: list[str] = ()) -> None:
-    """Store a runs-table view (visible columns, filter, sort) in the experiment, as the UI's Share button does.
-
-    The UI opens it from `.../#/experiments/<id>/runs?viewStateShareKey=<key>` (see `ui_link`); it reads the tag
-    as plain JSON.
-    """
-    state = {"searchFilter": search_filter, "orderByKey": order_by or "attributes.start_time", "orderByAsc": False,
-             "selectedColumns": columns, "runsExpanded": {run_id: True for run_id in expanded},
-             "runsHiddenMode": "SHOW_ALL", "runListHidden": False}
-    client.set_experiment_tag(experiment_id, f"{SHARED_VIEW_PREFIX}{key}", json.dumps(state))
-
-
-def ui_link(uri: str, experiment_id: str, view_key: str | None = None) -> str:
-    """Where to look: the MLflow UI page of an experiment (`mlflow ui` on port 5000 for a local store)."""
-    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-    return f"{base}/#/experiments/{experiment_id}/runs" + (f"?viewStateShareKey={quote(view_key)}" if view_key else "")
-
-
-def git_commit() -> str:
-    """Commit of the code being run, or 'unknown' outside a git checkout (e.g. a Ray job's working dir)."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def standard_tags(**extra: Any) -> dict[str, str]:
     """Tags every skeldiff run carries."""
-    tags = {"git_commit": os.environ.get("SKELDIFF_GIT_COMMIT") or git_commit(), "host": socket.gethostname()}
+    # MLflow's own source tag (its UI shows it on the run page); SKELDIFF_GIT_COMMIT for a checkout without .git (a
+    # Ray job's working dir, an image). Not mlflow's resolve_tags(): it reads sys.argv[0], Ray's script in a worker.
+    commit = os.environ.get("SKELDIFF_GIT_COMMIT") or get_git_commit(str(Path(__file__).resolve().parent)) or "unknown"
+    tags = {MLFLOW_GIT_COMMIT: commit, "host": socket.gethostname()}
     tags.update({k: str(v) for k, v in extra.items() if v is not None})
     return tags
 
@@ -191,7 +156,7 @@ class MLflowReporter:
     def __init__(self, client: MlflowClient, run_id: str):
         self.client = client
         self.run_id = run_id
-        self.last_curve: ZSLCurve | None = None
+        self.finished = False
 
     @classmethod
     def start(cls, tracking_uri: str, experiment: str, run_name: str, tags: dict[str, str] | None = None,
@@ -215,33 +180,69 @@ class MLflowReporter:
         run = client.create_run(ensure_experiment(client, experiment), run_name=run_name, tags=all_tags)
         return cls(client, run.info.run_id)
 
+    def __enter__(self) -> MLflowReporter:
+        return self
+
+    def __exit__(self, kind, err, tb) -> None:
+        """End the run unless finish() already did: FINISHED, KILLED on Ctrl-C / SIGTERM, FAILED on any error."""
+        if not self.finished:
+            self.finish("FINISHED" if kind is None else "KILLED" if issubclass(kind, KeyboardInterrupt) else "FAILED")
+
     def log_params(self, params: dict[str, Any]) -> None:
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-        for i in range(0, len(items), BATCH):
-            self.client.log_batch(self.run_id, params=items[i:i + BATCH])
+        # One call: MLflow's client splits a batch into requests its server accepts (100 params each).
+        self.client.log_batch(self.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         ts = int(time.time() * 1000)
-        items = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
-        for i in range(0, len(items), BATCH):
-            self.client.log_batch(self.run_id, metrics=items[i:i + BATCH])
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
 
     def log_evaluation(self, metrics: dict[str, float], step: int, curve: ZSLCurve | None,
                        checkpoint_dir: Path | None) -> None:
         self.log_metrics(metrics, step)
-        self.last_curve = curve
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def log_text(self, text: str, name: str) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
-            p = Path(tmp) / name
-            p.write_text(text)
-            self.log_artifact(p)
+        self.client.log_text(self.run_id, text, name)
+
+    def log_figure(self, figure, name: str) -> None:
+        """A matplotlib figure as an image artifact `name` (e.g. plots/val_confusion.png), then closed."""
+        try:
+            self.client.log_figure(self.run_id, figure, name)
+        finally:
+            import matplotlib.pyplot as plt
+
+            plt.close(figure)
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
+        self.finished = True
+
+
+PAGE = 100   # runs per search request: every search pages on, none stops silently at MLflow's 1000 default
+
+
+def experiment_ids(client) -> list[str]:
+    """Every active experiment's id, page by page."""
+    ids, token = [], None
+    while True:
+        page = client.search_experiments(max_results=PAGE, page_token=token)
+        ids += [e.experiment_id for e in page]
+        token = page.token
+        if not token:
+            return ids
+
+
+def search_pages(client, ids: list[str], filter_string: str, order_by: list[str] | None = None):
+    """Yield the matching runs page by page (PAGE per request) until the last page."""
+    token = None
+    while True:
+        page = client.search_runs(ids, filter_string, order_by=order_by, max_results=PAGE, page_token=token)
+        yield from page
+        token = page.token
+        if not token:
+            return

@@ -1,5 +1,6 @@
-"""CoCoDiff's data as the service layer resolves it: one function used by `service.run`, `service.sweep` and
-`service.final`.
+"""Generated data sets: the embedded synthetic actions (NTU format, also the skeleton chain's input) and, for
+CoCoDiff, the prepared folder a config trains on (one function used by `service.run`, `service.sweep` and
+`service.final`).
 
 `data.source=prepared` reads `data.prepared_dir` as it is. `data.source=synthetic` (the embedded default) is the
 generated NTU-format action set of `trainers.skeleton.synthetic` (46 classes x `data.synthetic.per_class`),
@@ -20,7 +21,10 @@ import torch
 
 from trainers.cocodiff import CoCoDiffConfig
 from trainers.cocodiff_fit import SkeletonData, prepare_cocodiff
+from trainers.skeleton.prepare import prepare
 from trainers.skeleton.splits import BENCHMARKS
+from trainers.skeleton.synthetic import NUM_CLASSES, write_synthetic_dataset
+from trainers.skeleton.synthetic_release import write_kinetics_release, write_pku_release
 from trainers.tdsm_task import default_cache_dir
 
 
@@ -36,8 +40,6 @@ def prepared_folder(cfg: CoCoDiffConfig, log: Callable[[str], None] | None = Non
     s = cfg.data.synthetic
     family = BENCHMARKS[cfg.data.benchmark].family
     if family == "ntu":
-        from service.encoder import synthetic_prepared
-
         _, prepared, _ = synthetic_prepared(synthetic_root(), s.per_class, s.seed, log)
         return prepared
     return synthetic_release_prepared(synthetic_root(), family, s.per_class, s.seed, log)
@@ -47,10 +49,6 @@ def synthetic_release_prepared(root: Path, family: str, per_class: int, seed: in
                                log: Callable[[str], None] | None = None) -> Path:
     """The generated set as a Kinetics-Skeleton or PKU-MMD release under `root`, prepared with its protocol's
     split columns (kinetics; pku-xsub and pku-xview from the release's Split lists); both stages cached."""
-    from service.prepare import prepare
-    from trainers.skeleton.synthetic import NUM_CLASSES
-    from trainers.skeleton.synthetic_release import write_kinetics_release, write_pku_release
-
     log = log or (lambda msg: print(f"synthetic: {msg}", file=sys.stderr))
     raw = Path(root).expanduser().resolve() / f"{family}-{per_class}x{NUM_CLASSES}-s{seed}"
     log(f"synthetic {family} release in {raw}")
@@ -69,3 +67,20 @@ def prepare_cocodiff_inputs(cfg: CoCoDiffConfig, log: Callable[[str], None] | No
                             ) -> tuple[SkeletonData, list[str], torch.Tensor | None, torch.Tensor | None]:
     """(data, class names, fine text, coarse text) of a config; the texts are None for the baseline."""
     return prepare_cocodiff(cfg, prepared_folder(cfg, log))
+
+
+def synthetic_prepared(root: Path, per_class: int, seed: int = 0, log=None) -> tuple[Path, Path, str]:
+    """(raw folder, prepared folder, prepare stamp) of the embedded synthetic actions under `root`.
+
+    generate (46 classes x per_class NTU-format `.skeleton` files) -> `service.prepare synthetic`; both stages
+    are no-ops when their inputs did not change. The prepared folder has the ntu60-xsub / ntu60-xview columns
+    (by performer / camera of the generated sample names); class_names.txt / descriptions.txt stay in the raw folder.
+    """
+    log = log or (lambda msg: print(f"synthetic: {msg}", file=sys.stderr))
+    root = Path(root).expanduser().resolve()
+    raw = root / f"raw-{per_class}x{NUM_CLASSES}-s{seed}"
+    log(f"synthetic skeletons in {raw}")
+    write_synthetic_dataset(raw, NUM_CLASSES, per_class, seed)
+    prepared = root / f"prepared-{raw.name}"
+    summary = prepare("synthetic", raw, prepared, progress=False, log=log)
+    return raw, prepared, str(summary.get("stamp"))

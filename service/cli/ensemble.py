@@ -1,0 +1,81 @@
+"""Score-level fusion of saved logits: `python -m service.ensemble SOURCE [SOURCE ...] [--weights W ...]`.
+
+Each SOURCE is an MLflow run id (its `predictions/<split>_logits.npy` and `_labels.npy` artifacts, as logged by
+`service.run cocodiff` and `service.final`) or a local folder holding those two files. Typically one run per
+input stream (joint / bone / motion) of the same data: all sources must hold the same split in the same order
+(identical labels) over the same classes. The fused logits are the weighted sum of the sources' logits
+(`trainers.cocodiff_fit.ensemble_logits`). Prints one JSON line (each source's top-1/top-5 and stream, the fused
+top-1/top-5) and logs an MLflow run whose predictions/ are the fused logits, so it can itself be a SOURCE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from service.process import exits_cleanly
+from service.tracking.ensemble import DEFAULT_EXPERIMENT, check_aligned, default_experiment, fuse, load_predictions, log_ensemble
+from service.tracking.store import resolve_tracking_uri
+from trainers.errors import InputError
+from trainers.io import atomic_save_npy
+from trainers.text import read_prompt_file
+
+
+ENSEMBLE_EXAMPLES = """examples:
+  python -m service.ensemble <joint_run_id> <bone_run_id> <motion_run_id> --weights 1 1 0.5
+  python -m service.ensemble runs/joint-preds runs/bone-preds --out fused/   # folders of test_logits/labels.npy
+  python -m service.ensemble <run_id_a> <run_id_b> --split val --names class_names.txt
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m service.ensemble", description=__doc__.splitlines()[0],
+                                epilog=ENSEMBLE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sources", nargs="+", metavar="SOURCE",
+                   help="MLflow run id, or a folder holding <split>_logits.npy and <split>_labels.npy")
+    p.add_argument("--weights", type=float, nargs="+", metavar="W", help="one weight per SOURCE (default: all 1)")
+    p.add_argument("--split", default="test", help="which saved predictions to fuse (default: test)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    p.add_argument("--experiment-name",
+                   help=f"MLflow experiment (default: the first run SOURCE's, else {DEFAULT_EXPERIMENT})")
+    p.add_argument("--out", type=Path, help="also write the fused <split>_logits.npy and <split>_labels.npy here")
+    p.add_argument("--names", type=Path, help="class names for the confusion plot, one per line (default: ids)")
+    return p
+
+
+@exits_cleanly
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    weights = args.weights or [1.0] * len(args.sources)
+    if not all(np.isfinite(w) for w in weights):
+        raise InputError(f"--weights {' '.join(map(str, weights))}: expected finite numbers")
+    if len(weights) != len(args.sources):
+        raise InputError(f"--weights: {len(weights)} weights for {len(args.sources)} sources (one per SOURCE)")
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        raise InputError(f"--out {args.out}: is a file; expected a folder (created when missing)")
+    uri = resolve_tracking_uri(args.tracking_uri)
+    saved = load_predictions(args.sources, args.split, uri)
+    check_aligned(saved, args.split)
+    num_classes = saved[0].logits.shape[1]
+    names = (read_prompt_file(args.names, expected_count=num_classes) if args.names
+             else [str(c) for c in range(num_classes)])
+    summary, fused = fuse(saved, weights)
+    if args.out is not None:
+        atomic_save_npy(fused.numpy(), args.out / f"{args.split}_logits.npy")
+        atomic_save_npy(saved[0].labels.numpy(), args.out / f"{args.split}_labels.npy")
+    run_id = log_ensemble(uri, args.experiment_name or default_experiment(saved, uri), args.split, saved, summary,
+                          fused, names)
+    rounded = {"sources": [{k: round(v, 3) if k in ("top1", "top5") else v for k, v in p.items()}
+                           for p in summary["sources"]],
+               "ensemble": {k: round(v, 3) for k, v in summary["ensemble"].items()}}
+    print(json.dumps({"split": args.split, **rounded, "mlflow_run_id": run_id,
+                      **({"out": str(args.out)} if args.out is not None else {})}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Prepared skeleton data to GCN features, in this process: the seen classes' training rows, an encoder trained on
+them (`service.encoder train --in-process`, the chain's default), and the SA-DVAE feature layout (train / ztest /
+gtest + labels) that `service.run tdsm --features` reads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trainers.data import load_class_ids
+from trainers.encoder_fit import EncoderConfig, extract_features, fit_encoder, load_encoder
+from trainers.errors import InputError
+from trainers.io import atomic_save_npy
+from trainers.skeleton.prepared import read_prepared
+from trainers.tracking import NullReporter
+
+FEATURE_FILES = ("train", "ztest", "gtest")
+
+
+
+def load_prepared(folder: Path, benchmark: str | None) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, str]:
+    """(data (N,C,T,V,M), labels (N,), train mask from the benchmark column, benchmark) of a prepared folder."""
+    prepared = read_prepared(folder, benchmark)
+    return (torch.from_numpy(prepared.rows()), torch.from_numpy(prepared.labels),
+            prepared.split == "train", prepared.benchmark)
+
+
+def parse_classes(spec: str | list[int], num_classes: int) -> list[int]:
+    """Unseen classes from a .npy file, a comma list, or a list."""
+    if isinstance(spec, str) and not spec.endswith(".npy"):
+        try:
+            spec = [int(c) for c in spec.split(",") if c.strip()]
+        except ValueError:
+            raise InputError(f"--unseen {spec!r}: expected a .npy file or comma-separated class ids") from None
+    return load_class_ids(spec if isinstance(spec, list) else Path(spec), num_classes, "--unseen")
+
+
+def seen_class_data(prepared: Path, unseen: list[int], benchmark: str | None = None):
+    """(x, y, seen classes, held-out (x, y)): the benchmark's training rows of the seen classes, and its test
+    rows of the seen classes (never trained on; scored once at the end of encoder training)."""
+    data, labels, train_mask, _ = load_prepared(prepared, benchmark)
+    is_seen = ~np.isin(labels.numpy(), unseen)
+    keep, held = train_mask & is_seen, ~train_mask & is_seen
+    if not keep.any():
+        raise InputError(f"{prepared}: no training samples of the seen classes")
+    seen = sorted(set(labels[keep].tolist()))
+    held &= np.isin(labels.numpy(), seen)
+    return data[keep], labels[keep], seen, (data[held], labels[held])
+
+
+def train_encoder(prepared: Path, unseen: list[int], cfg: EncoderConfig, out: Path, benchmark: str | None = None,
+                  reporter=None, progress: bool = True) -> Path:
+    """Train in this process on the seen classes of the benchmark's training split; returns out/encoder.pt.
+
+    Re-running with the same inputs resumes from out/last.pt (or returns at once when training finished)."""
+    x, y, seen, held_out = seen_class_data(prepared, unseen, benchmark)
+    fit_encoder(cfg, x, y, seen, reporter or NullReporter(), out, progress, held_out)
+    return Path(out) / "encoder.pt"
+
+
+
+
+def extract_to_folder(prepared: Path, encoder_path: Path, unseen: list[int], out: Path,
+                      benchmark: str | None = None) -> Path:
+    """SA-DVAE layout: train (seen, training split), ztest (unseen, test split), gtest (all, test split)."""
+    model, cfg, seen = load_encoder(encoder_path)
+    data, labels, train_mask, _ = load_prepared(prepared, benchmark)
+    is_unseen = np.isin(labels.numpy(), unseen)
+    leaked = sorted(set(unseen) & set(seen))
+    if leaked:
+        raise InputError(f"{encoder_path}: encoder was trained on classes {leaked} that are unseen here")
+    masks = {"train": train_mask & ~is_unseen, "ztest": ~train_mask & is_unseen, "gtest": ~train_mask}
+    labels_name = {"train": "train_label", "ztest": "z_label", "gtest": "g_label"}
+    out = Path(out)
+    for name, mask in masks.items():
+        atomic_save_npy(extract_features(model, data[mask], cfg).numpy(), out / f"{name}.npy")
+        atomic_save_npy(labels[mask].numpy(), out / f"{labels_name[name]}.npy")
+    return out
+
+
+
+
+

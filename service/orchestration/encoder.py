@@ -1,0 +1,151 @@
+"""The GCN encoder on Ray Train workers (`service.encoder train`, the sweep's skeleton chain): a TorchTrainer of N
+workers (DDP when N > 1), checkpointed through Ray Train and logged to MLflow by rank 0."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray.train
+import ray.train.torch
+from ray.train.torch import TorchTrainer
+
+from service.data.features import seen_class_data
+from service.orchestration.cluster import input_error_cause
+from service.tracking.store import MLflowReporter, standard_tags
+from trainers.encoder_fit import LAST, EncoderConfig, fit_encoder
+from trainers.errors import InputError
+from trainers.io import atomic_write, atomic_write_text, stable_hash
+from trainers.runtime import apply_thread_policy
+
+ENCODER_FILE = "encoder.pt"
+
+
+@dataclass(frozen=True)
+class EncoderLoop:
+    """What each encoder worker gets (Ray Train passes it inside its train_loop_config dict)."""
+
+    config: EncoderConfig
+    prepared: str
+    unseen: tuple[int, ...]
+    benchmark: str | None
+    threads: int                      # torch threads of a worker: its Ray CPUs
+    tracking_uri: str | None
+    experiment: str
+    run_id: str | None                # the MLflow run rank 0 logs to (opened by the driver)
+    input_error_file: str             # a worker's InputError, so that Ray Train's retry re-raises it
+
+
+class EncoderWorkerReporter:
+    """Reporter of an encoder Train worker: rank 0 logs to MLflow and prints a progress line; every rank
+    reports each checkpoint to Ray Train (rank 0 with the files, so a restarted run resumes from them)."""
+
+    def __init__(self, rank: int, mlflow, total_steps: int):
+        self.rank, self.mlflow, self.total_steps = rank, mlflow, total_steps
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if self.mlflow is not None:
+            self.mlflow.log_metrics(metrics, step)
+        if self.rank == 0:   # through logging: Ray forwards a Train worker's print()s twice, log records once
+            logging.getLogger("skeldiff.encoder").info(
+                "encoder step %d/%d: loss %.3f, train top-1 %.1f %%", step, self.total_steps,
+                metrics["encoder/loss"], metrics["encoder/train_top1"])
+
+    def log_evaluation(self, metrics: dict[str, float], step: int, curve, checkpoint_dir: Path | None) -> None:
+        if self.mlflow is not None:
+            self.mlflow.log_metrics(metrics, step)
+        if self.rank == 0 and checkpoint_dir is not None:
+            with tempfile.TemporaryDirectory() as tmp:
+                for name in (LAST, ENCODER_FILE):
+                    if (checkpoint_dir / name).is_file():
+                        shutil.copy2(checkpoint_dir / name, Path(tmp) / name)
+                ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report({**metrics, "step": step})
+
+
+def encoder_worker(train_loop_config: dict[str, EncoderLoop]) -> None:
+    """Ray Train worker loop: DDP over the workers (gloo on CPU, NCCL on GPU) when there are several."""
+    loop = train_loop_config["loop"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    apply_thread_policy(cpus=loop.threads)   # the worker's Ray CPUs, less if its cores are fewer
+    cfg = loop.config
+    x, y, seen, held_out = seen_class_data(Path(loop.prepared), list(loop.unseen), loop.benchmark)
+    run_dir = Path(tempfile.mkdtemp(prefix="encoder-"))
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:                      # a restarted run continues from its latest checkpoint
+        with checkpoint.as_directory() as d:
+            if (Path(d) / LAST).is_file():
+                shutil.copy2(Path(d) / LAST, run_dir / LAST)
+    mlflow = (MLflowReporter.start(loop.tracking_uri, loop.experiment, "", run_id=loop.run_id)
+              if rank == 0 and loop.run_id else None)
+    wrap = ray.train.torch.prepare_model if world > 1 else None
+    # Ray Train retries every worker error; bad input or a diverged loss fails the same way again, so a retry
+    # re-raises the first attempt's message instead of training again.
+    marker = Path(loop.input_error_file)
+    try:
+        if marker.is_file():
+            raise InputError(marker.read_text())
+        fit_encoder(cfg, x, y, seen, EncoderWorkerReporter(rank, mlflow, cfg.steps), run_dir, progress=False,
+                    held_out=held_out, wrap_model=wrap, rank=rank, world=world)
+    except InputError as err:
+        if not marker.is_file():
+            atomic_write_text(marker, str(err))
+        raise
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def train_encoder_on_ray(prepared: Path, unseen: list[int], cfg: EncoderConfig, out: Path, *, storage: Path,
+                         benchmark: str | None = None, workers: int = 1, cpus_per_worker: float = 1.0,
+                         gpus_per_worker: float = 0.0, tracking_uri: str | None = None,
+                         experiment: str | None = None, retries: int = 1) -> Path:
+    """Train on Ray Train workers (a TorchTrainer; DDP when workers > 1) and write out/encoder.pt.
+
+    The prepared folder must be readable by every worker (shared storage on a cluster). The Train run is
+    named after `out`, so re-running after a crash resumes from its latest checkpoint; with a tracking URI
+    the run is an MLflow run (params = the encoder config, metrics by step, encoder.pt as an artifact).
+    """
+    out = Path(out).resolve()
+    prepared = Path(prepared).resolve()
+    experiment = experiment or f"encoder-{prepared.name}"
+    mlflow = None
+    if tracking_uri:
+        mlflow = MLflowReporter.start(tracking_uri, experiment, f"{cfg.name}-{out.name}",
+                                      tags=standard_tags(phase="encoder", method="encoder"))
+        mlflow.log_params({**{f"encoder.{k}": v for k, v in cfg.model_dump(mode="json").items()},
+                           "encoder.unseen": unseen, "encoder.prepared": str(prepared),
+                           "encoder.benchmark": benchmark or "", "encoder.workers": workers})
+    run_name = f"encoder-{stable_hash(str(out))[:12]}"
+    loop = EncoderLoop(config=cfg, prepared=str(prepared), unseen=tuple(unseen), benchmark=benchmark,
+                       threads=max(1, int(cpus_per_worker)), tracking_uri=tracking_uri, experiment=experiment,
+                       run_id=mlflow.run_id if mlflow else None,
+                       input_error_file=str(Path(storage) / run_name / "input_error.txt"))
+    Path(loop.input_error_file).unlink(missing_ok=True)     # from an earlier call, maybe with another config
+    resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
+    trainer = TorchTrainer(
+        encoder_worker, train_loop_config={"loop": loop},
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=bool(gpus_per_worker),
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(name=run_name, storage_path=str(storage),
+                                       failure_config=ray.train.FailureConfig(max_failures=retries)))
+    with mlflow or contextlib.nullcontext():      # the run ends FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED
+        try:
+            result = trainer.fit()
+        except Exception as err:   # a worker's bad input or divergence: its one-line message, not Ray's traceback
+            cause = input_error_cause(err)
+            if cause is None:
+                raise
+            raise type(cause)(str(cause)) from None
+        if result.checkpoint is None:
+            raise RuntimeError("encoder training reported no checkpoint")
+        with result.checkpoint.as_directory() as d:
+            atomic_write(out / ENCODER_FILE, lambda tmp: shutil.copyfile(Path(d) / ENCODER_FILE, tmp))
+        if mlflow is not None:
+            mlflow.log_artifact(out / ENCODER_FILE, "checkpoints")
+    return out / ENCODER_FILE

@@ -1,0 +1,273 @@
+"""A sweep's trials in MLflow: each trial's child run (found again on retry), its closing by the driver, the best
+child, and what a researcher reads: run names, the ranked trials table / trials.csv, a shared runs-table view.
+
+`space` arguments are a search space (service.methods.search_space.SearchSpace), read by attribute only.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import quote
+
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+from service.tracking.store import MLflowReporter, search_pages
+from trainers.io import atomic_write_text
+
+
+class TrialSpace(Protocol):
+    """What the trial views read of a search space (service.methods.search_space.SearchSpace)."""
+
+    objective: str              # the ranked metric: f"{metric}_max"
+    metric: str
+    mode: str                   # max | min
+    params: dict[str, Any]      # searched dotted keys
+    inference: Any              # None when trials score no inference-time grid
+
+SHARED_VIEW_PREFIX = "mlflow.sharedViewState."   # experiment tags the UI reads a shared runs-table view from
+
+
+def column_key(kind: str, name: str) -> str:
+    """A runs-table column as the MLflow UI names it: kind is metrics, params, tags or attributes."""
+    return f"{kind}.`{name}`"
+
+
+def share_runs_view(client: MlflowClient, experiment_id: str, key: str, columns: list[str], search_filter: str = "",
+                    order_by: str | None = None, expanded: list[str] = ()) -> None:
+    """Store a runs-table view (visible columns, filter, sort) in the experiment, as the UI's Share button does.
+
+    The UI opens it from `.../#/experiments/<id>/runs?viewStateShareKey=<key>` (see `ui_link`); it reads the tag
+    as plain JSON.
+    """
+    state = {"searchFilter": search_filter, "orderByKey": order_by or "attributes.start_time", "orderByAsc": False,
+             "selectedColumns": columns, "runsExpanded": {run_id: True for run_id in expanded},
+             "runsHiddenMode": "SHOW_ALL", "runListHidden": False}
+    client.set_experiment_tag(experiment_id, f"{SHARED_VIEW_PREFIX}{key}", json.dumps(state))
+
+
+def ui_link(uri: str, experiment_id: str, view_key: str | None = None) -> str:
+    """Where to look: the MLflow UI page of an experiment (`mlflow ui` on port 5000 for a local store)."""
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id}/runs" + (f"?viewStateShareKey={quote(view_key)}" if view_key else "")
+
+
+# Short names of searched keys in run names and tables (other keys: their last dotted part).
+PARAM_LABELS = {"diffusion.num_train_timesteps": "T", "module.num_train_timesteps": "T", "loss.margin": "τ",
+                "loss.triplet_weight": "λ", "optim.lr": "lr", "model.hidden_size": "width", "model.depth": "depth",
+                "diffusion.prediction_type": "pred", "module.beta_schedule": "β"}
+
+
+def param_label(key: str) -> str:
+    """Short name of a searched key: `optim.lr` -> `lr`, `loss.margin` -> `τ`."""
+    return PARAM_LABELS.get(key, key.rsplit(".", 1)[-1])
+
+
+def format_value(value: Any) -> str:
+    """Two significant digits, exponent without padding (`2.1e-3`); ints and strings as they are."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, int) or float(value).is_integer() and abs(value) < 1e4:
+        return str(int(value))
+    if 0.01 <= abs(value) < 1e4:
+        return f"{value:.2g}" if abs(value) < 10 else f"{value:.3g}"
+    mantissa, exponent = f"{value:.1e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def trial_label(sampled: dict[str, Any]) -> str:
+    """A trial's run name: what differs between trials, e.g. `T=50 τ=0.52 λ=0.93 lr=2.1e-3`."""
+    return " ".join(f"{param_label(k)}={format_value(v)}" for k, v in sampled.items())
+
+
+TIMING_KEYS = ("trial/start_to_first_metric_s", "trial/wall_s", "trial/overhead_share")
+
+
+def trial_timing(started: float | None, result: dict[str, Any], ended: float) -> dict[str, float]:
+    """A trial's start-up and overhead, from the driver's clock (trial start, end) and its last result.
+
+    start -> first metric: Tune starting the trial (actor, imports, data from the object store, MLflow run, model
+    build) until the worker logged its first metric. Overhead: the share of the trial's wall time not spent in its
+    fit loop (`compute_s`, which already excludes the loop's MLflow logging, Tune reports and checkpoint copies).
+    Empty when the trial reported nothing since this start (a retried or restored trial keeps its previous
+    attempt's last result until it reports again: its first metric then predates the start) or the numbers do not
+    fit together (clocks of another node). The first metric's time comes from the worker's clock, the start and
+    end from the driver's: on a cluster they agree to NTP's accuracy.
+    """
+    first, compute = result.get("first_metric_time"), result.get("compute_s")
+    if started is None or first is None or compute is None:
+        return {}
+    wall = ended - started
+    if wall <= 0 or first < started or first > ended or not 0 <= compute <= wall:
+        return {}
+    return {TIMING_KEYS[0]: first - started, TIMING_KEYS[1]: wall, TIMING_KEYS[2]: 1.0 - compute / wall}
+
+
+def _cell(value: Any) -> str:
+    """A param as logged by MLflow (a string) or a metric, in the short form of run names."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        try:
+            value = int(value) if value.lstrip("-").isdigit() else float(value)
+        except ValueError:
+            return value
+    return format_value(value) if math.isfinite(value) else str(value)
+
+
+def ranked_trials(children: list, space: TrialSpace, best_run_id: str | None = None) -> list[dict[str, Any]]:
+    """One row per trial run: the ones the best config may come from by objective (rank 1 = best; among ties, the
+    run the best config came from), then the rest."""
+    rows = []
+    for run in children:
+        tags, value = run.data.tags, run.data.metrics.get(space.objective)
+        row = {"rank": "", "trial": tags.get(TRIAL_TAG, ""), space.objective: value,
+               **{key: run.data.params.get(key) for key in space.params}}
+        if space.inference is not None:
+            row["best_t_test"] = tags.get("best_t_test")
+        row.update(best_step=tags.get("best_step"), trial_state=tags.get("trial_state", run.info.status.lower()),
+                   **{key.split("/")[1]: run.data.metrics.get(key) for key in TIMING_KEYS},
+                   run_name=run.info.run_name, run_id=run.info.run_id)
+        rows.append((eligible_for_best(run, space.objective), row))
+    sign = 1.0 if space.mode == "max" else -1.0
+    rows.sort(key=lambda er: (not er[0], -sign * er[1][space.objective] if er[0] else 0.0,
+                              er[1]["run_id"] != best_run_id, er[1]["trial"]))
+    for i, (eligible, row) in enumerate(rows, 1):
+        row["rank"] = i if eligible else "-"
+    return [row for _, row in rows]
+
+
+def format_trials_table(rows: list[dict[str, Any]], space: TrialSpace) -> str:
+    """The ranked trials as a short fixed-width table (searched keys by their short names)."""
+    columns = ["rank", "trial", space.objective, *space.params,
+               *(["best_t_test"] if space.inference is not None else []), "best_step", "trial_state"]
+    headers = {key: param_label(key) for key in space.params} | {"best_t_test": "t_test", "best_step": "step",
+                                                                  "trial_state": "state"}
+    cells = [[headers.get(c, c) for c in columns]] + [[_cell(r.get(c)) if c != "rank" else str(r[c]) for c in columns]
+                                                      for r in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in cells)
+
+
+def trials_csv(rows: list[dict[str, Any]]) -> str:
+    """The ranked trials as CSV, full-precision values and full dotted keys."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]) if rows else ["rank"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def view_columns(space: TrialSpace) -> list[str]:
+    """The runs-table columns that tell trials apart: objective, searched params, chosen t_test, state."""
+    return [column_key("metrics", space.objective), column_key("metrics", space.metric),
+            *(column_key("params", key) for key in space.params),
+            *([column_key("tags", "best_t_test")] if space.inference is not None else []),
+            column_key("tags", "best_step"), column_key("tags", "trial_state"), column_key("tags", TRIAL_TAG)]
+
+
+def report_trials(parent: MLflowReporter, experiment: str, uri: str, name: str, sweep_path: Path, split: str,
+                  space: TrialSpace, best_run_id: str | None = None) -> dict[str, Any]:
+    """Print the ranked trials, write them as trials.csv (sweep folder and parent run), share a runs-table view;
+    log the sweep's own overhead on the parent run."""
+    client = parent.client
+    exp_id = client.get_experiment_by_name(experiment).experiment_id
+    children = list(search_pages(client, [exp_id], f"tags.mlflow.parentRunId = '{parent.run_id}'"))
+    rows = ranked_trials(children, space, best_run_id)
+    print(f"[{split}] trials of sweep {name}, best {space.objective} first:\n{format_trials_table(rows, space)}",
+          file=sys.stderr)
+    out = atomic_write_text(sweep_path / "trials.csv", trials_csv(rows))
+    parent.log_artifact(out)
+    share_runs_view(client, exp_id, name, view_columns(space), search_filter=f"tags.sweep = '{name}'",
+                    order_by=column_key("metrics", space.objective), expanded=[parent.run_id])
+    return {"trials_csv": str(out), "mlflow_view": ui_link(uri, exp_id, name), "children": len(rows),
+            **report_overhead(parent, split, rows)}
+
+
+def report_overhead(parent: MLflowReporter, split: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The sweep's own cost in its parent run: median and worst trial start -> first metric and overhead share
+    (per trial: the child runs' trial/* metrics and trials.csv)."""
+    out: dict[str, Any] = {}
+    for key in ("start_to_first_metric_s", "overhead_share"):
+        values = sorted(v for r in rows if isinstance(v := r.get(key), float) and math.isfinite(v))
+        if values:
+            out[f"{key}_median"] = round(values[len(values) // 2], 3)
+            out[f"{key}_max"] = round(values[-1], 3)
+    if out:
+        parent.log_metrics({f"sweep/{k}": v for k, v in out.items()}, 0)
+        print(f"[{split}] trial start -> first metric: median {out.get('start_to_first_metric_s_median')} s, "
+              f"max {out.get('start_to_first_metric_s_max')} s; Ray + MLflow overhead: median "
+              f"{100 * out.get('overhead_share_median', float('nan')):.0f} % of a trial's wall time", file=sys.stderr)
+    return out
+
+
+def eligible_for_best(run, metric: str) -> bool:
+    """A trial run the best config may come from: it reported a finite `metric` and did not fail.
+
+    A failed trial (a diverged loss, a crash after its retries) may have reported good validation scores before
+    it failed; its config is not one that trains, so it never wins. ASHA-stopped trials (status KILLED, tag
+    trial_state=early_stopped) stay eligible: their best reported value is real.
+    """
+    value = run.data.metrics.get(metric)
+    failed = run.info.status == "FAILED" or run.data.tags.get("trial_state") == "failed"
+    return value is not None and math.isfinite(value) and not failed
+
+
+TRIAL_TAG = "ray_trial_id"
+
+
+def find_or_start_child_run(uri: str, experiment: str, parent_run_id: str, trial_id: str, run_name: str,
+                            tags: dict[str, str]) -> MLflowReporter:
+    """The trial's MLflow run, found by its Ray trial id so a retried or resumed trial never duplicates it."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is not None:
+        found = client.search_runs([exp.experiment_id], filter_string=f"tags.{TRIAL_TAG} = '{trial_id}'",
+                                   max_results=1)
+        if found:
+            return MLflowReporter.start(uri, experiment, run_name, run_id=found[0].info.run_id)
+    return MLflowReporter.start(uri, experiment, run_name, tags={**tags, TRIAL_TAG: trial_id},
+                                parent_run_id=parent_run_id)
+
+
+def close_trial_run(uri: str, experiment: str, trial_id: str, step: int, total_steps: int, failed: bool,
+                    timing: dict[str, float]) -> None:
+    """The driver's end of a trial's run: tag trial_state (finished / early_stopped / failed), log its timing, and
+    end it when its worker could not (ASHA stops a trial inside its report, so the worker's own finish never runs)."""
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return
+    runs = client.search_runs([exp.experiment_id], f"tags.{TRIAL_TAG} = '{trial_id}'", max_results=1)
+    if not runs:
+        return
+    run = runs[0]
+    state = "failed" if failed else ("finished" if step >= total_steps else "early_stopped")
+    client.set_tag(run.info.run_id, "trial_state", state)
+    if timing:
+        client.log_batch(run.info.run_id, [Metric(key, value, int(time.time() * 1000), step)
+                                           for key, value in timing.items()])
+    if run.info.status == "RUNNING" or failed:
+        client.set_terminated(run.info.run_id, "FAILED" if failed else "FINISHED")
+
+
+def best_child(client: MlflowClient, experiment_id: str, parent_run_id: str, metric: str, mode: str):
+    """The best trial run of a sweep by `metric`, among those eligible (eligible_for_best); None if there is none.
+
+    MLflow sorts by the metric (missing and NaN values last; ties by start time, newest first) and pages through
+    every child, so a sweep of any size is ranked, and a tie goes to the same run as a max() over the default order.
+    """
+    order = [f"metrics.`{metric}` {'DESC' if mode == 'max' else 'ASC'}"]
+    for run in search_pages(client, [experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'", order):
+        if eligible_for_best(run, metric):
+            return run
+    return None
