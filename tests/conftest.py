@@ -46,6 +46,16 @@ def _no_ray_left_running():
         ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a test module: tiny matmuls and convs gain nothing from two and spin badly on a busy
+    machine. Module scope so that module-scoped runs use it too (runs compared bit for bit need one thread count)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

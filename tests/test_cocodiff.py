@@ -15,7 +15,7 @@ import torch
 from conftest import CrashAfter
 from pydantic import BaseModel
 
-from trainers import cocodiff_fit
+from trainers import cocodiff_data
 from trainers.cocodiff import (
     CoCoDiffConfig,
     CoCoDiffModule,
@@ -26,32 +26,21 @@ from trainers.cocodiff import (
     draw_diffusion_inputs,
     kl_contrastive_loss,
 )
-from trainers.cocodiff_fit import (
-    BEST,
-    LAST,
-    SkeletonClassifier,
+from trainers.checkpoint import BEST, LAST
+from trainers.cocodiff_classifier import SkeletonClassifier, build_classifier, export_classifier, load_classifier
+from trainers.cocodiff_data import (
     SkeletonData,
-    TrainingModel,
-    accuracy_metrics,
-    batch_indices,
-    build_classifier,
     class_prompts,
-    compute_losses,
     dataset_label,
     encode_cocodiff_texts,
-    ensemble_logits,
-    evaluate_classifier,
-    export_classifier,
-    fit_cocodiff,
-    load_classifier,
     load_cocodiff_data,
     load_prepared,
     prepare_cocodiff,
-    run_ablation,
-    step_generator,
-    step_times,
     synthetic_prompts,
 )
+from trainers.cocodiff_eval import accuracy_metrics, ensemble_logits, evaluate_classifier
+from trainers.cocodiff_fit import TrainingModel, compute_losses, fit_cocodiff, step_generator, step_times
+from trainers.schedule import batch_indices
 from trainers.config import build_config, flatten, to_plain
 from trainers.errors import InputError
 from trainers.skeleton.gcn import build_encoder
@@ -69,14 +58,7 @@ TINY = {"backbone.encoder": "stgcn", "backbone.base_channels": 8, "backbone.unit
         "train.checkpoint_every": 30, "train.device": "cpu", "train.precision": "fp32"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convs run fastest on one thread, and the test machine's cores are shared; module scope so that the
-    module-scoped runs use it too (runs compared for bit-identical weights need the same thread count)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(**overrides) -> CoCoDiffConfig:
@@ -182,7 +164,8 @@ def _leaves(cls: type[BaseModel], prefix: str = "") -> list[str]:
 def test_every_config_field_is_read():
     """Each leaf is read as an attribute somewhere outside the config classes (method: a constant tag)."""
     read = set()
-    for name in ("trainers/cocodiff.py", "trainers/cocodiff_fit.py", "service/cocodiff_data.py"):
+    for name in ("trainers/cocodiff.py", "trainers/cocodiff_classifier.py", "trainers/cocodiff_data.py",
+                 "trainers/cocodiff_eval.py", "trainers/cocodiff_fit.py", "service/cocodiff_data.py"):
         tree = ast.parse((ROOT / name).read_text())
         code = [n for n in tree.body if not (isinstance(n, ast.ClassDef) and n.name.endswith("Config"))]
         read |= {n.attr for node in code for n in ast.walk(node) if isinstance(n, ast.Attribute)}
@@ -508,7 +491,7 @@ def test_texts_split_into_coarse_and_fine(tmp_path, monkeypatch):
         feats = torch.cat([torch.full((len(sets[0]), 3), float(k)) for k in range(len(sets))], dim=1)
         return TextFeatures(feats, torch.zeros(len(sets[0]), max_tokens, 3))
 
-    monkeypatch.setattr(cocodiff_fit, "encode_prompt_sets", fake_encode)
+    monkeypatch.setattr(cocodiff_data, "encode_prompt_sets", fake_encode)
     files = {}
     for name in ("names", "synonyms", "fine"):
         files[name] = tmp_path / f"{name}.txt"
@@ -541,14 +524,6 @@ def test_ensemble_logits():
         ensemble_logits([a, b], [1.0])
     with pytest.raises(InputError, match="shape"):
         ensemble_logits([a, torch.zeros(2, 2)])
-
-
-def test_run_ablation_trains_both_arms_per_seed(toy):
-    data, fine, coarse = toy
-    cfg = tiny_config(**{"train.steps": 4, "train.eval_every": 4})
-    out = run_ablation(cfg, data.train_x, data.train_y, data.val_x, data.val_y, fine, coarse, seeds=[0, 1])
-    assert [r["seed"] for r in out["baseline"]] == [r["seed"] for r in out["cocodiff"]] == [0.0, 1.0]
-    assert all(r["step"] == 4 and 0 <= r["val/top1"] <= 100 for arm in out.values() for r in arm)
 
 
 def test_step_times_measures_both_arms(toy):

@@ -63,7 +63,7 @@ def test_two_ddp_workers_keep_identical_weights(tmp_path):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from trainers.cocodiff_fit import build_classifier
+    from trainers.cocodiff_classifier import build_classifier
     from trainers.runtime import seed_everything
 
     ray.init(address="local", num_cpus=4, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})

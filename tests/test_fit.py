@@ -15,20 +15,14 @@ from conftest import CrashAfter, tiny_config
 from trainers.data import FeatureSplit
 from trainers.errors import InputError
 from trainers.io import atomic_torch_save
-from trainers.tdsm_fit import (BEST, LAST, build_model, evaluate_split, fit_tdsm, load_best_weights, lr_at,
-                                zsl_metric_dict)
+from trainers.schedule import lr_at
+from trainers.tdsm_fit import BEST, LAST, build_model, evaluate_split, fit_tdsm, load_best_weights, zsl_metric_dict
 from trainers.tdsm_task import prepare_tdsm
 from trainers.text import TextFeatures
 from trainers.tracking import ListReporter
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: these matrices are too small to gain from two, and two spin badly on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -368,7 +362,8 @@ def test_compiled_training_matches_eager(tiny_task):
 
 def test_resuming_a_per_tensor_adamw_state_keeps_the_fused_optimizer(tiny_task):
     """Checkpoints written before fused AdamW load into it without switching fusing off, and step on equally."""
-    from trainers.tdsm_fit import build_optimizer, load_optimizer_state
+    from trainers.checkpoint import load_optimizer_state
+    from trainers.tdsm_fit import build_optimizer
 
     cfg = tiny_config()
     torch.manual_seed(0)

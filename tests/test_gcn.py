@@ -17,14 +17,12 @@ NAMES = list(ENCODERS)
 TINY = {"base_channels": 8, "units_per_stage": (1, 1, 1)}
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny convs run fastest on one thread, and the test machine's cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _seed():
     torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
 
 
 def skeletons(n: int = 2, t: int = 8, v: int = 25, m: int = 2, seed: int = 0) -> torch.Tensor:

@@ -8,8 +8,8 @@ Catalogue (loader exercised; "CLI" = the command's `main` or a subprocess, exit 
   tdsm runs/<id>/last.pt     trainers.tdsm_fit.fit_tdsm (the resume of service.run / a Tune trial)
   tdsm best.pt               trainers.tdsm_fit.load_best (service.run after training) and the resume check
   cocodiff last.pt           trainers.cocodiff_fit._resume
-  cocodiff best.pt           trainers.cocodiff_fit.load_classifier, service.methods.cocodiff.final_artifacts
-  registry bundles           service.registry ZeroShotTDSM / SkeletonClassifierModel .load_context
+  cocodiff best.pt           trainers.cocodiff_classifier.load_classifier, service.methods.cocodiff.final_artifacts
+  registry bundles           service.tracking.registry ZeroShotTDSM / SkeletonClassifierModel .load_context
   text-feature cache         trainers.text._load_cached: ignored with a warning and recomputed (never run)
 """
 
@@ -29,7 +29,7 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from trainers import cocodiff_fit, encoder_fit, tdsm_fit
+from trainers import cocodiff_classifier, cocodiff_fit, encoder_fit, tdsm_fit
 from trainers.data import FeatureSplit
 from trainers.errors import InputError
 from trainers.io import REFUSED, load_checkpoint
@@ -169,7 +169,7 @@ def test_cocodiff_last_pt(tmp_path, marker, form):
 def test_cocodiff_best_pt(tmp_path, marker, form):
     path = write_hostile(tmp_path / cocodiff_fit.BEST, marker, form)
     with pytest.raises(InputError) as err:
-        cocodiff_fit.load_classifier(path)
+        cocodiff_classifier.load_classifier(path)
     assert_refused(err, path, marker)
 
 

@@ -282,7 +282,7 @@ def test_a_string_data_npy_is_one_line(tmp_path):
 
 
 def test_cocodiff_refuses_an_empty_test_split(tmp_path):
-    from trainers.cocodiff_fit import load_prepared
+    from trainers.cocodiff_data import load_prepared
 
     folder = write_prepared(tmp_path / "p", np.zeros((6, 3, 4, 25, 2), np.float32))
     (folder / "index.tsv").write_text((folder / "index.tsv").read_text().replace("\ttest", "\ttrain"))

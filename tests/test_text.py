@@ -9,23 +9,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainers import text
+from trainers import text, text_encoders
 from trainers.errors import InputError
 from trainers.text import (
-    MiniLMEncoder,
-    OpenClipEncoder,
     TextFeatures,
     build_text_encoder,
     encode_prompt_sets,
-    encode_token_states,
     features_sha256,
-    project_text,
     read_prompt_file,
     text_cache_key,
     text_cache_path,
     text_encoder_identity,
-    text_tower,
 )
+from trainers.text_encoders import MiniLMEncoder, OpenClipEncoder, encode_token_states, project_text, text_tower
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 ASSETS = Path(text.__file__).resolve().parent / "assets"
@@ -317,7 +313,7 @@ def test_open_clip_loads_local_checkpoint_and_random_init_is_seeded(tmp_path):
     import open_clip
 
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(text.RANDOM_INIT_SEED)
+        torch.manual_seed(text_encoders.RANDOM_INIT_SEED)
         reference = open_clip.create_model("ViT-S-32-alt")
     checkpoint = tmp_path / "open_clip_model.pt"
     torch.save(reference.state_dict(), checkpoint)

@@ -23,9 +23,9 @@ from torch import nn
 
 from trainers.config import OptimConfig, Section, TrainConfig
 from trainers.diffusion import NoiseSchedule
+from trainers.layers import TimestepEmbedder, modulate
 from trainers.skeleton.splits import BENCHMARKS
 from trainers.skeleton.synthetic import NUM_CLASSES as SYNTHETIC_CLASSES
-from trainers.tdsm_model import TimestepEmbedder, modulate
 
 # CLIP's cap on the learnable logit scale (GAP inherits it): beyond 100 the softmax is a hard arg-max.
 MAX_LOGIT_SCALE = 100.0

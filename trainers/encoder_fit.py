@@ -6,7 +6,6 @@ feature is what TDSM denoises.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,25 +15,21 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
-from tqdm.auto import tqdm
 
+from trainers import checkpoint
+from trainers.checkpoint import ENCODER, LAST
 from trainers.config import Section
 from trainers.errors import InputError
 from trainers.guards import LossGuard
-from trainers.io import atomic_torch_save, load_checkpoint, load_torch, stable_hash
-from trainers.runtime import (
-    autocast,
-    epoch_batch,
-    resolve_device,
-    resolve_precision,
-    seed_everything,
-)
+from trainers.io import load_checkpoint, load_torch
+from trainers.runtime import autocast, resolve_device, resolve_precision, seed_everything
+from trainers.schedule import build_lr_scheduler, epoch_indices, log_every, progress_bar
 from trainers.skeleton.gcn import Encoder, build_encoder, joint_to_bone, joint_to_motion
 from trainers.skeleton.graph import Graph
-from trainers.tdsm_fit import lr_at
 from trainers.tracking import Reporter
 
-LAST = "last.pt"
+# EncoderConfig fields that do not change what training computes (exact names).
+NON_TRAINING_KEYS = ("device", "checkpoint_every")
 
 
 class EncoderConfig(Section):
@@ -78,8 +73,8 @@ class EncoderResult:
 
 def training_fingerprint(cfg: EncoderConfig, x: torch.Tensor, classes: list[int]) -> str:
     """Hash of what training computes: a checkpoint written under anything else is refused on resume."""
-    keys = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in ("device", "checkpoint_every")}
-    return stable_hash({**keys, "data_shape": list(x.shape), "classes": list(classes)})
+    return checkpoint.training_fingerprint(cfg.model_dump(mode="json"), names=NON_TRAINING_KEYS,
+                                           data_shape=list(x.shape), classes=list(classes))
 
 
 @torch.no_grad()
@@ -144,28 +139,26 @@ def fit_encoder(cfg: EncoderConfig, x: torch.Tensor, y: torch.Tensor, classes: l
     last = Path(run_dir) / LAST if run_dir is not None else None
     step = _resume(last, fingerprint, model, opt) if last is not None and last.is_file() else 0
     train_model = wrap_model(model) if wrap_model is not None else model
-    warmup, log_every = max(1, cfg.steps // 20), max(1, cfg.steps // 20)
+    warmup, every = max(1, cfg.steps // 20), log_every(cfg.steps, cap=None)
     correct = seen = 0
     metrics: dict[str, float] = {}
     model.train()
-    bar = tqdm(total=cfg.steps, initial=step, desc=cfg.name, disable=not progress, file=sys.stderr,
-               mininterval=1.0, dynamic_ncols=True)
+    bar = progress_bar(cfg.steps, step, cfg.name, progress)
     guard = LossGuard(device, "lower the encoder's lr")
+    sched = build_lr_scheduler(opt, cfg.lr, cfg.steps, warmup, 0.0, step)
     while step < cfg.steps:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg.steps, cfg.lr, warmup, 0.0)
-        idx = epoch_batch(step, cfg.batch_size, len(x), cfg.seed)[rank::world]
+        idx = epoch_indices(step, cfg.batch_size, len(x), cfg.seed)[rank::world]
         xb = to_stream(x[idx].float(), cfg.stream, cfg.layout).to(device)
         tb = target[idx].to(device)
         loss, logits = train_step(train_model, opt, xb, tb, device, precision)
         step += 1
         guard.update(loss, step)
-        if step % log_every == 0 or step % cfg.checkpoint_every == 0 or step == cfg.steps:
+        if step % every == 0 or step % cfg.checkpoint_every == 0 or step == cfg.steps:
             guard.flush()                  # nothing diverged is logged as a metric or saved
         bar.update(1)
         correct += int((logits.argmax(-1) == tb).sum())
         seen += len(tb)
-        if step % log_every == 0 or step == cfg.steps:
+        if step % every == 0 or step == cfg.steps:
             metrics = {"encoder/loss": float(loss.detach()), "encoder/train_top1": 100.0 * correct / seen,
                        "encoder/lr": opt.param_groups[0]["lr"]}
             reporter.log_metrics(metrics, step)
@@ -178,8 +171,9 @@ def fit_encoder(cfg: EncoderConfig, x: torch.Tensor, y: torch.Tensor, classes: l
             if rank == 0 and last is not None:
                 _save_last(last, fingerprint, model, opt, step, metrics)
                 if step == cfg.steps:
-                    save_encoder(model, list(classes), cfg, Path(run_dir) / "encoder.pt")
+                    save_encoder(model, list(classes), cfg, Path(run_dir) / ENCODER)
             reporter.log_evaluation(dict(metrics), step, None, Path(run_dir) if run_dir is not None else None)
+        sched.step()                       # after logging: encoder/lr is the lr this step used
     bar.close()
     model.eval()
     if not metrics and last is not None and last.is_file():         # resumed after the last step
@@ -189,23 +183,20 @@ def fit_encoder(cfg: EncoderConfig, x: torch.Tensor, y: torch.Tensor, classes: l
 
 
 def _save_last(path: Path, fingerprint: str, model: nn.Module, opt, step: int, metrics: dict[str, float]) -> None:
-    atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                       "fingerprint": fingerprint, "metrics": metrics}, path)
+    checkpoint.save(path, {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                           "fingerprint": fingerprint, "metrics": metrics})
 
 
 def _resume(path: Path, fingerprint: str, model: nn.Module, opt) -> int:
     """Load last.pt into model/optimizer; refuse a checkpoint written under another config or data."""
-    state = load_checkpoint(path, fingerprint, ("model", "optimizer", "step"))
-    model.load_state_dict(state["model"])
-    opt.load_state_dict(state["optimizer"])
-    return int(state["step"])
+    return int(checkpoint.restore(path, fingerprint, ("model", "optimizer", "step"), {"model": model}, opt)["step"])
 
 
 def save_encoder(model: Encoder, classes: list[int], cfg: EncoderConfig, path: Path) -> Path:
     """encoder.pt: config, seen classes (head column order), input channels and CPU weights."""
-    return atomic_torch_save({"config": cfg.model_dump(mode="json"), "classes": list(classes),
-                              "in_channels": model.in_channels,
-                              "model": {k: v.cpu() for k, v in model.state_dict().items()}}, path)
+    return checkpoint.save(path, {"config": cfg.model_dump(mode="json"), "classes": list(classes),
+                                  "in_channels": model.in_channels,
+                                  "model": {k: v.cpu() for k, v in model.state_dict().items()}})
 
 
 def load_encoder(path: Path) -> tuple[Encoder, EncoderConfig, list[int]]:

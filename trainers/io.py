@@ -13,6 +13,8 @@ from typing import Any, Callable
 
 import torch
 
+from trainers.errors import InputError
+
 
 def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
     """Run write(tmp_path), fsync, then os.replace(tmp, path): a crash leaves the old file (or none), never half.
@@ -49,8 +51,6 @@ REFUSED = "refused: it holds Python objects, and loading them would run code; on
 def load_torch(path: Path, what: str = "checkpoint", keys: tuple[str, ...] = ()) -> Any:
     """torch.load(weights_only=True) on CPU: tensors and plain containers only, so a crafted file can never run
     code. Any failure (missing, truncated, foreign pickle, not a dict with `keys`) is a one-line InputError."""
-    from trainers.errors import InputError
-
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: missing (expected a skeldiff {what})")
@@ -77,8 +77,6 @@ def load_torch(path: Path, what: str = "checkpoint", keys: tuple[str, ...] = ())
 def load_checkpoint(path: Path, fingerprint: str | None = None, keys: tuple[str, ...] = ()) -> dict[str, Any]:
     """A checkpoint through `load_torch`; when `fingerprint` is given, one written under another training config
     is refused too (resuming it would silently mix two runs)."""
-    from trainers.errors import InputError
-
     state = load_torch(path, "checkpoint", keys)
     if not isinstance(state, dict):
         raise InputError(f"{path}: not a skeldiff checkpoint (a {type(state).__name__}, expected a dict)")

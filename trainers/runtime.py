@@ -57,15 +57,6 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def epoch_batch(step: int, batch_size: int, n: int, seed: int) -> torch.Tensor:
-    """Sample ids of training step `step`: epochs of seeded permutations of range(n), each epoch's remainder
-    dropped. A pure function of its arguments, so a resumed run (or every DDP rank) draws the same batches."""
-    per_epoch = max(1, n // batch_size)
-    epoch, k = divmod(step, per_epoch)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-    return perm[k * batch_size:(k + 1) * batch_size]
-
-
 # ----------------------------------------------------------------------------------------------
 # CPU threads (README "Benchmarks": contended vs alone)
 # ----------------------------------------------------------------------------------------------

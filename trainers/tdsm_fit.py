@@ -7,42 +7,32 @@ draws the same batches as an uninterrupted one.
 
 from __future__ import annotations
 
-import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from trainers import checkpoint
+from trainers.checkpoint import BEST, LAST
 from trainers.config import TDSMConfig, flatten, to_plain
 from trainers.data import FeatureSplit
 from trainers.diffusion import NoiseSchedule
 from trainers.errors import InputError
 from trainers.guards import LossGuard
-from trainers.io import atomic_torch_save, load_checkpoint, stable_hash
+from trainers.io import load_checkpoint, stable_hash
 from trainers.losses import sample_negative_classes, triplet_diffusion_loss
 from trainers.runtime import apply_thread_policy, autocast, resolve_device, resolve_precision, seed_everything
+from trainers.schedule import build_lr_scheduler, log_every, progress_bar
 from trainers.tdsm_model import TDSMDenoiser
 from trainers.text import TextFeatures
 from trainers.tracking import Reporter
 from trainers.zsl import ZSLCurve, ZSLMetrics, evaluate_zsl
 
-LAST = "last.pt"
-BEST = "best.pt"
 # Config keys that do not change what training computes: a checkpoint stays valid when only these differ.
 NON_TRAINING_KEYS = ("eval.", "train.eval_every", "train.checkpoint_every", "train.device", "train.threads",
                      "train.compile", "text.cache_dir")
-
-
-def lr_at(step: int, total: int, lr: float, warmup: int, min_ratio: float) -> float:
-    """Linear warm-up to lr, then cosine decay to lr * min_ratio at `total` (pure function of the step)."""
-    if warmup and step < warmup:
-        return lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def build_schedule(cfg: TDSMConfig) -> NoiseSchedule:
@@ -64,24 +54,9 @@ def build_optimizer(cfg: TDSMConfig, model: nn.Module) -> torch.optim.AdamW:
                              fused=device.type in ("cpu", "cuda") or None)
 
 
-def load_optimizer_state(opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """Load an optimizer state, keeping this optimizer's own `fused` choice: load_state_dict takes the saved
-    groups' flags, so a checkpoint of the per-tensor AdamW would switch fusing off (and a fused one would force it
-    on a device it was not chosen for). Fused AdamW keeps its step counts on the parameters' device."""
-    chosen = [group.get("fused") for group in opt.param_groups]
-    opt.load_state_dict(state)
-    for group, fused in zip(opt.param_groups, chosen):
-        group["fused"] = fused
-        if fused:
-            for p in group["params"]:
-                if "step" in opt.state.get(p, {}):
-                    opt.state[p]["step"] = opt.state[p]["step"].to(device=p.device, dtype=torch.float32)
-
-
 def training_fingerprint(cfg: TDSMConfig) -> str:
     """Hash of everything that changes what training computes (resuming under another config is refused)."""
-    flat = flatten(to_plain(cfg))
-    return stable_hash({k: v for k, v in flat.items() if not k.startswith(NON_TRAINING_KEYS)})
+    return checkpoint.training_fingerprint(flatten(to_plain(cfg)), NON_TRAINING_KEYS)
 
 
 def zsl_metric_dict(curve: ZSLCurve, t_test: int, prefix: str, tuned: bool = False,
@@ -221,15 +196,13 @@ def fit_tdsm(cfg: TDSMConfig, train: FeatureSplit, train_classes: list[int], eva
         torch._dynamo.reset()
         train_model = torch.compile(train_model)
     total, B, T = cfg.train.steps, cfg.optim.batch_size, cfg.diffusion.num_train_timesteps
-    log_every = max(1, min(50, total // 20))
+    every = log_every(total)
     curve, last_metrics = None, {}
-    bar = tqdm(total=total, initial=step, desc="tdsm", disable=not progress, file=sys.stderr,
-               mininterval=1.0, dynamic_ncols=True)
+    bar = progress_bar(total, step, "tdsm", progress)
     guard = LossGuard(device, "lower optim.lr or set optim.grad_clip > 0")
+    sched = build_lr_scheduler(opt, cfg.optim.lr, total, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio, step)
     model.train()
     while step < total:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, total, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio)
         losses = train_step(train_model, opt, schedule, cfg, draw_batch(x_all, y_all, pool, B, T, gen),
                             text_g, text_l, amp)
         step += 1
@@ -237,9 +210,9 @@ def fit_tdsm(cfg: TDSMConfig, train: FeatureSplit, train_classes: list[int], eva
         bar.update(1)
         is_eval = step % cfg.train.eval_every == 0 or step == total
         is_ckpt = step % cfg.train.checkpoint_every == 0 or step == total
-        if step % log_every == 0 or is_eval or is_ckpt:
+        if step % every == 0 or is_eval or is_ckpt:
             guard.flush()                  # nothing diverged is logged as a metric or saved
-        if step % log_every == 0 or step == total:
+        if step % every == 0 or step == total:
             scalars = {f"train/{k}": float(v.detach()) for k, v in losses.items()}
             scalars["train/lr"] = opt.param_groups[0]["lr"]
             reporter.log_metrics(scalars, step)
@@ -252,12 +225,13 @@ def fit_tdsm(cfg: TDSMConfig, train: FeatureSplit, train_classes: list[int], eva
                             **{eval_prefix: f"{last_metrics[f'{eval_prefix}/zsl_top1']:.1f}"})
             if run_dir is not None and last_metrics[f"{eval_prefix}/zsl_top1"] > best:
                 best = last_metrics[f"{eval_prefix}/zsl_top1"]
-                atomic_torch_save({"model": model.state_dict(), "step": step, "metrics": last_metrics,
-                                   "config": to_plain(cfg)}, Path(run_dir) / BEST)
+                checkpoint.save(Path(run_dir) / BEST, {"model": model.state_dict(), "step": step,
+                                                       "metrics": last_metrics, "config": to_plain(cfg)})
         if run_dir is not None and (is_ckpt or is_eval):
             _save_last(Path(run_dir) / LAST, fingerprint, model, opt, gen, step, best, cfg)
         if is_eval and evaluating:
             reporter.log_evaluation(last_metrics, step, curve, Path(run_dir) if run_dir is not None else None)
+        sched.step()                       # after logging: train/lr is the lr this step used
     if start_step >= total and evaluating:
         # Resumed after the last step (a trial restarted after its final checkpoint): report the final metrics
         # again so whoever restarted it (a Tune scheduler, a resumed sweep) sees them.
@@ -270,20 +244,17 @@ def fit_tdsm(cfg: TDSMConfig, train: FeatureSplit, train_classes: list[int], eva
 
 def _save_last(path: Path, fingerprint: str, model, opt, gen: torch.Generator, step: int, best: float,
                cfg: TDSMConfig) -> None:
-    atomic_torch_save({
+    checkpoint.save(path, {
         "model": model.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
-        "torch_rng": torch.get_rng_state(), "step": step, "best": best, "fingerprint": fingerprint,
-        "config": to_plain(cfg),
-    }, path)
+        **checkpoint.rng_state(), "step": step, "best": best, "fingerprint": fingerprint, "config": to_plain(cfg),
+    })
 
 
 def _resume(path: Path, fingerprint: str, model, opt, gen: torch.Generator) -> tuple[int, float]:
     """Load last.pt into model/optimizer/generator; refuse a checkpoint written under another config."""
-    state = load_checkpoint(path, fingerprint, ("model", "optimizer", "generator", "torch_rng", "step", "best"))
-    model.load_state_dict(state["model"])
-    load_optimizer_state(opt, state["optimizer"])
+    state = checkpoint.restore(path, fingerprint, ("model", "optimizer", "generator", "torch_rng", "step", "best"),
+                               {"model": model}, opt)
     gen.set_state(state["generator"])
-    torch.set_rng_state(state["torch_rng"])
     if (Path(path).parent / BEST).is_file():    # a bad best.pt fails now, not after the whole run has trained
         load_best(Path(path).parent)
     return int(state["step"]), float(state["best"])
@@ -319,4 +290,4 @@ def evaluate_split(cfg: TDSMConfig, model: TDSMDenoiser, split: FeatureSplit, cl
 
 
 __all__ = ["FitResult", "ZSLMetrics", "build_model", "build_optimizer", "build_schedule", "evaluate_split", "fit_tdsm",
-           "load_best", "load_best_weights", "load_optimizer_state", "lr_at", "zsl_metric_dict"]
+           "load_best", "load_best_weights", "zsl_metric_dict"]

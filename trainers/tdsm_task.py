@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from trainers.assets import EMBEDDED_DESCRIPTIONS, EMBEDDED_NAMES, default_cache_dir
 from trainers.config import TDSMConfig
 from trainers.data import ZSLTask, generate_synthetic_task, load_feature_task
 from trainers.errors import InputError
 from trainers.text import TextFeatures, encode_prompt_sets, read_prompt_file
-
-ASSETS = Path(__file__).resolve().parent / "assets"
-EMBEDDED_NAMES = ASSETS / "ntu60_class_names.txt"
-EMBEDDED_DESCRIPTIONS = ASSETS / "ntu60_descriptions.txt"
-
-
-def default_cache_dir() -> Path:
-    """$SKELDIFF_CACHE, else ~/.cache/skeldiff."""
-    return Path(os.environ.get("SKELDIFF_CACHE") or Path.home() / ".cache" / "skeldiff")
 
 
 def prompt_files(cfg: TDSMConfig) -> list[Path]:

@@ -24,7 +24,8 @@ from service.benchmarks.common import (
     time_calls,
 )
 from trainers.cocodiff import CoCoDiffConfig
-from trainers.cocodiff_fit import build_classifier, export_classifier, fit_cocodiff, step_times, with_overrides
+from trainers.cocodiff_classifier import build_classifier, export_classifier
+from trainers.cocodiff_fit import fit_cocodiff, step_times, with_overrides
 from trainers.config import build_config
 from trainers.errors import InputError
 from trainers.runtime import autocast, resolve_precision

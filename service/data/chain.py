@@ -15,6 +15,7 @@ import numpy as np
 from service.data.features import extract_to_folder, train_encoder
 from service.data.generated import synthetic_prepared
 from trainers.config import build_config
+from trainers.checkpoint import ENCODER
 from trainers.encoder_fit import EncoderConfig
 from trainers.errors import InputError
 from trainers.io import atomic_write_text, stable_hash
@@ -76,17 +77,17 @@ def synthetic_skeleton_features(root: Path, per_class: int, encoder: EncoderConf
     enc_dir, feat_dir = root / f"encoder-{key}", root / f"features-{key}"
     done = feat_dir / "done.json"
     made = {"features_dir": str(feat_dir), "unseen": unseen, "class_names": str(raw / "class_names.txt"),
-            "descriptions": str(raw / "descriptions.txt"), "encoder": str(enc_dir / "encoder.pt")}
+            "descriptions": str(raw / "descriptions.txt"), "encoder": str(enc_dir / ENCODER)}
     if not build:
         return {**made, "built": done.is_file()}
-    if not (enc_dir / "encoder.pt").is_file():
+    if not (enc_dir / ENCODER).is_file():
         log(f"training {encoder.name} on {NUM_CLASSES - len(unseen)} seen classes -> {enc_dir}")
         (trainer or train_encoder)(prepared, unseen, encoder, enc_dir)
     else:
         log(f"encoder up to date: {enc_dir}")
     if not done.is_file():
         log(f"extracting features -> {feat_dir}")
-        extract_to_folder(prepared, enc_dir / "encoder.pt", unseen, feat_dir)
+        extract_to_folder(prepared, enc_dir / ENCODER, unseen, feat_dir)
         atomic_write_text(done, json.dumps({"encoder": str(enc_dir), "unseen": unseen}))
     else:
         log(f"features up to date: {feat_dir}")

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from trainers.data import load_class_ids
+from trainers.checkpoint import ENCODER
 from trainers.encoder_fit import EncoderConfig, extract_features, fit_encoder, load_encoder
 from trainers.errors import InputError
 from trainers.io import atomic_save_npy
@@ -57,7 +58,7 @@ def train_encoder(prepared: Path, unseen: list[int], cfg: EncoderConfig, out: Pa
     Re-running with the same inputs resumes from out/last.pt (or returns at once when training finished)."""
     x, y, seen, held_out = seen_class_data(prepared, unseen, benchmark)
     fit_encoder(cfg, x, y, seen, reporter or NullReporter(), out, progress, held_out)
-    return Path(out) / "encoder.pt"
+    return Path(out) / ENCODER
 
 
 

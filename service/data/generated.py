@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 
 from trainers.cocodiff import CoCoDiffConfig
-from trainers.cocodiff_fit import SkeletonData, prepare_cocodiff
+from trainers.assets import default_cache_dir
+from trainers.cocodiff_data import SkeletonData, prepare_cocodiff
 from trainers.skeleton.prepare import prepare
 from trainers.skeleton.splits import BENCHMARKS
 from trainers.skeleton.synthetic import NUM_CLASSES, write_synthetic_dataset
 from trainers.skeleton.synthetic_release import write_kinetics_release, write_pku_release
-from trainers.tdsm_task import default_cache_dir
 
 
 def synthetic_root() -> Path:

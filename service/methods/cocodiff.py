@@ -20,7 +20,8 @@ from service.methods.common import absolute, headline, mean_std, open_run
 from service.tracking.artifacts import log_best_checkpoint, log_classification_outputs, log_selection
 from service.tracking.registry import register_classifier
 from service.tracking.store import MLflowReporter, standard_tags
-from trainers import cocodiff_fit
+from trainers import cocodiff_classifier, cocodiff_data, cocodiff_eval, cocodiff_fit
+from trainers.checkpoint import BEST
 from trainers.cocodiff import BackboneConfig, CoCoDiffConfig, build_module
 from trainers.config import build_config, dump_yaml, flatten, parse_override, to_plain
 from trainers.errors import InputError
@@ -55,13 +56,13 @@ def best_config(tree: dict[str, Any], tags: Mapping[str, str]) -> tuple[dict[str
 
 def split_name(cfg: CoCoDiffConfig) -> str:
     """The one name of a config's data when no split names it (its benchmark, or the prepared folder)."""
-    return cocodiff_fit.dataset_label(cfg)
+    return cocodiff_data.dataset_label(cfg)
 
 
 def final_artifacts(mlflow: MLflowReporter, curve: None, checkpoint_dir: Path | None, *,
                              names: list[str]) -> None:
     """The best classifier's validation logits/labels and confusion (read back from best.pt), and best.pt."""
-    best = checkpoint_dir / cocodiff_fit.BEST if checkpoint_dir is not None else None
+    best = checkpoint_dir / BEST if checkpoint_dir is not None else None
     if best is not None and best.is_file():
         ckpt = load_checkpoint(best, keys=("val_logits", "val_labels"))
         log_classification_outputs(mlflow, ckpt["val_logits"], ckpt["val_labels"], names, "val")
@@ -74,7 +75,7 @@ def fit_trial(w: TrialContext) -> None:
     data, names, fine, coarse = w.data
     cfg = w.cfg           # one seed on every rank: fit_cocodiff shards a common batch order by rank
     with torch.device("meta"):  # sizes only
-        classifier = cocodiff_fit.build_classifier(cfg.backbone, data.num_classes, data.train_x.shape[1])
+        classifier = cocodiff_classifier.build_classifier(cfg.backbone, data.num_classes, data.train_x.shape[1])
         module_params = (count_parameters(build_module(cfg.module, classifier.encoder.feature_dim, fine.shape[1],
                                                        coarse.shape[1])) if cfg.module.enabled else 0)
     derived = {"num_parameters_inference": count_parameters(classifier), "num_parameters_module": module_params}
@@ -95,7 +96,7 @@ def run(cfg: CoCoDiffConfig, args) -> dict:
     data, names, fine, coarse = prepare_cocodiff_inputs(cfg)
     text_dims = (fine.shape[1], coarse.shape[1]) if fine is not None else None
     fingerprint = cocodiff_fit.training_fingerprint(cfg, data.train_x, data.num_classes, text_dims)
-    run_dir, reporter = open_run(args, "cocodiff", cocodiff_fit.dataset_label(cfg), fingerprint, cfg)
+    run_dir, reporter = open_run(args, "cocodiff", cocodiff_data.dataset_label(cfg), fingerprint, cfg)
     try:
         reporter.log_params(flatten(to_plain(cfg)))
         reporter.log_params({"derived.num_classes": data.num_classes, "derived.train_samples": len(data.train_y),
@@ -104,17 +105,17 @@ def run(cfg: CoCoDiffConfig, args) -> dict:
         result = cocodiff_fit.fit_cocodiff(cfg, data.train_x, data.train_y, data.val_x, data.val_y, fine, coarse,
                                            reporter, run_dir, progress=not args.no_progress,
                                            num_classes=data.num_classes)
-        classifier = cocodiff_fit.export_classifier(result)       # backbone + head, best-on-validation weights
+        classifier = cocodiff_classifier.export_classifier(result)       # backbone + head, best-on-validation weights
         reporter.log_params({"derived.num_parameters_inference": count_parameters(classifier),
                              "derived.num_parameters_module": count_parameters(result.module) if result.module else 0})
-        test_metrics, test_logits = cocodiff_fit.evaluate_split(cfg, classifier, data.test_x, data.test_y, "test")
+        test_metrics, test_logits = cocodiff_eval.evaluate_split(cfg, classifier, data.test_x, data.test_y, "test")
         reporter.log_metrics(test_metrics, result.step)
         selection = log_selection(reporter, OBJECTIVE, result.best_metrics or {}, result.best_step, result.step)
         if result.val_logits is not None:
             log_classification_outputs(reporter, result.val_logits, data.val_y, names, "val")
         log_classification_outputs(reporter, test_logits, data.test_y, names, "test")
-        if (run_dir / cocodiff_fit.BEST).is_file():
-            reporter.log_artifact(run_dir / cocodiff_fit.BEST, "checkpoints")
+        if (run_dir / BEST).is_file():
+            reporter.log_artifact(run_dir / BEST, "checkpoints")
     except BaseException:
         reporter.finish("FAILED" if not isinstance(sys.exc_info()[1], KeyboardInterrupt) else "KILLED")
         raise
@@ -158,8 +159,8 @@ def cocodiff_seeds(args, cfg: CoCoDiffConfig, data, texts, names: list[str], uri
               file=sys.stderr)
         result = cocodiff_fit.fit_cocodiff(seed_cfg, train_x, train_y, None, None, fine, coarse, child, None,
                                            progress=not args.no_progress, num_classes=data.num_classes)
-        classifier = cocodiff_fit.export_classifier(result, "last")        # nothing held out: the final weights
-        metrics, logits = cocodiff_fit.evaluate_split(seed_cfg, classifier, data.test_x, data.test_y, "test")
+        classifier = cocodiff_classifier.export_classifier(result, "last")        # nothing held out: the final weights
+        metrics, logits = cocodiff_eval.evaluate_split(seed_cfg, classifier, data.test_x, data.test_y, "test")
         child.log_metrics(metrics, result.step)
         log_classification_outputs(child, logits, data.test_y, names, "test")
         child.finish()
@@ -177,8 +178,8 @@ def cocodiff_stream_ensemble(per_stream: dict[str, list[tuple[str, torch.Tensor]
     per_seed = []
     for i, seed in enumerate(seeds):
         run_ids, logits = zip(*(outputs[i] for outputs in per_stream.values()))
-        fused = cocodiff_fit.ensemble_logits(logits)                                         # (N, C)
-        metrics = cocodiff_fit.accuracy_metrics(fused, data.test_y, "test")
+        fused = cocodiff_eval.ensemble_logits(logits)                                         # (N, C)
+        metrics = cocodiff_eval.accuracy_metrics(fused, data.test_y, "test")
         child = MLflowReporter.start(uri, experiment, f"final-{split}-{arm}-ensemble-seed{i}",
                                      parent_run_id=parent.run_id,
                                      tags=standard_tags(split=split, phase="final", method="cocodiff", arm=arm,

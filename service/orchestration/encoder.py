@@ -17,13 +17,11 @@ from ray.train.torch import TorchTrainer
 from service.data.features import seen_class_data
 from service.orchestration.cluster import input_error_cause
 from service.tracking.store import MLflowReporter, standard_tags
-from trainers.encoder_fit import LAST, EncoderConfig, fit_encoder
+from trainers.checkpoint import ENCODER, LAST
+from trainers.encoder_fit import EncoderConfig, fit_encoder
 from trainers.errors import InputError
 from trainers.io import atomic_write, atomic_write_text, stable_hash
 from trainers.runtime import apply_thread_policy
-
-ENCODER_FILE = "encoder.pt"
-
 
 @dataclass(frozen=True)
 class EncoderLoop:
@@ -60,7 +58,7 @@ class EncoderWorkerReporter:
             self.mlflow.log_metrics(metrics, step)
         if self.rank == 0 and checkpoint_dir is not None:
             with tempfile.TemporaryDirectory() as tmp:
-                for name in (LAST, ENCODER_FILE):
+                for name in (LAST, ENCODER):
                     if (checkpoint_dir / name).is_file():
                         shutil.copy2(checkpoint_dir / name, Path(tmp) / name)
                 ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
@@ -145,7 +143,7 @@ def train_encoder_on_ray(prepared: Path, unseen: list[int], cfg: EncoderConfig, 
         if result.checkpoint is None:
             raise RuntimeError("encoder training reported no checkpoint")
         with result.checkpoint.as_directory() as d:
-            atomic_write(out / ENCODER_FILE, lambda tmp: shutil.copyfile(Path(d) / ENCODER_FILE, tmp))
+            atomic_write(out / ENCODER, lambda tmp: shutil.copyfile(Path(d) / ENCODER, tmp))
         if mlflow is not None:
-            mlflow.log_artifact(out / ENCODER_FILE, "checkpoints")
-    return out / ENCODER_FILE
+            mlflow.log_artifact(out / ENCODER, "checkpoints")
+    return out / ENCODER

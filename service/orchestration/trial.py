@@ -35,15 +35,13 @@ from service.methods.search_space import T_KEY, SearchSpace, trial_overrides
 from service.orchestration.cluster import input_error_cause
 from service.tracking.store import MLflowReporter, standard_tags
 from service.tracking.trials import find_or_start_child_run, trial_label
-from trainers import cocodiff_fit, tdsm_fit
+from trainers.checkpoint import RUN_FILES
 from trainers.config import build_config, dump_yaml, flatten, to_plain
 from trainers.errors import InputError
 from trainers.io import atomic_write_text
 from trainers.runtime import apply_thread_policy
 from trainers.zsl import ZSLCurve
 
-# Files a worker's run dir may hold and a retried trial restores (both fit loops use these names).
-CHECKPOINT_FILES = tuple(dict.fromkeys((tdsm_fit.LAST, tdsm_fit.BEST, cocodiff_fit.LAST, cocodiff_fit.BEST)))
 
 
 @dataclass(frozen=True)
@@ -198,7 +196,7 @@ class TrialReporter:
         out.update(first_metric_time=self.first_metric_time, compute_s=t0 - self.fit_start - self.reporting_s)
         if self.rank == 0 and checkpoint_dir is not None:
             with tempfile.TemporaryDirectory() as tmp:
-                for name in CHECKPOINT_FILES:
+                for name in RUN_FILES:
                     if (checkpoint_dir / name).is_file():
                         shutil.copy2(checkpoint_dir / name, Path(tmp) / name)
                 self.session.report(out, tmp)
@@ -239,7 +237,7 @@ class TrialWorker:
         checkpoint = self.session.get_checkpoint()
         if checkpoint is not None:  # a retried or resumed trial continues from its latest checkpoint
             with checkpoint.as_directory() as d:
-                for name in CHECKPOINT_FILES:
+                for name in RUN_FILES:
                     if (Path(d) / name).is_file():
                         shutil.copy2(Path(d) / name, self.run_dir / name)
 

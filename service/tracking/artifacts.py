@@ -10,7 +10,7 @@ import torch
 
 from service.tracking.store import MLflowReporter
 from trainers.plots import plot_confusion, plot_t_curve
-from trainers.tdsm_fit import BEST
+from trainers.checkpoint import BEST
 from trainers.zsl import metrics_from_errors
 
 

@@ -30,7 +30,8 @@ from mlflow.types import Schema, TensorSpec
 
 from service.tracking.store import MLflowReporter
 from trainers.cocodiff import CoCoDiffConfig
-from trainers.cocodiff_fit import SkeletonClassifier, ensemble_logits, load_classifier
+from trainers.cocodiff_classifier import SkeletonClassifier, load_classifier
+from trainers.cocodiff_eval import ensemble_logits
 from trainers.config import TDSMConfig, to_plain
 from trainers.io import load_torch
 from trainers.tdsm_fit import build_model, build_schedule

@@ -425,19 +425,14 @@ class SyntheticSample:
     bodies: list[SyntheticBody] = field(default_factory=list)
 
 
-def performer_height(performer: int, seed: int, var: Variation) -> float:
-    """Each performer id has one height for the whole data set."""
-    u = np.random.default_rng([seed, 7919, performer]).uniform()
-    return var.height[0] + u * (var.height[1] - var.height[0])
-
-
 def synthesize_sample(action: ActionClass, setup: int, camera: int, performer: int, replication: int,
                       rng: np.random.Generator, seed: int = 0, var: Variation = Variation()) -> SyntheticSample:
     """One sample of `action` seen from `camera`; all randomness from `rng` (and the performer's height)."""
     num_frames = int(rng.integers(var.frames[0], var.frames[1] + 1))
     amp = rng.uniform(*var.amplitude)
     speed = rng.uniform(*var.speed)
-    scale = performer_height(performer, seed, var) / REST_HEIGHT
+    u = np.random.default_rng([seed, 7919, performer]).uniform()          # one height per performer id
+    scale = (var.height[0] + u * (var.height[1] - var.height[0])) / REST_HEIGHT
     main = animate(action, num_frames, amp, speed) * scale                       # (T, V, 3) body frame
 
     yaw = np.radians(CAMERA_YAW_DEG.get(camera, 0.0) + rng.uniform(-var.yaw_jitter_deg, var.yaw_jitter_deg))

@@ -1,0 +1,87 @@
+"""The CoCoDiff inference model (METHODS.md §2): GCN backbone + linear head on one input stream, its export from
+a fit and its loading from a best.pt. No diffusion code: inference never needs the CoCoDiff module."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from trainers.cocodiff import BackboneConfig
+from trainers.errors import InputError
+from trainers.io import load_checkpoint
+from trainers.skeleton.gcn import Encoder, build_encoder, joint_to_bone, joint_to_motion
+
+
+class SkeletonClassifier(nn.Module):
+    """GCN backbone + linear head on one input stream: everything that runs at inference.
+
+    Reads the joint array (N, C, T, V, M) and derives its stream (bone / motion) itself, so every stream's
+    classifier takes the same input and their logits can be ensembled. No parameters beyond the encoder's.
+    """
+
+    def __init__(self, encoder: Encoder, stream: str = "joint"):
+        super().__init__()
+        if stream not in ("joint", "bone", "motion"):
+            raise InputError(f"backbone.stream {stream!r}: expected joint, bone or motion")
+        self.encoder = encoder
+        self.stream = stream
+
+    def to_stream(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, T, V, M) joints -> the same shape in this classifier's stream."""
+        if self.stream == "bone":
+            return joint_to_bone(x, self.encoder.graph.bone_pairs)
+        if self.stream == "motion":
+            return joint_to_motion(x)
+        return x
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, T, V, M) joints -> pooled feature x_0 (N, D)."""
+        return self.encoder.forward_features(self.to_stream(x))
+
+    def head(self, feats: torch.Tensor) -> torch.Tensor:
+        """(N, D) features (real x_0 or generated x̂_0) -> logits (N, num_classes), dropout as in Encoder.forward."""
+        return self.encoder.fc(self.encoder.drop(feats))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))                                 # (N, num_classes)
+
+
+def build_classifier(cfg: BackboneConfig, num_classes: int, in_channels: int = 3) -> SkeletonClassifier:
+    """Backbone + head sized by the config; never builds any diffusion part."""
+    encoder = build_encoder(cfg.encoder, num_classes, in_channels, cfg.layout, cfg.base_channels,
+                            tuple(cfg.units_per_stage), cfg.dropout)
+    return SkeletonClassifier(encoder, cfg.stream)
+
+
+class Trained(Protocol):
+    """What export_classifier reads of a fit's result (`trainers.cocodiff_fit.CoCoDiffResult`)."""
+
+    classifier: SkeletonClassifier
+    best_state: dict[str, torch.Tensor] | None
+
+
+def export_classifier(result: Trained, weights: str = "best") -> SkeletonClassifier:
+    """An independent copy of backbone + head (eval mode) with the best-on-validation weights, or the final
+    ones (weights='last', or when nothing was evaluated). No diffusion part is copied or referenced."""
+    if weights not in ("best", "last"):
+        raise InputError(f"export_classifier: weights={weights!r}, expected 'best' or 'last'")
+    model = copy.deepcopy(result.classifier)
+    if weights == "best" and result.best_state is not None:
+        model.load_state_dict(result.best_state)
+    return model.eval()
+
+
+def load_classifier(path: Path, map_location: str | torch.device = "cpu") -> tuple[SkeletonClassifier, dict[str, Any]]:
+    """(classifier, checkpoint) from a best.pt: rebuilt from its stored backbone config, no diffusion code."""
+    ckpt = load_checkpoint(Path(path), keys=("classifier", "config", "num_classes", "in_channels"))
+    try:
+        model = build_classifier(BackboneConfig.model_validate(ckpt["config"]["backbone"]), ckpt["num_classes"],
+                                 ckpt["in_channels"])
+        model.load_state_dict(ckpt["classifier"])
+    except Exception as err:  # noqa: BLE001 - a config or weights that do not fit: one line
+        raise InputError(f"{path}: not a classifier checkpoint ({type(err).__name__})") from None
+    return model.to(map_location).eval(), ckpt
