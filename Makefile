@@ -13,7 +13,7 @@ CLUSTER_ARGS           ?=
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --disable-pip-version-check -q -e '.[optuna,deploy]'
+	$(VENV)/bin/pip install --disable-pip-version-check -q -e '.[optuna,deploy,dev]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -21,10 +21,12 @@ install: $(VENV)/.installed
 demo: install          ## one local TDSM run on the embedded default, logged to ./mlflow.db
 	$(PY) -m service.run tdsm
 
-test: install          ## the whole suite, slow integration tests included (what CI runs)
+test: install          ## the linter, then the whole suite, slow integration tests included (what CI runs)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 
-test-fast: install     ## unit and component tests only
+test-fast: install     ## the linter, then unit and component tests only
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -m "not slow"
 
 bench: install

@@ -13,7 +13,6 @@ import json
 import pytest
 import torch
 
-from service.cli.bench import BENCHMARKS, main
 from service.benchmarks.common import PeakMemory, memory_method
 from service.benchmarks.tdsm import (
     bench_config,
@@ -24,6 +23,7 @@ from service.benchmarks.tdsm import (
     open_gates,
     time_scoring,
 )
+from service.cli.bench import BENCHMARKS, main
 from trainers.tdsm_fit import build_schedule
 
 CPU = torch.device("cpu")

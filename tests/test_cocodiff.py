@@ -1,4 +1,4 @@
-"""CoCoDiff (METHODS.md §2): config, denoiser init, KL contrastive loss, gradients of every loss term, no
+"""CoCoDiff (docs/METHODS.md §2): config, denoiser init, KL contrastive loss, gradients of every loss term, no
 inference cost of the exported classifier, a short fit on a separable toy task, resume, data, texts and helpers.
 """
 
@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import CrashAfter
 from pydantic import BaseModel
 
 from trainers import cocodiff_data
+from trainers.checkpoint import BEST, LAST
 from trainers.cocodiff import (
     CoCoDiffConfig,
     CoCoDiffModule,
@@ -26,7 +26,6 @@ from trainers.cocodiff import (
     draw_diffusion_inputs,
     kl_contrastive_loss,
 )
-from trainers.checkpoint import BEST, LAST
 from trainers.cocodiff_classifier import SkeletonClassifier, build_classifier, export_classifier, load_classifier
 from trainers.cocodiff_data import (
     SkeletonData,
@@ -40,9 +39,9 @@ from trainers.cocodiff_data import (
 )
 from trainers.cocodiff_eval import accuracy_metrics, ensemble_logits, evaluate_classifier
 from trainers.cocodiff_fit import TrainingModel, compute_losses, fit_cocodiff, step_generator, step_times
-from trainers.schedule import batch_indices
 from trainers.config import build_config, flatten, to_plain
 from trainers.errors import InputError
+from trainers.schedule import batch_indices
 from trainers.skeleton.gcn import build_encoder
 from trainers.skeleton.synthetic import NUM_CLASSES as SYNTHETIC_CLASSES
 from trainers.skeleton.synthetic import action_catalogue
@@ -78,7 +77,8 @@ def toy_skeletons(per_class: int, seed: int, frames: int = 16, noise: float = 0.
     pose = torch.randn(3, 25, generator=torch.Generator().manual_seed(0)) * 0.3                  # (3, V)
     k = torch.arange(NUM_CLASSES)
     mask = torch.zeros(NUM_CLASSES, 3, 25)
-    mask[k[:, None], (k % 3)[:, None], torch.arange(25)[None]] = (torch.arange(25)[None] % NUM_CLASSES == k[:, None]).float()
+    mask[k[:, None], (k % 3)[:, None], torch.arange(25)[None]] = (
+        torch.arange(25)[None] % NUM_CLASSES == k[:, None]).float()
     s = torch.linspace(0, 1, frames)                                                             # (T,)
     phase = torch.rand(len(y), 1, generator=g) * 2 * torch.pi
     amp = 0.5 + 0.5 * torch.rand(len(y), 1, generator=g)
@@ -156,7 +156,8 @@ def test_bad_config_is_one_line_error(key, value, message):
 def _leaves(cls: type[BaseModel], prefix: str = "") -> list[str]:
     out = []
     for name, field in cls.model_fields.items():
-        sub = field.annotation if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel) else None
+        sub = (field.annotation if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+               else None)
         out += _leaves(sub, f"{prefix}{name}.") if sub else [f"{prefix}{name}"]
     return out
 
@@ -165,7 +166,8 @@ def test_every_config_field_is_read():
     """Each leaf is read as an attribute somewhere outside the config classes (method: a constant tag)."""
     read = set()
     for name in ("trainers/cocodiff.py", "trainers/cocodiff_classifier.py", "trainers/cocodiff_data.py",
-                 "trainers/cocodiff_eval.py", "trainers/cocodiff_fit.py", "service/cocodiff_data.py"):
+                 "trainers/cocodiff_eval.py", "trainers/cocodiff_fit.py", "service/methods/cocodiff.py",
+                 "service/data/generated.py"):
         tree = ast.parse((ROOT / name).read_text())
         code = [n for n in tree.body if not (isinstance(n, ast.ClassDef) and n.name.endswith("Config"))]
         read |= {n.attr for node in code for n in ast.walk(node) if isinstance(n, ast.Attribute)}
@@ -501,12 +503,14 @@ def test_texts_split_into_coarse_and_fine(tmp_path, monkeypatch):
                                      "text.descriptions": [str(files["fine"])]})
     names, fine, coarse = encode_cocodiff_texts(cfg, NUM_CLASSES)
     assert names == [f"names {c}" for c in range(NUM_CLASSES)] and len(calls) == 1
-    assert torch.equal(coarse, torch.cat([torch.zeros(4, 3), torch.ones(4, 3)], 1)) and torch.equal(fine, torch.full((4, 3), 2.0))
+    assert torch.equal(coarse, torch.cat([torch.zeros(4, 3), torch.ones(4, 3)], 1))
+    assert torch.equal(fine, torch.full((4, 3), 2.0))
     # The synthetic default: generated names + the embedded synonyms (coarse), generated descriptions (fine).
     names, fine, coarse = encode_cocodiff_texts(tiny_config(), SYNTHETIC_CLASSES)
     expected = synthetic_prompts()
     assert calls[-1] == [expected.names, *expected.synonyms, *expected.descriptions]
-    assert names[0] == "raise left arm" and coarse.shape == (SYNTHETIC_CLASSES, 6) and fine.shape == (SYNTHETIC_CLASSES, 3)
+    assert names[0] == "raise left arm"
+    assert coarse.shape == (SYNTHETIC_CLASSES, 6) and fine.shape == (SYNTHETIC_CLASSES, 3)
     with pytest.raises(InputError, match="6 prompts, expected 4"):
         files["fine"].write_text("x\n" * 6)
         encode_cocodiff_texts(cfg, NUM_CLASSES)

@@ -86,5 +86,6 @@ def test_two_ddp_workers_keep_identical_weights(tmp_path):
     cfg = build_config(CoCoDiffConfig, {}, TINY)
     seed_everything(cfg.train.seed)
     init = build_classifier(cfg.backbone, CLASSES).state_dict()
-    moved = [k for k, v in init.items() if v.is_floating_point() and not torch.equal(v, r0["weights"][f"classifier.{k}"])]
+    moved = [k for k, v in init.items()
+             if v.is_floating_point() and not torch.equal(v, r0["weights"][f"classifier.{k}"])]
     assert len(moved) > len(init) // 2

@@ -88,7 +88,8 @@ def test_shipped_configs_are_the_embedded_default_and_the_paper_plan():
     assert default == CoCoDiffConfig()
     paper = build_config(CoCoDiffConfig, yaml.safe_load((ROOT / "service/configs/cocodiff_paper.yaml").read_text()),
                          {"data.prepared_dir": "/data/ntu60"})
-    assert (paper.backbone.encoder, paper.backbone.base_channels, paper.backbone.units_per_stage) == ("ctrgcn", 64, [4, 3, 3])
+    assert (paper.backbone.encoder, paper.backbone.base_channels,
+            paper.backbone.units_per_stage) == ("ctrgcn", 64, [4, 3, 3])
     assert (paper.module.hidden, paper.module.depth, paper.optim.batch_size, paper.data.num_classes) == (512, 3, 64, 60)
 
 
@@ -132,7 +133,8 @@ def test_run_cocodiff_logs_metrics_and_artifacts(tmp_path):
     assert params["method"] == "cocodiff" and params["module.w_diff"] == "1.0" and params["backbone.encoder"] == "stgcn"
     assert int(params["derived.num_parameters_module"]) > 0 and int(params["derived.num_classes"]) == 46
     n_test = int(params["derived.test_samples"])
-    assert 0 < n_test < PER_CLASS * 46 == n_test + int(params["derived.train_samples"]) + int(params["derived.val_samples"])
+    assert 0 < n_test < PER_CLASS * 46 == (
+        n_test + int(params["derived.train_samples"]) + int(params["derived.val_samples"]))
     assert run.data.metrics["test/top1"] == pytest.approx(out["test/top1"], abs=1e-3)
     assert all(round(run.data.metrics[k], 4) == out[k] for k in out if "/" in k)     # the JSON's numbers, by name
     assert int(run.data.tags["best_step"]) == out["best_step"]
@@ -203,7 +205,8 @@ def write(tmp_path: Path, space: dict) -> Path:
 
 
 def test_cocodiff_space_rejects_an_inference_grid(tmp_path):
-    path = write(tmp_path, {"method": "cocodiff", "params": {"optim.lr": {"choice": [1e-3]}}, "inference": {"t_test": [5]}})
+    path = write(tmp_path, {"method": "cocodiff", "params": {"optim.lr": {"choice": [1e-3]}},
+                            "inference": {"t_test": [5]}})
     with pytest.raises(InputError, match="cocodiff has no inference-time parameters"):
         load_search_space(path)
 

@@ -11,8 +11,16 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from trainers.config import (MODEL_PRESETS, TDSMConfig, build_config, dump_yaml, flatten, load_yaml, parse_override,
-                             to_plain)
+from trainers.config import (
+    MODEL_PRESETS,
+    TDSMConfig,
+    build_config,
+    dump_yaml,
+    flatten,
+    load_yaml,
+    parse_override,
+    to_plain,
+)
 from trainers.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,11 +7,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import write_feature_folder
+
 from trainers.config import DataConfig
-from trainers.data import (EMBEDDED_UNSEEN, carve_validation, generate_synthetic_task, load_class_ids,
-                           load_feature_task, resolve_split)
+from trainers.data import (
+    EMBEDDED_UNSEEN,
+    carve_validation,
+    generate_synthetic_task,
+    load_class_ids,
+    load_feature_task,
+    resolve_split,
+)
 from trainers.errors import InputError
 
 NUM_CLASSES = 12

@@ -210,7 +210,8 @@ def test_final_job_fits_one_gpu_worker_pod():
     from service.final import build_parser
 
     cluster = one("RayCluster")
-    pod_gpus = max(gpu_count(c) for g in cluster["spec"]["workerGroupSpecs"] for c in g["template"]["spec"]["containers"])
+    pod_gpus = max(gpu_count(c) for g in cluster["spec"]["workerGroupSpecs"]
+                   for c in g["template"]["spec"]["containers"])
     job = one("RayJob", "skeldiff-final")
     args = build_parser().parse_args(entrypoint_args(job, "service.final"))
     assert args.source
@@ -539,7 +540,8 @@ def free_port() -> int:
 
 def postgres_bin() -> Path:
     """Newest /usr/lib/postgresql/<version>/bin holding `postgres` and `initdb` (Debian's layout)."""
-    found = [p for p in Path("/usr/lib/postgresql").glob("*/bin") if (p / "postgres").is_file() and (p / "initdb").is_file()]
+    found = [p for p in Path("/usr/lib/postgresql").glob("*/bin")
+             if (p / "postgres").is_file() and (p / "initdb").is_file()]
     if not found:
         pytest.skip("PostgreSQL server binaries not found under /usr/lib/postgresql/*/bin "
                     "(apt-get install postgresql; .ci/run installs it)")

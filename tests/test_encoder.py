@@ -14,14 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import CrashAfter
 
 from service.data.chain import default_synthetic_unseen, synthetic_skeleton_features
 from service.data.features import extract_to_folder, seen_class_data, train_encoder
-from trainers.skeleton.prepare import prepare
 from trainers.encoder_fit import EncoderConfig, fit_encoder, load_encoder
 from trainers.errors import InputError
+from trainers.skeleton.prepare import prepare
 from trainers.skeleton.synthetic import action_catalogue, write_synthetic_dataset
 from trainers.tracking import ListReporter
 
@@ -170,14 +169,15 @@ def test_service_encoder_train_on_ray_workers(prepared, tmp_path, workers):
 # ----------------------------------------------------------------------------------------------
 
 def test_names_data_decides_whether_the_embedded_default_applies(tmp_path):
-    from service.run import build_parser
     from service.cli.options import default_splits
+    from service.run import build_parser
 
     def parsed(*argv):
         return build_parser().parse_args(["tdsm", *argv])
 
     assert default_splits("tdsm", parsed()) == ["synthetic-skeleton"]
-    assert default_splits("tdsm", parsed("--set", "optim.lr=1e-3", "--text-encoder", "minilm")) == ["synthetic-skeleton"]
+    assert default_splits("tdsm", parsed("--set", "optim.lr=1e-3",
+                                         "--text-encoder", "minilm")) == ["synthetic-skeleton"]
     assert default_splits("tdsm", parsed("--features", "x")) is None
     assert default_splits("tdsm", parsed("--set", "data.val_unseen=3")) is None
     assert default_splits("tdsm", parsed("--set", "text.class_names=n.txt")) is None

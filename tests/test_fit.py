@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import CrashAfter, tiny_config
+
 from trainers.data import FeatureSplit
 from trainers.errors import InputError
 from trainers.io import atomic_torch_save
@@ -20,7 +20,6 @@ from trainers.tdsm_fit import BEST, LAST, build_model, evaluate_split, fit_tdsm,
 from trainers.tdsm_task import prepare_tdsm
 from trainers.text import TextFeatures
 from trainers.tracking import ListReporter
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

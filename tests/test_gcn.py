@@ -9,8 +9,17 @@ import torch
 import torch.nn.functional as F
 
 from trainers.errors import InputError
-from trainers.skeleton.gcn import (CTRGCN, ENCODERS, STGCN, ShiftGCN, TemporalShift, build_encoder,
-                                   channel_plan, joint_to_bone, joint_to_motion)
+from trainers.skeleton.gcn import (
+    CTRGCN,
+    ENCODERS,
+    STGCN,
+    ShiftGCN,
+    TemporalShift,
+    build_encoder,
+    channel_plan,
+    joint_to_bone,
+    joint_to_motion,
+)
 from trainers.skeleton.graph import Graph
 
 NAMES = list(ENCODERS)

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 from trainers.errors import InputError
-from trainers.skeleton.graph import (LAYOUTS, Graph, bone_pairs, normalize_rows, normalize_symmetric,
-                                     spatial_partition)
+from trainers.skeleton.graph import LAYOUTS, Graph, bone_pairs, normalize_rows, normalize_symmetric, spatial_partition
 
 LAYOUT_SIZES = [("ntu-rgb+d", 25, 20), ("openpose", 18, 1)]
 

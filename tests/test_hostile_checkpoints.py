@@ -27,8 +27,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from trainers import cocodiff_classifier, cocodiff_fit, encoder_fit, tdsm_fit
 from trainers.data import FeatureSplit
 from trainers.errors import InputError

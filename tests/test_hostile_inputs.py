@@ -20,8 +20,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-
 from conftest import write_feature_folder
+
 from trainers.errors import InputError, TrainingDivergedError
 from trainers.guards import LossGuard
 

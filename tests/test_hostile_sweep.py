@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from test_hostile_tracking import ADMIN_PASSWORD, SECRET, files_containing, mlflow_server  # noqa: F401 (fixture)
 
 from service.tracking import store as tracking
-from test_hostile_tracking import ADMIN_PASSWORD, SECRET, files_containing, mlflow_server  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 # The embedded generated task (no skeleton chain to train first), cut down to a few evaluations per trial.

@@ -20,8 +20,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import CLI_CLASS_NAMES as NAMES
+from conftest import TINY_RUN_ARGS as TINY
+from conftest import tiny_config, write_feature_folder
 
-from conftest import CLI_CLASS_NAMES as NAMES, TINY_RUN_ARGS as TINY, tiny_config, write_feature_folder
 from service.tracking import store as tracking
 from service.tracking.store import move_credentials, redact_uri, resolve_tracking_uri
 from trainers.errors import InputError
@@ -208,8 +210,8 @@ def test_lock_is_released_when_main_returns(tmp_path):
 def test_open_run_replaces_a_deleted_run_and_a_torn_run_file(tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
-    from service.process import _held_locks
     from service.methods.common import open_run
+    from service.process import _held_locks
 
     args, cfg = open_run_args(tmp_path), tiny_config()
     try:
@@ -284,7 +286,8 @@ def test_sigterm_ends_the_run_killed_and_keeps_the_checkpoint(ws, tmp_path):
 
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     run_dir = tmp_path / "run"
-    long = [*TINY, "--set", "train.steps=100000", "--set", "train.eval_every=100000", "--set", "train.checkpoint_every=2"]
+    long = [*TINY, "--set", "train.steps=100000", "--set", "train.eval_every=100000",
+            "--set", "train.checkpoint_every=2"]
     proc = subprocess.Popen([sys.executable, "-m", "service.run", "tdsm", *data_args(ws), *long,
                              "--tracking-uri", uri, "--run-dir", str(run_dir)],
                             cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

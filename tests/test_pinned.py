@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_config
 
 from trainers import cocodiff_fit, encoder_fit, tdsm_fit
 from trainers.cocodiff import CoCoDiffConfig
@@ -19,8 +20,6 @@ from trainers.schedule import batch_indices, epoch_indices, lr_at
 from trainers.tdsm_fit import fit_tdsm
 from trainers.text import TextFeatures
 from trainers.tracking import ListReporter
-
-from conftest import tiny_config
 
 C = 4
 

@@ -4,13 +4,27 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import SHARED_DATA
+
 from trainers.errors import InputError
 from trainers.skeleton import read_skeleton, to_array
-from trainers.skeleton.preprocess import (NTU_BONES, AlignAxes, CentreOnJoint, Compose, PadBodies, Resample,
-                                          align_to_axes, alignment_matrix, bone_stream, centre_on_joint,
-                                          drop_empty_frames, motion_stream, ntu_pipeline, pad_bodies, resample)
+from trainers.skeleton.preprocess import (
+    NTU_BONES,
+    AlignAxes,
+    CentreOnJoint,
+    Compose,
+    PadBodies,
+    Resample,
+    align_to_axes,
+    alignment_matrix,
+    bone_stream,
+    centre_on_joint,
+    drop_empty_frames,
+    motion_stream,
+    ntu_pipeline,
+    pad_bodies,
+    resample,
+)
 
 SPINE_BASE, SPINE_MID, SPINE_SHOULDER, L_SHOULDER, R_SHOULDER, L_HIP, R_HIP = 0, 1, 20, 4, 8, 12, 16
 

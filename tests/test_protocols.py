@@ -297,7 +297,7 @@ def test_config_ties_the_kinetics_benchmark_to_the_openpose_layout():
 
     splits = ROOT / "search_spaces" / "cocodiff_splits.yaml"
     kinetics_tree = {"data": {"benchmark": "kinetics"}, "backbone": {"layout": "openpose"}}
-    for name, overrides in load_splits(splits, ["synthetic-pku-xsub", "synthetic-skeleton", "synthetic-kinetics"]):
+    for _name, overrides in load_splits(splits, ["synthetic-pku-xsub", "synthetic-skeleton", "synthetic-kinetics"]):
         assert build_config(CoCoDiffConfig, kinetics_tree, overrides).data.benchmark == overrides["data.benchmark"]
     prepared = {"source": "prepared", "prepared_dir": "x", "benchmark": "kinetics"}
     assert CoCoDiffConfig.model_validate({"data": prepared, "backbone": {"layout": "openpose"}}).data.num_classes == 400

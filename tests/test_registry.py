@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from trainers.config import to_plain
 from trainers.tdsm_fit import build_model
 from trainers.text import TextFeatures

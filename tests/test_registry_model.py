@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from trainers.tdsm_fit import build_model
 from trainers.text import TextFeatures
 

@@ -22,7 +22,7 @@ from trainers.text import read_prompt_file
 
 ROOT = Path(__file__).resolve().parents[1]
 SPLITS = ROOT / "search_spaces" / "tdsm_splits.yaml"
-# The 48/12 NTU-60 unseen list of PURLS, SMIE and TDSM (METHODS.md §3), not SynSE's own ru12.npy.
+# The 48/12 NTU-60 unseen list of PURLS, SMIE and TDSM (docs/METHODS.md §3), not SynSE's own ru12.npy.
 PROTOCOL_48_12 = [3, 5, 9, 12, 15, 40, 42, 47, 51, 56, 58, 59]
 # split -> (classes in the data set, unseen classes); SMIE splits take their unseen classes from z_label.npy.
 PROTOCOLS = {
@@ -72,7 +72,7 @@ def test_every_paper_protocol_is_a_named_split_with_a_reference(monkeypatch, tmp
         assert name in refs and refs[name]["protocol"]
     verified = {n: r["top1"] for n, r in refs.items() if r["top1"] is not None}
     assert len(refs) >= 8 and len(verified) >= 4
-    assert verified["ntu60-synse-55-5"] == 86.49 and verified["ntu60-synse-48-12"] == 56.03       # METHODS.md §1
+    assert verified["ntu60-synse-55-5"] == 86.49 and verified["ntu60-synse-48-12"] == 56.03       # docs/METHODS.md §1
     assert verified["ntu120-synse-110-10"] == 74.15 and verified["ntu120-synse-96-24"] == 65.06
     assert {verified[f"ntu60-smie-55-5-split{i}"] for i in (2, 3, 4)} == {88.88}
     assert all(refs[n]["note"] for n in refs if refs[n]["top1"] is None)

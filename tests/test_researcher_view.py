@@ -16,7 +16,9 @@ from mlflow.tracking import MlflowClient
 from service.methods.search_space import load_search_space
 from service.orchestration.sweep import MLflowTrialCloser, search_algorithm, sweep_experiment, tune_param_space
 from service.orchestration.trial import TrialResources, trial_driver, trial_resources
+from service.tracking.store import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND, MLflowReporter, ensure_experiment
 from service.tracking.trials import (
+    SHARED_VIEW_PREFIX,
     TIMING_KEYS,
     format_trials_table,
     format_value,
@@ -28,8 +30,6 @@ from service.tracking.trials import (
     trials_csv,
 )
 from trainers.errors import InputError
-from service.tracking.store import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND, MLflowReporter, ensure_experiment
-from service.tracking.trials import SHARED_VIEW_PREFIX
 
 REPO = Path(__file__).resolve().parents[1]
 SPACE = load_search_space(REPO / "search_spaces" / "tdsm.yaml").for_smoke()

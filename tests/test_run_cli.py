@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
-from conftest import CLI_CLASS_NAMES as NAMES, TINY_RUN_ARGS as TINY, write_feature_folder
+from conftest import CLI_CLASS_NAMES as NAMES
+from conftest import TINY_RUN_ARGS as TINY
+from conftest import write_feature_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 12

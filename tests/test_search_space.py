@@ -34,7 +34,8 @@ def test_shipped_spaces_are_valid():
         space = load_search_space(path)
         check_against_config(space, TDSMConfig, base(), path)
         smoke = space.for_smoke()
-        check_against_config(smoke, TDSMConfig, build_config(TDSMConfig, base(), space.smoke.config).model_dump(mode="json"), path)
+        check_against_config(smoke, TDSMConfig,
+                             build_config(TDSMConfig, base(), space.smoke.config).model_dump(mode="json"), path)
 
 
 def test_unknown_key_fails_naming_it(tmp_path):

@@ -9,11 +9,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import SHARED_DATA
+
 from trainers.errors import InputError
-from trainers.skeleton import (load_missing_list, parse_sample_name, rank_bodies, read_kinetics, read_pku_labels,
-                               read_pku_segments, read_pku_skeleton, read_skeleton, to_array)
+from trainers.skeleton import (
+    load_missing_list,
+    parse_sample_name,
+    rank_bodies,
+    read_kinetics,
+    read_pku_labels,
+    read_pku_segments,
+    read_pku_skeleton,
+    read_skeleton,
+    to_array,
+)
 from trainers.skeleton.ntu import SampleName
 
 NTU_RAW = SHARED_DATA / "ntu_skeleton" / "raw"

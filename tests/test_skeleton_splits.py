@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import SHARED_DATA
+
 from trainers.errors import InputError
 from trainers.skeleton import load_missing_list, parse_sample_name, split_of, split_samples
-from trainers.skeleton.splits import (BENCHMARKS, NTU60_XSUB_TRAIN_PERFORMERS, NTU120_XSUB_TRAIN_PERFORMERS,
-                                      get_benchmark)
+from trainers.skeleton.splits import (
+    BENCHMARKS,
+    NTU60_XSUB_TRAIN_PERFORMERS,
+    NTU120_XSUB_TRAIN_PERFORMERS,
+    get_benchmark,
+)
 
 STATS = SHARED_DATA / "ntu_metadata" / "ctrgcn_statistics"
 MISSING = {"ntu": "NTU_RGBD_samples_with_missing_skeletons.txt",

@@ -9,9 +9,18 @@ import pytest
 from trainers.errors import InputError
 from trainers.skeleton import parse_sample_name, read_skeleton
 from trainers.skeleton.preprocess import NTU_BONES
-from trainers.skeleton.synthetic import (PART_JOINTS, PRIMITIVES, REST_POSE, SyntheticOptions, Variation,
-                                         action_catalogue, animate, generate_samples, synthesize_sample,
-                                         write_synthetic_dataset)
+from trainers.skeleton.synthetic import (
+    PART_JOINTS,
+    PRIMITIVES,
+    REST_POSE,
+    SyntheticOptions,
+    Variation,
+    action_catalogue,
+    animate,
+    generate_samples,
+    synthesize_sample,
+    write_synthetic_dataset,
+)
 
 CATALOGUE = action_catalogue()
 BY_NAME = {c.name: c for c in CATALOGUE}

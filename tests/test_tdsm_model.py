@@ -25,7 +25,8 @@ def test_adaln_zero_output_exactly_zero_at_init(gen):
 
 def test_blocks_are_identity_at_init(gen):
     block = make().blocks[0]
-    x, l, c = torch.randn(3, 1, 64, generator=gen), torch.randn(3, 7, 64, generator=gen), torch.randn(3, 64, generator=gen)
+    x, l, c = (torch.randn(3, 1, 64, generator=gen), torch.randn(3, 7, 64, generator=gen),
+               torch.randn(3, 64, generator=gen))
     x2, l2 = block(x, l, c)
     assert torch.equal(x2, x) and torch.equal(l2, l)
 
@@ -67,7 +68,8 @@ def test_per_class_text_tables_equal_repeated_text(gen):
 def test_joint_attention_mixes_streams(gen):
     """Changing only the text tokens changes the skeleton stream inside one block (joint attention)."""
     block = perturb(CrossDiTBlock(16, 2, 2.0), gen)
-    x, l, c = torch.randn(2, 1, 16, generator=gen), torch.randn(2, 5, 16, generator=gen), torch.randn(2, 16, generator=gen)
+    x, l, c = (torch.randn(2, 1, 16, generator=gen), torch.randn(2, 5, 16, generator=gen),
+               torch.randn(2, 16, generator=gen))
     x_a, _ = block(x, l, c)
     x_b, _ = block(x, l + torch.randn(l.shape, generator=gen), c)  # (a constant shift would vanish in LayerNorm)
     assert not torch.allclose(x_a, x_b)
@@ -76,7 +78,8 @@ def test_joint_attention_mixes_streams(gen):
 def test_streams_have_separate_weights():
     block = make().blocks[0]
     assert block.x_stream.qkv.weight.data_ptr() != block.l_stream.qkv.weight.data_ptr()
-    assert block.x_stream.adaLN_modulation[-1].weight.data_ptr() != block.l_stream.adaLN_modulation[-1].weight.data_ptr()
+    assert (block.x_stream.adaLN_modulation[-1].weight.data_ptr()
+            != block.l_stream.adaLN_modulation[-1].weight.data_ptr())
 
 
 def test_batch_independence(gen):

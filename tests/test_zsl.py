@@ -4,8 +4,14 @@ import torch
 from trainers.config import ModelConfig
 from trainers.diffusion import NoiseSchedule
 from trainers.tdsm_model import TDSMDenoiser
-from trainers.zsl import (evaluate_zsl, evaluation_noise, metrics_from_errors, sample_keyed_noise, score_candidates,
-                          score_candidates_loop)
+from trainers.zsl import (
+    evaluate_zsl,
+    evaluation_noise,
+    metrics_from_errors,
+    sample_keyed_noise,
+    score_candidates,
+    score_candidates_loop,
+)
 
 
 def trained_like_model(gen):

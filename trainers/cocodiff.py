@@ -1,4 +1,4 @@
-"""CoCoDiff (METHODS.md §2): coarse-fine text co-guided latent diffusion as a training-only plug-in.
+"""CoCoDiff (docs/METHODS.md §2): coarse-fine text co-guided latent diffusion as a training-only plug-in.
 
 A GCN backbone gives a pooled feature x_0 (N, D). During training a latent denoiser, conditioned on the
 class's *fine* text (a per-class motion description) added to the time embedding, turns a noised x_t back
@@ -43,7 +43,7 @@ class BackboneConfig(Section):
     """
 
     encoder: Literal["stgcn", "shiftgcn", "ctrgcn"] = Field(
-        "stgcn", description="GCN encoder (METHODS §2: CTR-GCN at paper scale; ST-GCN as the light option).")
+        "stgcn", description="GCN encoder (docs/METHODS.md §2: CTR-GCN at paper scale; ST-GCN as the light option).")
     base_channels: int = Field(8, ge=1, description="Width of the first stage; x_0 is 4x this with three stages "
                                                    "(paper scale: 64 -> 256-d).")
     units_per_stage: list[int] = Field(
@@ -63,7 +63,7 @@ class BackboneConfig(Section):
 
 
 class CoCoDiffModuleConfig(Section):
-    """The training-only diffusion module and its guidance weights (the loss of METHODS §2)."""
+    """The training-only diffusion module and its guidance weights (the loss of docs/METHODS.md §2)."""
 
     enabled: bool = Field(True, description="Train with the module; False is the plain backbone baseline.")
     num_train_timesteps: int = Field(100, ge=1, description="Diffusion steps T of the feature-space schedule.")
@@ -102,7 +102,8 @@ class SyntheticDataConfig(Section):
     and X-View columns. The service layer generates and prepares it once (cached under $SKELDIFF_CACHE/synthetic).
     """
 
-    per_class: int = Field(20, ge=2, description="Generated sequences per class (before the benchmark's train/test split).")
+    per_class: int = Field(
+        20, ge=2, description="Generated sequences per class (before the benchmark's train/test split).")
     seed: int = Field(0, description="Seed of the generator (performers, cameras, speeds, noise).")
 
 
@@ -117,12 +118,15 @@ class SkeletonDataConfig(Section):
     source: Literal["synthetic", "prepared"] = Field(
         "synthetic", description="'prepared': data.npy/label.npy/index.tsv of `service.prepare` in data.prepared_dir; "
                                  "'synthetic': the generated action set (data.synthetic), prepared the same way.")
-    prepared_dir: Path | None = Field(None, description="Output folder of `python -m service.prepare` (source=prepared).")
-    benchmark: str = Field("ntu60-xsub", description=f"Column of index.tsv that splits train/test: {', '.join(BENCHMARKS)} "
-                                                     f"(the synthetic set: {', '.join(SYNTHETIC_BENCHMARKS)}; kinetics "
-                                                     "needs backbone.layout=openpose).")
+    prepared_dir: Path | None = Field(
+        None, description="Output folder of `python -m service.prepare` (source=prepared).")
+    benchmark: str = Field(
+        "ntu60-xsub", description=f"Column of index.tsv that splits train/test: {', '.join(BENCHMARKS)} "
+                                  f"(the synthetic set: {', '.join(SYNTHETIC_BENCHMARKS)}; kinetics "
+                                  "needs backbone.layout=openpose).")
     val_fraction: float = Field(
-        0.1, gt=0, lt=1, description="Training samples held out for validation (checkpoint choice; never the test split).")
+        0.1, gt=0, lt=1,
+        description="Training samples held out for validation (checkpoint choice; never the test split).")
     val_seed: int = Field(0, description="Seed of the validation draw.")
     synthetic: SyntheticDataConfig = Field(default_factory=SyntheticDataConfig)
 
@@ -138,7 +142,8 @@ class SkeletonDataConfig(Section):
         if self.source == "prepared" and self.prepared_dir is None:
             raise ValueError("data.prepared_dir is required with data.source=prepared")
         if self.source == "synthetic" and self.benchmark not in SYNTHETIC_BENCHMARKS:
-            raise ValueError(f"data.benchmark={self.benchmark}: the synthetic set comes as {', '.join(SYNTHETIC_BENCHMARKS)}")
+            raise ValueError(f"data.benchmark={self.benchmark}: the synthetic set comes as "
+                             f"{', '.join(SYNTHETIC_BENCHMARKS)}")
         return self
 
     @property
@@ -156,11 +161,13 @@ class CoCoDiffTextConfig(Section):
                           "(source=synthetic) or the embedded NTU-60 names.")
     synonyms: list[Path] | None = Field(
         None, description="More coarse files (synonyms, one line per class), concatenated with the names along "
-                          "channels; default: the embedded synonyms of the synthetic set (source=synthetic), else none.")
+                          "channels; default: the embedded synonyms of the synthetic set (source=synthetic), "
+                          "else none.")
     descriptions: list[Path] | None = Field(
         None, description="Fine text files (one description per class); default: the synthetic set's generated "
                           "descriptions (source=synthetic) or the embedded NTU-60 descriptions.")
-    cache_dir: Path | None = Field(None, description="Encoded-text cache; default $SKELDIFF_CACHE or ~/.cache/skeldiff.")
+    cache_dir: Path | None = Field(
+        None, description="Encoded-text cache; default $SKELDIFF_CACHE or ~/.cache/skeldiff.")
 
 
 class CoCoDiffEvalConfig(Section):
@@ -239,7 +246,7 @@ class ResidualBlock(nn.Module):
 
 
 class LatentDenoiser(nn.Module):
-    """Residual MLP predicting x_0 from x_t, conditioned on c = t_emb(t) + proj(fine text) (METHODS §2).
+    """Residual MLP predicting x_0 from x_t, conditioned on c = t_emb(t) + proj(fine text) (docs/METHODS.md §2).
 
     The output is x_t + final(h): with the adaLN-Zero init below every block is the identity and the final
     layer is zero, so at init x̂_0 == x_t exactly, i.e. the module starts as plain Gaussian feature noise and
@@ -371,7 +378,7 @@ def cocodiff_loss(logits: torch.Tensor, logits_gen: torch.Tensor, x0: torch.Tens
                   skel_emb: torch.Tensor, text_emb: torch.Tensor, labels: torch.Tensor, logit_scale: torch.Tensor,
                   w_diff: float, w_gen: float, w_coarse: float,
                   x0_hat_diff: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """CE(head(x_0)) + w_diff·||x̂_0 − sg(x_0)||² + w_gen·CE(head(x̂_0)) + w_coarse·L_KL(x̂_0, coarse) (METHODS §2).
+    """CE(head(x_0)) + w_diff·||x̂_0 − sg(x_0)||² + w_gen·CE(head(x̂_0)) + w_coarse·L_KL(x̂_0, coarse); docs/METHODS.md §2.
 
     logits, logits_gen (N, C): head of x_0 and of x̂_0; x0, x0_hat (N, D); skel_emb (N, A) the aligned x̂_0,
     text_emb (N, A) the aligned coarse text of each sample's class. x0_hat_diff (N, D): the prediction the
@@ -395,5 +402,6 @@ def cocodiff_loss(logits: torch.Tensor, logits_gen: torch.Tensor, x0: torch.Tens
 __all__ = [
     "BackboneConfig", "CoCoDiffConfig", "CoCoDiffEvalConfig", "CoCoDiffModule", "CoCoDiffModuleConfig",
     "CoCoDiffOptimConfig", "CoCoDiffTextConfig", "CoCoDiffTrainConfig", "LatentDenoiser", "SkeletonDataConfig",
-    "SyntheticDataConfig", "build_module", "build_schedule", "classification_loss", "cocodiff_loss", "draw_diffusion_inputs", "kl_contrastive_loss",
+    "SyntheticDataConfig", "build_module", "build_schedule", "classification_loss", "cocodiff_loss",
+    "draw_diffusion_inputs", "kl_contrastive_loss",
 ]

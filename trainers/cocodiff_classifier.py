@@ -1,4 +1,4 @@
-"""The CoCoDiff inference model (METHODS.md §2): GCN backbone + linear head on one input stream, its export from
+"""The CoCoDiff inference model (docs/METHODS.md §2): GCN backbone + linear head on one input stream, its export from
 a fit and its loading from a best.pt. No diffusion code: inference never needs the CoCoDiff module."""
 
 from __future__ import annotations

@@ -47,7 +47,8 @@ def load_prepared(folder: Path, benchmark: str, val_fraction: float, val_seed: i
     if len(train_idx) < 2:
         raise InputError(f"{prepared.folder}: fewer than two {benchmark} training samples")
     if len(test_idx) == 0:
-        raise InputError(f"{prepared.folder / 'index.tsv'}: no {benchmark} test samples; the test accuracy would be NaN")
+        raise InputError(f"{prepared.folder / 'index.tsv'}: no {benchmark} test samples; "
+                         "the test accuracy would be NaN")
     perm = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(val_seed)).numpy()
     n_val = max(1, round(val_fraction * len(train_idx)))
     val_idx, fit_idx = np.sort(train_idx[perm[:n_val]]), np.sort(train_idx[perm[n_val:]])
@@ -85,7 +86,8 @@ class PromptSets:
 def synthetic_prompts() -> PromptSets:
     """The generated set's own texts: catalogue names, the embedded hand-written synonyms, generated descriptions."""
     catalogue = action_catalogue()
-    return PromptSets([c.name for c in catalogue], [read_prompt_file(SYNTHETIC_SYNONYMS, expected_count=len(catalogue))],
+    return PromptSets([c.name for c in catalogue],
+                      [read_prompt_file(SYNTHETIC_SYNONYMS, expected_count=len(catalogue))],
                       [[c.description for c in catalogue]])
 
 

@@ -1,4 +1,4 @@
-"""CoCoDiff fit loop (METHODS.md §2): backbone + head, and with `module.enabled` the CoCoDiff module beside them.
+"""CoCoDiff fit loop (docs/METHODS.md §2): backbone + head, and with `module.enabled` the CoCoDiff module beside them.
 
 Evaluation and export touch backbone + head only (`trainers.cocodiff_classifier`), so the module adds no
 inference cost. The loop reports through `trainers.tracking.Reporter` (curve=None), checkpoints atomically
@@ -246,7 +246,8 @@ def fit_cocodiff(cfg: CoCoDiffConfig, train_x: torch.Tensor, train_y: torch.Tens
     if enabled and num_classes != fine_text.shape[0]:
         raise InputError(f"num_classes={num_classes} but the texts have {fine_text.shape[0]} rows (one per class)")
     if not 0 <= rank < world_size or len(train_x) < world_size:
-        raise InputError(f"rank {rank} of {world_size}: needs 0 <= rank < world_size <= {len(train_x)} training sequences")
+        raise InputError(f"rank {rank} of {world_size}: needs 0 <= rank < world_size <= {len(train_x)} "
+                         "training sequences")
     device = resolve_device(cfg.train.device)
     precision = resolve_precision(cfg.train.precision, device)
     if cfg.train.threads:
@@ -260,7 +261,9 @@ def fit_cocodiff(cfg: CoCoDiffConfig, train_x: torch.Tensor, train_y: torch.Tens
         fine_text, coarse_text = fine_text.float().to(device), coarse_text.float().to(device)
     model = TrainingModel(classifier, module)
     opt = make_optimizer(cfg, model)
-    amp = lambda: autocast(device, precision)  # a fresh context per use
+    def amp():  # a fresh context per use
+        return autocast(device, precision)
+
     fingerprint = training_fingerprint(cfg, train_x, num_classes, text_dims)
 
     state = _FitState()
@@ -304,7 +307,8 @@ def fit_cocodiff(cfg: CoCoDiffConfig, train_x: torch.Tensor, train_y: torch.Tens
                                                              precision)
             bar.set_postfix(loss=f"{float(losses['loss']):.4f}", val=f"{state.last_metrics['val/top1']:.1f}")
             if state.last_metrics["val/top1"] > state.best:
-                state.best, state.best_step, state.best_metrics = state.last_metrics["val/top1"], step, state.last_metrics
+                state.best, state.best_step, state.best_metrics = (
+                    state.last_metrics["val/top1"], step, state.last_metrics)
                 state.best_state = {k: v.detach().cpu().clone() for k, v in classifier.state_dict().items()}
                 state.val_logits = logits
                 if run_dir is not None:
@@ -402,7 +406,9 @@ def step_times(cfg: CoCoDiffConfig, batch: tuple[torch.Tensor, torch.Tensor], fi
     coarse_text = coarse_text if coarse_text is not None else torch.randn(num_classes, 384, generator=g)
     device = resolve_device(cfg.train.device)
     precision = resolve_precision(cfg.train.precision, device)
-    amp = lambda: autocast(device, precision)
+    def amp():  # a fresh context per use
+        return autocast(device, precision)
+
     x, y = x.to(device), y.to(device)
     ft, ct = fine_text.float().to(device), coarse_text.float().to(device)
     schedule = build_schedule(cfg.module)

@@ -43,7 +43,7 @@ def _accepts_bool(annotation: Any) -> bool:
 # ----------------------------------------------------------------------------------------------
 
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
-    # The paper's denoiser (METHODS.md §1): C=768, B=12, 12 heads, ~261 M parameters with 2048-d text.
+    # The paper's denoiser (docs/METHODS.md §1): C=768, B=12, 12 heads, ~261 M parameters with 2048-d text.
     "paper": {"hidden_size": 768, "depth": 12, "num_heads": 12, "mlp_ratio": 4.0},
     # CPU-friendly sizes for the embedded default, smoke sweeps and tests.
     "small": {"hidden_size": 256, "depth": 4, "num_heads": 4, "mlp_ratio": 4.0},
@@ -141,7 +141,8 @@ class SyntheticConfig(Section):
     samples_per_class: int = Field(60, ge=4, description="Generated feature vectors per class.")
     feature_dim: int = Field(256, ge=8, description="Width of the generated skeleton features.")
     noise: float = Field(0.6, ge=0, description="Within-class spread relative to the class prototype scale.")
-    text_components: int = Field(16, ge=1, description="Leading principal directions of the class texts that shape the prototypes.")
+    text_components: int = Field(
+        16, ge=1, description="Leading principal directions of the class texts that shape the prototypes.")
     seed: int = Field(0, description="Seed of the generator (prototypes and samples).")
 
 
@@ -150,7 +151,8 @@ class DataConfig(Section):
 
     source: Literal["synthetic", "features"] = Field(
         "synthetic", description="'features': SA-DVAE layout in features_dir; 'synthetic': embedded task.")
-    features_dir: Path | None = Field(None, description="Folder with train.npy, train_label.npy, ztest.npy, z_label.npy.")
+    features_dir: Path | None = Field(
+        None, description="Folder with train.npy, train_label.npy, ztest.npy, z_label.npy.")
     unseen: Path | list[int] | None = Field(
         None, description="Unseen (test) class ids: a ru*.npy file or a list; default for features: z_label's classes.")
     seen: Path | list[int] | None = Field(
@@ -178,7 +180,8 @@ class TextConfig(Section):
     class_names: Path | None = Field(None, description="One class name per line; default: embedded NTU-60 names.")
     descriptions: list[Path] | None = Field(
         None, description="Description files (one sentence per class); default: embedded NTU-60 descriptions.")
-    cache_dir: Path | None = Field(None, description="Encoded-text cache; default $SKELDIFF_CACHE or ~/.cache/skeldiff.")
+    cache_dir: Path | None = Field(
+        None, description="Encoded-text cache; default $SKELDIFF_CACHE or ~/.cache/skeldiff.")
 
 
 class EvalConfig(Section):

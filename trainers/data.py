@@ -157,7 +157,7 @@ def resolve_split(cfg: DataConfig, num_classes: int, default_unseen: list[int], 
 
 
 def load_feature_task(cfg: DataConfig, num_classes: int, class_list: str = "the class list") -> ZSLTask:
-    """Pre-extracted features in the SA-DVAE layout (METHODS.md §3) plus the zero-shot split.
+    """Pre-extracted features in the SA-DVAE layout (docs/METHODS.md §3) plus the zero-shot split.
 
     class_list: where the class count comes from (e.g. the class-names file), named in label errors.
     """

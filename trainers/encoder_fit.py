@@ -1,6 +1,6 @@
 """GCN feature encoders for TDSM: cross-entropy on the *seen* classes only, then feature extraction.
 
-The encoder never sees an unseen class (METHODS.md §1: a frozen GCN trained on the seen classes); its pooled
+The encoder never sees an unseen class (docs/METHODS.md §1: a frozen GCN trained on the seen classes); its pooled
 feature is what TDSM denoises.
 """
 

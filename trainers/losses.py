@@ -1,4 +1,4 @@
-"""TDSM training objective (METHODS.md §1): L = L_diff + lambda * L_TD, functions of tensors."""
+"""TDSM training objective (docs/METHODS.md §1): L = L_diff + lambda * L_TD, functions of tensors."""
 
 from __future__ import annotations
 

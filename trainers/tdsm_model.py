@@ -1,6 +1,6 @@
 """TDSM denoiser: a Diffusion Transformer of CrossDiT blocks over a skeleton token and text tokens.
 
-Follows METHODS.md §1 (Do & Kim, ICCV 2025): two token streams (skeleton `x`, local text `l`) with their own
+Follows docs/METHODS.md §1 (Do & Kim, ICCV 2025): two token streams (skeleton `x`, local text `l`) with their own
 LayerNorm, adaLN modulation, QKV/output projections and MLPs; one joint attention over the concatenated
 tokens; conditioning c = t_emb + fc_emb(global text). The schedule lives in `trainers.diffusion`.
 """
@@ -14,7 +14,6 @@ from torch import nn
 
 from trainers.config import ModelConfig
 from trainers.layers import TimestepEmbedder, modulate
-
 
 # ----------------------------------------------------------------------------------------------
 # CrossDiT block

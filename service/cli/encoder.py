@@ -5,8 +5,9 @@ train    cross-entropy on the *seen* classes of a prepared dataset (`service.pre
 extract  features in the SA-DVAE layout (train / ztest / gtest + labels) that `service.run tdsm --features`
          and `service.sweep tdsm --features` read directly.
 
-`service.data.chain.synthetic_skeleton_features()` runs the whole chain on the embedded synthetic actions — generate (cached) →
-prepare → train the encoder on the seen classes → extract — each stage skipped when its inputs did not change.
+`service.data.chain.synthetic_skeleton_features()` runs the whole chain on the embedded synthetic actions —
+generate (cached) → prepare → train the encoder on the seen classes → extract — each stage skipped when its inputs
+did not change.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from service.tracking.store import MLflowReporter, resolve_tracking_uri, standar
 from trainers.config import build_config, parse_override
 from trainers.encoder_fit import EncoderConfig
 from trainers.errors import InputError
-
 
 ENCODER_EXAMPLES = """examples:
   python -m service.encoder train --data $SKELDIFF_DATA/prepared/ntu60 --unseen label_splits/ru5.npy \\

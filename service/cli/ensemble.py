@@ -18,12 +18,18 @@ from pathlib import Path
 import numpy as np
 
 from service.process import exits_cleanly
-from service.tracking.ensemble import DEFAULT_EXPERIMENT, check_aligned, default_experiment, fuse, load_predictions, log_ensemble
+from service.tracking.ensemble import (
+    DEFAULT_EXPERIMENT,
+    check_aligned,
+    default_experiment,
+    fuse,
+    load_predictions,
+    log_ensemble,
+)
 from service.tracking.store import resolve_tracking_uri
 from trainers.errors import InputError
 from trainers.io import atomic_save_npy
 from trainers.text import read_prompt_file
-
 
 ENSEMBLE_EXAMPLES = """examples:
   python -m service.ensemble <joint_run_id> <bone_run_id> <motion_run_id> --weights 1 1 0.5

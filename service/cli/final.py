@@ -34,7 +34,6 @@ from service.tracking.store import resolve_tracking_uri
 from trainers.config import build_config
 from trainers.errors import InputError
 
-
 FINAL_EXAMPLES = """examples:
   python -m service.final --from ~/skeldiff_results/<sweep>/best_config.yaml --seeds 3 --noise-draws 10
   python -m service.final --from RUN_ID --set train.steps=2000 --no-register   # a sweep's parent or trial run
@@ -54,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cocodiff: baseline (module.enabled=false) vs +CoCoDiff, same seeds and protocol")
     p.add_argument("--streams", nargs="+", metavar="STREAM",
                    help=f"cocodiff: one classifier per input stream ({', '.join(STREAMS)}) per arm and seed, and "
-                        "their equal-weight score fusion per seed (an 'ensemble' row; the seed-0 stream classifiers are "
-                        "registered as one fused model)")
+                        "their equal-weight score fusion per seed (an 'ensemble' row; the seed-0 stream classifiers "
+                        "are registered as one fused model)")
     p.add_argument("--splits", nargs="+", help="re-target the config to named splits (default: its own data)")
     p.add_argument("--splits-file", type=Path, help="default: search_spaces/<method>_splits.yaml")
     p.add_argument("--storage-path", type=Path, default=DEFAULT_STORAGE,

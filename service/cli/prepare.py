@@ -20,7 +20,6 @@ from trainers.skeleton.splits import BENCHMARKS
 from trainers.skeleton.synthetic import NUM_CLASSES as SYNTHETIC_CLASSES
 from trainers.skeleton.synthetic import SyntheticOptions, synthetic_set_matches, write_synthetic_dataset
 
-
 PREPARE_EXAMPLES = """examples:
   python -m service.prepare ntu60 --raw nturgb+d_skeletons/ --out $SKELDIFF_DATA/prepared/ntu60 \\
       --missing NTU_RGBD_samples_with_missing_skeletons.txt --workers 16

@@ -16,7 +16,6 @@ from service.tracking.report import REPORT_EXPERIMENT, write_report
 from service.tracking.store import resolve_tracking_uri
 from trainers.errors import InputError
 
-
 REPORT_EXAMPLES = """examples:
   python -m service.report --splits ntu60-synse-55-5 ntu60-synse-48-12 --tracking-uri http://mlflow:5000
   python -m service.report --splits synthetic-skeleton --out report/ --no-log

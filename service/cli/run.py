@@ -30,7 +30,6 @@ from service.process import exits_cleanly
 from service.tracking.store import resolve_tracking_uri
 from trainers.config import build_config, to_plain
 
-
 EXAMPLES = """examples:
   python -m service.run tdsm                      # the embedded default: skeleton chain, then TDSM (= make demo)
   python -m service.run tdsm --print-config       # the config that would run (split and chain resolved), as YAML

@@ -34,7 +34,6 @@ from service.tracking.store import resolve_tracking_uri
 from trainers.config import build_config, to_plain
 from trainers.errors import InputError
 
-
 SWEEP_EXAMPLES = """examples:
   python -m service.sweep tdsm --smoke                  # embedded default: skeleton chain + 4 trials, minutes on 2 CPUs
   python -m service.sweep tdsm --splits synthetic-skeleton synthetic-u12 --num-samples 32 \\
@@ -79,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="sweep name (default: <method>-<split>[-smoke]-<time>; --resume: the latest)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
     p.add_argument("--storage-path", type=Path, default=DEFAULT_STORAGE,
-                   help="Ray Tune/Train results, checkpoints and the cached skeleton chain (shared storage on a cluster)")
+                   help="Ray Tune/Train results, checkpoints and the cached skeleton chain (shared storage on a "
+                        "cluster)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else start a local one)")
     p.add_argument("--resume", action="store_true", help="continue the sweep named by --name (or the latest one)")
     p.add_argument("--smoke", action="store_true", help="a tiny sweep that finishes in minutes on 2 CPU cores")

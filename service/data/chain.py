@@ -14,8 +14,8 @@ import numpy as np
 
 from service.data.features import extract_to_folder, train_encoder
 from service.data.generated import synthetic_prepared
-from trainers.config import build_config
 from trainers.checkpoint import ENCODER
+from trainers.config import build_config
 from trainers.encoder_fit import EncoderConfig
 from trainers.errors import InputError
 from trainers.io import atomic_write_text, stable_hash

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainers.data import load_class_ids
 from trainers.checkpoint import ENCODER
+from trainers.data import load_class_ids
 from trainers.encoder_fit import EncoderConfig, extract_features, fit_encoder, load_encoder
 from trainers.errors import InputError
 from trainers.io import atomic_save_npy

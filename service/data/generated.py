@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from trainers.cocodiff import CoCoDiffConfig
 from trainers.assets import default_cache_dir
+from trainers.cocodiff import CoCoDiffConfig
 from trainers.cocodiff_data import SkeletonData, prepare_cocodiff
 from trainers.skeleton.prepare import prepare
 from trainers.skeleton.splits import BENCHMARKS

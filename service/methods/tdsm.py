@@ -23,10 +23,10 @@ from service.tracking.report import write_report
 from service.tracking.sources import source_tags
 from service.tracking.store import MLflowReporter, standard_tags
 from trainers import tdsm_fit
+from trainers.checkpoint import BEST
 from trainers.config import TDSMConfig, build_config, dump_yaml, flatten, parse_override, to_plain
 from trainers.errors import InputError
 from trainers.io import atomic_write_text
-from trainers.checkpoint import BEST
 from trainers.tdsm_fit import evaluate_split, fit_tdsm, load_best, training_fingerprint
 from trainers.tdsm_model import count_parameters
 from trainers.tdsm_task import prepare_tdsm

@@ -16,7 +16,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import ray  # isort: split  (puts Ray's bundled psutil on sys.path: the one `ray stop` uses)
+import ray  # first: it puts Ray's bundled psutil on sys.path, the one `ray stop` uses
+
+# isort: split
 import psutil
 import ray._private.worker as ray_worker
 from ray.exceptions import RayTaskError
@@ -82,7 +84,7 @@ def stop_cluster(temp_dir: Path, grace_s: float = 10.0) -> int:
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(alive, timeout=5)
-    # A stale address file would make the next `ray.init(_temp_dir=...)` attach to the dead head (RAY_MLFLOW_NOTES.md).
+    # A stale address file would make the next `ray.init(_temp_dir=...)` attach to the dead head (docs/METHODS.md §4).
     (temp_dir / "ray_current_cluster").unlink(missing_ok=True)
     return len(procs)
 
@@ -127,7 +129,7 @@ def route_worker_logs(forward_all: bool) -> None:
 
 def connect_ray(address: str | None, forward_all: bool = False) -> None:
     """Attach to a running cluster (--address, $RAY_ADDRESS, `ray job submit`) or start a local one."""
-    # Train's controller polls every 2 s by default; each report would cost that much (RAY_MLFLOW_NOTES.md).
+    # Train's controller polls every 2 s by default; each report would cost that much (docs/METHODS.md §4).
     # A finished trial's workers release their CPUs a little late; waiting for them is not a failure.
     tuned = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600",
              **THREAD_ENV_DEFAULTS}   # a worker imports torch before any service module: set its wait policy here

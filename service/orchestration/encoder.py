@@ -23,6 +23,7 @@ from trainers.errors import InputError
 from trainers.io import atomic_write, atomic_write_text, stable_hash
 from trainers.runtime import apply_thread_policy
 
+
 @dataclass(frozen=True)
 class EncoderLoop:
     """What each encoder worker gets (Ray Train passes it inside its train_loop_config dict)."""

@@ -205,8 +205,9 @@ def run_split(args, method: str, split: str, base: dict[str, Any], space: Search
                                             reuse_actors=driver == "direct"),
                 run_config=run_config)
         print(f"[{split}] sweep {name}: {num_samples} trials, {concurrency} at a time, "
-              f"{args.workers_per_trial} worker(s) each ({driver} driver), {args.search} search with seed {args.seed}; "
-              f"objective {space.objective} ({space.mode} of {space.metric} over a trial's evaluations)", file=sys.stderr)
+              f"{args.workers_per_trial} worker(s) each ({driver} driver), {args.search} search with seed "
+              f"{args.seed}; objective {space.objective} ({space.mode} of {space.metric} over a trial's evaluations)",
+              file=sys.stderr)
         t1 = time.perf_counter()
         with sigterm_stops_tune():
             results = tuner.fit()
@@ -217,13 +218,16 @@ def run_split(args, method: str, split: str, base: dict[str, Any], space: Search
         summary = finish_split(parent, experiment, uri, name, sweep_path, split, space, method)
         summary.update(prepare_s=round(prep_s, 2), fit_s=round(fit_s, 1), errors=results.num_errors,
                        trials=len(results), seed=args.seed, experiment=experiment)
+        best_key = f"sweep/best_{space.objective.replace('/', '_')}"
         parent.log_metrics({"sweep/fit_seconds": fit_s, "sweep/prepare_seconds": prep_s,
-                            f"sweep/best_{space.objective.replace('/', '_')}": summary.get("best_metric", float("nan"))}, 0)
-        summary.update(report_trials(parent, experiment, uri, name, sweep_path, split, space, summary.get("best_run_id")))
+                            best_key: summary.get("best_metric", float("nan"))}, 0)
+        summary.update(report_trials(parent, experiment, uri, name, sweep_path, split, space,
+                                     summary.get("best_run_id")))
         if summary.get("best_run_id") is None:      # every trial failed or reported no finite metric: nothing to rank
             failures = [r.error for r in results if r.error is not None]
             causes = [input_error_cause(e) for e in failures]
-            why = next((str(c) for c in causes if c is not None), str(failures[0]).strip().splitlines()[-1] if failures else "")
+            last_line = str(failures[0]).strip().splitlines()[-1] if failures else ""
+            why = next((str(c) for c in causes if c is not None), last_line)
             summary.update(input_error=bool(failures) and None not in causes, error=(
                 f"[{split}] no trial produced a finite {space.metric} ({len(failures)} of {len(results)} trials failed"
                 f"{': ' + why if why else ''}); no best config written"))

@@ -43,7 +43,6 @@ from trainers.runtime import apply_thread_policy
 from trainers.zsl import ZSLCurve
 
 
-
 @dataclass(frozen=True)
 class ParentRun:
     """The sweep's MLflow parent run of a split, which every trial run nests under."""
@@ -299,8 +298,9 @@ def tune_trial(config: dict[str, Any], *, settings: TrialSettings) -> None:
     """Tune function trainable: run the method's worker loop here (`direct`) or on a TorchTrainer (`train`)."""
     ctx = tune.get_context()
     res = settings.resources
-    loop = TrialLoop(method=settings.method, base=settings.base, overrides=trial_overrides_from_config(config, settings),
-                     seed=settings.seed, threads=max(1, int(res.cpus_per_worker)), gpus=res.gpus_per_worker,
+    loop = TrialLoop(method=settings.method, base=settings.base,
+                     overrides=trial_overrides_from_config(config, settings), seed=settings.seed,
+                     threads=max(1, int(res.cpus_per_worker)), gpus=res.gpus_per_worker,
                      data_ref=settings.data_ref, parent=settings.parent, trial_id=ctx.get_trial_id(),
                      trial_name=ctx.get_trial_name(), run_name=trial_label(config) or ctx.get_trial_name(),
                      split=settings.split, sweep=settings.sweep, metric=settings.space.metric)

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from service.tracking.store import MLflowReporter
-from trainers.plots import plot_confusion, plot_t_curve
 from trainers.checkpoint import BEST
+from trainers.plots import plot_confusion, plot_t_curve
 from trainers.zsl import metrics_from_errors
 
 

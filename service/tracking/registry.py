@@ -38,6 +38,7 @@ from trainers.tdsm_fit import build_model, build_schedule
 from trainers.text import TextFeatures
 from trainers.zsl import sample_keyed_noise, score_candidates
 
+
 class _PythonModel(mlflow.pyfunc.PythonModel):
     """MLflow's PythonModel without the warning it prints when a subclass's predict() has no type hints (every CLI
     imports this module); the logged signatures say the types."""

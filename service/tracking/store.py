@@ -86,7 +86,8 @@ def check_tracking_server(uri: str) -> None:
         answer = requests.get(probe, params={"experiment_name": "Default"}, timeout=PROBE_TIMEOUT_S,
                               auth=(user, password or "") if user else None)
     except requests.RequestException as err:
-        reason = f"timed out after {PROBE_TIMEOUT_S:.0f} s" if isinstance(err, requests.Timeout) else "connection failed"
+        timed_out = isinstance(err, requests.Timeout)
+        reason = f"timed out after {PROBE_TIMEOUT_S:.0f} s" if timed_out else "connection failed"
         raise InputError(f"tracking server {uri} is unreachable ({reason}): start it, or fix --tracking-uri / "
                          "$MLFLOW_TRACKING_URI") from None
     if answer.status_code in (401, 403):

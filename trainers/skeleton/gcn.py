@@ -306,7 +306,8 @@ class ShiftGCN(Encoder):
                          data_bn_persons)
         for i, (c_in, c_out, stride) in enumerate(self.plan):
             self.units.append(GCNUnit(SpatialShiftConv(c_in, c_out, self.num_joints),
-                                      ShiftTemporalConv(c_out, c_out, stride), unit_residual(c_in, c_out, stride, i > 0)))
+                                      ShiftTemporalConv(c_out, c_out, stride),
+                                      unit_residual(c_in, c_out, stride, i > 0)))
         self.init_weights()
 
 
@@ -393,7 +394,8 @@ class CTRGCN(Encoder):
         super().__init__(in_channels, num_classes, layout, base_channels, units_per_stage, dropout,
                          data_bn_persons)
         for i, (c_in, c_out, stride) in enumerate(self.plan):
-            self.units.append(GCNUnit(CTRGraphConv(c_in, c_out, self.graph.A), MultiScaleTemporalConv(c_out, c_out, stride),
+            self.units.append(GCNUnit(CTRGraphConv(c_in, c_out, self.graph.A),
+                                      MultiScaleTemporalConv(c_out, c_out, stride),
                                       unit_residual(c_in, c_out, stride, i > 0)))
         self.init_weights()
 

@@ -1,4 +1,4 @@
-"""Kinetics-Skeleton clips (ST-GCN release, METHODS.md §3): one JSON per clip, OpenPose 18-joint 2-D poses.
+"""Kinetics-Skeleton clips (ST-GCN release, docs/METHODS.md §3): one JSON per clip, OpenPose 18-joint 2-D poses.
 
 `{"data": [{"frame_index": 1, "skeleton": [{"pose": [x0, y0, ..., x17, y17], "score": [s0, ..., s17]}]}],
 "label": "...", "label_index": 129}`. frame_index is 1-based (OpenPose numbering): frame k lands at time k-1.

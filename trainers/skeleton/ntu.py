@@ -1,4 +1,4 @@
-"""NTU RGB+D raw `.skeleton` files (METHODS.md §3): a strict reader, sample names, missing-skeleton lists.
+"""NTU RGB+D raw `.skeleton` files (docs/METHODS.md §3): a strict reader, sample names, missing-skeleton lists.
 
 A file is: the frame count; per frame a body count; per body a 10-field info line (tracking id first), the
 joint count (25), then 25 joint lines of 12 numbers. LF and CRLF endings read the same. Anything else (a

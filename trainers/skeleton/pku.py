@@ -1,4 +1,4 @@
-"""PKU-MMD sequences (METHODS.md §3): a skeleton text file and a label file per long, untrimmed sequence.
+"""PKU-MMD sequences (docs/METHODS.md §3): a skeleton text file and a label file per long, untrimmed sequence.
 
 Skeleton file: one frame a line, 150 numbers = 2 bodies x 25 joints x (x, y, z); body 2 is all zeros when
 only one person is in view. Label file: one action instance a line, `action,start,end,confidence` (action

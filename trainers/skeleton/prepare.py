@@ -469,7 +469,7 @@ def prepare(dataset: str, raw: Path, out: Path, frames: int = 64, workers: int =
         run_chunks([chunks[i] for i in todo], frames, workers, on_done)
     finally:
         bar.close()
-    for name, path, reason in pre_skips:
+    for _name, _path, reason in pre_skips:
         log(f"skipped: {reason}")
 
     summary = assemble(dataset, out, shard_paths, pre_skips, benchmarks, columns, frames, joints, dtype)

@@ -1,4 +1,4 @@
-"""Standard benchmarks of the supervised protocols (METHODS.md §3): which samples train and which test.
+"""Standard benchmarks of the supervised protocols (docs/METHODS.md §3): which samples train and which test.
 
 NTU RGB+D, a pure function of the sample name: NTU-60 X-Sub: 20 training performers; X-View: cameras 2 and 3
 train. NTU-120 X-Sub: the published list of 53 training performers; X-Set: even setup ids train.
