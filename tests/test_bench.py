@@ -31,15 +31,6 @@ TINY_ARGS = ["--sizes", "tiny", "--batch", "4", "--iters", "1", "--warmup", "0",
              "--score-samples", "4", "--draws", "2", "--threads", "1"]
 
 
-@pytest.fixture
-def one_thread():
-    """Run on one torch thread and give the session its thread count back afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> tuple[dict, str]:
     """One CLI run on the tiny size (its size runs in a fresh subprocess): the JSON report and the table."""

@@ -1,8 +1,7 @@
-"""PNG plots people would rather see than read: accuracy vs t_test, confusion matrices."""
+"""Plots people would rather see than read: accuracy vs t_test, confusion matrices (matplotlib figures; the caller
+saves or logs them, e.g. MlflowClient.log_figure, and closes them)."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import matplotlib
 
@@ -13,7 +12,7 @@ import numpy as np  # noqa: E402
 from trainers.zsl import ZSLCurve, ZSLMetrics  # noqa: E402
 
 
-def plot_t_curve(curve: ZSLCurve, path: Path, title: str = "", chosen_t: int | None = None) -> Path:
+def t_curve_figure(curve: ZSLCurve, title: str = "", chosen_t: int | None = None) -> plt.Figure:
     """Top-1 (mean ± std over noise draws) against t_test — the paper's Fig. 5 for one model."""
     ts = sorted(curve.by_t)
     mean = np.array([curve.by_t[t].top1 for t in ts])
@@ -30,12 +29,10 @@ def plot_t_curve(curve: ZSLCurve, path: Path, title: str = "", chosen_t: int | N
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return fig
 
 
-def plot_confusion(metrics: ZSLMetrics, class_names: list[str], path: Path, title: str = "") -> Path:
+def confusion_figure(metrics: ZSLMetrics, class_names: list[str], title: str = "") -> plt.Figure:
     """Row-normalised confusion matrix over the candidate classes (counts over all noise draws)."""
     cm = metrics.confusion.astype(float)
     cm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
@@ -56,6 +53,4 @@ def plot_confusion(metrics: ZSLMetrics, class_names: list[str], path: Path, titl
     ax.set_title(title or f"confusion at t_test={metrics.t_test} (top-1 {metrics.top1:.1f}%)", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return fig

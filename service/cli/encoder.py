@@ -86,13 +86,9 @@ def main(argv: list[str] | None = None) -> int:
                                             tags=standard_tags(phase="encoder", method="encoder"))
             reporter.log_params({**{f"encoder.{k}": v for k, v in cfg.model_dump(mode="json").items()},
                                  "encoder.unseen": unseen})
-            try:
+            with reporter:     # ends FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED
                 path = train_encoder(args.data, unseen, cfg, args.out, args.benchmark, reporter, not args.no_progress)
                 reporter.log_artifact(path, "checkpoints")
-            except BaseException:
-                reporter.finish("FAILED")
-                raise
-            reporter.finish()
         else:
             connect_ray(args.address)
             path = train_encoder_on_ray(args.data, unseen, cfg, args.out, benchmark=args.benchmark,

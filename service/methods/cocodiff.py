@@ -97,7 +97,7 @@ def run(cfg: CoCoDiffConfig, args) -> dict:
     text_dims = (fine.shape[1], coarse.shape[1]) if fine is not None else None
     fingerprint = cocodiff_fit.training_fingerprint(cfg, data.train_x, data.num_classes, text_dims)
     run_dir, reporter = open_run(args, "cocodiff", cocodiff_data.dataset_label(cfg), fingerprint, cfg)
-    try:
+    with reporter:     # ends FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED
         reporter.log_params(flatten(to_plain(cfg)))
         reporter.log_params({"derived.num_classes": data.num_classes, "derived.train_samples": len(data.train_y),
                              "derived.val_samples": len(data.val_y), "derived.test_samples": len(data.test_y)})
@@ -116,10 +116,6 @@ def run(cfg: CoCoDiffConfig, args) -> dict:
         log_classification_outputs(reporter, test_logits, data.test_y, names, "test")
         if (run_dir / BEST).is_file():
             reporter.log_artifact(run_dir / BEST, "checkpoints")
-    except BaseException:
-        reporter.finish("FAILED" if not isinstance(sys.exc_info()[1], KeyboardInterrupt) else "KILLED")
-        raise
-    reporter.finish()
     return {**selection, **headline(test_metrics), "mlflow_run_id": reporter.run_id, "run_dir": str(run_dir)}
 
 
@@ -153,17 +149,17 @@ def cocodiff_seeds(args, cfg: CoCoDiffConfig, data, texts, names: list[str], uri
         child = MLflowReporter.start(uri, experiment, f"final-{split}-{label}-seed{i}", parent_run_id=parent.run_id,
                                      tags=standard_tags(split=split, phase="final", method="cocodiff", arm=arm,
                                                         stream=stream, seed=seed_cfg.train.seed))
-        child.log_params({"train.seed": seed_cfg.train.seed, "module.enabled": seed_cfg.module.enabled,
-                          **({"backbone.stream": stream} if stream is not None else {})})
-        print(f"[{split}] {label} seed {i + 1}/{args.seeds}: training on {len(train_y)} sequences ...",
-              file=sys.stderr)
-        result = cocodiff_fit.fit_cocodiff(seed_cfg, train_x, train_y, None, None, fine, coarse, child, None,
-                                           progress=not args.no_progress, num_classes=data.num_classes)
-        classifier = cocodiff_classifier.export_classifier(result, "last")        # nothing held out: the final weights
-        metrics, logits = cocodiff_eval.evaluate_split(seed_cfg, classifier, data.test_x, data.test_y, "test")
-        child.log_metrics(metrics, result.step)
-        log_classification_outputs(child, logits, data.test_y, names, "test")
-        child.finish()
+        with child:
+            child.log_params({"train.seed": seed_cfg.train.seed, "module.enabled": seed_cfg.module.enabled,
+                              **({"backbone.stream": stream} if stream is not None else {})})
+            print(f"[{split}] {label} seed {i + 1}/{args.seeds}: training on {len(train_y)} sequences ...",
+                  file=sys.stderr)
+            result = cocodiff_fit.fit_cocodiff(seed_cfg, train_x, train_y, None, None, fine, coarse, child, None,
+                                               progress=not args.no_progress, num_classes=data.num_classes)
+            classifier = cocodiff_classifier.export_classifier(result, "last")   # nothing held out: the final weights
+            metrics, logits = cocodiff_eval.evaluate_split(seed_cfg, classifier, data.test_x, data.test_y, "test")
+            child.log_metrics(metrics, result.step)
+            log_classification_outputs(child, logits, data.test_y, names, "test")
         per_seed.append({"seed": seed_cfg.train.seed, **metrics})
         outputs.append((child.run_id, logits))
         first = classifier if first is None else first
@@ -184,11 +180,11 @@ def cocodiff_stream_ensemble(per_stream: dict[str, list[tuple[str, torch.Tensor]
                                      parent_run_id=parent.run_id,
                                      tags=standard_tags(split=split, phase="final", method="cocodiff", arm=arm,
                                                         stream="ensemble", seed=seed))
-        child.log_params({"train.seed": seed, "sources": ",".join(run_ids), "streams": ",".join(per_stream),
-                          "weights": ",".join("1.0" for _ in per_stream)})
-        child.log_metrics(metrics, 0)
-        log_classification_outputs(child, fused, data.test_y, names, "test")
-        child.finish()
+        with child:
+            child.log_params({"train.seed": seed, "sources": ",".join(run_ids), "streams": ",".join(per_stream),
+                              "weights": ",".join("1.0" for _ in per_stream)})
+            child.log_metrics(metrics, 0)
+            log_classification_outputs(child, fused, data.test_y, names, "test")
         per_seed.append({"seed": seed, **metrics})
     return per_seed
 
@@ -270,7 +266,7 @@ def final_split(args, split: str, tree: dict[str, Any], uri: str) -> list[dict[s
                        **({"final.streams": ",".join(args.streams)} if args.streams else {})})
     parent.log_text(dump_yaml(cfg), "config.yaml")
     rows, per_arm = [], {}
-    try:
+    with parent:     # ends FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED
         for arm, enabled in arms:
             arm_cfg = cocodiff_fit.with_overrides(cfg, module={"enabled": enabled})
             if args.streams:
@@ -297,10 +293,6 @@ def final_split(args, split: str, tree: dict[str, Any], uri: str) -> list[dict[s
         args.out.mkdir(parents=True, exist_ok=True)
         out = atomic_write_text(args.out / f"{phase}-cocodiff-{split}{suffix}.md", cocodiff_table(rows))
         parent.log_artifact(out)
-    except BaseException:
-        parent.finish("FAILED")
-        raise
-    parent.finish()
     for row in rows:
         row["parent_run_id"] = parent.run_id
     return rows

@@ -97,7 +97,7 @@ def run(cfg: TDSMConfig, args) -> dict:
     task, names, text = prepare_tdsm(cfg)
     fit_train, val, fit_classes = task.tuning_split()
     run_dir, reporter = open_run(args, "tdsm", task.name, training_fingerprint(cfg), cfg)
-    try:
+    with reporter:     # ends FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED
         reporter.log_params(flatten(to_plain(cfg)))
         reporter.log_params({"derived.seen_classes": len(task.seen), "derived.num_train_classes": len(fit_classes),
                              "derived.val_classes": task.val,
@@ -118,10 +118,6 @@ def run(cfg: TDSMConfig, args) -> dict:
         log_zsl_plots(reporter, test_curve, names, cfg.eval.t_test, "test")
         if (run_dir / BEST).is_file():
             reporter.log_artifact(run_dir / BEST, "checkpoints")
-    except BaseException:
-        reporter.finish("FAILED" if not isinstance(sys.exc_info()[1], KeyboardInterrupt) else "KILLED")
-        raise
-    reporter.finish()
     # seen_classes: the classes with training samples (training + validation); the negative pool is drawn from them.
     return {**selection, **headline(test_metrics), "seen_classes": len(task.seen),
             "mlflow_run_id": reporter.run_id, "run_dir": str(run_dir)}
@@ -168,20 +164,21 @@ def final_split(args, split: str, tree: dict[str, Any], uri: str) -> dict[str, A
                        "derived.seen_classes": len(seen)})
     parent.log_text(dump_yaml(cfg), "config.yaml")
     per_seed, per_draw, first = [], [], None
-    try:
+    with parent:     # ends FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED
         for i in range(args.seeds):
             seed_cfg = build_config(TDSMConfig, to_plain(cfg), {"train.seed": cfg.train.seed + i})
             child = MLflowReporter.start(uri, experiment, f"final-{split}-seed{i}", parent_run_id=parent.run_id,
                                          tags=standard_tags(split=split, phase="final", seed=seed_cfg.train.seed))
-            print(f"[{split}] seed {i + 1}/{args.seeds}: training on {len(seen)} seen classes ...", file=sys.stderr)
-            result = fit_tdsm(seed_cfg, train, seen, None, [], text, child, None, progress=not args.no_progress)
-            metrics, curve = evaluate_split(seed_cfg, result.model, test, task.unseen, text, "test")
-            at = curve.at(seed_cfg.eval.t_test)
-            per_seed.append(metrics)
-            per_draw.append(at.top1_draws)
-            child.log_metrics(metrics, result.step)
-            log_zsl_plots(child, curve, names, seed_cfg.eval.t_test, "test")
-            child.finish()
+            with child:
+                print(f"[{split}] seed {i + 1}/{args.seeds}: training on {len(seen)} seen classes ...",
+                      file=sys.stderr)
+                result = fit_tdsm(seed_cfg, train, seen, None, [], text, child, None, progress=not args.no_progress)
+                metrics, curve = evaluate_split(seed_cfg, result.model, test, task.unseen, text, "test")
+                at = curve.at(seed_cfg.eval.t_test)
+                per_seed.append(metrics)
+                per_draw.append(at.top1_draws)
+                child.log_metrics(metrics, result.step)
+                log_zsl_plots(child, curve, names, seed_cfg.eval.t_test, "test")
             if first is None:
                 first = result.model
         stats = seed_stats(per_seed, per_draw)
@@ -198,10 +195,6 @@ def final_split(args, split: str, tree: dict[str, Any], uri: str) -> dict[str, A
                     "test_top1_mean_over_seeds": stats["test/zsl_top1_mean"], "seeds": args.seeds}
             row["registered_version"] = register_model(parent, uri, cfg, first, task, names, text, f"tdsm-{split}",
                                                        test.features[:4].numpy(), tags)   # (4, D) real rows
-    except BaseException:
-        parent.finish("FAILED")
-        raise
-    parent.finish()
     row["parent_run_id"] = parent.run_id
     return row
 

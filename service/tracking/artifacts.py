@@ -10,7 +10,7 @@ import torch
 
 from service.tracking.store import MLflowReporter
 from trainers.checkpoint import BEST
-from trainers.plots import plot_confusion, plot_t_curve
+from trainers.plots import confusion_figure, t_curve_figure
 from trainers.zsl import metrics_from_errors
 
 
@@ -39,16 +39,14 @@ def log_zsl_plots(reporter: MLflowReporter, curve, names: list[str], t_test: int
     """t_test curve and confusion matrix of one split as PNG artifacts under plots/."""
     # The test curve is shown for reference; t_test comes from the config or validation, never from this plot.
     title = f"{prefix}: accuracy vs t_test" + (" (not used for selection)" if prefix == "test" else "")
-    with tempfile.TemporaryDirectory() as tmp:
-        curve_png = plot_t_curve(curve, Path(tmp) / f"{prefix}_t_test_curve.png", title, t_test)
-        conf_png = plot_confusion(curve.at(t_test), names, Path(tmp) / f"{prefix}_confusion.png")
-        reporter.log_artifact(curve_png, "plots")
-        reporter.log_artifact(conf_png, "plots")
+    reporter.log_figure(t_curve_figure(curve, title, t_test), f"plots/{prefix}_t_test_curve.png")
+    reporter.log_figure(confusion_figure(curve.at(t_test), names), f"plots/{prefix}_confusion.png")
 
 
 def log_classification_outputs(reporter: MLflowReporter, logits: torch.Tensor, labels: torch.Tensor,
                                names: list[str], prefix: str) -> None:
-    """Logits (N, C) and labels (N,) as .npy under predictions/ (for stream ensembles), confusion PNG under plots/."""
+    """Logits (N, C) and labels (N,) as .npy under predictions/ (for stream ensembles; MLflow has no array logger),
+    confusion PNG under plots/."""
     # A classifier's confusion is the zero-shot one with one "draw" whose error is -logit (argmin = argmax).
     metrics = metrics_from_errors(-logits.float()[None], labels.cpu(), list(range(logits.shape[1])), t_test=0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -56,6 +54,6 @@ def log_classification_outputs(reporter: MLflowReporter, logits: torch.Tensor, l
         np.save(Path(tmp) / f"{prefix}_labels.npy", labels.cpu().numpy())
         reporter.log_artifact(Path(tmp) / f"{prefix}_logits.npy", "predictions")
         reporter.log_artifact(Path(tmp) / f"{prefix}_labels.npy", "predictions")
-        png = plot_confusion(metrics, names, Path(tmp) / f"{prefix}_confusion.png",
-                             f"{prefix}: confusion (top-1 {metrics.top1:.1f}%)")
-        reporter.log_artifact(png, "plots")
+    reporter.log_figure(confusion_figure(metrics, names, f"{prefix}: confusion (top-1 {metrics.top1:.1f}%)"),
+                        f"plots/{prefix}_confusion.png")
+

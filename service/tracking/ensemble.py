@@ -145,7 +145,7 @@ def log_ensemble(uri: str, experiment: str, split: str, saved: list[SavedPredict
     streams = [s.stream or f"source{i}" for i, s in enumerate(saved)]
     reporter = MLflowReporter.start(uri, experiment, f"ensemble-{split}-{'+'.join(streams)}",
                                     tags=standard_tags(phase="ensemble", stream="ensemble"))
-    try:
+    with reporter:     # ends FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED
         reporter.log_params({"sources": ",".join(s.source for s in saved),
                              "weights": ",".join(str(p["weight"]) for p in summary["sources"]),
                              "streams": ",".join(s.stream or "unknown" for s in saved), "split": split,
@@ -155,10 +155,6 @@ def log_ensemble(uri: str, experiment: str, split: str, saved: list[SavedPredict
             metrics.update({f"source{i}/top1": p["top1"], f"source{i}/top5": p["top5"]})
         reporter.log_metrics(metrics, 0)
         log_classification_outputs(reporter, fused, saved[0].labels, names, split)
-    except BaseException:
-        reporter.finish("FAILED")
-        raise
-    reporter.finish()
     return reporter.run_id
 
 
