@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -145,12 +146,21 @@ def encode_cocodiff_texts(cfg: CoCoDiffConfig, num_classes: int) -> tuple[list[s
     return sets.names, feats[:, split:].contiguous(), feats[:, :split].contiguous()   # fine (C, D_f), coarse (C, D_c)
 
 
-def prepare_cocodiff(cfg: CoCoDiffConfig, folder: Path | None = None) -> tuple[SkeletonData, list[str],
-                                                                             torch.Tensor | None, torch.Tensor | None]:
+class CoCoDiffInputs(NamedTuple):
+    """What a CoCoDiff run needs besides its config; a sweep builds it once per split and shares it with every
+    trial."""
+
+    data: SkeletonData
+    names: list[str]                 # class names, by class id
+    fine: torch.Tensor | None        # (C, D_fine) encoded fine text; None for the baseline (never encoded)
+    coarse: torch.Tensor | None      # (C, D_coarse) encoded coarse text
+
+
+def prepare_cocodiff(cfg: CoCoDiffConfig, folder: Path | None = None) -> CoCoDiffInputs:
     """(data, class names, fine text, coarse text); the texts are None (never encoded) for the baseline.
 
     folder: the prepared folder of a source=synthetic config (see `load_cocodiff_data`)."""
     data = load_cocodiff_data(cfg, folder)
     if not cfg.module.enabled:
-        return data, read_class_names(cfg, data.num_classes), None, None
-    return (data, *encode_cocodiff_texts(cfg, data.num_classes))
+        return CoCoDiffInputs(data, read_class_names(cfg, data.num_classes), None, None)
+    return CoCoDiffInputs(data, *encode_cocodiff_texts(cfg, data.num_classes))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 from trainers.assets import EMBEDDED_DESCRIPTIONS, EMBEDDED_NAMES, default_cache_dir
 from trainers.config import TDSMConfig
@@ -34,14 +35,22 @@ def encode_class_texts(cfg: TDSMConfig) -> tuple[list[str], TextFeatures]:
                                      pooled=cfg.text.pooled, set_names=[str(f) for f in files])
 
 
-def prepare_tdsm(cfg: TDSMConfig) -> tuple[ZSLTask, list[str], TextFeatures]:
+class TDSMInputs(NamedTuple):
+    """What a TDSM run needs besides its config; a sweep builds it once per split and shares it with every trial."""
+
+    task: ZSLTask
+    names: list[str]                 # class names, by class id
+    text: TextFeatures               # encoded class texts, by class id
+
+
+def prepare_tdsm(cfg: TDSMConfig) -> TDSMInputs:
     """The zero-shot task, the class names and the encoded class texts a TDSM run needs."""
     if cfg.data.source == "synthetic":
         names, text = encode_class_texts(cfg)
-        return generate_synthetic_task(cfg.data, text.global_feats), names, text
+        return TDSMInputs(generate_synthetic_task(cfg.data, text.global_feats), names, text)
     # Features and splits are checked before the text encoder loads, so bad data fails fast.
     names_file = prompt_files(cfg)[0]
     num_classes = len(read_prompt_file(names_file))
     task = load_feature_task(cfg.data, num_classes, f"the {num_classes} classes of {names_file}")
     names, text = encode_class_texts(cfg)
-    return task, names, text
+    return TDSMInputs(task, names, text)

@@ -17,11 +17,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
 from trainers.assets import default_cache_dir
 from trainers.cocodiff import CoCoDiffConfig
-from trainers.cocodiff_data import SkeletonData, prepare_cocodiff
+from trainers.cocodiff_data import CoCoDiffInputs, prepare_cocodiff
 from trainers.skeleton.prepare import prepare
 from trainers.skeleton.splits import BENCHMARKS
 from trainers.skeleton.synthetic import NUM_CLASSES, write_synthetic_dataset
@@ -63,8 +61,7 @@ def synthetic_release_prepared(root: Path, family: str, per_class: int, seed: in
     return out
 
 
-def prepare_cocodiff_inputs(cfg: CoCoDiffConfig, log: Callable[[str], None] | None = None
-                            ) -> tuple[SkeletonData, list[str], torch.Tensor | None, torch.Tensor | None]:
+def prepare_cocodiff_inputs(cfg: CoCoDiffConfig, log: Callable[[str], None] | None = None) -> CoCoDiffInputs:
     """(data, class names, fine text, coarse text) of a config; the texts are None for the baseline."""
     return prepare_cocodiff(cfg, prepared_folder(cfg, log))
 

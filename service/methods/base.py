@@ -55,7 +55,7 @@ class Method(Protocol):
         """The config tree with its data/text paths absolute (trials and Ray jobs run in other directories)."""
 
     def prepare(self, cfg: Any) -> tuple:
-        """The inputs every trial of a split shares (put once in Ray's object store)."""
+        """The inputs every trial of a split shares, a NamedTuple (put once in Ray's object store)."""
 
     def best_config(self, tree: dict[str, Any], tags: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, Any]]:
         """A winning run's config for final runs, from its config tree and MLflow tags; and notes for the summary."""

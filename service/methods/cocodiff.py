@@ -23,6 +23,7 @@ from service.tracking.store import MLflowReporter, standard_tags
 from trainers import cocodiff_classifier, cocodiff_data, cocodiff_eval, cocodiff_fit
 from trainers.checkpoint import BEST
 from trainers.cocodiff import BackboneConfig, CoCoDiffConfig, build_module
+from trainers.cocodiff_data import CoCoDiffInputs
 from trainers.config import build_config, dump_yaml, flatten, parse_override, to_plain
 from trainers.errors import InputError
 from trainers.io import atomic_write_text, load_checkpoint
@@ -44,7 +45,7 @@ def absolute_paths(tree: dict[str, Any]) -> dict[str, Any]:
     return tree
 
 
-def prepare(cfg: CoCoDiffConfig) -> tuple:
+def prepare(cfg: CoCoDiffConfig) -> CoCoDiffInputs:
     """(data, class names, fine text, coarse text); names are read even when no text is encoded (baseline)."""
     return prepare_cocodiff_inputs(cfg)
 

@@ -29,7 +29,7 @@ from trainers.errors import InputError
 from trainers.io import atomic_write_text
 from trainers.tdsm_fit import evaluate_split, fit_tdsm, load_best, training_fingerprint
 from trainers.tdsm_model import count_parameters
-from trainers.tdsm_task import prepare_tdsm
+from trainers.tdsm_task import TDSMInputs, prepare_tdsm
 from trainers.zsl import ZSLCurve
 
 # The validation metric that chooses the kept (best.pt) weights; runs and sweep trials report its running maximum
@@ -50,7 +50,7 @@ def absolute_paths(tree: dict[str, Any]) -> dict[str, Any]:
     return tree
 
 
-def prepare(cfg: TDSMConfig) -> tuple:
+def prepare(cfg: TDSMConfig) -> TDSMInputs:
     """(task, class names, text features): shared by every trial of a split through the object store."""
     return prepare_tdsm(cfg)
 

@@ -17,7 +17,7 @@ from ray.train.torch import TorchTrainer
 from service.data.features import seen_class_data
 from service.orchestration.cluster import input_error_cause
 from service.tracking.store import MLflowReporter, standard_tags
-from trainers.checkpoint import ENCODER, LAST
+from trainers.checkpoint import ENCODER, LAST, copy_run_files
 from trainers.encoder_fit import EncoderConfig, fit_encoder
 from trainers.errors import InputError
 from trainers.io import atomic_write, atomic_write_text, stable_hash
@@ -59,9 +59,7 @@ class EncoderWorkerReporter:
             self.mlflow.log_metrics(metrics, step)
         if self.rank == 0 and checkpoint_dir is not None:
             with tempfile.TemporaryDirectory() as tmp:
-                for name in (LAST, ENCODER):
-                    if (checkpoint_dir / name).is_file():
-                        shutil.copy2(checkpoint_dir / name, Path(tmp) / name)
+                copy_run_files(checkpoint_dir, Path(tmp), (LAST, ENCODER))
                 ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report({**metrics, "step": step})
@@ -79,8 +77,7 @@ def encoder_worker(train_loop_config: dict[str, EncoderLoop]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:                      # a restarted run continues from its latest checkpoint
         with checkpoint.as_directory() as d:
-            if (Path(d) / LAST).is_file():
-                shutil.copy2(Path(d) / LAST, run_dir / LAST)
+            copy_run_files(Path(d), run_dir, (LAST,))
     mlflow = (MLflowReporter.start(loop.tracking_uri, loop.experiment, "", run_id=loop.run_id)
               if rank == 0 and loop.run_id else None)
     wrap = ray.train.torch.prepare_model if world > 1 else None

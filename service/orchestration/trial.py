@@ -35,7 +35,7 @@ from service.methods.search_space import T_KEY, SearchSpace, trial_overrides
 from service.orchestration.cluster import input_error_cause
 from service.tracking.store import MLflowReporter, standard_tags
 from service.tracking.trials import find_or_start_child_run, trial_label
-from trainers.checkpoint import RUN_FILES
+from trainers.checkpoint import copy_run_files
 from trainers.config import build_config, dump_yaml, flatten, to_plain
 from trainers.errors import InputError
 from trainers.io import atomic_write_text
@@ -195,9 +195,7 @@ class TrialReporter:
         out.update(first_metric_time=self.first_metric_time, compute_s=t0 - self.fit_start - self.reporting_s)
         if self.rank == 0 and checkpoint_dir is not None:
             with tempfile.TemporaryDirectory() as tmp:
-                for name in RUN_FILES:
-                    if (checkpoint_dir / name).is_file():
-                        shutil.copy2(checkpoint_dir / name, Path(tmp) / name)
+                copy_run_files(checkpoint_dir, Path(tmp))
                 self.session.report(out, tmp)
         else:
             self.session.report(out, None)
@@ -236,9 +234,7 @@ class TrialWorker:
         checkpoint = self.session.get_checkpoint()
         if checkpoint is not None:  # a retried or resumed trial continues from its latest checkpoint
             with checkpoint.as_directory() as d:
-                for name in RUN_FILES:
-                    if (Path(d) / name).is_file():
-                        shutil.copy2(Path(d) / name, self.run_dir / name)
+                copy_run_files(Path(d), self.run_dir)
 
     def reporter(self, derived: dict[str, Any], final_artifacts: FinalArtifacts) -> TrialReporter:
         """Open (or find, on a retry) the MLflow child run on rank 0; derived.* params describe the model."""
