@@ -59,3 +59,48 @@ def test_example_commands_parse(module):
     for command in joined:
         argv = command.split()[3:]                              # after "python -m service.x"
         parser.parse_args(argv)                                 # SystemExit (exit 2) on an unknown option
+
+
+# Every command's options and positionals, pinned: scripts and checks outside the repo call these CLIs (the
+# service/ redesign of #13 moved their code, never their flags).
+FLAGS = {
+    "service.run": ["method", "--config", "--set", "--print-config", "--threads", "--features",
+        "--unseen", "--seen", "--val-unseen", "--class-names", "--descriptions", "--text-encoder", "--tracking-uri",
+        "--experiment-name", "--run-dir", "--fresh", "--split", "--splits-file", "--no-progress"],
+    "service.sweep": ["method", "--space", "--num-samples", "--scheduler", "--search",
+        "--max-concurrent", "--workers-per-trial", "--gpus-per-worker", "--cpus-per-worker", "--trial-retries",
+        "--trial-driver", "--splits", "--splits-file", "--experiment-name", "--name", "--tracking-uri",
+        "--storage-path", "--address", "--resume", "--smoke", "--ray-logs", "--seed", "--config", "--set",
+        "--print-config", "--threads", "--features", "--unseen", "--seen", "--val-unseen", "--class-names",
+        "--descriptions", "--text-encoder"],
+    "service.final": ["--from", "--seeds", "--noise-draws", "--ablation", "--streams", "--splits",
+        "--splits-file", "--storage-path", "--set", "--tracking-uri", "--experiment-name", "--out", "--no-register",
+        "--no-progress"],
+    "service.encoder train": ["--data", "--unseen", "--benchmark", "--out", "--set", "--tracking-uri",
+        "--workers", "--cpus-per-worker", "--gpus-per-worker", "--address", "--storage-path", "--in-process",
+        "--no-progress"],
+    "service.encoder extract": ["--data", "--unseen", "--benchmark", "--out", "--encoder"],
+    "service.ensemble": ["sources", "--weights", "--split", "--tracking-uri", "--experiment-name",
+        "--out", "--names"],
+    "service.prepare": ["dataset", "--raw", "--out", "--workers", "--frames", "--benchmark",
+        "--split-list", "--missing", "--labels", "--dtype", "--chunk-size", "--keep-parts", "--no-progress",
+        "--classes", "--per-class", "--seed"],
+    "service.report": ["--splits", "--splits-file", "--tracking-uri", "--out", "--no-log"],
+    "service.bench tdsm": ["--device", "--out", "--batch", "--iters", "--warmup", "--candidates",
+        "--score-samples", "--draws", "--seed", "--threads", "--quick", "--compile", "--sizes", "--worker"],
+    "service.bench prepare": ["--files", "--format", "--workers", "--frames", "--out"],
+    "service.bench encoder": ["--device", "--sizes", "--batch", "--extract-batch", "--frames",
+        "--iters", "--warmup", "--threads", "--out"],
+    "service.bench contended": ["--out", "--sizes", "--competitors", "--rounds", "--iters", "--warmup",
+        "--batch", "--worker"],
+    "service.bench cocodiff": ["--device", "--out", "--sizes", "--batch", "--infer-batch", "--frames",
+        "--classes", "--precision", "--iters", "--warmup", "--threads"],
+}
+
+
+def test_flags_are_the_pinned_ones():
+    got = {}
+    for module in CLIS:
+        for cmd, action in walk(parser_of(module), module):
+            got.setdefault(cmd, []).append("/".join(action.option_strings) or action.dest)
+    assert got == FLAGS
