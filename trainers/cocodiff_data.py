@@ -66,7 +66,7 @@ def load_prepared(folder: Path, benchmark: str, val_fraction: float, val_seed: i
 
 def load_cocodiff_data(cfg: CoCoDiffConfig, folder: Path | None = None) -> SkeletonData:
     """The splits of cfg.data from a prepared folder: data.prepared_dir, or (source=synthetic) `folder`, the
-    generated set prepared by the service layer (`service.cocodiff_data`; trainers never run `service.prepare`)."""
+    generated set prepared by the service layer (`service.data.generated`; trainers never run `service.prepare`)."""
     d = cfg.data
     folder = folder if folder is not None else d.prepared_dir
     if folder is None:

@@ -12,7 +12,7 @@ from service.methods import METHODS
 from trainers.config import build_config, dump_yaml, load_yaml, parse_override, to_plain
 from trainers.errors import InputError
 
-# Ray results and checkpoints, and the cached skeleton chain (service.encoder): shared storage on a cluster.
+# Ray results and checkpoints, and the cached skeleton chain (service.data.chain): shared storage on a cluster.
 DEFAULT_STORAGE = Path(os.environ.get("SKELDIFF_RESULTS", "~/skeldiff_results"))
 
 

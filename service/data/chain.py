@@ -23,7 +23,7 @@ from trainers.skeleton.synthetic import NUM_CLASSES, action_catalogue
 
 
 def resolve_chain(overrides: dict[str, Any], storage: Path, trainer=None, build: bool = True) -> dict[str, Any]:
-    """A split with `chain:` runs the cached skeleton chain (service.encoder) and points the data at its output.
+    """A split with `chain:` runs the cached skeleton chain (below) and points the data at its output.
 
     trainer trains the encoder (default: in this process; the sweep passes Ray Train workers); every stage
     is cached under <storage>/chain and skipped when its inputs did not change. build=False (--print-config)

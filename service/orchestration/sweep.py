@@ -254,7 +254,7 @@ def sweep_driver(state: dict[str, Any], choice: str, workers: int, name: str) ->
 
 
 def finish_split(parent: MLflowReporter, experiment: str, uri: str, name: str, sweep_path: Path, split: str,
-                 space: SearchSpace, method: str = "tdsm") -> dict[str, Any]:
+                 space: SearchSpace, method: str) -> dict[str, Any]:
     """Pick the best child run from MLflow (robust to a stale Tune snapshot) and write its config."""
     client = parent.client
     exp = client.get_experiment_by_name(experiment)

@@ -139,7 +139,7 @@ class TrialReporter:
     Tracks the running maximum of `metric` as `<metric>_max`: the sweep ranks trials on it (an ASHA-stopped or
     restored trial's last value is not its best). Also measures its own cost: each result carries the wall time of
     the trial's first logged metric and the seconds the fit loop spent outside this reporter (`compute_s`), from
-    which the driver derives the trial's Ray + MLflow overhead (service.sweep.MLflowTrialCloser).
+    which the driver derives the trial's Ray + MLflow overhead (service.orchestration.sweep.MLflowTrialCloser).
     """
 
     def __init__(self, session: TrialSession, mlflow: MLflowReporter | None, final_step: int, metric: str,

@@ -53,7 +53,7 @@ def redact_uri(uri: str) -> str:
 def move_credentials(uri: str) -> str:
     """A URI without its password, which goes where the client reads it instead: MLflow's HTTP client reads
     MLFLOW_TRACKING_USERNAME/PASSWORD, libpq (postgresql stores) reads PGPASSWORD. Ray workers inherit them
-    (see service.sweep.connect_ray), so no URI that is pickled, stored or printed carries the secret."""
+    (see service.orchestration.cluster.connect_ray), so no URI that is pickled, stored or printed carries the secret."""
     parts = urlsplit(uri)
     if "@" not in parts.netloc:
         return uri
