@@ -1,10 +1,14 @@
 """The layers of service/ and trainers/ import one way (docs/ARCHITECTURE.md), with no cycle and no project import
-hidden inside a function; Ray only in service.orchestration, MLflow only in service.tracking; no file over 600
-lines. Every import counts: module level, inside functions, under TYPE_CHECKING."""
+hidden inside a function; below the CLIs, Ray only in service.orchestration and MLflow only in service.tracking;
+`service.run` starts without Ray; no source file over 600 lines. Every import counts: module level, inside
+functions, under TYPE_CHECKING, and `from package import module`."""
 
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -37,10 +41,16 @@ def layer(module: str) -> str | None:
     return parts[1] if parts[1] in RANKS else None
 
 
-def imports(path: Path) -> list[tuple[str, int, bool]]:
+def is_module(name: str) -> bool:
+    path = ROOT / Path(*name.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+
+def imports(path: Path, module: str | None = None) -> list[tuple[str, int, bool]]:
     """(imported module, line, inside a function) for every import statement of a file, relative ones resolved."""
     tree = ast.parse(path.read_text())
-    package = module_name(path).rsplit(".", 1)[0] if path.name != "__init__.py" else module_name(path)
+    module = module or module_name(path)
+    package = module.rsplit(".", 1)[0] if path.name != "__init__.py" else module
     found = []
 
     def visit(node: ast.AST, in_function: bool) -> None:
@@ -56,7 +66,7 @@ def imports(path: Path) -> list[tuple[str, int, bool]]:
                 found.append((base, child.lineno, in_function))
                 # `from service import sweep`: the submodule is the target
                 found.extend((f"{base}.{alias.name}", child.lineno, in_function) for alias in child.names
-                             if (ROOT / Path(*f"{base}.{alias.name}".split("."))).with_suffix(".py").is_file())
+                             if is_module(f"{base}.{alias.name}"))
             visit(child, nested)
 
     visit(tree, False)
@@ -89,6 +99,8 @@ def test_imports_point_down_and_not_from_inside_functions(path):
 
 def test_no_import_cycle():
     """Tarjan over module -> module edges (module level and function level alike): no component of two or more."""
+    # An explicit import of a package (`from service.methods import METHODS`) is an edge to its __init__; the
+    # implicit parent import of a submodule is not (the parent has started executing before its child runs).
     graph = {m: sorted({t for t, _, _ in edges if t in EDGES and t != m}) for m, edges in EDGES.items()}
     index, low, stack, on_stack, cycles = {}, {}, [], set(), []
 
@@ -120,15 +132,22 @@ def test_no_import_cycle():
 
 
 def test_the_layer_check_sees_a_backward_import(tmp_path):
-    """The walk itself: a function-level import of the CLI from tracking is found and refused."""
-    bad = ROOT / "service" / "tracking" / "_probe_backward.py"
-    bad.write_text("def f():\n    from service.cli import run\n")
-    try:
-        found = imports(bad)
-    finally:
-        bad.unlink()
-    assert ("service.cli", 2, True) in found
-    assert RANKS[layer("service.cli")] < RANKS[layer("service.tracking._probe_backward")]
+    """The walk itself: function-level and `from package import module` imports of the CLI are found, and refused
+    from tracking."""
+    bad = tmp_path / "probe.py"
+    bad.write_text("def f():\n    from service.cli import run\n\n\nfrom service import cli\n")
+    found = imports(bad, "service.tracking.probe")
+    assert ("service.cli", 2, True) in found and ("service.cli.run", 2, True) in found
+    assert ("service.cli", 5, False) in found
+    assert RANKS[layer("service.cli")] < RANKS[layer("service.tracking.probe")]
+
+
+def test_service_run_starts_without_ray():
+    code = "import sys, service.run, service.final, service.report; print('ray' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"
 
 
 def test_no_source_file_over_600_lines():

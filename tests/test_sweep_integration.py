@@ -162,7 +162,7 @@ def test_killed_driver_resumes_without_duplicates(tmp_path):
         while time.time() < deadline and first.poll() is None:
             time.sleep(3)
             db = tmp_path / "mlflow.db"
-            exp = client.get_experiment_by_name("tdsm-synthetic-u5-sweeps") if db.exists() else None
+            exp = client.get_experiment_by_name("tdsm-synthetic-sweeps") if db.exists() else None
             if exp is None:
                 continue
             done = client.search_runs([exp.experiment_id], "tags.trial_state = 'finished'")
@@ -182,7 +182,7 @@ def test_killed_driver_resumes_without_duplicates(tmp_path):
 
     again = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=1500, cwd=tmp_path)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    parent, kids = children_of_sweep(uri, "tdsm-synthetic-u5-sweeps")
+    parent, kids = children_of_sweep(uri, "tdsm-synthetic-sweeps")
     assert len(kids) == 6, sorted(k.data.tags.get("ray_trial_id") for k in kids)     # no duplicates
     assert len({k.data.tags["ray_trial_id"] for k in kids}) == 6
     by_id = {k.info.run_id: k for k in kids}

@@ -84,9 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.in_process:
             reporter = MLflowReporter.start(uri, f"encoder-{args.data.resolve().name}", f"{cfg.name}-{args.out.name}",
                                             tags=standard_tags(phase="encoder", method="encoder"))
-            reporter.log_params({**{f"encoder.{k}": v for k, v in cfg.model_dump(mode="json").items()},
-                                 "encoder.unseen": unseen})
             with reporter:     # ends FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED
+                reporter.log_params({**{f"encoder.{k}": v for k, v in cfg.model_dump(mode="json").items()},
+                                     "encoder.unseen": unseen})
                 path = train_encoder(args.data, unseen, cfg, args.out, args.benchmark, reporter, not args.no_progress)
                 reporter.log_artifact(path, "checkpoints")
         else:

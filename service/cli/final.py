@@ -77,11 +77,6 @@ def default_out(args, method: str, splits: list[str]) -> Path:
     return args.storage_path.expanduser().resolve() / "final" / f"{method}-{label}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-# ----------------------------------------------------------------------------------------------
-# CoCoDiff
-# ----------------------------------------------------------------------------------------------
-
-
 @exits_cleanly
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
@@ -107,7 +102,6 @@ def main(argv: list[str] | None = None) -> int:
     else:
         targets = [(split_name or method.split_name(cfg), tree)]
     args.out = args.out or default_out(args, name, [split for split, _ in targets])
-    print(f"[final] tables in {args.out}", file=sys.stderr)
     print(json.dumps(method.final(args, targets, uri)))
     return 0
 

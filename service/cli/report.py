@@ -41,8 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     path = splits_file("tdsm", args.splits_file)
     if not path.is_file():
         raise InputError(f"--splits-file {path}: not found")
+    uri = resolve_tracking_uri(args.tracking_uri)
     refs = load_references(path, list(args.splits))
-    md, _ = write_report(resolve_tracking_uri(args.tracking_uri), dict.fromkeys(args.splits), refs,
+    md, _ = write_report(uri, dict.fromkeys(args.splits), refs,
                          args.out.expanduser(), log=not args.no_log, report_run=not args.no_log)
     print(md)
     return 0

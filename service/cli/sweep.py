@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "trials (needs the optuna extra: pip install -e '.[optuna]')")
     p.add_argument("--max-concurrent", type=int, help="concurrent trials (default: fit the cluster's CPUs/GPUs)")
     p.add_argument("--workers-per-trial", type=int, default=1,
-                   help="Ray Train workers per trial (DDP when > 1; tdsm only)")
+                   help="Ray Train workers per trial (DDP when > 1)")
     p.add_argument("--gpus-per-worker", type=float, default=0.0,
                    help="GPUs per Ray Train worker (default 0: CPU; fractions share a GPU, e.g. 0.5); also used by "
                         "the skeleton chain's encoder")

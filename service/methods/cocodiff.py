@@ -262,12 +262,12 @@ def final_split(args, split: str, tree: dict[str, Any], uri: str) -> list[dict[s
     parent = MLflowReporter.start(uri, experiment, f"{phase}-{split}{suffix}",
                                   tags=standard_tags(split=split, phase=phase, method="cocodiff",
                                                      source_sweep_run_id=getattr(args, "sweep_run_id", None)))
-    parent.log_params(flatten(to_plain(cfg)))
-    parent.log_params({"final.seeds": args.seeds, "final.ablation": args.ablation,
-                       **({"final.streams": ",".join(args.streams)} if args.streams else {})})
-    parent.log_text(dump_yaml(cfg), "config.yaml")
-    rows, per_arm = [], {}
     with parent:     # ends FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED
+        parent.log_params(flatten(to_plain(cfg)))
+        parent.log_params({"final.seeds": args.seeds, "final.ablation": args.ablation,
+                           **({"final.streams": ",".join(args.streams)} if args.streams else {})})
+        parent.log_text(dump_yaml(cfg), "config.yaml")
+        rows, per_arm = [], {}
         for arm, enabled in arms:
             arm_cfg = cocodiff_fit.with_overrides(cfg, module={"enabled": enabled})
             if args.streams:
@@ -306,6 +306,7 @@ def check_final(args) -> None:
 
 def final(args, targets: list[tuple[str, dict[str, Any]]], uri: str) -> dict[str, Any]:
     """The final protocol on each (split, config tree); returns the JSON line."""
+    print(f"[final] tables in {args.out}", file=sys.stderr)
     rows = [row for split, tree in targets for row in final_split(args, split, tree, uri)]
     table = cocodiff_table(rows)
     print(table, file=sys.stderr)

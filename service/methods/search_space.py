@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from service.methods import METHODS
 from trainers.config import build_config, format_validation_error, load_yaml
@@ -84,11 +84,16 @@ class SearchSpace(BaseModel):
     inference: InferenceSpace | None = Field(None, description="tdsm only: the t_test grid scored per trial.")
     smoke: SmokeSpec | None = None
 
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, name: str) -> str:
+        if name not in METHODS:
+            raise ValueError(f"expected one of {', '.join(METHODS)}")
+        return name
+
     @model_validator(mode="after")
     def _method_defaults(self) -> SearchSpace:
         """Fill the method's metric; an inference grid is required for TDSM and meaningless for the others."""
-        if self.method not in METHODS:
-            raise ValueError(f"method {self.method!r}: expected one of {', '.join(METHODS)}")
         method = METHODS[self.method]
         if self.metric is None:          # always a validation metric, never test
             self.metric = method.objective

@@ -56,10 +56,14 @@ def prepare(cfg: TDSMConfig) -> TDSMInputs:
 
 
 def best_config(tree: dict[str, Any], tags: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Fix the run's t_test to the one it chose on validation (final runs do not tune it again)."""
-    t_best = int(tags.get("best_t_test", tree["eval"]["t_test"]))
-    tree["eval"].update(t_test=t_best, tune_t_test=False)
-    return tree, {"best_t_test": t_best}
+    """Fix the run's t_test to the one it chose on validation (its best_t_test tag), and tune it no more."""
+    section = tree.setdefault("eval", {})
+    if not isinstance(section, dict):
+        raise InputError(f"eval: expected a mapping of evaluation settings, got {section!r}")
+    if "best_t_test" in tags:
+        section["t_test"] = int(tags["best_t_test"])
+    section["tune_t_test"] = False
+    return tree, ({"best_t_test": int(section["t_test"])} if "t_test" in section else {})
 
 
 def split_name(cfg: TDSMConfig) -> str:
@@ -159,12 +163,12 @@ def final_split(args, split: str, tree: dict[str, Any], uri: str) -> dict[str, A
     parent = MLflowReporter.start(uri, experiment, f"final-{split}",
                                   tags=standard_tags(split=split, phase="final", method="tdsm",
                                                      source_sweep_run_id=getattr(args, "sweep_run_id", None)))
-    parent.log_params(flatten(to_plain(cfg)))
-    parent.log_params({"final.seeds": args.seeds, "final.noise_draws": args.noise_draws,
-                       "derived.seen_classes": len(seen)})
-    parent.log_text(dump_yaml(cfg), "config.yaml")
-    per_seed, per_draw, first = [], [], None
     with parent:     # ends FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED
+        parent.log_params(flatten(to_plain(cfg)))
+        parent.log_params({"final.seeds": args.seeds, "final.noise_draws": args.noise_draws,
+                           "derived.seen_classes": len(seen)})
+        parent.log_text(dump_yaml(cfg), "config.yaml")
+        per_seed, per_draw, first = [], [], None
         for i in range(args.seeds):
             seed_cfg = build_config(TDSMConfig, to_plain(cfg), {"train.seed": cfg.train.seed + i})
             child = MLflowReporter.start(uri, experiment, f"final-{split}-seed{i}", parent_run_id=parent.run_id,
@@ -210,6 +214,7 @@ def check_final(args) -> None:
 def final(args, targets: list[tuple[str, dict[str, Any]]], uri: str) -> dict[str, Any]:
     """The final protocol on each (split, config tree), then the paper table (ours beside the paper's figure per
     split, logged on each final run); returns the JSON line."""
+    print(f"[final] tables and report in {args.out}", file=sys.stderr)
     rows = [final_split(args, split, tree, uri) for split, tree in targets]
     table = markdown_table(rows)
     print(table, file=sys.stderr)

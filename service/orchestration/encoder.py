@@ -110,13 +110,8 @@ def train_encoder_on_ray(prepared: Path, unseen: list[int], cfg: EncoderConfig, 
     out = Path(out).resolve()
     prepared = Path(prepared).resolve()
     experiment = experiment or f"encoder-{prepared.name}"
-    mlflow = None
-    if tracking_uri:
-        mlflow = MLflowReporter.start(tracking_uri, experiment, f"{cfg.name}-{out.name}",
-                                      tags=standard_tags(phase="encoder", method="encoder"))
-        mlflow.log_params({**{f"encoder.{k}": v for k, v in cfg.model_dump(mode="json").items()},
-                           "encoder.unseen": unseen, "encoder.prepared": str(prepared),
-                           "encoder.benchmark": benchmark or "", "encoder.workers": workers})
+    mlflow = (MLflowReporter.start(tracking_uri, experiment, f"{cfg.name}-{out.name}",
+                                   tags=standard_tags(phase="encoder", method="encoder")) if tracking_uri else None)
     run_name = f"encoder-{stable_hash(str(out))[:12]}"
     loop = EncoderLoop(config=cfg, prepared=str(prepared), unseen=tuple(unseen), benchmark=benchmark,
                        threads=max(1, int(cpus_per_worker)), tracking_uri=tracking_uri, experiment=experiment,
@@ -131,6 +126,10 @@ def train_encoder_on_ray(prepared: Path, unseen: list[int], cfg: EncoderConfig, 
         run_config=ray.train.RunConfig(name=run_name, storage_path=str(storage),
                                        failure_config=ray.train.FailureConfig(max_failures=retries)))
     with mlflow or contextlib.nullcontext():      # the run ends FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED
+        if mlflow is not None:
+            mlflow.log_params({**{f"encoder.{k}": v for k, v in cfg.model_dump(mode="json").items()},
+                               "encoder.unseen": unseen, "encoder.prepared": str(prepared),
+                               "encoder.benchmark": benchmark or "", "encoder.workers": workers})
         try:
             result = trainer.fit()
         except Exception as err:   # a worker's bad input or divergence: its one-line message, not Ray's traceback

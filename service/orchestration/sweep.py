@@ -74,14 +74,8 @@ def sweep_dir_name(method: str, split: str, smoke: bool, storage: Path, name: st
 
 
 # ----------------------------------------------------------------------------------------------
-# What the shared driver needs to know about each method
+# Tune's side: closing trial runs, the searcher
 # ----------------------------------------------------------------------------------------------
-
-
-# ----------------------------------------------------------------------------------------------
-# Ray
-# ----------------------------------------------------------------------------------------------
-
 
 class MLflowTrialCloser(tune.Callback):
     """Tune callback (driver side): mark each trial's MLflow run finished / early-stopped / failed.
@@ -127,11 +121,6 @@ def search_algorithm(kind: str, seed: int, concurrency: int):
         return OptunaSearch(seed=seed)
     # A SearchGenerator takes its concurrency itself (Tune ignores max_concurrent_trials for it).
     return BasicVariantGenerator(max_concurrent=concurrency, random_state=seed)
-
-
-# ----------------------------------------------------------------------------------------------
-# What a researcher reads: the ranked trials (stderr, trials.csv) and a runs-table view in MLflow
-# ----------------------------------------------------------------------------------------------
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,8 +4,8 @@ Each SOURCE is an MLflow run id (its `predictions/<split>_logits.npy` and `_labe
 `service.run cocodiff` and `service.final`) or a local folder holding those two files. Typically one run per
 input stream (joint / bone / motion) of the same data: all sources must hold the same split in the same order
 (identical labels) over the same classes. The fused logits are the weighted sum of the sources' logits
-(`trainers.cocodiff_eval.ensemble_logits`). Prints one JSON line (each source's top-1/top-5 and stream, the fused
-top-1/top-5) and logs an MLflow run whose predictions/ are the fused logits, so it can itself be a SOURCE.
+(`trainers.cocodiff_eval.ensemble_logits`). `log_ensemble` logs an MLflow run whose predictions/ are the fused
+logits, so it can itself be a SOURCE; the CLI (service.cli.ensemble) prints the summary as one JSON line.
 """
 
 from __future__ import annotations

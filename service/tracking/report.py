@@ -254,10 +254,9 @@ def write_report(uri: str, runs: dict[str, str | None], refs: dict[str, dict[str
                 client.log_text(result["run_id"], md, f"{ARTIFACT_DIR}/paper_table.md")
                 client.log_text(result["run_id"], table, f"{ARTIFACT_DIR}/paper_table.csv")
         if report_run:   # one place for the table, also when no split has a final run yet
-            run = MLflowReporter.start(uri, REPORT_EXPERIMENT, f"report-{time.strftime('%Y%m%d-%H%M%S')}",
-                                       tags=standard_tags(phase="report", splits=",".join(runs)))
-            client.log_text(run.run_id, md, f"{ARTIFACT_DIR}/paper_table.md")
-            client.log_text(run.run_id, table, f"{ARTIFACT_DIR}/paper_table.csv")
-            run.finish()
+            with MLflowReporter.start(uri, REPORT_EXPERIMENT, f"report-{time.strftime('%Y%m%d-%H%M%S')}",
+                                      tags=standard_tags(phase="report", splits=",".join(runs))) as run:
+                run.log_text(md, f"{ARTIFACT_DIR}/paper_table.md")
+                run.log_text(table, f"{ARTIFACT_DIR}/paper_table.csv")
     return md, table
 
