@@ -91,7 +91,7 @@ def test_sweep_of_diverging_trials_fails_cleanly_without_a_best_config(tmp_path)
     elapsed = time.monotonic() - t0
     assert out.returncode == 2, out.stderr[-3000:]
     line = last_line_is_the_only_error(out.stderr)
-    assert line.startswith("error: [synthetic] no trial produced a finite val/zsl_top1 (2 of 2 trials failed: "
+    assert line.startswith("error: [synthetic-u5] no trial produced a finite val/zsl_top1 (2 of 2 trials failed: "
                            "training diverged: non-finite loss at step"), line
     assert not list((tmp_path / "results").rglob("best_config.yaml"))
     parent, kids = sweep_runs(MlflowClient(uri), "diverge")
