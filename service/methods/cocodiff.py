@@ -16,7 +16,7 @@ import torch
 
 from service.data.generated import prepare_cocodiff_inputs
 from service.methods.base import TrialContext
-from service.methods.common import absolute, headline, mean_std, open_run
+from service.methods.common import absolute_fields, headline, mean_std, open_run
 from service.tracking.artifacts import log_best_checkpoint, log_classification_outputs, log_selection
 from service.tracking.registry import register_classifier
 from service.tracking.store import MLflowReporter, standard_tags
@@ -35,13 +35,9 @@ OBJECTIVE = "val/top1"   # chooses the kept classifier; reported and ranked as `
 def absolute_paths(tree: dict[str, Any]) -> dict[str, Any]:
     """Resolve relative data/text paths of a CoCoDiff config (trials and Ray jobs run in other working directories)."""
     cfg = build_config(CoCoDiffConfig, tree)
-    t = cfg.text
     tree = to_plain(cfg)
-    tree["data"]["prepared_dir"] = absolute(cfg.data.prepared_dir)
-    tree["text"].update(class_names=absolute(t.class_names),
-                        synonyms=[absolute(p) for p in t.synonyms] if t.synonyms is not None else None,
-                        descriptions=[absolute(p) for p in t.descriptions] if t.descriptions else t.descriptions,
-                        cache_dir=absolute(t.cache_dir))
+    absolute_fields(tree["data"], cfg.data, ("prepared_dir",))
+    absolute_fields(tree["text"], cfg.text, ("class_names", "synonyms", "descriptions", "cache_dir"))
     return tree
 
 
@@ -97,7 +93,7 @@ def run(cfg: CoCoDiffConfig, args) -> dict:
     data, names, fine, coarse = prepare_cocodiff_inputs(cfg)
     text_dims = (fine.shape[1], coarse.shape[1]) if fine is not None else None
     fingerprint = cocodiff_fit.training_fingerprint(cfg, data.train_x, data.num_classes, text_dims)
-    run_dir, reporter = open_run(args, "cocodiff", cocodiff_data.dataset_label(cfg), fingerprint, cfg)
+    run_dir, reporter = open_run(args, "cocodiff", split_name(cfg), fingerprint, cfg)
     with reporter:     # ends FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED
         reporter.log_params(flatten(to_plain(cfg)))
         reporter.log_params({"derived.num_classes": data.num_classes, "derived.train_samples": len(data.train_y),

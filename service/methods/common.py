@@ -21,6 +21,13 @@ def absolute(p: Any) -> Any:
     return None if p is None else (str(Path(p).resolve()) if isinstance(p, (str, Path)) else p)
 
 
+def absolute_fields(section: dict[str, Any], values: Any, names: tuple[str, ...]) -> None:
+    """Set each named key of a config-tree section to its value in `values` (the validated config section) made
+    absolute; a list (of files, or of class ids) element by element. Trials and Ray jobs run in other directories."""
+    section.update({name: [absolute(v) for v in value] if isinstance(value := getattr(values, name), list)
+                    else absolute(value) for name in names})
+
+
 def headline(metrics: dict[str, float]) -> dict[str, float]:
     """Metrics without the per-t_test grid points (those are in MLflow and the curve plot)."""
     return {k: round(v, 4) for k, v in metrics.items() if not re.search(r"_t\d+$", k)}

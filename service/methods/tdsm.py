@@ -16,7 +16,7 @@ import torch
 
 from service.data.splits import load_references, splits_file
 from service.methods.base import TrialContext
-from service.methods.common import absolute, headline, open_run
+from service.methods.common import absolute_fields, headline, open_run
 from service.tracking.artifacts import log_best_checkpoint, log_selection, log_zsl_plots
 from service.tracking.registry import register_model
 from service.tracking.report import write_report
@@ -40,13 +40,9 @@ OBJECTIVE = "val/zsl_top1"
 def absolute_paths(tree: dict[str, Any]) -> dict[str, Any]:
     """Resolve relative data/text paths: trials and Ray jobs run in other working directories."""
     cfg = build_config(TDSMConfig, tree)
-    d, t = cfg.data, cfg.text
     tree = to_plain(cfg)
-    tree["data"].update(features_dir=absolute(d.features_dir), unseen=absolute(d.unseen), seen=absolute(d.seen),
-                        val_unseen=absolute(d.val_unseen) if not isinstance(d.val_unseen, int) else d.val_unseen)
-    tree["text"].update(class_names=absolute(t.class_names),
-                        descriptions=[absolute(p) for p in t.descriptions] if t.descriptions else t.descriptions,
-                        cache_dir=absolute(t.cache_dir))
+    absolute_fields(tree["data"], cfg.data, ("features_dir", "unseen", "seen", "val_unseen"))
+    absolute_fields(tree["text"], cfg.text, ("class_names", "descriptions", "cache_dir"))
     return tree
 
 
@@ -100,7 +96,7 @@ def run(cfg: TDSMConfig, args) -> dict:
     print("preparing data and text features ...", file=sys.stderr)
     task, names, text = prepare_tdsm(cfg)
     fit_train, val, fit_classes = task.tuning_split()
-    run_dir, reporter = open_run(args, "tdsm", task.name, training_fingerprint(cfg), cfg)
+    run_dir, reporter = open_run(args, "tdsm", split_name(cfg), training_fingerprint(cfg), cfg)
     with reporter:     # ends FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED
         reporter.log_params(flatten(to_plain(cfg)))
         reporter.log_params({"derived.seen_classes": len(task.seen), "derived.num_train_classes": len(fit_classes),
