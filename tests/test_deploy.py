@@ -44,8 +44,11 @@ DEPLOY = ROOT / "deploy"
 YAML_FILES = sorted([*DEPLOY.rglob("*.yaml"), *DEPLOY.rglob("*.yml")])
 TEXT_FILES = sorted(p for p in DEPLOY.rglob("*") if p.is_file())
 GPU = "nvidia.com/gpu"
-# The secret files deploy/make-secrets.sh writes: git-ignored, each with a committed `.example`.
+# The secret files deploy/make-secrets.sh writes: git-ignored, each with a committed `.example`. SECRET_FILES hold
+# random values; BUCKET_FILE the object store's credentials, copied from the script's environment.
 SECRET_FILES = ["mlflow/.env", "mlflow/db.env", "mlflow/auth.env"]
+BUCKET_FILE = "mlflow/bucket.env"
+ENV_FILES = [*SECRET_FILES, BUCKET_FILE]
 RAY_UID, RAY_GID, POSTGRES_UID = 1000, 100, 999  # `ray` of rayproject/ray, `postgres` of the postgres image
 
 
@@ -122,14 +125,14 @@ def test_the_expected_files_exist():
                 "kuberay/raycluster.yaml", "kuberay/rayjob-sweep.yaml", "kuberay/rayjob-final.yaml",
                 "kuberay/config.yaml", "mlflow/mlflow.yaml", "mlflow/postgres.yaml", "mlflow/networkpolicy.yaml",
                 "mlflow/basic_auth.ini", "mlflow/docker-compose.yml", "make-secrets.sh", "ray-up.yaml",
-                *[f"{rel}.example" for rel in SECRET_FILES]]:
+                *[f"{rel}.example" for rel in ENV_FILES]]:
         assert (DEPLOY / rel).is_file(), f"deploy/{rel} is missing"
     assert (ROOT / ".dockerignore").is_file()
     ignored = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
                if line.strip() and not line.startswith("#")]
     assert ".venv" in ignored and ".git" in ignored
     # The build context is the repository root: the secret files must never reach an image.
-    for rel in SECRET_FILES:
+    for rel in ENV_FILES:
         assert any(fnmatch.fnmatch(f"deploy/{rel}", pat) for pat in ignored), f"deploy/{rel} not in .dockerignore"
 
 
@@ -403,15 +406,15 @@ def test_secrets_are_generated_from_git_ignored_files():
     assert not k8s_objects("Secret"), "no Secret is committed: kustomize generates them"
     kustomization = yaml.safe_load((DEPLOY / "mlflow" / "kustomization.yaml").read_text())
     generated = {g["name"]: g for g in kustomization["secretGenerator"]}
-    assert set(generated) == {"mlflow-db", "mlflow-auth"}
+    assert set(generated) == {"mlflow-db", "mlflow-auth", "skeldiff-bucket"}
     for name, gen in generated.items():
         assert set(gen) <= {"name", "envs", "options"}, f"{name}: values come from the env files only"
         # RayCluster is a custom resource: kustomize would not rename its references to a hashed name.
         assert gen["options"]["disableNameSuffixHash"] is True
         (env,) = gen["envs"]
         assert git_ignored(f"mlflow/{env}"), f"deploy/mlflow/{env} must be git-ignored"
-        assert f"mlflow/{env}" in SECRET_FILES
-    for rel in SECRET_FILES:
+        assert f"mlflow/{env}" in ENV_FILES
+    for rel in ENV_FILES:
         assert git_ignored(rel) and not git_ignored(f"{rel}.example"), rel
     # Every key a manifest reads from a Secret is one the generator's file provides.
     keys = {name: env_keys((DEPLOY / "mlflow" / f"{gen['envs'][0]}.example").read_text())
@@ -423,9 +426,10 @@ def test_secrets_are_generated_from_git_ignored_files():
 
 
 def test_make_secrets_writes_random_private_files_and_never_overwrites(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}  # no bucket: bucket.env is skipped
     run = lambda: subprocess.run(["sh", str(DEPLOY / "make-secrets.sh"), str(tmp_path)],  # noqa: E731
-                                 capture_output=True, text=True, check=True)
-    run()
+                                 capture_output=True, text=True, check=True, env=env)
+    assert "AWS_ACCESS_KEY_ID" in run().stderr and not (tmp_path / Path(BUCKET_FILE).name).exists()
     first = {rel: (tmp_path / Path(rel).name).read_text() for rel in SECRET_FILES}
     for rel, text in first.items():
         path = tmp_path / Path(rel).name
@@ -443,7 +447,7 @@ def test_make_secrets_writes_random_private_files_and_never_overwrites(tmp_path)
     assert {rel: (tmp_path / Path(rel).name).read_text() for rel in SECRET_FILES} == first, "an existing file changed"
     again = tmp_path / "again"
     again.mkdir()
-    subprocess.run(["sh", str(DEPLOY / "make-secrets.sh"), str(again)], capture_output=True, check=True)
+    subprocess.run(["sh", str(DEPLOY / "make-secrets.sh"), str(again)], capture_output=True, check=True, env=env)
     assert (again / "db.env").read_text() != first["mlflow/db.env"], "not random"
 
 
@@ -493,10 +497,13 @@ def test_kustomize_renders_the_tree_with_generated_secrets(tmp_path):
     if kubectl is None:
         pytest.skip("kubectl not installed (its `kubectl kustomize` renders deploy/ offline)")
     tree = tmp_path / "deploy"
-    shutil.copytree(DEPLOY, tree, ignore=shutil.ignore_patterns(*[Path(r).name for r in SECRET_FILES]))
+    shutil.copytree(DEPLOY, tree, ignore=shutil.ignore_patterns(*[Path(r).name for r in ENV_FILES]))
     missing = subprocess.run([kubectl, "kustomize", str(tree)], capture_output=True, text=True)
     assert missing.returncode != 0 and "db.env" in missing.stderr, "the build must need the secret files"
-    subprocess.run(["sh", str(tree / "make-secrets.sh")], capture_output=True, check=True)
+    # A bucket key without endpoint or region (AWS itself): the optional keys stay out of Secret skeldiff-bucket.
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("AWS_")},
+           "AWS_ACCESS_KEY_ID": "AKIATESTKEY", "AWS_SECRET_ACCESS_KEY": secrets.token_hex(20)}
+    subprocess.run(["sh", str(tree / "make-secrets.sh")], capture_output=True, check=True, env=env)
     done = subprocess.run([kubectl, "kustomize", str(tree)], capture_output=True, text=True, check=True)
     objects = [d for d in yaml.safe_load_all(done.stdout) if d]
     assert {o["metadata"]["namespace"] for o in objects if o["kind"] != "Namespace"} == {"skeldiff"}
@@ -507,11 +514,13 @@ def test_kustomize_renders_the_tree_with_generated_secrets(tmp_path):
         for node in walk(o):
             if isinstance(node.get("secretKeyRef"), dict):
                 ref = node["secretKeyRef"]
-                assert ref["key"] in rendered_secrets.get(ref["name"], set()), f"{o['kind']}: {ref} not rendered"
+                assert ref["name"] in rendered_secrets, f"{o['kind']}: Secret {ref['name']} not rendered"
+                assert ref.get("optional") or ref["key"] in rendered_secrets[ref["name"]], f"{o['kind']}: {ref}"
                 refs += 1
             if isinstance(node.get("configMap"), dict):
                 assert node["configMap"]["name"] in config_maps, node
-    assert refs >= 8, refs  # PostgreSQL 1, MLflow 4, 2 Ray groups x 2
+    # PostgreSQL 1, MLflow 4 + 4 (bucket), 2 Ray groups x (2 MLflow + 4 bucket + 4 bucket in stage-data)
+    assert refs >= 29, refs
 
 
 def test_kustomizations_list_existing_files_and_set_image_tags_once():

@@ -36,7 +36,7 @@ def layer(module: str) -> str | None:
     parts = module.split(".")
     if parts[0] != "service":
         return None
-    if len(parts) == 1 or parts[1] == "process":
+    if len(parts) == 1 or parts[1] in ("process", "storage"):
         return "base"
     return parts[1] if parts[1] in RANKS else None
 

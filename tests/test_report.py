@@ -313,7 +313,7 @@ def test_final_defaults_its_folder_to_the_storage_path_and_names_its_sweep(tmp_p
     args = build_parser().parse_args(["--from", "x", "--storage-path", str(tmp_path / "store")])
     assert args.out is None
     out = default_out(args, "tdsm", ["synthetic-u5", "synthetic-u12"])
-    assert out.parent == tmp_path / "store" / "final" and out.name.startswith("tdsm-synthetic-u5+synthetic-u12-")
+    assert out.parent.local == tmp_path / "store" / "final" and out.name.startswith("tdsm-synthetic-u5+synthetic-u12-")
     assert default_out(args, "tdsm", list("abcd")).name.startswith("tdsm-a-and-3-more-")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     best = tmp_path / "sweep" / "best_config.yaml"

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from service.cli.options import DEFAULT_STORAGE
+from service.cli.options import DEFAULT_STORAGE, storage_arg
 from service.data.features import FEATURE_FILES, extract_to_folder, parse_classes, train_encoder
 from service.orchestration.cluster import connect_ray
 from service.orchestration.encoder import train_encoder_on_ray
@@ -28,6 +28,7 @@ from service.tracking.store import MLflowReporter, resolve_tracking_uri, standar
 from trainers.config import build_config, parse_override
 from trainers.encoder_fit import EncoderConfig
 from trainers.errors import InputError
+from trainers.io import stable_hash
 
 ENCODER_EXAMPLES = """examples:
   python -m service.encoder train --data $SKELDIFF_DATA/prepared/ntu60 --unseen label_splits/ru5.npy \\
@@ -62,9 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--gpus-per-worker", type=float, default=0.0,
                        help="GPUs per Ray Train worker (default 0: CPU; fractions share a GPU)")
     train.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else start a local one)")
-    train.add_argument("--storage-path", type=Path,
+    train.add_argument("--storage-path", type=storage_arg,
                        default=DEFAULT_STORAGE,
-                       help="Ray Train checkpoints (shared storage on a cluster)")
+                       help="Ray Train checkpoints: a folder shared by every node, or an s3:// / gs:// URI (the "
+                            "prepared --data is then copied there for the workers)")
     train.add_argument("--in-process", action="store_true", help="train in this process, without Ray")
     train.add_argument("--no-progress", action="store_true", help="no progress bar (--in-process)")
     sub.choices["extract"].add_argument("--encoder", type=Path, required=True, help="encoder.pt from `train`")
@@ -91,8 +93,11 @@ def main(argv: list[str] | None = None) -> int:
                 reporter.log_artifact(path, "checkpoints")
         else:
             connect_ray(args.address)
-            path = train_encoder_on_ray(args.data, unseen, cfg, args.out, benchmark=args.benchmark,
-                                        storage=args.storage_path.expanduser().resolve(), workers=args.workers,
+            storage = args.storage_path
+            data = (args.data if storage.is_local else   # workers on other nodes read it from the bucket
+                    (storage / f"prepared-{stable_hash(str(args.data.resolve()))[:12]}").upload(args.data))
+            path = train_encoder_on_ray(data, unseen, cfg, args.out, benchmark=args.benchmark,
+                                        storage=storage, workers=args.workers,
                                         cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
                                         tracking_uri=uri)
             ray.shutdown()

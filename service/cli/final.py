@@ -23,12 +23,13 @@ import sys
 import time
 from pathlib import Path
 
-from service.cli.options import DEFAULT_STORAGE
+from service.cli.options import DEFAULT_STORAGE, storage_arg
 from service.data.chain import resolve_chain
 from service.data.splits import load_splits, splits_file
 from service.methods import METHODS
 from service.methods.cocodiff import STREAMS, check_streams
 from service.process import exits_cleanly
+from service.storage import Storage
 from service.tracking.sources import load_source, source_sweep_run_id
 from service.tracking.store import resolve_tracking_uri
 from trainers.config import build_config
@@ -57,24 +58,25 @@ def build_parser() -> argparse.ArgumentParser:
                         "are registered as one fused model)")
     p.add_argument("--splits", nargs="+", help="re-target the config to named splits (default: its own data)")
     p.add_argument("--splits-file", type=Path, help="default: search_spaces/<method>_splits.yaml")
-    p.add_argument("--storage-path", type=Path, default=DEFAULT_STORAGE,
-                   help="where a split's cached skeleton chain lives and --out defaults under (as for service.sweep)")
+    p.add_argument("--storage-path", type=storage_arg, default=DEFAULT_STORAGE,
+                   help="where a split's cached skeleton chain lives and --out defaults under (as for service.sweep: "
+                        "a folder or an s3:// / gs:// URI)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one dotted key of the --from config, e.g. --set train.steps=2000 (repeatable; "
                         "applied after --splits; tdsm: --noise-draws sets eval.noise_draws and t_test is never tuned)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
     p.add_argument("--experiment-name", help="MLflow experiment (default: <method>-<split>)")
-    p.add_argument("--out", type=Path,
+    p.add_argument("--out", type=storage_arg,
                    help="folder for the tables (default: <storage-path>/final/<method>-<splits>-<time>)")
     p.add_argument("--no-register", action="store_true", help="skip the model registry")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 
-def default_out(args, method: str, splits: list[str]) -> Path:
+def default_out(args, method: str, splits: list[str]) -> Storage:
     """<storage-path>/final/<method>-<splits>-<time>: never a folder in the working directory (the repository)."""
     label = "+".join(splits) if len(splits) <= 3 else f"{splits[0]}-and-{len(splits) - 1}-more"
-    return args.storage_path.expanduser().resolve() / "final" / f"{method}-{label}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return args.storage_path / "final" / f"{method}-{label}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 @exits_cleanly
@@ -82,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_streams(args.streams)
     uri = resolve_tracking_uri(args.tracking_uri)
+    (args.out or args.storage_path).check_writable()
     tree, split_name, run_tags = load_source(args.source, uri)
     name = tree.get("method", "tdsm")
     if name not in METHODS:
@@ -95,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     method.check_final(args)
     args.sweep_run_id = source_sweep_run_id(args.source, uri)
     if args.splits:   # the same config on other data (a split's skeleton chain built in this process if needed)
-        storage = args.storage_path.expanduser().resolve()
+        storage = args.storage_path
         targets = [(split, method.absolute_paths(build_config(method.config_cls, tree, resolve_chain(ov, storage))
                                                  .model_dump(mode="json")))
                    for split, ov in load_splits(splits_file(name, args.splits_file), args.splits)]

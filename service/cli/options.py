@@ -9,11 +9,12 @@ from typing import Any
 
 from service.data.chain import resolve_chain
 from service.methods import METHODS
+from service.storage import Storage
 from trainers.config import build_config, dump_yaml, load_yaml, parse_override, to_plain
 from trainers.errors import InputError
 
 # Ray results and checkpoints, and the cached skeleton chain (service.data.chain): shared storage on a cluster.
-DEFAULT_STORAGE = Path(os.environ.get("SKELDIFF_RESULTS", "~/skeldiff_results"))
+DEFAULT_STORAGE = os.environ.get("SKELDIFF_RESULTS", "~/skeldiff_results")   # a folder or an s3:// / gs:// URI
 
 
 # Shortcut flags and config keys that name the data a run trains on (their absence means: the embedded default).
@@ -100,11 +101,19 @@ def default_splits(method: str, args: argparse.Namespace) -> list[str] | None:
     return [name] if name and not names_data(args) else None
 
 
+def storage_arg(value: str) -> Storage:
+    """argparse type of --storage-path / --out: a folder or an object-store URI; argparse prints our one line."""
+    try:
+        return Storage.parse(value)
+    except InputError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix(f"--storage-path {value}: ")) from None
+
+
 PENDING = "  # (built on first run)"
 
 
 def resolved_config_yaml(method: str, cfg, split: str | None, overrides: dict | None, splits_path: Path,
-                         storage: Path) -> str:
+                         storage: Storage) -> str:
     """The config that will run, as YAML loadable by --config: the named (or default) split applied and a skeleton
     chain resolved to its cached outputs. Trains nothing: a chain not yet built shows the paths it will write."""
     if overrides is None:

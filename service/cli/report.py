@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from service.cli.options import DEFAULT_STORAGE
+from service.cli.options import DEFAULT_STORAGE, storage_arg
 from service.data.splits import load_references, splits_file
 from service.process import exits_cleanly
 from service.tracking.report import REPORT_EXPERIMENT, write_report
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--splits", nargs="+", required=True, help="named splits (their latest TDSM final runs)")
     p.add_argument("--splits-file", type=Path, help="default: search_spaces/tdsm_splits.yaml")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
-    p.add_argument("--out", type=Path, default=DEFAULT_STORAGE / "report",
+    p.add_argument("--out", type=storage_arg, default=storage_arg(DEFAULT_STORAGE) / "report",
                    help="folder for paper_table.md / .csv (default: $SKELDIFF_RESULTS/report)")
     p.add_argument("--no-log", action="store_true",
                    help=f"do not attach the table to the final runs nor log it in experiment {REPORT_EXPERIMENT}")
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     uri = resolve_tracking_uri(args.tracking_uri)
     refs = load_references(path, list(args.splits))
     md, _ = write_report(uri, dict.fromkeys(args.splits), refs,
-                         args.out.expanduser(), log=not args.no_log, report_run=not args.no_log)
+                         args.out, log=not args.no_log, report_run=not args.no_log)
     print(md)
     return 0
 

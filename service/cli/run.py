@@ -27,6 +27,7 @@ from service.data.features import train_encoder
 from service.data.splits import load_splits, splits_file
 from service.methods import METHODS
 from service.process import exits_cleanly
+from service.storage import Storage
 from service.tracking.store import resolve_tracking_uri
 from trainers.config import build_config, to_plain
 
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = resolve_config(args.method, args)
     names = [args.split] if args.split else default_splits(args.method, args)
     overrides = None
-    storage = DEFAULT_STORAGE.expanduser().resolve()
+    storage = Storage.parse(DEFAULT_STORAGE)
     if names:
         args.split = names[0]
         [(_, overrides)] = load_splits(splits_file(args.method, args.splits_file), names)

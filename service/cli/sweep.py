@@ -23,6 +23,7 @@ from service.cli.options import (
     default_splits,
     resolve_config,
     resolved_config_yaml,
+    storage_arg,
 )
 from service.data.splits import REPO_SPACES, load_splits, splits_file
 from service.methods import METHODS
@@ -77,9 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment-name", help="MLflow experiment (default: <method>-<split>-sweeps)")
     p.add_argument("--name", help="sweep name (default: <method>-<split>[-smoke]-<time>; --resume: the latest)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
-    p.add_argument("--storage-path", type=Path, default=DEFAULT_STORAGE,
-                   help="Ray Tune/Train results, checkpoints and the cached skeleton chain (shared storage on a "
-                        "cluster)")
+    p.add_argument("--storage-path", type=storage_arg, default=DEFAULT_STORAGE,
+                   help="Ray Tune/Train results, checkpoints and the cached skeleton chain: a folder (shared by every "
+                        "node on a cluster) or an object-store URI such as s3://bucket/prefix (AWS_ENDPOINT_URL for "
+                        "MinIO and other S3-compatible stores)"),
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else start a local one)")
     p.add_argument("--resume", action="store_true", help="continue the sweep named by --name (or the latest one)")
     p.add_argument("--smoke", action="store_true", help="a tiny sweep that finishes in minutes on 2 CPU cores")
@@ -118,10 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:    # as service.run: each split applied, its chain resolved to cached paths, nothing trained
         print("---\n".join(resolved_config_yaml(args.method, cfg, split, overrides if names else None,
                                               splits_file(args.method, args.splits_file),
-                                              args.storage_path.expanduser().resolve())
+                                              args.storage_path)
                              for split, overrides in splits), end="")
         return 0
     uri = resolve_tracking_uri(args.tracking_uri)
+    args.storage_path.check_writable()      # a missing bucket or credentials: one line now, not inside Ray later
     config_cls = method.config_cls
 
     def split_tree(overrides: dict[str, Any]) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import numpy as np
 
 from service.data.features import extract_to_folder, train_encoder
 from service.data.generated import synthetic_prepared
+from service.storage import Storage
 from trainers.checkpoint import ENCODER
 from trainers.config import build_config
 from trainers.encoder_fit import EncoderConfig
@@ -22,12 +24,13 @@ from trainers.io import atomic_write_text, stable_hash
 from trainers.skeleton.synthetic import NUM_CLASSES, action_catalogue
 
 
-def resolve_chain(overrides: dict[str, Any], storage: Path, trainer=None, build: bool = True) -> dict[str, Any]:
+def resolve_chain(overrides: dict[str, Any], storage: Storage, trainer=None, build: bool = True) -> dict[str, Any]:
     """A split with `chain:` runs the cached skeleton chain (below) and points the data at its output.
 
     trainer trains the encoder (default: in this process; the sweep passes Ray Train workers); every stage
     is cached under <storage>/chain and skipped when its inputs did not change. build=False (--print-config)
-    trains nothing: the data points at where the chain's features are once built."""
+    trains nothing: the data points at where the chain's features are once built. With object storage the chain
+    is cached in the bucket (storage/chain) and worked on in a local copy that lives as long as this process."""
     if "chain" not in overrides:
         return overrides
     overrides = dict(overrides)
@@ -37,10 +40,47 @@ def resolve_chain(overrides: dict[str, Any], storage: Path, trainer=None, build:
     per_class = int(opts.pop("per_class", 12))
     if opts:
         raise InputError(f"splits chain options {sorted(opts)}: unknown (expected per_class, unseen_count, encoder)")
-    made = synthetic_skeleton_features(storage / "chain", per_class, encoder, unseen, trainer=trainer, build=build)
+    remote = None if storage.is_local else storage / "chain"
+    root = storage.local / "chain" if remote is None else local_copy(remote)
+    if remote is not None and trainer is not None:
+        trainer = remote_trainer(trainer, root, remote)
+    made = synthetic_skeleton_features(root, per_class, encoder, unseen, trainer=trainer, build=build,
+                                       portable=remote is not None)
+    if remote is not None and build:
+        sync_up(root, remote)
     return {**overrides, "data.source": "features", "data.features_dir": made["features_dir"],
             "data.unseen": made["unseen"], "text.class_names": made["class_names"],
             "text.descriptions": [made["descriptions"]]}
+
+
+def local_copy(remote: Storage) -> Path:
+    """The local working copy of an object-store chain cache: the same path on every machine
+    (<tmp>/skeldiff-chain-<hash of the URI>), its files downloaded when missing. The prepare stamp, and so the
+    encoder and features keys, hold the raw files' paths and mtimes: with the same path and normalised mtimes
+    (synthetic_prepared's portable mode) every machine computes the keys the bucket's files were stored under."""
+    local = Path(tempfile.gettempdir()) / f"skeldiff-chain-{stable_hash(remote.root)[:12]}"
+    for rel in remote.files():
+        if not (local / rel).is_file():
+            (remote / rel).download(local / rel)
+    return local
+
+
+def sync_up(local: Path, remote: Storage) -> None:
+    """Upload the files of the local copy that the bucket lacks; each stage's done marker last, so an interrupted
+    upload never looks complete to the next reader."""
+    have = set(remote.files())
+    missing = [p for p in sorted(local.rglob("*")) if p.is_file() and str(p.relative_to(local)) not in have]
+    for p in sorted(missing, key=lambda p: p.name in ("done.json", "prepare.json", "dataset.json")):
+        (remote / str(p.relative_to(local))).upload(p)
+
+
+def remote_trainer(trainer: EncoderTrainer, local: Path, remote: Storage) -> EncoderTrainer:
+    """The encoder trainer on Ray workers of other nodes: they read the prepared folder from the bucket."""
+    def train(prepared: Path, unseen: list[int], cfg: EncoderConfig, out: Path) -> Path:
+        sync_up(local, remote)
+        return trainer(remote / str(Path(prepared).relative_to(local)), unseen, cfg, out)
+
+    return train
 
 
 def default_synthetic_unseen(count: int = 6, seed: int = 0) -> list[int]:
@@ -58,13 +98,13 @@ def default_synthetic_unseen(count: int = 6, seed: int = 0) -> list[int]:
     return sorted(chosen)
 
 
-# (prepared folder, unseen classes, config, out folder) -> out/encoder.pt
-EncoderTrainer = Callable[[Path, list[int], EncoderConfig, Path], Path]
+# (prepared folder (a local path, or its copy in object storage), unseen classes, config, out folder) -> out/encoder.pt
+EncoderTrainer = Callable[[Any, list[int], EncoderConfig, Path], Path]
 
 
 def synthetic_skeleton_features(root: Path, per_class: int, encoder: EncoderConfig, unseen: list[int] | None = None,
                                 seed: int = 0, log=None, trainer: EncoderTrainer | None = None,
-                                build: bool = True) -> dict[str, Any]:
+                                build: bool = True, portable: bool = False) -> dict[str, Any]:
     """generate → prepare → train encoder on seen → extract, each stage cached under `root`.
 
     build=False (`--print-config`): generate and prepare only (cheap, cached; they fix the cache key), train and
@@ -72,7 +112,7 @@ def synthetic_skeleton_features(root: Path, per_class: int, encoder: EncoderConf
     log = log or (lambda msg: print(f"chain: {msg}", file=sys.stderr))
     root = Path(root).expanduser().resolve()
     unseen = unseen if unseen is not None else default_synthetic_unseen(seed=seed)
-    raw, prepared, stamp = synthetic_prepared(root, per_class, seed, log)
+    raw, prepared, stamp = synthetic_prepared(root, per_class, seed, log, portable=portable)
     key = stable_hash({"prepare": stamp, "encoder": encoder.model_dump(mode="json"), "unseen": unseen})[:12]
     enc_dir, feat_dir = root / f"encoder-{key}", root / f"features-{key}"
     done = feat_dir / "done.json"

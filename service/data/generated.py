@@ -13,6 +13,7 @@ themselves: they get the prepared folder from here.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -66,7 +67,13 @@ def prepare_cocodiff_inputs(cfg: CoCoDiffConfig, log: Callable[[str], None] | No
     return prepare_cocodiff(cfg, prepared_folder(cfg, log))
 
 
-def synthetic_prepared(root: Path, per_class: int, seed: int = 0, log=None) -> tuple[Path, Path, str]:
+# The mtime the generated files get in portable mode: prepare's stamp holds mtimes, so copies of one generated set
+# on several machines (an object-store chain cache) stamp alike only with the same one.
+PORTABLE_MTIME_NS = 946_684_800 * 10**9      # 2000-01-01
+
+
+def synthetic_prepared(root: Path, per_class: int, seed: int = 0, log=None,
+                       portable: bool = False) -> tuple[Path, Path, str]:
     """(raw folder, prepared folder, prepare stamp) of the embedded synthetic actions under `root`.
 
     generate (46 classes x per_class NTU-format `.skeleton` files) -> `service.prepare synthetic`; both stages
@@ -78,6 +85,10 @@ def synthetic_prepared(root: Path, per_class: int, seed: int = 0, log=None) -> t
     raw = root / f"raw-{per_class}x{NUM_CLASSES}-s{seed}"
     log(f"synthetic skeletons in {raw}")
     write_synthetic_dataset(raw, NUM_CLASSES, per_class, seed)
+    if portable:
+        for p in raw.rglob("*"):
+            if p.is_file() and p.stat().st_mtime_ns != PORTABLE_MTIME_NS:
+                os.utime(p, ns=(PORTABLE_MTIME_NS, PORTABLE_MTIME_NS))
     prepared = root / f"prepared-{raw.name}"
     summary = prepare("synthetic", raw, prepared, progress=False, log=log)
     return raw, prepared, str(summary.get("stamp"))

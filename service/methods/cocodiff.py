@@ -26,7 +26,7 @@ from trainers.cocodiff import BackboneConfig, CoCoDiffConfig, build_module
 from trainers.cocodiff_data import CoCoDiffInputs
 from trainers.config import build_config, dump_yaml, flatten, parse_override, to_plain
 from trainers.errors import InputError
-from trainers.io import atomic_write_text, load_checkpoint
+from trainers.io import load_checkpoint
 from trainers.tdsm_model import count_parameters
 
 OBJECTIVE = "val/top1"   # chooses the kept classifier; reported and ranked as `<metric>_max` (see methods.tdsm)
@@ -287,9 +287,9 @@ def final_split(args, split: str, tree: dict[str, Any], uri: str) -> list[dict[s
                 deltas = [c[f"test/{k}"] - b[f"test/{k}"] for b, c in zip(per_arm["baseline"], per_arm["cocodiff"])]
                 rows[-1][f"delta/{k}_mean"], rows[-1][f"delta/{k}_std_seeds"] = mean_std(deltas)
             parent.log_metrics({k: v for k, v in rows[-1].items() if k.startswith("delta/")}, 0)
-        args.out.mkdir(parents=True, exist_ok=True)
-        out = atomic_write_text(args.out / f"{phase}-cocodiff-{split}{suffix}.md", cocodiff_table(rows))
-        parent.log_artifact(out)
+        table_name, table = f"{phase}-cocodiff-{split}{suffix}.md", cocodiff_table(rows)
+        (args.out / table_name).write_text(table)      # a folder or object storage (service.storage)
+        parent.log_text(table, table_name)
     for row in rows:
         row["parent_run_id"] = parent.run_id
     return rows

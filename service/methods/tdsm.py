@@ -26,7 +26,6 @@ from trainers import tdsm_fit
 from trainers.checkpoint import BEST
 from trainers.config import TDSMConfig, build_config, dump_yaml, flatten, parse_override, to_plain
 from trainers.errors import InputError
-from trainers.io import atomic_write_text
 from trainers.tdsm_fit import evaluate_split, fit_tdsm, load_best, training_fingerprint
 from trainers.tdsm_model import count_parameters
 from trainers.tdsm_task import TDSMInputs, prepare_tdsm
@@ -186,10 +185,9 @@ def final_split(args, split: str, tree: dict[str, Any], uri: str) -> dict[str, A
         row = {"split": split, "seen": len(seen), "seen_classes": len(seen), "unseen": len(task.unseen),
                "t_test": cfg.eval.t_test,
                "T": cfg.diffusion.num_train_timesteps, "seeds": args.seeds, "draws": args.noise_draws, **stats}
-        args.out.mkdir(parents=True, exist_ok=True)
         table = markdown_table([row])
-        atomic_write_text(args.out / f"table-{split}.md", table)
-        parent.log_artifact(args.out / f"table-{split}.md")
+        (args.out / f"table-{split}.md").write_text(table)      # a folder or object storage (service.storage)
+        parent.log_text(table, f"table-{split}.md")
         if not args.no_register:
             tags = {"split": split, **source_tags(args.source, uri), "test_top1": per_seed[0]["test/zsl_top1"],
                     "test_top1_mean_over_seeds": stats["test/zsl_top1_mean"], "seeds": args.seeds}

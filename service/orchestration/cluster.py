@@ -25,6 +25,7 @@ from ray.exceptions import RayTaskError
 
 from service import THREAD_ENV_DEFAULTS
 from service.process import install_sigterm_handler
+from service.storage import STORAGE_ENDPOINT_VARS
 from service.tracking.store import CREDENTIAL_VARS, HTTP_DEFAULTS
 from trainers.errors import InputError
 
@@ -143,7 +144,10 @@ def connect_ray(address: str | None, forward_all: bool = False) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     # Workers of an existing cluster do not inherit this process's environment: forward MLflow's HTTP limits and
     # the tracking credentials (service.tracking.store.move_credentials) so the URI itself never carries a secret.
-    forwarded = (*HTTP_DEFAULTS, *CREDENTIAL_VARS) if address else tuple(HTTP_DEFAULTS)
+    # Object storage (service.storage): only the endpoint of an S3-compatible store is forwarded. Bucket credentials
+    # never travel in a runtime env (Ray shows it in `ray list jobs` and the dashboard): each node has its own
+    # (env from a Secret, a credentials file, an instance role), as deploy/ sets them up.
+    forwarded = ((*HTTP_DEFAULTS, *CREDENTIAL_VARS, *STORAGE_ENDPOINT_VARS) if address else tuple(HTTP_DEFAULTS))
     env["env_vars"].update({key: os.environ[key] for key in forwarded if key in os.environ and key not in preset})
     context = ray.init(address=address or None, runtime_env=env, log_to_driver=True)
     install_sigterm_handler()   # ray.init's own handler would exit without closing the MLflow runs

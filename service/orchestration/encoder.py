@@ -16,11 +16,12 @@ from ray.train.torch import TorchTrainer
 
 from service.data.features import seen_class_data
 from service.orchestration.cluster import input_error_cause
+from service.storage import Storage
 from service.tracking.store import MLflowReporter, standard_tags
 from trainers.checkpoint import ENCODER, LAST, copy_run_files
 from trainers.encoder_fit import EncoderConfig, fit_encoder
 from trainers.errors import InputError
-from trainers.io import atomic_write, atomic_write_text, stable_hash
+from trainers.io import atomic_write, stable_hash
 from trainers.runtime import apply_thread_policy
 
 
@@ -72,8 +73,11 @@ def encoder_worker(train_loop_config: dict[str, EncoderLoop]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     apply_thread_policy(cpus=loop.threads)   # the worker's Ray CPUs, less if its cores are fewer
     cfg = loop.config
-    x, y, seen, held_out = seen_class_data(Path(loop.prepared), list(loop.unseen), loop.benchmark)
     run_dir = Path(tempfile.mkdtemp(prefix="encoder-"))
+    prepared = Storage.parse(loop.prepared)
+    # A node without the driver's files reads the prepared folder from object storage (a local copy per worker).
+    folder = prepared.local if prepared.is_local else prepared.download(run_dir / "prepared")
+    x, y, seen, held_out = seen_class_data(folder, list(loop.unseen), loop.benchmark)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:                      # a restarted run continues from its latest checkpoint
         with checkpoint.as_directory() as d:
@@ -83,7 +87,7 @@ def encoder_worker(train_loop_config: dict[str, EncoderLoop]) -> None:
     wrap = ray.train.torch.prepare_model if world > 1 else None
     # Ray Train retries every worker error; bad input or a diverged loss fails the same way again, so a retry
     # re-raises the first attempt's message instead of training again.
-    marker = Path(loop.input_error_file)
+    marker = Storage.parse(loop.input_error_file)
     try:
         if marker.is_file():
             raise InputError(marker.read_text())
@@ -91,24 +95,26 @@ def encoder_worker(train_loop_config: dict[str, EncoderLoop]) -> None:
                     held_out=held_out, wrap_model=wrap, rank=rank, world=world)
     except InputError as err:
         if not marker.is_file():
-            atomic_write_text(marker, str(err))
+            marker.write_text(str(err))
         raise
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def train_encoder_on_ray(prepared: Path, unseen: list[int], cfg: EncoderConfig, out: Path, *, storage: Path,
+def train_encoder_on_ray(prepared: Path | Storage, unseen: list[int], cfg: EncoderConfig, out: Path, *,
+                         storage: Storage,
                          benchmark: str | None = None, workers: int = 1, cpus_per_worker: float = 1.0,
                          gpus_per_worker: float = 0.0, tracking_uri: str | None = None,
                          experiment: str | None = None, retries: int = 1) -> Path:
     """Train on Ray Train workers (a TorchTrainer; DDP when workers > 1) and write out/encoder.pt.
 
-    The prepared folder must be readable by every worker (shared storage on a cluster). The Train run is
+    The prepared folder must be readable by every worker: a shared folder, or a copy in object storage (each
+    worker downloads it). The Train run is
     named after `out`, so re-running after a crash resumes from its latest checkpoint; with a tracking URI
     the run is an MLflow run (params = the encoder config, metrics by step, encoder.pt as an artifact).
     """
     out = Path(out).resolve()
-    prepared = Path(prepared).resolve()
+    prepared = prepared if isinstance(prepared, Storage) else Storage.parse(prepared)
     experiment = experiment or f"encoder-{prepared.name}"
     mlflow = (MLflowReporter.start(tracking_uri, experiment, f"{cfg.name}-{out.name}",
                                    tags=standard_tags(phase="encoder", method="encoder")) if tracking_uri else None)
@@ -116,8 +122,8 @@ def train_encoder_on_ray(prepared: Path, unseen: list[int], cfg: EncoderConfig, 
     loop = EncoderLoop(config=cfg, prepared=str(prepared), unseen=tuple(unseen), benchmark=benchmark,
                        threads=max(1, int(cpus_per_worker)), tracking_uri=tracking_uri, experiment=experiment,
                        run_id=mlflow.run_id if mlflow else None,
-                       input_error_file=str(Path(storage) / run_name / "input_error.txt"))
-    Path(loop.input_error_file).unlink(missing_ok=True)     # from an earlier call, maybe with another config
+                       input_error_file=str(storage / run_name / "input_error.txt"))
+    Storage.parse(loop.input_error_file).remove()     # from an earlier call, maybe with another config
     resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
     trainer = TorchTrainer(
         encoder_worker, train_loop_config={"loop": loop},

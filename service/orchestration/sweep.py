@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,12 +37,13 @@ from service.orchestration.trial import (
     tune_trial,
 )
 from service.process import SIGTERM_RECEIVED, Terminated, lock_dir, sigterm_stops_tune
-from service.tracking.sources import STATE_FILE
+from service.storage import Storage
+from service.tracking.sources import STATE_FILE, read_state
 from service.tracking.store import MLflowReporter, standard_tags
 from service.tracking.trials import best_child, close_trial_run, report_trials, trial_timing
 from trainers.config import build_config, dump_yaml
 from trainers.errors import InputError
-from trainers.io import atomic_write_text
+from trainers.io import stable_hash
 
 
 def tune_param_space(space: SearchSpace) -> dict[str, Any]:
@@ -60,13 +62,13 @@ def sweep_experiment(method: str, split: str) -> str:
     return f"{method}-{split}-sweeps"
 
 
-def sweep_dir_name(method: str, split: str, smoke: bool, storage: Path, name: str | None, resume: bool) -> str:
+def sweep_dir_name(method: str, split: str, smoke: bool, storage: Storage, name: str | None, resume: bool) -> str:
     """The Tune experiment name: given, the latest matching one (resume), or a new timestamped one."""
     if name:
         return name
     prefix = f"{method}-{split}{'-smoke' if smoke else ''}-"
     if resume:
-        found = sorted(p.name for p in storage.glob(prefix + "*") if (p / STATE_FILE).is_file())
+        found = sorted(n for n in storage.children() if n.startswith(prefix) and (storage / n / STATE_FILE).is_file())
         if not found:
             raise InputError(f"--resume: no sweep named {prefix}* under {storage}")
         return found[-1]
@@ -99,8 +101,7 @@ class MLflowTrialCloser(tune.Callback):
         self._close(trial, failed=True)
         # Workers' tracebacks are not forwarded to this terminal (route_worker_logs): say why the trial failed.
         error_file = getattr(trial, "error_file", None)
-        lines = Path(error_file).read_text(errors="replace").strip().splitlines() if error_file and \
-            Path(error_file).is_file() else []
+        lines = read_error_file(error_file)
         print(f"trial {trial.trial_id} failed: {lines[-1] if lines else 'no error message'} "
               f"(traceback: {error_file})", file=sys.stderr)
 
@@ -109,6 +110,17 @@ class MLflowTrialCloser(tune.Callback):
         timing = trial_timing(self.started.pop(trial.trial_id, None), result, time.time())
         close_trial_run(self.uri, self.experiment, trial.trial_id, int(result.get("step", 0)), self.total_steps,
                         failed, timing)
+
+
+def read_error_file(error_file: str | None) -> list[str]:
+    """The lines of a failed trial's error file (a local path or, with object storage, a URI); [] if unreadable."""
+    if not error_file:
+        return []
+    try:
+        stored = Storage.parse(error_file)
+        return stored.read_text().strip().splitlines() if stored.is_file() else []
+    except Exception:       # the message is a courtesy: never let it hide the trial's failure
+        return []
 
 
 def search_algorithm(kind: str, seed: int, concurrency: int):
@@ -131,12 +143,14 @@ def run_split(args, method: str, split: str, base: dict[str, Any], space: Search
               uri: str) -> dict[str, Any]:
     """Sweep one split; returns the summary (best trial, metric, best-config path)."""
     cfg = build_config(METHODS[method].config_cls, base)
-    storage = args.storage_path.expanduser().resolve()
+    storage: Storage = args.storage_path
     name = sweep_dir_name(method, split, args.smoke, storage, args.name, args.resume)
     sweep_path = storage / name
-    state_path = sweep_path / STATE_FILE
-    lock_dir(sweep_path)                        # a second driver on this sweep is refused, never a second writer
-    state = json.loads(state_path.read_text()) if args.resume and state_path.is_file() else {}
+    # A second driver on this sweep is refused, never a second writer. An object store has no locks: a local lock
+    # keyed by the URI refuses a second driver on this machine (one driver per sweep is the rule on a cluster).
+    lock_dir(sweep_path.local if storage.is_local else
+             Path(tempfile.gettempdir()) / "skeldiff-locks" / stable_hash(sweep_path.root)[:16])
+    state = read_state(sweep_path) if args.resume else {}
     experiment = args.experiment_name or state.get("experiment") or sweep_experiment(method, split)
     driver = sweep_driver(state, args.trial_driver, args.workers_per_trial, name)
 
@@ -155,9 +169,9 @@ def run_split(args, method: str, split: str, base: dict[str, Any], space: Search
                                "sweep.metric": space.metric, "sweep.objective": space.objective})
             parent.log_text(yaml.safe_dump(space.model_dump(mode="json"), sort_keys=False), "search_space.yaml")
             parent.log_text(dump_yaml(cfg), "base_config.yaml")
-            sweep_path.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(state_path, json.dumps({"parent_run_id": parent.run_id, "tracking_uri": uri,
-                                                      "experiment": experiment, "split": split, "driver": driver}))
+            (sweep_path / STATE_FILE).write_text(json.dumps({"parent_run_id": parent.run_id, "tracking_uri": uri,
+                                                             "experiment": experiment, "split": split,
+                                                             "driver": driver}))
 
         resources = TrialResources(driver=driver, workers_per_trial=args.workers_per_trial,
                                    cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker)
@@ -165,7 +179,7 @@ def run_split(args, method: str, split: str, base: dict[str, Any], space: Search
             method=method, base=base, space=space, seed=args.seed, resources=resources,
             default_T=cfg.diffusion.num_train_timesteps if space.inference is not None else None,
             parent=ParentRun(uri, experiment, parent.run_id), split=split, sweep=name,
-            storage_path=str(storage / f"{name}-train"), data_ref=data_ref)
+            storage_path=str(sweep_path.parent / f"{name}-train"), data_ref=data_ref)
         trainable = tune.with_resources(tune.with_parameters(tune_trial, settings=settings), trial_resources(resources))
         n_evals = -(-cfg.train.steps // cfg.train.eval_every)
         scheduler = (tune.schedulers.ASHAScheduler(time_attr="training_iteration", max_t=n_evals + 1, grace_period=1,
@@ -175,7 +189,7 @@ def run_split(args, method: str, split: str, base: dict[str, Any], space: Search
                                                                  args.gpus_per_worker)
         search_alg = search_algorithm(args.search, args.seed, concurrency)
         run_config = tune.RunConfig(
-            name=name, storage_path=str(storage),
+            name=name, storage_path=str(storage),       # a folder or a URI: Ray resolves it with pyarrow.fs
             failure_config=tune.FailureConfig(max_failures=args.trial_retries),
             callbacks=[MLflowTrialCloser(uri, experiment, cfg.train.steps)], verbose=1)
         if args.resume and tune.Tuner.can_restore(str(sweep_path)):
@@ -242,7 +256,7 @@ def sweep_driver(state: dict[str, Any], choice: str, workers: int, name: str) ->
     return stored
 
 
-def finish_split(parent: MLflowReporter, experiment: str, uri: str, name: str, sweep_path: Path, split: str,
+def finish_split(parent: MLflowReporter, experiment: str, uri: str, name: str, sweep_path: Storage, split: str,
                  space: SearchSpace, method: str) -> dict[str, Any]:
     """Pick the best child run from MLflow (robust to a stale Tune snapshot) and write its config."""
     client = parent.client
@@ -251,15 +265,17 @@ def finish_split(parent: MLflowReporter, experiment: str, uri: str, name: str, s
     best = best_child(client, exp.experiment_id, parent.run_id, metric, space.mode)
     if best is None:
         return {"split": split, "best_run_id": None}
-    local = Path(client.download_artifacts(best.info.run_id, "config.yaml", str(sweep_path)))
-    best_tree, notes = METHODS[method].best_config(yaml.safe_load(local.read_text()), best.data.tags)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(client.download_artifacts(best.info.run_id, "config.yaml", tmp))
+        best_tree, notes = METHODS[method].best_config(yaml.safe_load(local.read_text()), best.data.tags)
     best_cfg = build_config(METHODS[method].config_cls, best_tree)
     chosen = "".join(f", {k} = {v}" for k, v in notes.items())
     header = (f"# best config of sweep {name} (split {split})\n# trial run {best.info.run_id}: "
               f"{metric}={best.data.metrics[metric]:.2f}{chosen} (chosen on validation)\n"
               f"# parent run {parent.run_id}; tracking {uri}\n")
-    out = atomic_write_text(sweep_path / "best_config.yaml", header + dump_yaml(best_cfg))
-    parent.log_artifact(out)
+    text = header + dump_yaml(best_cfg)
+    out = (sweep_path / "best_config.yaml").write_text(text)     # a folder or object storage (service.storage)
+    parent.log_text(text, "best_config.yaml")
     parent.set_tags({"best_run_id": best.info.run_id, "best_config": str(out)})
     return {"split": split, "best_run_id": best.info.run_id, "best_trial": best.data.tags.get("ray_trial_name"),
             "best_metric": round(best.data.metrics[metric], 3), "metric": metric, **notes,
@@ -272,7 +288,7 @@ def run_sweeps(args, method: str, splits: list[tuple[str, dict[str, Any]]],
                uri: str) -> list[dict[str, Any]]:
     """Connect to Ray, build each split's skeleton chain (its encoder on Ray Train workers), then sweep the splits
     one after another; returns their summaries. `split_tree`: a split's overrides -> its checked config tree."""
-    storage = args.storage_path.expanduser().resolve()
+    storage: Storage = args.storage_path
     connect_ray(args.address, forward_all=args.ray_logs)
     encoder_on_ray = functools.partial(train_encoder_on_ray, storage=storage / "chain-train", tracking_uri=uri,
                                        cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker)

@@ -33,12 +33,12 @@ from service.methods import METHODS
 from service.methods.base import FinalArtifacts
 from service.methods.search_space import T_KEY, SearchSpace, trial_overrides
 from service.orchestration.cluster import input_error_cause
+from service.storage import Storage
 from service.tracking.store import MLflowReporter, standard_tags
 from service.tracking.trials import find_or_start_child_run, trial_label
 from trainers.checkpoint import copy_run_files
 from trainers.config import build_config, dump_yaml, flatten, to_plain
 from trainers.errors import InputError
-from trainers.io import atomic_write_text
 from trainers.runtime import apply_thread_policy
 from trainers.zsl import ZSLCurve
 
@@ -75,7 +75,7 @@ class TrialSettings:
     parent: ParentRun
     split: str
     sweep: str
-    storage_path: str             # the trials' Ray Train storage (and their input_error.txt markers)
+    storage_path: str             # the trials' Ray Train storage and input_error.txt markers (a folder or a URI)
     data_ref: Any                 # ObjectRef of the method's prepared inputs (ray.put once per split)
 
 
@@ -303,7 +303,7 @@ def tune_trial(config: dict[str, Any], *, settings: TrialSettings) -> None:
     # Tune retries every trial error; bad input or a diverged loss (an InputError) fails the same way again, so a
     # retry re-raises the first attempt's one-line message (kept beside the trial's Train storage) instead of
     # training again.
-    marker = Path(settings.storage_path) / f"train-{ctx.get_trial_id()}" / "input_error.txt"
+    marker = Storage.parse(settings.storage_path) / f"train-{ctx.get_trial_id()}" / "input_error.txt"
     if marker.is_file():
         raise InputError(marker.read_text())
     try:
@@ -315,7 +315,7 @@ def tune_trial(config: dict[str, Any], *, settings: TrialSettings) -> None:
         cause = input_error_cause(err)
         if cause is None:
             raise
-        atomic_write_text(marker, str(cause))
+        marker.write_text(str(cause))
         raise type(cause)(str(cause)) from None
 
 

@@ -25,15 +25,14 @@ import io
 import math
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from service.storage import Storage
 from service.tracking.store import MLflowReporter, experiment_ids, search_pages, standard_tags
 from trainers.errors import InputError
-from trainers.io import atomic_write_text
 
 TOP1, ENSEMBLE = "test/zsl_top1", "test/zsl_top1_ensemble"
 ARTIFACT_DIR = "report"
@@ -229,7 +228,7 @@ def csv_report(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def write_report(uri: str, runs: dict[str, str | None], refs: dict[str, dict[str, Any]], out: Path,
+def write_report(uri: str, runs: dict[str, str | None], refs: dict[str, dict[str, Any]], out: Storage,
                  log: bool = True, report_run: bool = False) -> tuple[str, str]:
     """Table for {split: final parent run id (None: the latest final run of that split)}: writes out/paper_table.md
     and .csv, logs both on every final run read (unless log=False) and, with report_run, on a new run of the
@@ -245,9 +244,8 @@ def write_report(uri: str, runs: dict[str, str | None], refs: dict[str, dict[str
         sweeps[split] = sweep_result(client, sweep) if sweep is not None else None
     rows = report_rows(results, refs, sweeps)
     md, table = markdown_report(rows), csv_report(rows)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "paper_table.md", md)
-    atomic_write_text(out / "paper_table.csv", table)
+    (out / "paper_table.md").write_text(md)
+    (out / "paper_table.csv").write_text(table)
     if log:
         for result in results.values():
             if result is not None:

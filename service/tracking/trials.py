@@ -12,15 +12,14 @@ import json
 import math
 import sys
 import time
-from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote
 
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
+from service.storage import Storage
 from service.tracking.store import MLflowReporter, search_pages
-from trainers.io import atomic_write_text
 
 
 class TrialSpace(Protocol):
@@ -173,7 +172,7 @@ def view_columns(space: TrialSpace) -> list[str]:
             column_key("tags", "best_step"), column_key("tags", "trial_state"), column_key("tags", TRIAL_TAG)]
 
 
-def report_trials(parent: MLflowReporter, experiment: str, uri: str, name: str, sweep_path: Path, split: str,
+def report_trials(parent: MLflowReporter, experiment: str, uri: str, name: str, sweep_path: Storage, split: str,
                   space: TrialSpace, best_run_id: str | None = None) -> dict[str, Any]:
     """Print the ranked trials, write them as trials.csv (sweep folder and parent run), share a runs-table view;
     log the sweep's own overhead on the parent run."""
@@ -183,8 +182,9 @@ def report_trials(parent: MLflowReporter, experiment: str, uri: str, name: str, 
     rows = ranked_trials(children, space, best_run_id)
     print(f"[{split}] trials of sweep {name}, best {space.objective} first:\n{format_trials_table(rows, space)}",
           file=sys.stderr)
-    out = atomic_write_text(sweep_path / "trials.csv", trials_csv(rows))
-    parent.log_artifact(out)
+    text = trials_csv(rows)
+    out = (sweep_path / "trials.csv").write_text(text)
+    parent.log_text(text, "trials.csv")
     share_runs_view(client, exp_id, name, view_columns(space), search_filter=f"tags.sweep = '{name}'",
                     order_by=column_key("metrics", space.objective), expanded=[parent.run_id])
     return {"trials_csv": str(out), "mlflow_view": ui_link(uri, exp_id, name), "children": len(rows),
