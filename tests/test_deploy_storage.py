@@ -320,6 +320,8 @@ def test_mlflow_server_proxies_artifacts_into_the_bucket():
     assert server["image"] == "skeldiff-cpu"
     pins = re.findall(r'"boto3==([\w.]+)"', (DEPLOY / "docker" / "Dockerfile.cpu").read_text())
     assert len(pins) == 1, "Dockerfile.cpu installs one pinned boto3"
+    extras = (ROOT / "pyproject.toml").read_text()
+    assert set(re.findall(r'"boto3==([\w.]+)"', extras)) <= set(pins), "the image and pyproject pin one boto3"
 
 
 def test_bucket_secret_keys_come_from_make_secrets(tmp_path):
