@@ -16,6 +16,7 @@ a result and a checkpoint reach Tune is the `TrialSession`. Typed frozen objects
 from __future__ import annotations
 
 import shutil
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
@@ -36,9 +37,10 @@ from service.orchestration.cluster import input_error_cause
 from service.storage import Storage
 from service.tracking.store import MLflowReporter, standard_tags
 from service.tracking.trials import find_or_start_child_run, trial_label
-from trainers.checkpoint import copy_run_files
+from trainers.checkpoint import LAST, copy_run_files
 from trainers.config import build_config, dump_yaml, flatten, to_plain
 from trainers.errors import InputError
+from trainers.io import load_torch
 from trainers.runtime import apply_thread_policy
 from trainers.zsl import ZSLCurve
 
@@ -231,10 +233,12 @@ class TrialWorker:
         self.data = ray.get(loop.data_ref)  # prepared once per sweep by the driver (object store)
         self.mlflow: MLflowReporter | None = None
         self.run_dir = Path(tempfile.mkdtemp(prefix=f"{self.method}-trial-"))
+        self.restored_step: int | None = None
         checkpoint = self.session.get_checkpoint()
         if checkpoint is not None:  # a retried or resumed trial continues from its latest checkpoint
             with checkpoint.as_directory() as d:
                 copy_run_files(Path(d), self.run_dir)
+            self.restored_step = checkpoint_step(self.run_dir / LAST)
 
     def reporter(self, derived: dict[str, Any], final_artifacts: FinalArtifacts) -> TrialReporter:
         """Open (or find, on a retry) the MLflow child run on rank 0; derived.* params describe the model."""
@@ -245,6 +249,13 @@ class TrialWorker:
                 loop.parent.tracking_uri, loop.parent.experiment, loop.parent.run_id, loop.trial_id, loop.run_name,
                 standard_tags(split=loop.split, phase="sweep", method=self.method, sweep=loop.sweep,
                               ray_trial_name=loop.trial_name))
+            # Where it runs: a trial restarted after its node was lost keeps its run and adds the new node.
+            node, host = ray.get_runtime_context().get_node_id(), socket.gethostname()
+            seen = self.mlflow.client.get_run(self.mlflow.run_id).data.tags.get("ray_node_ids", "")
+            self.mlflow.set_tags({"ray_node_id": node, "host": host, "ray_node_ids": ",".join(
+                [*filter(None, seen.split(",")), *([node] if node not in seen else [])])})
+            if self.restored_step is not None:
+                self.mlflow.set_tags({"resumed_from_step": self.restored_step})
             self.mlflow.log_params({**flatten(to_plain(self.cfg)), "derived.workers": self.world,
                                     **{f"derived.{k}": v for k, v in derived.items()}})
             self.mlflow.log_text(dump_yaml(self.cfg), "config.yaml")
@@ -259,6 +270,15 @@ class TrialWorker:
         """Remove the local run dir (its checkpoints went to Ray with each report), also when the scheduler stops
         the trial: Ray then ends the loop inside its report call (SystemExit)."""
         shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step a restored last.pt continues from (tagged on the trial's run: what a restart re-trains)."""
+    try:
+        step = load_torch(path).get("step")
+    except (InputError, AttributeError):
+        return None
+    return int(step) if isinstance(step, int) else None
 
 
 # ----------------------------------------------------------------------------------------------
