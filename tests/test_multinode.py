@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -73,7 +75,12 @@ class Stack:
         self.wait_for_mlflow()
 
     def add_worker(self):
-        node = self.cluster.add_node(num_cpus=1, object_store_memory=150 * 1024**2)
+        # Its own temp dir, as on another machine: nodes sharing one unpack a job's working dir into the same
+        # folder at once and read each other's half-written files.
+        self.nodes_made = getattr(self, "nodes_made", 0) + 1
+        temp = Path(tempfile.mkdtemp(prefix=f"rw{self.nodes_made}", dir="/tmp"))   # short: socket paths < 108 bytes
+        self.node_dirs = [*getattr(self, "node_dirs", []), temp]
+        node = self.cluster.add_node(num_cpus=1, object_store_memory=150 * 1024**2, temp_dir=str(temp))
         self.cluster.wait_for_nodes()
         return node
 
@@ -108,6 +115,8 @@ class Stack:
         self.mlflow.wait(timeout=60)
         self.mlflow_log.close()
         self.s3.stop()
+        for temp in self.node_dirs:
+            shutil.rmtree(temp, ignore_errors=True)
         os.environ.clear()
         os.environ.update(self.saved)
 
@@ -243,7 +252,7 @@ def test_driver_killed_under_ray_job_submit_resumes_from_the_bucket(stack):
             continue
         done = client.search_runs([exp.experiment_id], f"tags.sweep = '{name}' and tags.trial_state = 'finished'")
         if len(done) >= 2:
-            time.sleep(6)     # Tune's snapshot (every 2 s here) and its upload catch up with these trials
+            time.sleep(15)    # Tune's snapshot (every 2 s here) and its upload (every 10 s) catch up with them
             done = client.search_runs([exp.experiment_id], f"tags.sweep = '{name}' and tags.trial_state = 'finished'")
             finished_before = {r.info.run_id: r.info.end_time for r in done}
     assert finished_before, jobs.get_job_logs(job_id)[-3000:]

@@ -46,6 +46,9 @@ from trainers.errors import InputError
 from trainers.io import stable_hash
 
 
+STATE_SYNC_S = 10
+
+
 def tune_param_space(space: SearchSpace) -> dict[str, Any]:
     """The searched params as Tune's sampling domains."""
     def domain(dist):
@@ -190,6 +193,9 @@ def run_split(args, method: str, split: str, base: dict[str, Any], space: Search
         search_alg = search_algorithm(args.search, args.seed, concurrency)
         run_config = tune.RunConfig(
             name=name, storage_path=str(storage),       # a folder or a URI: Ray resolves it with pyarrow.fs
+            # Tune uploads its experiment state at most every sync_period (default 300 s): a driver killed in between
+            # resumes from a state minutes old and re-runs the trials finished since. A few KB every 10 s instead.
+            sync_config=tune.SyncConfig(sync_period=STATE_SYNC_S),
             failure_config=tune.FailureConfig(max_failures=args.trial_retries),
             callbacks=[MLflowTrialCloser(uri, experiment, cfg.train.steps)], verbose=1)
         if args.resume and tune.Tuner.can_restore(str(sweep_path)):
