@@ -228,6 +228,8 @@ class TDSM:
     name = "tdsm"
     config_cls = TDSMConfig
     objective = OBJECTIVE
+    # Reported at every validation evaluation (trainers.tdsm_fit.zsl_metric_dict with selection=True); never test.
+    rankable_metrics = (OBJECTIVE, "val/zsl_top1_ensemble", "val/zsl_top1_best")
     inference_grid = True                   # trials score a t_test grid (the search space's `inference:`)
     default_split: str | None = "synthetic-skeleton"
     data_shortcuts = True                   # --features / --unseen / --seen / --val-unseen
