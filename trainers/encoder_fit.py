@@ -138,7 +138,7 @@ def fit_encoder(cfg: EncoderConfig, x: torch.Tensor, y: torch.Tensor, classes: l
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     fingerprint = training_fingerprint(cfg, x, classes)
     last = Path(run_dir) / LAST if run_dir is not None else None
-    step = _resume(last, fingerprint, model, opt) if last is not None and last.is_file() else 0
+    step = _resume(last, fingerprint, model, opt, cfg.steps) if last is not None and last.is_file() else 0
     train_model = wrap_model(model) if wrap_model is not None else model
     warmup, every = max(1, cfg.steps // 20), log_every(cfg.steps, cap=None)
     correct = seen = 0
@@ -188,9 +188,13 @@ def _save_last(path: Path, fingerprint: str, model: nn.Module, opt, step: int, m
                            "fingerprint": fingerprint, "metrics": metrics})
 
 
-def _resume(path: Path, fingerprint: str, model: nn.Module, opt) -> int:
-    """Load last.pt into model/optimizer; refuse a checkpoint written under another config or data."""
-    return int(checkpoint.restore(path, fingerprint, ("model", "optimizer", "step"), {"model": model}, opt)["step"])
+def _resume(path: Path, fingerprint: str, model: nn.Module, opt, total: int) -> int:
+    """Load last.pt into model/optimizer; refuse a checkpoint written under another config or data, or whose
+    contents do not fit this model and config (checkpoint.check_last)."""
+    state = checkpoint.restore(path, fingerprint, ("model", "optimizer", "step"), {"model": model}, opt, total,
+                               optional=("metrics",))
+    checkpoint.check_metrics(path, "metrics", state.get("metrics", {}))
+    return state["step"]
 
 
 def save_encoder(model: Encoder, classes: list[int], cfg: EncoderConfig, path: Path) -> Path:
@@ -208,9 +212,9 @@ def load_encoder(path: Path) -> tuple[Encoder, EncoderConfig, list[int]]:
         model = build_encoder(cfg.name, len(blob["classes"]), in_channels=blob["in_channels"], layout=cfg.layout,
                               base_channels=cfg.base_channels, units_per_stage=tuple(cfg.units_per_stage),
                               dropout=cfg.dropout)
-        model.load_state_dict(blob["model"])
-    except Exception as err:  # noqa: BLE001 - a config or weights that do not fit: one line
+    except Exception as err:  # noqa: BLE001 - a config that does not build: one line
         raise InputError(f"{path}: not an encoder checkpoint ({type(err).__name__})") from None
+    checkpoint.load_weights(path, "model", blob["model"], model)        # keys, shapes, finite: one line naming them
     return model.eval(), cfg, list(blob["classes"])
 
 
