@@ -33,6 +33,13 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        Path(tmp).unlink(missing_ok=True)
+        # torch.save wraps the OSError of its file object (ENOSPC) in a RuntimeError ("unexpected pos ...").
+        cause = err if isinstance(err, OSError) else err.__cause__ or err.__context__
+        if isinstance(cause, OSError) and cause.filename in (None, tmp):   # unnamed or the temp name: the target
+            raise OSError(cause.errno, cause.strerror or str(cause), str(path)) from None
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -40,8 +47,14 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> Path:
-    """torch.save through a temporary file."""
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    """torch.save through a temporary file, written through a Python file object: on a full disk, torch.save to a
+    path raises a RuntimeError ("unexpected pos ..."); through a file object the OSError (ENOSPC) comes through."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+
+    return atomic_write(path, write)
 
 
 # What a refused pickle says; the message tests and the README quote.
