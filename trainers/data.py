@@ -13,6 +13,7 @@ import torch
 from trainers.config import DataConfig
 from trainers.errors import InputError, short_repr
 from trainers.guards import check_finite_rows, check_numeric_array
+from trainers.io import load_npy
 
 # SynSE's NTU-60 55/5 unseen classes (0-based; label_splits/ru5.npy), used by the embedded default.
 EMBEDDED_UNSEEN = [10, 11, 19, 26, 56]
@@ -68,10 +69,7 @@ def load_array(path: Path, ndim: int, what: str) -> np.ndarray:
     """np.load with a one-line error naming the file and the expected shape."""
     if not path.is_file():
         raise InputError(f"{path}: missing ({what})")
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as err:
-        raise InputError(f"{path}: not a readable .npy array ({err})") from None
+    arr = load_npy(path)
     if arr.ndim != ndim:
         raise InputError(f"{path}: expected a {ndim}-D array ({what}), got shape {arr.shape}")
     check_numeric_array(arr, str(path), what)

@@ -99,6 +99,22 @@ def load_checkpoint(path: Path, fingerprint: str | None = None, keys: tuple[str,
     return state
 
 
+def load_npy(path: Path, mmap_mode: str | None = None, what: str = ".npy array"):
+    """np.load of one array without pickles; a file that is not one .npy array (a .npz zip archive, which np.load
+    opens as an NpzFile, a truncated or foreign file) is a one-line InputError naming it."""
+    import numpy as np
+
+    try:
+        arr = np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise InputError(f"{path}: not a readable {what} ({type(err).__name__}: {str(err)[:120]})") from None
+    if not isinstance(arr, np.ndarray):
+        if hasattr(arr, "close"):
+            arr.close()
+        raise InputError(f"{path}: a {type(arr).__name__} (a zip archive of arrays, .npz), expected one {what}")
+    return arr
+
+
 def atomic_save_npy(array, path: Path) -> Path:
     """np.save through a temporary file (a file handle, so numpy does not append '.npy' to the temp name)."""
     import numpy as np
