@@ -100,7 +100,8 @@ def exits_cleanly(main: Callable[..., int | None]) -> Callable[..., int]:
 _held_locks: dict[Path, int] = {}   # folder -> open file descriptor holding its lock until main() returns
 
 
-def lock_dir(folder: Path) -> Path:
+def lock_dir(folder: Path, holder_is: str = "another run on the same dir",
+             remedy: str = "pass another --run-dir / --name") -> Path:
     """Take folder/.lock until the CLI's main() returns; another live process holding it -> InputError naming its pid.
 
     An flock dies with its process (a crash or SIGKILL never leaves a stale lock) and is per open file, so two
@@ -118,8 +119,8 @@ def lock_dir(folder: Path) -> Path:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
         os.close(fd)
         if err.errno in (errno.EAGAIN, errno.EACCES):
-            raise InputError(f"{folder} is in use by pid {holder} (another run on the same dir); wait for it, "
-                             "stop it, or pass another --run-dir / --name") from None
+            raise InputError(f"{folder} is in use by pid {holder} ({holder_is}); wait for it, stop it, or "
+                             f"{remedy}") from None
         raise
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)

@@ -181,7 +181,7 @@ def test_val_without_train_samples(folder, tmp_path):
     # Class 11 is seen by an explicit split but has no sample in train.npy.
     drop_class(folder, 11)
     seen = [c for c in range(NUM_CLASSES) if c not in UNSEEN]
-    msg = load_error(data_cfg(folder, seen=seen, val_unseen=[11]))
+    msg = load_error(data_cfg(folder, seen=seen, val_unseen=[10, 11]))
     assert msg.startswith("data.val_unseen: validation classes [11]")
     # By default a class without samples is not seen at all.
     assert "are not seen classes" in load_error(data_cfg(folder, val_unseen=[11]))
@@ -234,10 +234,15 @@ def test_val_count_is_carved_from_seen_with_seed():
     assert any(carve_validation(seen, 5, seed=s) != a for s in range(1, 4))
 
 
-@pytest.mark.parametrize("count", [0, 10, 11])
+@pytest.mark.parametrize("count", [1, 9, 10, 11])     # 10 seen classes: 1 validation or 1 training class is too few
 def test_val_count_out_of_range(count):
     with pytest.raises(InputError, match="data.val_unseen"):
         resolve_split(DataConfig(val_unseen=count), NUM_CLASSES, UNSEEN)
+
+
+def test_val_count_zero_is_refused_by_the_config():
+    with pytest.raises(ValueError, match="val_unseen"):
+        DataConfig(val_unseen=0)
 
 
 def test_val_count_uses_val_seed(folder):

@@ -127,7 +127,7 @@ def test_encoder_pt_in_process_cli(tmp_path, marker, form, capsys):
 def test_encoder_last_pt(tmp_path, marker, form):
     path = write_hostile(tmp_path / "run" / "last.pt", marker, form)
     with pytest.raises(InputError) as err:
-        encoder_fit._resume(path, "fp", None, None)
+        encoder_fit._resume(path, "fp", None, None, 10)
     assert_refused(err, path, marker)
 
 
@@ -150,7 +150,7 @@ def test_tdsm_last_pt_on_resume(tmp_path, marker, form):
 def test_tdsm_best_pt(tmp_path, marker, form):
     path = write_hostile(tmp_path / tdsm_fit.BEST, marker, form)
     with pytest.raises(InputError) as err:
-        tdsm_fit.load_best(tmp_path)
+        tdsm_fit.load_best(tmp_path, torch.nn.Linear(1, 1))
     assert_refused(err, path, marker)
     with pytest.raises(InputError):
         tdsm_fit.load_best_weights(torch.nn.Linear(1, 1), tmp_path)
@@ -161,7 +161,7 @@ def test_tdsm_best_pt(tmp_path, marker, form):
 def test_cocodiff_last_pt(tmp_path, marker, form):
     path = write_hostile(tmp_path / cocodiff_fit.LAST, marker, form)
     with pytest.raises(InputError) as err:
-        cocodiff_fit._resume(tmp_path, "fp", None, None, None)
+        cocodiff_fit._resume(tmp_path, "fp", None, None, None, 10, 2)
     assert_refused(err, path, marker)
 
 

@@ -14,14 +14,24 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
-from trainers.config import OptimConfig, Section, TrainConfig
+from trainers.config import (
+    MAX_BATCH,
+    MAX_STEPS,
+    MAX_THREADS,
+    MAX_TIMESTEPS,
+    MAX_WEIGHT,
+    OptimConfig,
+    Section,
+    Seed,
+    TrainConfig,
+)
 from trainers.diffusion import NoiseSchedule
 from trainers.layers import TimestepEmbedder, modulate
 from trainers.skeleton.splits import BENCHMARKS
@@ -44,42 +54,41 @@ class BackboneConfig(Section):
 
     encoder: Literal["stgcn", "shiftgcn", "ctrgcn"] = Field(
         "stgcn", description="GCN encoder (docs/METHODS.md §2: CTR-GCN at paper scale; ST-GCN as the light option).")
-    base_channels: int = Field(8, ge=1, description="Width of the first stage; x_0 is 4x this with three stages "
+    base_channels: int = Field(
+        8, ge=1, le=4096, description="Width of the first stage; x_0 is 4x this with three stages "
                                                    "(paper scale: 64 -> 256-d).")
-    units_per_stage: list[int] = Field(
-        [1, 1, 1], min_length=1, description="GCN units per stage; stages double the width (paper plan: 4,3,3).")
+    units_per_stage: list[Annotated[int, Field(ge=1, le=64)]] = Field(
+        [1, 1, 1], min_length=1, max_length=16,
+        description="GCN units per stage; stages double the width (paper plan: 4,3,3).")
     dropout: float = Field(0.0, ge=0, lt=1, description="Encoder dropout (ST-GCN: per unit; others: before the head).")
     stream: Literal["joint", "bone", "motion"] = Field(
         "joint", description="Input stream computed from the joint array; ensemble streams by their logits.")
     layout: Literal["ntu-rgb+d", "openpose"] = Field(
         "ntu-rgb+d", description="Skeleton graph: NTU-25 joints or OpenPose-18 (Kinetics-Skeleton).")
 
-    @field_validator("units_per_stage")
-    @classmethod
-    def _positive_units(cls, value: list[int]) -> list[int]:
-        if any(n < 1 for n in value):
-            raise ValueError(f"every stage needs at least one unit, got {value}")
-        return value
-
 
 class CoCoDiffModuleConfig(Section):
     """The training-only diffusion module and its guidance weights (the loss of docs/METHODS.md §2)."""
 
     enabled: bool = Field(True, description="Train with the module; False is the plain backbone baseline.")
-    num_train_timesteps: int = Field(100, ge=1, description="Diffusion steps T of the feature-space schedule.")
+    num_train_timesteps: int = Field(
+        100, ge=1, le=MAX_TIMESTEPS, description="Diffusion steps T of the feature-space schedule.")
     beta_schedule: Literal["linear", "scaled_linear", "cosine"] = Field(
         "cosine", description="Beta schedule; cosine reaches pure noise at t = T-1, the linear ones may not.")
     beta_start: float = Field(1e-4, gt=0, lt=1, description="First beta (linear schedules only).")
     beta_end: float = Field(0.02, gt=0, lt=1, description="Last beta (linear schedules only).")
-    hidden: int = Field(128, ge=8, description="Width of the residual-MLP denoiser (paper scale: 512).")
-    depth: int = Field(2, ge=1, description="Residual MLP blocks of the denoiser (paper scale: 3).")
-    align_dim: int = Field(64, ge=8, description="Width of the shared space where x̂_0 meets the coarse text "
+    hidden: int = Field(128, ge=8, le=16384, description="Width of the residual-MLP denoiser (paper scale: 512).")
+    depth: int = Field(2, ge=1, le=256, description="Residual MLP blocks of the denoiser (paper scale: 3).")
+    align_dim: int = Field(64, ge=8, le=16384, description="Width of the shared space where x̂_0 meets the coarse text "
                                                  "(paper scale: 256).")
-    w_diff: float = Field(1.0, ge=0, description="Weight of ||x̂_0 - sg(x_0)||² (mean over elements).")
-    w_gen: float = Field(0.5, ge=0, description="Weight of CE(head(x̂_0)): classifying the generated features.")
-    w_coarse: float = Field(0.1, ge=0, description="Weight of the symmetric KL contrastive loss of x̂_0 vs coarse text.")
+    w_diff: float = Field(1.0, ge=0, le=MAX_WEIGHT, description="Weight of ||x̂_0 - sg(x_0)||² (mean over elements).")
+    w_gen: float = Field(
+        0.5, ge=0, le=MAX_WEIGHT, description="Weight of CE(head(x̂_0)): classifying the generated features.")
+    w_coarse: float = Field(
+        0.1, ge=0, le=MAX_WEIGHT, description="Weight of the symmetric KL contrastive loss of x̂_0 vs coarse text.")
     kl_temperature: float = Field(
-        0.07, gt=1.0 / MAX_LOGIT_SCALE, description="Initial temperature; the logit scale 1/τ is learnable (≤ 100).")
+        0.07, gt=1.0 / MAX_LOGIT_SCALE, le=1e3,
+        description="Initial temperature; the logit scale 1/τ is learnable (≤ 100).")
     fine_dropout: float = Field(
         0.0, ge=0, lt=1, description="Probability of dropping a sample's fine-text conditioning (zero vector).")
     detach_diffusion_input: bool = Field(
@@ -103,8 +112,8 @@ class SyntheticDataConfig(Section):
     """
 
     per_class: int = Field(
-        20, ge=2, description="Generated sequences per class (before the benchmark's train/test split).")
-    seed: int = Field(0, description="Seed of the generator (performers, cameras, speeds, noise).")
+        20, ge=2, le=10_000, description="Generated sequences per class (before the benchmark's train/test split).")
+    seed: Seed = Field(0, description="Seed of the generator (performers, cameras, speeds, noise).")
 
 
 # The generated set as NTU files (X-Sub, X-View columns), as a Kinetics-Skeleton release and as a PKU-MMD release
@@ -127,7 +136,7 @@ class SkeletonDataConfig(Section):
     val_fraction: float = Field(
         0.1, gt=0, lt=1,
         description="Training samples held out for validation (checkpoint choice; never the test split).")
-    val_seed: int = Field(0, description="Seed of the validation draw.")
+    val_seed: Seed = Field(0, description="Seed of the validation draw.")
     synthetic: SyntheticDataConfig = Field(default_factory=SyntheticDataConfig)
 
     @field_validator("benchmark")
@@ -173,7 +182,7 @@ class CoCoDiffTextConfig(Section):
 class CoCoDiffEvalConfig(Section):
     """Classification on the validation split."""
 
-    batch_size: int = Field(256, ge=1, description="Sequences per evaluation forward.")
+    batch_size: int = Field(256, ge=1, le=MAX_BATCH, description="Sequences per evaluation forward.")
 
 
 class CoCoDiffOptimConfig(OptimConfig):
@@ -182,17 +191,19 @@ class CoCoDiffOptimConfig(OptimConfig):
     in a default factory, so that overriding one field (`--set optim.lr=...`) keeps the others' defaults."""
 
     lr: float = Field(3e-3, gt=0, description="Peak learning rate (paper scale: 1e-3).")
-    warmup_steps: int = Field(20, ge=0, description="Linear warm-up steps.")
-    batch_size: int = Field(16, ge=1, description="Sequences per step (per rank under DDP; paper: 64 on NTU).")
+    warmup_steps: int = Field(20, ge=0, le=MAX_STEPS, description="Linear warm-up steps.")
+    batch_size: int = Field(
+        16, ge=1, le=MAX_BATCH, description="Sequences per step (per rank under DDP; paper: 64 on NTU).")
 
 
 class CoCoDiffTrainConfig(TrainConfig):
     """Loop length and cadence of the embedded default (a few minutes on 2 CPU cores)."""
 
-    steps: int = Field(600, ge=1, description="Training iterations.")
-    eval_every: int = Field(100, ge=1, description="Evaluate on the validation split every N steps.")
-    checkpoint_every: int = Field(100, ge=1, description="Write a resumable checkpoint every N steps.")
-    threads: int = Field(1, ge=0, description="torch intra-op threads; 0 keeps torch's default. One: small "
+    steps: int = Field(600, ge=1, le=MAX_STEPS, description="Training iterations.")
+    eval_every: int = Field(100, ge=1, le=MAX_STEPS, description="Evaluate on the validation split every N steps.")
+    checkpoint_every: int = Field(100, ge=1, le=MAX_STEPS, description="Write a resumable checkpoint every N steps.")
+    threads: int = Field(
+        1, ge=0, le=MAX_THREADS, description="torch intra-op threads; 0 keeps torch's default. One: small "
                                              "convolutions run fastest so on shared cores.")
 
 

@@ -10,6 +10,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from trainers.checkpoint import load_weights
 from trainers.cocodiff import BackboneConfig
 from trainers.errors import InputError
 from trainers.io import load_checkpoint
@@ -81,7 +82,7 @@ def load_classifier(path: Path, map_location: str | torch.device = "cpu") -> tup
     try:
         model = build_classifier(BackboneConfig.model_validate(ckpt["config"]["backbone"]), ckpt["num_classes"],
                                  ckpt["in_channels"])
-        model.load_state_dict(ckpt["classifier"])
-    except Exception as err:  # noqa: BLE001 - a config or weights that do not fit: one line
+    except Exception as err:  # noqa: BLE001 - a config that does not build: one line
         raise InputError(f"{path}: not a classifier checkpoint ({type(err).__name__})") from None
+    load_weights(Path(path), "classifier", ckpt["classifier"], model)     # keys, shapes, finite: one line
     return model.to(map_location).eval(), ckpt

@@ -56,6 +56,9 @@ def ensemble_logits(logits: Sequence[torch.Tensor], weights: Sequence[float] | N
     weights = [1.0] * len(logits) if weights is None else list(weights)
     if len(weights) != len(logits):
         raise InputError(f"ensemble_logits: {len(logits)} logits but {len(weights)} weights")
+    if any(w < 0 for w in weights) or not any(w > 0 for w in weights):
+        # All zero fuses to zero logits: every sample "predicted" as class 0, a number that means nothing.
+        raise InputError(f"weights {' '.join(map(str, weights))}: expected weights >= 0, at least one > 0")
     shapes = {tuple(lg.shape) for lg in logits}
     if len(shapes) != 1:
         raise InputError(f"ensemble_logits: logits differ in shape {sorted(shapes)}")

@@ -268,7 +268,7 @@ def fit_cocodiff(cfg: CoCoDiffConfig, train_x: torch.Tensor, train_y: torch.Tens
 
     state = _FitState()
     if run_dir is not None and (Path(run_dir) / LAST).is_file():
-        state = _resume(Path(run_dir), fingerprint, classifier, module, opt)
+        state = _resume(Path(run_dir), fingerprint, classifier, module, opt, cfg.train.steps, num_classes)
     # Wrapped after a resume: DDP broadcasts rank 0's weights at construction, and every rank loaded the same.
     forward = wrap_model(model) if wrap_model is not None else model
     evaluating = val_x is not None and len(val_x) > 0
@@ -365,16 +365,27 @@ def _save_last(path: Path, fingerprint: str, classifier, module, opt, state: _Fi
     })
 
 
-def _resume(run_dir: Path, fingerprint: str, classifier, module, opt) -> _FitState:
-    """Load last.pt (and best.pt's weights and logits) into the run; refuse a checkpoint of another config."""
-    state = checkpoint.restore(run_dir / LAST, fingerprint, ("classifier", "optimizer", "torch_rng", "step", "best",
-                                                             "best_step", "best_metrics", "last_metrics"),
-                               {"classifier": classifier, "module": module}, opt)
-    out = _FitState(int(state["step"]), float(state["best"]), int(state["best_step"]), state["best_metrics"],
-                    last_metrics=state["last_metrics"])
+def _resume(run_dir: Path, fingerprint: str, classifier, module, opt, total: int, num_classes: int) -> _FitState:
+    """Load last.pt (and best.pt's weights and logits) into the run; refuse a checkpoint of another config, or
+    whose contents do not fit this model and config (checkpoint.check_last)."""
+    last = run_dir / LAST
+    state = checkpoint.restore(last, fingerprint, ("classifier", "optimizer", "torch_rng", "step", "best",
+                                                   "best_step", "best_metrics", "last_metrics"),
+                               {"classifier": classifier, "module": module}, opt, total, optional=("cuda_rng",))
+    out = _FitState(state["step"], checkpoint.check_score(last, "best", state["best"]),
+                    checkpoint.check_step(last, "best_step", state["best_step"], state["step"]),
+                    checkpoint.check_metrics(last, "best_metrics", state["best_metrics"]),
+                    last_metrics=checkpoint.check_metrics(last, "last_metrics", state["last_metrics"]))
     if (run_dir / BEST).is_file():
-        best = load_checkpoint(run_dir / BEST, keys=("classifier", "val_logits"))
-        out.best_state, out.val_logits = best["classifier"], best["val_logits"]
+        path = run_dir / BEST
+        best = load_checkpoint(path, keys=("classifier", "val_logits"))
+        checkpoint.check_weights(path, "classifier", best["classifier"], classifier)
+        logits = best["val_logits"]
+        if logits is not None and (not isinstance(logits, torch.Tensor) or logits.dim() != 2
+                                   or logits.shape[1] != num_classes):
+            raise checkpoint.bad_entry(path, "val_logits", f"expected (N, {num_classes}) validation logits")
+        checkpoint.check_finite(path, "val_logits", logits)
+        out.best_state, out.val_logits = best["classifier"], logits
     return out
 
 

@@ -9,18 +9,19 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from trainers.errors import InputError
+from trainers.errors import InputError, short_repr
 
 
 class Section(BaseModel):
     """Base for every config section: unknown keys are errors, assignments are validated."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: no float field takes NaN or inf (`model.mlp_ratio=.inf` would build an infinite MLP).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -36,6 +37,24 @@ def _accepts_bool(annotation: Any) -> bool:
     if annotation is bool or annotation is Any:
         return True
     return any(_accepts_bool(arg) for arg in get_args(annotation) if arg is not type(None))
+
+
+# ----------------------------------------------------------------------------------------------
+# Bounds: what a sane value is (tests/test_config_bounds.py checks every numeric field has both ends)
+# ----------------------------------------------------------------------------------------------
+
+MAX_STEPS = 100_000_000          # iterations, warm-up and cadences (the paper trains 50,000 steps)
+MAX_BATCH = 65_536               # samples per forward; far beyond any GPU's memory at paper size
+MAX_THREADS = 1024               # torch intra-op threads; 100000 makes OpenMP segfault
+MAX_TIMESTEPS = 100_000          # diffusion steps T (the papers: 50 and 100-1000)
+MAX_WEIGHT = 1e6                 # loss weights, margins, weight decay, gradient-clip norms
+# Seeds: numpy's legacy seeding takes 0..2**32-1 and torch.manual_seed nothing beyond 2**64 (`seed=1e20`).
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
+ClassId = Annotated[int, Field(ge=0, le=99_999)]            # a class id of a data set
+ClassCount = Annotated[int, Field(ge=1, le=99_999)]         # a number of classes
+# Not bounded above on purpose: the learning rate. A finite lr too large to train is what the divergence check
+# stops (one line at the first non-finite loss, exit 2); the README's diverging-run example uses 1e30.
+UNBOUNDED_ABOVE = frozenset({"lr"})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -56,10 +75,10 @@ class ModelConfig(Section):
 
     preset: Literal["paper", "small", "tiny", "custom"] = Field(
         "tiny", description="Named size; explicit hidden_size/depth/num_heads/mlp_ratio override it ('custom').")
-    hidden_size: int = Field(64, ge=8, description="Transformer width C.")
-    depth: int = Field(2, ge=1, description="Number of CrossDiT blocks B.")
-    num_heads: int = Field(2, ge=1, description="Attention heads; must divide hidden_size.")
-    mlp_ratio: float = Field(2.0, gt=0, description="MLP hidden width as a multiple of C.")
+    hidden_size: int = Field(64, ge=8, le=16384, description="Transformer width C.")
+    depth: int = Field(2, ge=1, le=256, description="Number of CrossDiT blocks B.")
+    num_heads: int = Field(2, ge=1, le=1024, description="Attention heads; must divide hidden_size.")
+    mlp_ratio: float = Field(2.0, gt=0, le=64, description="MLP hidden width as a multiple of C.")
 
     @model_validator(mode="before")
     @classmethod
@@ -85,7 +104,7 @@ class ModelConfig(Section):
 class DiffusionConfig(Section):
     """DDPM forward process and what the denoiser predicts."""
 
-    num_train_timesteps: int = Field(50, ge=1, description="Total diffusion steps T (paper: 50).")
+    num_train_timesteps: int = Field(50, ge=1, le=MAX_TIMESTEPS, description="Total diffusion steps T (paper: 50).")
     beta_schedule: Literal["linear", "scaled_linear", "cosine"] = Field(
         "scaled_linear", description="Beta schedule; scaled_linear is Stable Diffusion's (paper).")
     beta_start: float = Field(0.00085, gt=0, lt=1, description="First beta (linear schedules).")
@@ -97,32 +116,35 @@ class DiffusionConfig(Section):
 class LossConfig(Section):
     """TDSM objective L = L_diff + lambda * L_TD."""
 
-    margin: float = Field(1.0, ge=0, description="Triplet margin tau (paper: 1).")
-    triplet_weight: float = Field(1.0, ge=0, description="Weight lambda of the triplet diffusion loss (paper: 1).")
+    margin: float = Field(1.0, ge=0, le=MAX_WEIGHT, description="Triplet margin tau (paper: 1).")
+    triplet_weight: float = Field(
+        1.0, ge=0, le=MAX_WEIGHT, description="Weight lambda of the triplet diffusion loss (paper: 1).")
 
 
 class OptimConfig(Section):
     """AdamW with linear warm-up and cosine decay (paper: lr 1e-4, wd 0.01, 100 warm-up steps)."""
 
     lr: float = Field(1e-3, gt=0, description="Peak learning rate (paper: 1e-4 for the paper-size model).")
-    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
-    warmup_steps: int = Field(100, ge=0, description="Linear warm-up steps.")
+    weight_decay: float = Field(0.01, ge=0, le=MAX_WEIGHT, description="AdamW weight decay.")
+    warmup_steps: int = Field(100, ge=0, le=MAX_STEPS, description="Linear warm-up steps.")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Cosine floor as a fraction of lr.")
-    batch_size: int = Field(128, ge=1, description="Samples per step (each gets a positive and a negative prompt).")
-    grad_clip: float = Field(1.0, ge=0, description="Max gradient norm; 0 disables clipping.")
+    batch_size: int = Field(
+        128, ge=1, le=MAX_BATCH, description="Samples per step (each gets a positive and a negative prompt).")
+    grad_clip: float = Field(1.0, ge=0, le=MAX_WEIGHT, description="Max gradient norm; 0 disables clipping.")
 
 
 class TrainConfig(Section):
     """Loop length, evaluation cadence, precision and reproducibility."""
 
-    steps: int = Field(1000, ge=1, description="Training iterations (paper: 50,000).")
-    eval_every: int = Field(250, ge=1, description="Evaluate on validation classes every N steps.")
-    checkpoint_every: int = Field(250, ge=1, description="Write a resumable checkpoint every N steps.")
-    seed: int = Field(2025, description="Seed of model init, batches, training noise (paper: 2025).")
+    steps: int = Field(1000, ge=1, le=MAX_STEPS, description="Training iterations (paper: 50,000).")
+    eval_every: int = Field(250, ge=1, le=MAX_STEPS, description="Evaluate on validation classes every N steps.")
+    checkpoint_every: int = Field(250, ge=1, le=MAX_STEPS, description="Write a resumable checkpoint every N steps.")
+    seed: Seed = Field(2025, description="Seed of model init, batches, training noise (paper: 2025).")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="bf16 autocast where the device supports it fast (auto), or force one.")
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
-    threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = auto: the process's CPUs (affinity, "
+    threads: int = Field(
+        0, ge=0, le=MAX_THREADS, description="torch intra-op threads; 0 = auto: the process's CPUs (affinity, "
                          "cgroup quota, at most $OMP_NUM_THREADS), 1 for models narrower than 256 "
                          "(trainers.runtime.resolve_threads).")
 
@@ -138,12 +160,12 @@ class TDSMTrainConfig(TrainConfig):
 class SyntheticConfig(Section):
     """The embedded generated feature task (see README: what it is and is not)."""
 
-    samples_per_class: int = Field(60, ge=4, description="Generated feature vectors per class.")
-    feature_dim: int = Field(256, ge=8, description="Width of the generated skeleton features.")
-    noise: float = Field(0.6, ge=0, description="Within-class spread relative to the class prototype scale.")
+    samples_per_class: int = Field(60, ge=4, le=100_000, description="Generated feature vectors per class.")
+    feature_dim: int = Field(256, ge=8, le=16384, description="Width of the generated skeleton features.")
+    noise: float = Field(0.6, ge=0, le=1000, description="Within-class spread relative to the class prototype scale.")
     text_components: int = Field(
-        16, ge=1, description="Leading principal directions of the class texts that shape the prototypes.")
-    seed: int = Field(0, description="Seed of the generator (prototypes and samples).")
+        16, ge=1, le=4096, description="Leading principal directions of the class texts that shape the prototypes.")
+    seed: Seed = Field(0, description="Seed of the generator (prototypes and samples).")
 
 
 class DataConfig(Section):
@@ -153,13 +175,13 @@ class DataConfig(Section):
         "synthetic", description="'features': SA-DVAE layout in features_dir; 'synthetic': embedded task.")
     features_dir: Path | None = Field(
         None, description="Folder with train.npy, train_label.npy, ztest.npy, z_label.npy.")
-    unseen: Path | list[int] | None = Field(
+    unseen: Path | list[ClassId] | None = Field(
         None, description="Unseen (test) class ids: a ru*.npy file or a list; default for features: z_label's classes.")
-    seen: Path | list[int] | None = Field(
+    seen: Path | list[ClassId] | None = Field(
         None, description="Seen class ids (rs*.npy); default: the non-unseen classes with samples in train_label.npy.")
-    val_unseen: Path | list[int] | int = Field(
+    val_unseen: Path | list[ClassId] | ClassCount = Field(
         5, description="Validation classes carved from the seen ones: a rv*.npy file, a list, or a count N (seeded).")
-    val_seed: int = Field(0, description="Seed of the validation-class draw when val_unseen is a count.")
+    val_seed: Seed = Field(0, description="Seed of the validation-class draw when val_unseen is a count.")
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
 
 
@@ -175,7 +197,7 @@ class TextConfig(Section):
                                  "context (open_clip encode_text on 77 tokens; minilm mean-pooled); 'eot' = the "
                                  "end-of-text (minilm: [SEP]) state of the prompt tokenised to max_tokens, "
                                  "unprojected. Paper: eot.")
-    max_tokens: int = Field(35, ge=1, description="Local text tokens M_l; with pooled=eot also the tokenised "
+    max_tokens: int = Field(35, ge=1, le=1024, description="Local text tokens M_l; with pooled=eot also the tokenised "
                                                   "length (padded/truncated). Paper: 35.")
     class_names: Path | None = Field(None, description="One class name per line; default: embedded NTU-60 names.")
     descriptions: list[Path] | None = Field(
@@ -187,15 +209,16 @@ class TextConfig(Section):
 class EvalConfig(Section):
     """Zero-shot scoring: noise at t_test, pick the class whose text denoises best."""
 
-    t_test: int = Field(25, ge=0, description="Inference step (paper: 25 of T=50); must be < T.")
-    t_test_grid: list[int] | None = Field(
+    t_test: int = Field(25, ge=0, le=MAX_TIMESTEPS, description="Inference step (paper: 25 of T=50); must be < T.")
+    t_test_grid: list[Annotated[int, Field(ge=0, le=MAX_TIMESTEPS)]] | None = Field(
         None, description="t_test values evaluated from one model (Fig. 5 curve); default: 9 values over [1, T).")
-    noise_draws: int = Field(3, ge=1, description="Independent evaluation noise draws; accuracy is averaged.")
+    noise_draws: int = Field(3, ge=1, le=1000, description="Independent evaluation noise draws; accuracy is averaged.")
     tune_t_test: bool = Field(
         False, description="Score the whole grid at every evaluation and report its best point as zsl_top1 "
                            "(sweeps: t_test becomes an inference parameter chosen on validation).")
-    seed: int = Field(1234, description="Seed of the evaluation noise, independent of training randomness.")
-    batch_size: int = Field(64, ge=1, description="Test samples per batched forward (x draws x candidates).")
+    seed: Seed = Field(1234, description="Seed of the evaluation noise, independent of training randomness.")
+    batch_size: int = Field(
+        64, ge=1, le=MAX_BATCH, description="Test samples per batched forward (x draws x candidates).")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,9 +267,54 @@ class DuplicateKeyError(yaml.YAMLError):
     """A mapping gives the same key twice."""
 
 
+class YamlTooLargeError(yaml.YAMLError):
+    """Aliases that expand to more nodes than any config has (a "billion laughs" bomb), or refer to themselves."""
+
+
+# Nodes a YAML document may expand to, aliases counted each time they are used. The largest shipped file (a splits
+# table) expands to ~2,000; `optim.lr: *i` of a billion-laughs bomb to 9**9 (and hangs anything that walks it).
+MAX_YAML_NODES = 100_000
+
+
+def expanded_size(node: yaml.Node, limit: int = MAX_YAML_NODES) -> int:
+    """Nodes of a composed YAML graph with every alias expanded, computed once per distinct node (linear in the
+    file); YamlTooLargeError beyond `limit` or on an alias that contains itself."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(n: yaml.Node) -> int:
+        if id(n) in sizes:
+            return sizes[id(n)]
+        if id(n) in open_nodes:
+            raise YamlTooLargeError(f"an alias on line {n.start_mark.line + 1} contains itself (recursive alias)")
+        open_nodes.add(id(n))
+        if isinstance(n, yaml.SequenceNode):
+            total = 1 + sum(size(child) for child in n.value)
+        elif isinstance(n, yaml.MappingNode):
+            total = 1 + sum(size(k) + size(v) for k, v in n.value)
+        else:
+            total = 1
+        open_nodes.discard(id(n))
+        if total > limit:
+            raise YamlTooLargeError(f"aliases expand to more than {limit:,} values (line {n.start_mark.line + 1}); "
+                                    "refused (a YAML alias bomb?)")
+        sizes[id(n)] = total
+        return total
+
+    return size(node)
+
+
 class _YamlLoader(yaml.SafeLoader):
     """SafeLoader that also reads exponent floats without a dot ('3e-4'): YAML 1.1 would make them strings;
-    and refuses a key given twice in one mapping (plain YAML keeps the last one silently)."""
+    refuses a key given twice in one mapping (plain YAML keeps the last one silently), and a document whose
+    aliases expand beyond MAX_YAML_NODES (checked on the composed graph, before anything is built)."""
+
+    def get_single_data(self):
+        node = self.get_single_node()
+        if node is None:
+            return None
+        expanded_size(node)
+        return self.construct_document(node)
 
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
@@ -295,19 +363,41 @@ def parse_override(item: str) -> tuple[str, Any]:
     key, raw = item.split("=", 1)
     try:
         value = yaml.load(raw, Loader=_YamlLoader) if raw.strip() else ""
+    except YamlTooLargeError as err:
+        raise InputError(f"--set {key.strip()!r}: {err}") from None
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
 
 
+# Error types of a value out of its bounds: for a union field (`Path | list[int] | int`) they name what was wrong,
+# where the other members' errors only say "not a path" / "not a list".
+_BOUND_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number", "too_short",
+                 "too_long")
+
+
+def _dotted_loc(loc: tuple) -> str:
+    """The dotted key of an error location, without pydantic's union-member tags ('list[constrained-int]')."""
+    return ".".join(str(p) for p in loc if not _UNION_TAG.fullmatch(str(p)))
+
+
+_UNION_TAG = re.compile(r".*\[.*|int|float|str|bool|none|[a-z]+(-[a-z]+)+")
+
+
+def first_error(err: ValidationError) -> dict[str, Any]:
+    """The error to report: the first out-of-bounds one if any (a union's real complaint), else the first."""
+    errors = err.errors()
+    return next((e for e in errors if e["type"] in _BOUND_ERRORS), errors[0])
+
+
 def format_validation_error(err: ValidationError) -> str:
     """One line naming the first offending dotted key and what was expected."""
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"])
+    first = first_error(err)
+    loc = _dotted_loc(first["loc"])
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         return f"unknown config key {loc!r}"
-    return f"config key {loc!r}: {msg} (got {first.get('input')!r})" if loc else msg
+    return f"config key {loc!r}: {msg} (got {short_repr(first.get('input'))})" if loc else msg
 
 
 def build_config(cls: type[BaseModel], base: dict[str, Any] | None = None,
@@ -328,7 +418,7 @@ def build_config(cls: type[BaseModel], base: dict[str, Any] | None = None,
         return cls.model_validate(tree)
     except ValidationError as err:
         msg = format_validation_error(err)
-        loc = ".".join(str(p) for p in err.errors()[0]["loc"])
+        loc = _dotted_loc(first_error(err)["loc"])
         from_base = loc and not any(k == loc or k.startswith(f"{loc}.") or loc.startswith(f"{k}.") for k in overrides)
         raise InputError(f"{source}: {msg}" if source and from_base else msg) from None
 
@@ -341,7 +431,7 @@ def load_yaml(path: Path) -> dict[str, Any]:
         raise InputError(f"{path}: config file not found") from None
     except (OSError, UnicodeDecodeError) as err:
         raise InputError(f"{path}: unreadable config file ({type(err).__name__})") from None
-    except DuplicateKeyError as err:
+    except (DuplicateKeyError, YamlTooLargeError) as err:
         raise InputError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
         raise InputError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None

@@ -11,8 +11,9 @@ import numpy as np
 import torch
 
 from trainers.config import DataConfig
-from trainers.errors import InputError
+from trainers.errors import InputError, short_repr
 from trainers.guards import check_finite_rows, check_numeric_array
+from trainers.io import load_npy
 
 # SynSE's NTU-60 55/5 unseen classes (0-based; label_splits/ru5.npy), used by the embedded default.
 EMBEDDED_UNSEEN = [10, 11, 19, 26, 56]
@@ -68,10 +69,7 @@ def load_array(path: Path, ndim: int, what: str) -> np.ndarray:
     """np.load with a one-line error naming the file and the expected shape."""
     if not path.is_file():
         raise InputError(f"{path}: missing ({what})")
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as err:
-        raise InputError(f"{path}: not a readable .npy array ({err})") from None
+    arr = load_npy(path)
     if arr.ndim != ndim:
         raise InputError(f"{path}: expected a {ndim}-D array ({what}), got shape {arr.shape}")
     check_numeric_array(arr, str(path), what)
@@ -153,7 +151,24 @@ def resolve_split(cfg: DataConfig, num_classes: int, default_unseen: list[int], 
                              "(validation classes are carved out of the seen set)")
         if len(val) >= len(seen):
             raise InputError(f"data.val_unseen ({cfg.val_unseen}): leaves no seen class to train on")
+    check_split_sizes(seen, val, f"data.val_unseen ({short_repr(cfg.val_unseen)})")
     return seen, unseen, val
+
+
+# The least a TDSM split can hold: the triplet loss draws a negative class besides each sample's own, and zero-shot
+# validation over one class always scores 100% (the first checkpoint would be kept).
+MIN_TRAIN_CLASSES = MIN_VAL_CLASSES = 2
+
+
+def check_split_sizes(seen: list[int], val: list[int], what: str) -> None:
+    """Enough training classes (seen minus validation) for the triplet loss, and validation classes to choose on."""
+    train = len(set(seen) - set(val))
+    if train < MIN_TRAIN_CLASSES:
+        raise InputError(f"{what}: leaves {train} of {len(seen)} seen classes to train on; the triplet loss needs at "
+                         f"least {MIN_TRAIN_CLASSES} (a negative class besides each sample's own)")
+    if len(val) < MIN_VAL_CLASSES:
+        raise InputError(f"{what}: {len(val)} validation class; zero-shot validation needs at least "
+                         f"{MIN_VAL_CLASSES} (over one class every checkpoint scores 100%)")
 
 
 def load_feature_task(cfg: DataConfig, num_classes: int, class_list: str = "the class list") -> ZSLTask:

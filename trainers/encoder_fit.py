@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +18,7 @@ from torch import nn
 
 from trainers import checkpoint
 from trainers.checkpoint import ENCODER, LAST
-from trainers.config import Section
+from trainers.config import MAX_BATCH, MAX_STEPS, MAX_WEIGHT, Section, Seed
 from trainers.errors import InputError
 from trainers.guards import LossGuard
 from trainers.io import load_checkpoint, load_torch
@@ -37,16 +37,17 @@ class EncoderConfig(Section):
 
     name: Literal["stgcn", "shiftgcn", "ctrgcn"] = Field("stgcn", description="GCN architecture.")
     layout: Literal["ntu-rgb+d", "openpose"] = Field("ntu-rgb+d", description="Skeleton graph layout.")
-    base_channels: int = Field(64, ge=4, description="Width of the first stage; the feature is 4x this.")
-    units_per_stage: list[int] = Field([1, 1, 1], description="GCN units per stage (paper models: 4, 3, 3).")
+    base_channels: int = Field(64, ge=4, le=4096, description="Width of the first stage; the feature is 4x this.")
+    units_per_stage: list[Annotated[int, Field(ge=1, le=64)]] = Field(
+        [1, 1, 1], min_length=1, max_length=16, description="GCN units per stage (paper models: 4, 3, 3).")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout (per unit for ST-GCN, before the head otherwise).")
     stream: Literal["joint", "bone", "motion"] = Field("joint", description="Input stream.")
-    steps: int = Field(400, ge=1, description="Training iterations.")
-    batch_size: int = Field(32, ge=1, description="Sequences per step, shared by all DDP workers.")
-    checkpoint_every: int = Field(100, ge=1, description="Steps between resumable checkpoints (last.pt).")
+    steps: int = Field(400, ge=1, le=MAX_STEPS, description="Training iterations.")
+    batch_size: int = Field(32, ge=1, le=MAX_BATCH, description="Sequences per step, shared by all DDP workers.")
+    checkpoint_every: int = Field(100, ge=1, le=MAX_STEPS, description="Steps between resumable checkpoints (last.pt).")
     lr: float = Field(1e-3, gt=0, description="Peak AdamW learning rate (cosine decay, 5% warm-up).")
-    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay.")
-    seed: int = Field(0, description="Seed of init and batches.")
+    weight_decay: float = Field(1e-4, ge=0, le=MAX_WEIGHT, description="AdamW weight decay.")
+    seed: Seed = Field(0, description="Seed of init and batches.")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="bf16 autocast where fast.")
     device: str = Field("auto", description="'auto', 'cpu', 'cuda'.")
 
@@ -137,7 +138,7 @@ def fit_encoder(cfg: EncoderConfig, x: torch.Tensor, y: torch.Tensor, classes: l
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     fingerprint = training_fingerprint(cfg, x, classes)
     last = Path(run_dir) / LAST if run_dir is not None else None
-    step = _resume(last, fingerprint, model, opt) if last is not None and last.is_file() else 0
+    step = _resume(last, fingerprint, model, opt, cfg.steps) if last is not None and last.is_file() else 0
     train_model = wrap_model(model) if wrap_model is not None else model
     warmup, every = max(1, cfg.steps // 20), log_every(cfg.steps, cap=None)
     correct = seen = 0
@@ -187,9 +188,13 @@ def _save_last(path: Path, fingerprint: str, model: nn.Module, opt, step: int, m
                            "fingerprint": fingerprint, "metrics": metrics})
 
 
-def _resume(path: Path, fingerprint: str, model: nn.Module, opt) -> int:
-    """Load last.pt into model/optimizer; refuse a checkpoint written under another config or data."""
-    return int(checkpoint.restore(path, fingerprint, ("model", "optimizer", "step"), {"model": model}, opt)["step"])
+def _resume(path: Path, fingerprint: str, model: nn.Module, opt, total: int) -> int:
+    """Load last.pt into model/optimizer; refuse a checkpoint written under another config or data, or whose
+    contents do not fit this model and config (checkpoint.check_last)."""
+    state = checkpoint.restore(path, fingerprint, ("model", "optimizer", "step"), {"model": model}, opt, total,
+                               optional=("metrics",))
+    checkpoint.check_metrics(path, "metrics", state.get("metrics", {}))
+    return state["step"]
 
 
 def save_encoder(model: Encoder, classes: list[int], cfg: EncoderConfig, path: Path) -> Path:
@@ -207,9 +212,9 @@ def load_encoder(path: Path) -> tuple[Encoder, EncoderConfig, list[int]]:
         model = build_encoder(cfg.name, len(blob["classes"]), in_channels=blob["in_channels"], layout=cfg.layout,
                               base_channels=cfg.base_channels, units_per_stage=tuple(cfg.units_per_stage),
                               dropout=cfg.dropout)
-        model.load_state_dict(blob["model"])
-    except Exception as err:  # noqa: BLE001 - a config or weights that do not fit: one line
+    except Exception as err:  # noqa: BLE001 - a config that does not build: one line
         raise InputError(f"{path}: not an encoder checkpoint ({type(err).__name__})") from None
+    checkpoint.load_weights(path, "model", blob["model"], model)        # keys, shapes, finite: one line naming them
     return model.eval(), cfg, list(blob["classes"])
 
 

@@ -33,6 +33,13 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        Path(tmp).unlink(missing_ok=True)
+        # torch.save wraps the OSError of its file object (ENOSPC) in a RuntimeError ("unexpected pos ...").
+        cause = err if isinstance(err, OSError) else err.__cause__ or err.__context__
+        if isinstance(cause, OSError) and cause.filename in (None, tmp):   # unnamed or the temp name: the target
+            raise OSError(cause.errno, cause.strerror or str(cause), str(path)) from None
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -40,8 +47,14 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> Path:
-    """torch.save through a temporary file."""
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    """torch.save through a temporary file, written through a Python file object: on a full disk, torch.save to a
+    path raises a RuntimeError ("unexpected pos ..."); through a file object the OSError (ENOSPC) comes through."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+
+    return atomic_write(path, write)
 
 
 # What a refused pickle says; the message tests and the README quote.
@@ -84,6 +97,22 @@ def load_checkpoint(path: Path, fingerprint: str | None = None, keys: tuple[str,
         raise InputError(f"{path}: written with a different training config (or data); use another run dir or "
                          "delete it")
     return state
+
+
+def load_npy(path: Path, mmap_mode: str | None = None, what: str = ".npy array"):
+    """np.load of one array without pickles; a file that is not one .npy array (a .npz zip archive, which np.load
+    opens as an NpzFile, a truncated or foreign file) is a one-line InputError naming it."""
+    import numpy as np
+
+    try:
+        arr = np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise InputError(f"{path}: not a readable {what} ({type(err).__name__}: {str(err)[:120]})") from None
+    if not isinstance(arr, np.ndarray):
+        if hasattr(arr, "close"):
+            arr.close()
+        raise InputError(f"{path}: a {type(arr).__name__} (a zip archive of arrays, .npz), expected one {what}")
+    return arr
 
 
 def atomic_save_npy(array, path: Path) -> Path:

@@ -16,7 +16,7 @@ from torch import nn
 
 from trainers import checkpoint
 from trainers.checkpoint import BEST, LAST
-from trainers.config import TDSMConfig, flatten, to_plain
+from trainers.config import MAX_STEPS, TDSMConfig, flatten, to_plain
 from trainers.data import FeatureSplit
 from trainers.diffusion import NoiseSchedule
 from trainers.errors import InputError
@@ -172,7 +172,7 @@ def fit_tdsm(cfg: TDSMConfig, train: FeatureSplit, train_classes: list[int], eva
     fingerprint = training_fingerprint(cfg)
     step, best = 0, -1.0
     if run_dir is not None and (Path(run_dir) / LAST).is_file():
-        step, best = _resume(Path(run_dir) / LAST, fingerprint, model, opt, gen)
+        step, best = _resume(Path(run_dir) / LAST, fingerprint, model, opt, gen, cfg.train.steps)
     if rank > 0:
         gen.manual_seed(int(stable_hash({"seed": cfg.train.seed, "rank": rank, "step": step})[:15], 16))
 
@@ -250,14 +250,16 @@ def _save_last(path: Path, fingerprint: str, model, opt, gen: torch.Generator, s
     })
 
 
-def _resume(path: Path, fingerprint: str, model, opt, gen: torch.Generator) -> tuple[int, float]:
-    """Load last.pt into model/optimizer/generator; refuse a checkpoint written under another config."""
+def _resume(path: Path, fingerprint: str, model, opt, gen: torch.Generator, total: int) -> tuple[int, float]:
+    """Load last.pt into model/optimizer/generator; refuse a checkpoint written under another config, or whose
+    contents do not fit this model and config (checkpoint.check_last)."""
     state = checkpoint.restore(path, fingerprint, ("model", "optimizer", "generator", "torch_rng", "step", "best"),
-                               {"model": model}, opt)
-    gen.set_state(state["generator"])
+                               {"model": model}, opt, total)
+    checkpoint.set_rng_entry(path, "generator", state["generator"], gen.set_state, gen.get_state())
+    best = checkpoint.check_score(path, "best", state["best"])
     if (Path(path).parent / BEST).is_file():    # a bad best.pt fails now, not after the whole run has trained
-        load_best(Path(path).parent)
-    return int(state["step"]), float(state["best"])
+        load_best(Path(path).parent, model, total)
+    return state["step"], best
 
 
 def load_best_weights(model: TDSMDenoiser, run_dir: Path) -> bool:
@@ -265,13 +267,20 @@ def load_best_weights(model: TDSMDenoiser, run_dir: Path) -> bool:
     path = Path(run_dir) / BEST
     if not path.is_file():
         return False
-    model.load_state_dict(load_best(run_dir)["model"])
+    model.load_state_dict(load_best(run_dir, model)["model"])
     return True
 
 
-def load_best(run_dir: Path) -> dict[str, Any]:
-    """run_dir/best.pt (weights, step, metrics, config); one-line InputError when it is unreadable."""
-    return load_checkpoint(Path(run_dir) / BEST, keys=("model", "metrics"))
+def load_best(run_dir: Path, model: TDSMDenoiser, max_step: int | None = None) -> dict[str, Any]:
+    """run_dir/best.pt (weights, step, metrics, config) checked against `model` (keys, shapes, finite weights)
+    and, given max_step, its step; one-line InputError when it is unreadable or does not fit."""
+    path = Path(run_dir) / BEST
+    state = load_checkpoint(path, keys=("model", "metrics"))
+    checkpoint.check_weights(path, "model", state["model"], model)
+    checkpoint.check_metrics(path, "metrics", state["metrics"])
+    if "step" in state:
+        checkpoint.check_step(path, "step", state["step"], max_step if max_step is not None else MAX_STEPS)
+    return state
 
 
 def evaluate_split(cfg: TDSMConfig, model: TDSMDenoiser, split: FeatureSplit, classes: list[int],

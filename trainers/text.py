@@ -230,22 +230,29 @@ def encode_prompt_sets(
         raise RuntimeError(f"{identity} returned {features.num_tokens} local tokens, expected {max_tokens}")
 
     if path is not None and _cache_writable(path):
-        atomic_torch_save(
-            {
-                "format": CACHE_FORMAT_VERSION,
-                "key": key,
-                "identity": identity,
-                "layer": layer,
-                "pooled": pooled,
-                "max_tokens": max_tokens,
-                "prompt_sets": [list(prompts) for prompts in prompt_sets],
-                "global_feats": features.global_feats,
-                "local_feats": features.local_feats,
-                "sha256": features_sha256(features),
-            },
-            path,
-        )
+        _write_cache(path, {
+            "format": CACHE_FORMAT_VERSION,
+            "key": key,
+            "identity": identity,
+            "layer": layer,
+            "pooled": pooled,
+            "max_tokens": max_tokens,
+            "prompt_sets": [list(prompts) for prompts in prompt_sets],
+            "global_feats": features.global_feats,
+            "local_feats": features.local_feats,
+            "sha256": features_sha256(features),
+        })
     return features
+
+
+def _write_cache(path: Path, blob: dict) -> None:
+    """Write a cache file; a full (or otherwise failing) cache disk only costs speed: a warning, and training goes on
+    (atomic_write leaves no partial file)."""
+    try:
+        atomic_torch_save(blob, path)
+    except OSError as err:
+        print(f"warning: text-feature cache {path.parent}: could not write {path.name} "
+              f"({err.strerror or type(err).__name__}); going on without caching", file=sys.stderr)
 
 
 def _load_cached(path: Path, key: str, num_prompts: int, max_tokens: int) -> TextFeatures | None:

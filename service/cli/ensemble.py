@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     weights = args.weights or [1.0] * len(args.sources)
     if not all(np.isfinite(w) for w in weights):
         raise InputError(f"--weights {' '.join(map(str, weights))}: expected finite numbers")
+    if any(w < 0 for w in weights) or not any(w > 0 for w in weights):
+        raise InputError(f"--weights {' '.join(map(str, weights))}: expected weights >= 0, at least one > 0 (all "
+                         "zero would fuse to zero logits, a meaningless accuracy)")
     if len(weights) != len(args.sources):
         raise InputError(f"--weights: {len(weights)} weights for {len(args.sources)} sources (one per SOURCE)")
     if args.out is not None and args.out.exists() and not args.out.is_dir():

@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from service.process import exits_cleanly
+from service.process import exits_cleanly, lock_dir
 from trainers.errors import InputError
 from trainers.io import atomic_write_text
 from trainers.skeleton.prepare import DATASETS, parse_split_lists, prepare
@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.workers < 1:
         raise InputError(f"--workers {args.workers}: expected at least 1")
+    # One prepare per --out: a second one into the same folder at once would race on its shards and files.
+    lock_dir(args.out, "another prepare into the same --out", "pass another --out")
     raw = args.raw
     if args.dataset == "synthetic":
         raw = raw or args.out / "raw"

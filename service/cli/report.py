@@ -14,7 +14,8 @@ from service.data.splits import load_references, splits_file
 from service.process import exits_cleanly
 from service.tracking.report import REPORT_EXPERIMENT, write_report
 from service.tracking.store import resolve_tracking_uri
-from trainers.errors import InputError
+from trainers.config import load_yaml
+from trainers.errors import InputError, short_repr
 
 REPORT_EXAMPLES = """examples:
   python -m service.report --splits ntu60-synse-55-5 ntu60-synse-48-12 --tracking-uri http://mlflow:5000
@@ -41,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     path = splits_file("tdsm", args.splits_file)
     if not path.is_file():
         raise InputError(f"--splits-file {path}: not found")
+    known = load_yaml(path)
+    unknown = [name for name in args.splits if name not in known]
+    if unknown:    # a `not run` row with exit 0 said nothing about the typo
+        raise InputError(f"--splits {short_repr(unknown[0])}: unknown split; known in {path}: {', '.join(known)}")
     uri = resolve_tracking_uri(args.tracking_uri)
     refs = load_references(path, list(args.splits))
     md, _ = write_report(uri, dict.fromkeys(args.splits), refs,

@@ -13,8 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from trainers.config import load_yaml
 from trainers.errors import InputError
 
 REPO_SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
@@ -27,7 +26,7 @@ REFERENCE_KEYS = ("protocol", "top1", "source", "checked", "note", "group")
 
 def load_splits(path: Path, names: list[str]) -> list[tuple[str, dict[str, Any]]]:
     """(name, dotted overrides) for each requested split; env vars expanded, relative paths made absolute."""
-    table = yaml.safe_load(Path(path).read_text()) if Path(path).is_file() else None
+    table = load_yaml(path) if Path(path).is_file() else None       # bounded aliases, duplicate keys refused
     if not isinstance(table, dict):
         raise InputError(f"{path}: splits file missing or not a mapping of split names")
     out = []
@@ -41,7 +40,7 @@ def load_splits(path: Path, names: list[str]) -> list[tuple[str, dict[str, Any]]
 
 def load_references(path: Path, names: list[str]) -> dict[str, dict[str, Any]]:
     """The paper's reference of each named split that has one (its `reference:` block), checked; see REFERENCE_KEYS."""
-    table = yaml.safe_load(Path(path).read_text()) if Path(path).is_file() else None
+    table = load_yaml(path) if Path(path).is_file() else None
     if not isinstance(table, dict):
         raise InputError(f"{path}: splits file missing or not a mapping of split names")
     out = {}

@@ -44,6 +44,7 @@ class Method(Protocol):
     name: str                            # "tdsm" | "cocodiff": the config's `method:`, CLI choices, MLflow tags
     config_cls: type                     # its pydantic config (trainers/)
     objective: str                       # validation metric choosing the kept weights; ranked as f"{objective}_max"
+    rankable_metrics: tuple[str, ...]    # validation metrics reported at every evaluation: what a sweep may rank on
     inference_grid: bool                 # its search space scores an inference-time grid (`inference.t_test`)
     default_split: str | None            # the split a command runs when it names no data (None: the config's data)
     data_shortcuts: bool                 # accepts --features / --unseen / --seen / --val-unseen

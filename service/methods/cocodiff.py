@@ -316,6 +316,7 @@ class CoCoDiff:
     name = "cocodiff"
     config_cls = CoCoDiffConfig
     objective = OBJECTIVE
+    rankable_metrics = (OBJECTIVE, "val/top5")   # trainers.cocodiff_eval.accuracy_metrics on validation; never test
     inference_grid = False
     default_split: str | None = None        # the config's own data (the generated set by default)
     data_shortcuts = False

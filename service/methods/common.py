@@ -51,6 +51,11 @@ def open_run(args, method: str, dataset: str, fingerprint: str, cfg) -> tuple[Pa
     except (json.JSONDecodeError, UnicodeDecodeError):
         print(f"note: {id_file} is unreadable; starting a new MLflow run", file=sys.stderr)
         previous = {}
+    if not isinstance(previous, dict) or not all(isinstance(previous.get(k, ""), str) for k in
+                                                 ("run_id", "tracking_uri", "config_hash")):
+        # Valid JSON of another shape (a list, a number as run_id): the same answer as a torn file.
+        print(f"note: {id_file} does not hold a run id object; starting a new MLflow run", file=sys.stderr)
+        previous = {}
     # The run dir is keyed by the training config only; MLflow params cannot change, so a resume under other
     # evaluation settings opens a new MLflow run (training still resumes from last.pt).
     config_hash = stable_hash(to_plain(cfg))

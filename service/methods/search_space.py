@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from service.methods import METHODS
 from trainers.config import build_config, format_validation_error, load_yaml
-from trainers.errors import InputError
+from trainers.errors import InputError, short_repr
 
 # Per-sweep inputs: prepared once in the driver and shared by every trial, so they cannot vary per trial.
 PER_SWEEP_PREFIXES = ("data.", "text.", "method")
@@ -17,9 +17,10 @@ T_KEY = "diffusion.num_train_timesteps"
 
 
 class Distribution(BaseModel):
-    """Exactly one of: choice [v...], uniform [lo, hi], loguniform [lo, hi], randint [lo, hi)."""
+    """Exactly one of: choice [v...], uniform [lo, hi], loguniform [lo, hi], randint [lo, hi). Range ends are
+    finite (Ray would fail on `.inf` only once the sweep has started)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     choice: list[Any] | None = None
     uniform: tuple[float, float] | None = None
@@ -97,6 +98,9 @@ class SearchSpace(BaseModel):
         method = METHODS[self.method]
         if self.metric is None:          # always a validation metric, never test
             self.metric = method.objective
+        if self.metric not in method.rankable_metrics:
+            raise ValueError(f"metric {short_repr(self.metric)}: trials of {self.method} can only be ranked on a "
+                             f"validation metric they report: {', '.join(method.rankable_metrics)}")
         grids = self.inference is not None or (self.smoke is not None and self.smoke.inference is not None)
         if method.inference_grid and self.inference is None:
             raise ValueError(f"inference: required for method {self.method} (the t_test grid)")
@@ -148,7 +152,7 @@ def check_against_config(space: SearchSpace, config_cls, base: dict[str, Any], p
                                          "(t_test must be < diffusion.num_train_timesteps)")
                 build_config(config_cls, base, {**fixed, **trial_overrides(space, {key: value}, T)})
             except InputError as err:
-                raise InputError(f"{path}: params.{key}={value!r}: {err}") from None
+                raise InputError(f"{path}: params.{key}={short_repr(value)}: {err}") from None
     if space.inference is None:
         return
     if T_KEY not in space.params:

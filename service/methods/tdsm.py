@@ -105,7 +105,8 @@ def run(cfg: TDSMConfig, args) -> dict:
         result = fit_tdsm(cfg, fit_train, fit_classes, val, task.val, text, reporter, run_dir,
                           eval_prefix="val", progress=not args.no_progress)
         reporter.log_params({"derived.num_parameters": count_parameters(result.model)})
-        best = load_best(run_dir) if (run_dir / BEST).is_file() else {}    # one-line InputError when unreadable
+        # One-line InputError when unreadable or not this model's (NaN weights, other shapes, a step past train.steps)
+        best = load_best(run_dir, result.model, cfg.train.steps) if (run_dir / BEST).is_file() else {}
         if best:
             result.model.load_state_dict(best["model"])
         val_metrics = best.get("metrics", result.last_metrics)
@@ -226,6 +227,8 @@ class TDSM:
     name = "tdsm"
     config_cls = TDSMConfig
     objective = OBJECTIVE
+    # Reported at every validation evaluation (trainers.tdsm_fit.zsl_metric_dict with selection=True); never test.
+    rankable_metrics = (OBJECTIVE, "val/zsl_top1_ensemble", "val/zsl_top1_best")
     inference_grid = True                   # trials score a t_test grid (the search space's `inference:`)
     default_split: str | None = "synthetic-skeleton"
     data_shortcuts = True                   # --features / --unseen / --seen / --val-unseen

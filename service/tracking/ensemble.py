@@ -23,6 +23,7 @@ from service.tracking.artifacts import log_classification_outputs
 from service.tracking.store import MLflowReporter, standard_tags
 from trainers.cocodiff_eval import accuracy_metrics, ensemble_logits
 from trainers.errors import InputError
+from trainers.io import load_npy
 
 DEFAULT_EXPERIMENT = "cocodiff-ensemble"   # when no SOURCE is a run (otherwise: the first run's experiment)
 
@@ -47,9 +48,9 @@ def read_arrays(source: str, logits_path: Path, labels_path: Path) -> tuple[torc
     arrays = []
     for path in (logits_path, labels_path):
         try:
-            arrays.append(np.load(path, allow_pickle=False))
-        except (OSError, ValueError) as err:
-            raise InputError(f"{source}: {path.name} is not a readable .npy file ({err})") from None
+            arrays.append(load_npy(path))
+        except InputError as err:
+            raise InputError(f"{source}: {err}") from None
     logits, labels = arrays
     if logits.ndim != 2 or labels.ndim != 1 or len(logits) != len(labels):
         raise InputError(f"{source}: {logits_path.name} {logits.shape} and {labels_path.name} {labels.shape} "

@@ -29,6 +29,7 @@ from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
 from service.tracking.store import MLflowReporter
+from trainers.checkpoint import load_weights
 from trainers.cocodiff import CoCoDiffConfig
 from trainers.cocodiff_classifier import SkeletonClassifier, load_classifier
 from trainers.cocodiff_eval import ensemble_logits
@@ -58,7 +59,7 @@ class ZeroShotTDSM(_PythonModel):
         self.classes = list(blob["classes"])
         self.text = TextFeatures(blob["text_global"], blob["text_local"])
         self.model = build_model(self.cfg, blob["feature_dim"], self.text)
-        self.model.load_state_dict(blob["model"])
+        load_weights(Path(context.artifacts["bundle"]), "model", blob["model"], self.model)
         self.model.eval()
         self.schedule = build_schedule(self.cfg)
 

@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.git_utils import get_git_commit
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
 
-from trainers.errors import InputError
+from trainers.errors import InputError, short_repr
 from trainers.zsl import ZSLCurve
 
 DEFAULT_DB = "mlflow.db"
@@ -98,6 +98,23 @@ def check_tracking_server(uri: str) -> None:
     _checked.add(uri)
 
 
+def check_uri_syntax(uri: str, where: str) -> None:
+    """A URI that urllib can split (`http://[::1` cannot: ValueError deep inside MLflow); the message names where it
+    came from and never echoes a password."""
+    try:
+        parts = urlsplit(uri)
+        parts.port                                      # noqa: B018 - parsing the port raises on a bad one
+    except ValueError as err:
+        raise InputError(f"{where} {short_repr(redact_uri_text(uri))}: not a valid URI ({err}); expected e.g. "
+                         "http://host:5000 or sqlite:///path/mlflow.db") from None
+
+
+def redact_uri_text(uri: str) -> str:
+    """A URI string without anything between '://' and the last '@' (works on URIs urllib cannot parse)."""
+    head, sep, rest = uri.partition("://")
+    return f"{head}{sep}{rest.rsplit('@', 1)[1]}" if sep and "@" in rest else uri
+
+
 def resolve_tracking_uri(cli_value: str | None = None) -> str:
     """--tracking-uri, else $MLFLOW_TRACKING_URI, else sqlite in the working directory; local paths made absolute,
     credentials moved into the environment (the result is safe to print and store), a remote server probed.
@@ -105,7 +122,10 @@ def resolve_tracking_uri(cli_value: str | None = None) -> str:
     Ray jobs and trials run in other directories, so a relative sqlite path would point somewhere else there.
     """
     if os.environ.get("MLFLOW_TRACKING_URI"):   # child processes inherit the environment: no secret in it either
+        check_uri_syntax(os.environ["MLFLOW_TRACKING_URI"], "$MLFLOW_TRACKING_URI")
         os.environ["MLFLOW_TRACKING_URI"] = move_credentials(os.environ["MLFLOW_TRACKING_URI"])
+    if cli_value:
+        check_uri_syntax(cli_value, "--tracking-uri")
     uri = cli_value or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_DB}"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = f"sqlite:///{(Path.cwd() / uri[len('sqlite:///'):]).resolve()}"

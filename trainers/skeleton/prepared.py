@@ -16,6 +16,7 @@ import numpy as np
 
 from trainers.errors import InputError
 from trainers.guards import check_finite_rows
+from trainers.io import load_npy
 
 FILES = ("data.npy", "label.npy", "index.tsv")
 SAMPLE_COLUMNS = 6                     # name, label, setup, camera, performer, replication
@@ -67,8 +68,10 @@ def read_prepared(folder: Path, benchmark: str | None = None) -> PreparedSet:
     col = header.index(benchmark)
     verify_prepared(folder)
     try:
-        data = np.load(folder / "data.npy", mmap_mode="r")
-        labels = np.load(folder / "label.npy").astype(np.int64)
+        data = load_npy(folder / "data.npy", mmap_mode="r")
+        labels = load_npy(folder / "label.npy").astype(np.int64)
+    except InputError:
+        raise                                             # names the file (e.g. a .npz archive)
     except (ValueError, OSError, EOFError) as err:       # a truncated file: the header promises more bytes
         raise InputError(f"{folder}: data.npy or label.npy unreadable ({type(err).__name__}: truncated or "
                          "corrupt); re-run `python -m service.prepare`") from None
