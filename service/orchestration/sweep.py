@@ -45,7 +45,6 @@ from trainers.config import build_config, dump_yaml
 from trainers.errors import InputError
 from trainers.io import stable_hash
 
-
 STATE_SYNC_S = 10
 
 
