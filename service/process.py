@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from trainers.errors import InputError
+from trainers.errors import InputError, ServiceUnavailable
 from trainers.runtime import apply_thread_policy
 
 
@@ -61,7 +61,8 @@ ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errn
 
 
 def exits_cleanly(main: Callable[..., int | None]) -> Callable[..., int]:
-    """Bad input -> 'error: <one line>' on stderr and exit code 2; Ctrl-C -> 130; SIGTERM -> 143."""
+    """Bad input -> 'error: <one line>' on stderr and exit code 2; a tracking server or object store that stayed
+    unreachable -> one line and 3; Ctrl-C -> 130; SIGTERM -> 143."""
 
     @functools.wraps(main)
     def wrapper(*a, **kw) -> int:
@@ -75,6 +76,9 @@ def exits_cleanly(main: Callable[..., int | None]) -> Callable[..., int]:
         except InputError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
+        except ServiceUnavailable as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 3
         except OSError as err:
             # A read-only, full or misnamed run / output / cache folder: the environment, not a bug; one line.
             if err.errno not in ENVIRONMENT_ERRNOS or err.filename is None:

@@ -15,13 +15,15 @@ import contextlib
 import functools
 import os
 import shutil
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
-from trainers.errors import InputError
+from trainers.errors import InputError, ServiceUnavailable
 from trainers.io import atomic_write, atomic_write_text
 
 # What an object store reads from the environment: never logged, tagged or stored (service.tracking.store redacts
@@ -30,6 +32,40 @@ STORAGE_ENDPOINT_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "MLFLOW_S3_E
                          "AWS_REGION")
 STORAGE_SECRET_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 SECRET_QUERY_KEYS = {"access_key", "secret_key", "session_token"}
+
+
+# An object store that does not answer (restarted, a network blip): our own reads and writes retry for up to
+# STORAGE_OUTAGE_S with a warning, then fail in one line (trainers.errors.ServiceUnavailable, exit 3). Ray's own
+# checkpoint uploads fail the trial instead, which Tune restarts from its last checkpoint (--trial-retries).
+STORAGE_OUTAGE_S = float(os.environ.get("SKELDIFF_STORAGE_OUTAGE_S", "120"))
+TRANSIENT = ("curlCode: 7", "Couldn't connect", "Connection refused", "connection reset", "timed out", "Timeout",
+             "NETWORK_CONNECTION", "SERVICE_UNAVAILABLE", "SLOW_DOWN", "INTERNAL_FAILURE", "Unable to connect")
+
+
+_patience = [STORAGE_OUTAGE_S]     # check_writable waits less: a wrong endpoint should fail in seconds
+
+
+def patiently(what: str, fn, *args):
+    """fn(*args) for an object store, retried with backoff while the store does not answer."""
+    start, delay, warned = time.monotonic(), 1.0, False
+    budget = _patience[-1]
+    while True:
+        try:
+            return fn(*args)
+        except OSError as err:
+            text = str(err)
+            if not any(t.lower() in text.lower() for t in TRANSIENT):
+                raise
+            waited = time.monotonic() - start
+            if waited > budget:
+                raise ServiceUnavailable(f"object store unreachable for {waited:.0f} s ({what}): "
+                                         f"{text.strip().splitlines()[0][:200]}") from None
+            if not warned:
+                print(f"warning: object store unreachable ({what}): {text.strip().splitlines()[0][:160]}; retrying "
+                      f"for up to {budget:.0f} s", file=sys.stderr)
+                warned = True
+            time.sleep(delay)
+            delay = min(delay * 2, 15.0)
 
 
 def is_uri(value: str | os.PathLike) -> bool:
@@ -120,14 +156,18 @@ class Storage:
         import pyarrow.fs
 
         fs, path = self._fs()
-        return fs.get_file_info(path).type == pyarrow.fs.FileType.File
+        return patiently(self.root, fs.get_file_info, path).type == pyarrow.fs.FileType.File
 
     def read_bytes(self) -> bytes:
         if self.is_local:
             return Path(self.root).read_bytes()
         fs, path = self._fs()
-        with fs.open_input_stream(path) as f:
-            return f.read()
+
+        def read() -> bytes:
+            with fs.open_input_stream(path) as f:
+                return f.read()
+
+        return patiently(self.root, read)
 
     def read_text(self) -> str:
         return self.read_bytes().decode()
@@ -140,7 +180,7 @@ class Storage:
         import pyarrow.fs
 
         fs, path = self._fs()
-        infos = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
+        infos = patiently(self.root, fs.get_file_info, pyarrow.fs.FileSelector(path, allow_not_found=True))
         return sorted(info.base_name for info in infos)
 
     def files(self) -> list[str]:
@@ -152,7 +192,8 @@ class Storage:
         import pyarrow.fs
 
         fs, path = self._fs()
-        infos = fs.get_file_info(pyarrow.fs.FileSelector(path, recursive=True, allow_not_found=True))
+        infos = patiently(self.root, fs.get_file_info,
+                          pyarrow.fs.FileSelector(path, recursive=True, allow_not_found=True))
         return sorted(i.path[len(path.rstrip("/")) + 1:] for i in infos if i.type == pyarrow.fs.FileType.File)
 
     # --- writing --------------------------------------------------------------------------------------------
@@ -162,8 +203,12 @@ class Storage:
             atomic_write(Path(self.root), lambda tmp: tmp.write_bytes(data))
             return self
         fs, path = self._fs()
-        with fs.open_output_stream(path) as f:
-            f.write(data)
+
+        def write() -> None:
+            with fs.open_output_stream(path) as f:
+                f.write(data)
+
+        patiently(self.root, write)
         return self
 
     def write_text(self, text: str) -> Storage:
@@ -180,8 +225,12 @@ class Storage:
                 atomic_write(Path(self.root), lambda tmp: shutil.copyfile(local, tmp))
                 return self
             fs, path = self._fs()
-            with local.open("rb") as src, fs.open_output_stream(path) as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
+
+            def copy() -> None:
+                with local.open("rb") as src, fs.open_output_stream(path) as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+
+            patiently(self.root, copy)
             return self
         for p in sorted(local.rglob("*")):
             if p.is_file():
@@ -213,23 +262,26 @@ class Storage:
         import pyarrow.fs
 
         fs, path = self._fs()
-        info = fs.get_file_info(path)
+        info = patiently(self.root, fs.get_file_info, path)
         if info.type == pyarrow.fs.FileType.File:
-            fs.delete_file(path)
+            patiently(self.root, fs.delete_file, path)
         elif info.type == pyarrow.fs.FileType.Directory:
-            fs.delete_dir(path)
+            patiently(self.root, fs.delete_dir, path)
 
     def check_writable(self) -> Storage:
         """Fail in seconds, in one line naming the location, when it cannot be written (no bucket, no credentials,
         no server), before a sweep or a final run starts: a probe object written and deleted."""
         probe = self / f".skeldiff-probe-{os.getpid()}"
+        _patience.append(10.0)
         try:
             probe.write_bytes(b"")
             probe.remove()
-        except OSError as err:
+        except (OSError, ServiceUnavailable) as err:
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             hint = "" if self.is_local else " (bucket, AWS_* credentials and AWS_ENDPOINT_URL are checked here)"
             raise InputError(f"--storage-path {self.root}: not writable: {first[:300]}{hint}") from None
+        finally:
+            _patience.pop()
         return self
 
     @contextlib.contextmanager

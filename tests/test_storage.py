@@ -144,3 +144,29 @@ def test_chain_cache_syncs_missing_files_markers_last(s3_env, tmp_path, monkeypa
     assert copy == local_copy(remote) and (copy / "features-k" / "train.npy").read_text() == "features-k/train.npy"
     shutil.rmtree(copy)
 
+
+
+def test_an_object_store_outage_is_waited_out_then_reported_in_one_line(monkeypatch, capsys):
+    import threading
+
+    import service.storage as storage
+
+    server = S3Server().start()
+    try:
+        server.create_bucket()
+        apply_env(server, monkeypatch)
+        obj = Storage.parse(f"s3://{BUCKET}/outage/state.json")
+        obj.write_text("before")
+        server.stop()
+        threading.Timer(8.0, server.start).start()               # back 8 s later, same port, same objects
+        assert obj.read_text() == "before"                        # waited out
+        assert "warning: object store unreachable" in capsys.readouterr().err
+        server.stop()
+        monkeypatch.setattr(storage, "_patience", [2.0])
+        with pytest.raises(storage.ServiceUnavailable) as err:
+            obj.write_text("after")
+        assert str(err.value).startswith("object store unreachable for") and "\n" not in str(err.value)
+        server.start()
+        assert obj.read_text() == "before"                        # nothing half-written
+    finally:
+        server.stop()

@@ -20,3 +20,9 @@ class InputError(ValueError):
 class TrainingDivergedError(InputError):
     """A non-finite training loss. Not a program bug: the config (e.g. the learning rate) or the data made the
     run diverge, and re-running it unchanged diverges again, so the CLIs report it like bad input (exit 2)."""
+
+
+class ServiceUnavailable(RuntimeError):
+    """A service the run needs (the MLflow tracking server, the object store) stayed unreachable longer than the run
+    waits for it. The CLIs report it in one line with exit code 3: not bad input, and re-running once it is back
+    resumes the run."""

@@ -40,7 +40,7 @@ from service.process import SIGTERM_RECEIVED, Terminated, lock_dir, sigterm_stop
 from service.storage import Storage
 from service.tracking.sources import STATE_FILE, read_state
 from service.tracking.store import MLflowReporter, standard_tags
-from service.tracking.trials import best_child, close_trial_run, report_trials, trial_timing
+from service.tracking.trials import best_child, close_orphans, close_trial_run, report_trials, trial_timing
 from trainers.config import build_config, dump_yaml
 from trainers.errors import InputError
 from trainers.io import stable_hash
@@ -266,6 +266,7 @@ def finish_split(parent: MLflowReporter, experiment: str, uri: str, name: str, s
     """Pick the best child run from MLflow (robust to a stale Tune snapshot) and write its config."""
     client = parent.client
     exp = client.get_experiment_by_name(experiment)
+    close_orphans(client, exp.experiment_id, parent.run_id)
     metric = f"{space.metric}_max"
     best = best_child(client, exp.experiment_id, parent.run_id, metric, space.mode)
     if best is None:

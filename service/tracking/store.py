@@ -9,6 +9,7 @@ trials under a parent run per split, nor find a retried or resumed trial's run i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
@@ -23,7 +24,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.git_utils import get_git_commit
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
 
-from trainers.errors import InputError, short_repr
+from trainers.errors import InputError, ServiceUnavailable, short_repr
 from trainers.zsl import ZSLCurve
 
 DEFAULT_DB = "mlflow.db"
@@ -171,19 +172,145 @@ def standard_tags(**extra: Any) -> dict[str, str]:
     return tags
 
 
-class MLflowReporter:
-    """Reporter (see trainers.tracking) bound to one MLflow run."""
+# How long a run rides out a tracking server that does not answer (a restart, a network blip) before it gives up,
+# and how often it tries again meanwhile. Metrics are buffered in memory and training goes on; every other call
+# (params, tags, artifacts, the run's end) waits for the server.
+OUTAGE_S = float(os.environ.get("SKELDIFF_TRACKING_OUTAGE_S", "300"))
+RETRY_EVERY_S = 5.0
+UNREACHABLE = ("Max retries exceeded", "Connection refused", "Connection aborted", "RemoteDisconnected",
+               "Read timed out", "NewConnectionError", "too many 50")
 
-    def __init__(self, client: MlflowClient, run_id: str):
-        self.client = client
+
+def is_unreachable(err: BaseException) -> bool:
+    """A server that does not answer (refused, reset, timed out, 5xx after MLflow's own retries), not one that
+    refused the request."""
+    if isinstance(err, (ConnectionError, TimeoutError)):
+        return True
+    text = str(err)
+    return isinstance(err, (mlflow.exceptions.MlflowException, OSError)) and any(s in text for s in UNREACHABLE)
+
+
+class Outage:
+    """Keeps one tracking server's outage: the warning when it starts, the note when it ends, the deadline."""
+
+    def __init__(self, uri: str, what: str):
+        self.uri, self.what = redact_uri(uri), what
+        self.since: float | None = None
+        self.next_try = 0.0
+
+    @property
+    def down(self) -> bool:
+        return self.since is not None
+
+    def failed(self, err: BaseException, pending: int = 0) -> None:
+        now = time.monotonic()
+        if self.since is None:
+            self.since = now
+            print(f"warning: tracking server {self.uri} unreachable ({self.what}): "
+                  f"{str(err).strip().splitlines()[0][:160]}; buffering metrics and retrying every "
+                  f"{RETRY_EVERY_S:.0f} s for up to {OUTAGE_S:.0f} s", file=sys.stderr)
+        elif now - self.since > OUTAGE_S:
+            raise ServiceUnavailable(
+                f"tracking server {self.uri} unreachable for {now - self.since:.0f} s ({self.what}); "
+                f"{pending} buffered metric values not logged. Re-run the same command once it is back: the run "
+                "resumes and is marked FAILED or finished then") from None
+        self.next_try = now + RETRY_EVERY_S
+
+    def recovered(self, flushed: int = 0) -> None:
+        if self.since is not None:
+            print(f"note: tracking server {self.uri} back after {time.monotonic() - self.since:.0f} s ({self.what}); "
+                  f"{flushed} buffered metric values logged", file=sys.stderr)
+        self.since = None
+
+    def call(self, fn, *args, **kwargs):
+        """fn(*args), waiting out an outage (a quick attempt every RETRY_EVERY_S) up to OUTAGE_S."""
+        while True:
+            try:
+                with quick_attempts(self.down):
+                    result = fn(*args, **kwargs)
+            except Exception as err:
+                if not is_unreachable(err):
+                    raise
+                self.failed(err)
+                time.sleep(max(0.0, self.next_try - time.monotonic()))
+                continue
+            self.recovered()
+            return result
+
+
+class PatientClient:
+    """An MlflowClient whose every call waits out an outage of the tracking server (Outage.call)."""
+
+    def __init__(self, client: MlflowClient, outage: Outage):
+        self._client, self._outage = client, outage
+        self.tracking_uri = client.tracking_uri
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+        return lambda *args, **kwargs: self._outage.call(attr, *args, **kwargs)
+
+
+def patient_client(uri: str, what: str) -> PatientClient:
+    """MlflowClient(uri) riding out a tracking server outage of up to OUTAGE_S (a warning, then ServiceUnavailable)."""
+    return PatientClient(MlflowClient(uri), Outage(uri, what))
+
+
+@contextlib.contextmanager
+def quick_attempts(enabled: bool):
+    """While a server is known to be down, one HTTP attempt per call instead of MLflow's retries with backoff
+    (~14 s each): the caller retries on its own schedule. MLflow reads the variable at each request."""
+    if not enabled:
+        yield
+        return
+    key = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
+    before = os.environ.get(key)
+    os.environ[key] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
+
+
+class MLflowReporter:
+    """Reporter (see trainers.tracking) bound to one MLflow run. Rides out a tracking server outage of up to
+    OUTAGE_S: metrics are buffered (training goes on), other calls wait; past it, ServiceUnavailable (exit 3)."""
+
+    def __init__(self, client: MlflowClient | PatientClient, run_id: str):
+        self.raw = client._client if isinstance(client, PatientClient) else client
         self.run_id = run_id
         self.finished = False
+        self.pending: list[Metric] = []
+        self.outage = Outage(self.raw.tracking_uri, f"run {run_id}")
+        self.client = PatientClient(self.raw, self.outage)   # what callers use directly waits out outages too
+
+    def _send(self, fn, *args, **kwargs):
+        result = self.outage.call(fn, *args, **kwargs)
+        if self.pending:
+            self._flush()
+        return result
+
+    def _flush(self) -> None:
+        try:
+            with quick_attempts(self.outage.down):
+                self.raw.log_batch(self.run_id, metrics=self.pending)
+        except Exception as err:
+            if not is_unreachable(err):
+                raise
+            self.outage.failed(err, len(self.pending))
+            return
+        flushed, self.pending = len(self.pending), []
+        self.outage.recovered(flushed)
 
     @classmethod
     def start(cls, tracking_uri: str, experiment: str, run_name: str, tags: dict[str, str] | None = None,
               parent_run_id: str | None = None, run_id: str | None = None) -> "MLflowReporter":
         """Open a new run (or re-open `run_id` when resuming), nested under `parent_run_id` when given."""
-        client = MlflowClient(tracking_uri)
+        client = patient_client(tracking_uri, f"opening run {run_name or run_id}")
         if run_id is not None:
             try:
                 stage = client.get_run(run_id).info.lifecycle_stage
@@ -211,36 +338,38 @@ class MLflowReporter:
 
     def log_params(self, params: dict[str, Any]) -> None:
         # One call: MLflow's client splits a batch into requests its server accepts (100 params each).
-        self.client.log_batch(self.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+        self._send(self.raw.log_batch, self.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self._send(self.raw.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         ts = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
+        self.pending += [Metric(k, float(v), ts, step) for k, v in metrics.items()]
+        if not self.outage.down or time.monotonic() >= self.outage.next_try:
+            self._flush()          # while the server is down: buffered, retried every RETRY_EVERY_S
 
     def log_evaluation(self, metrics: dict[str, float], step: int, curve: ZSLCurve | None,
                        checkpoint_dir: Path | None) -> None:
         self.log_metrics(metrics, step)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        self._send(self.raw.log_artifact, self.run_id, str(path), artifact_path)
 
     def log_text(self, text: str, name: str) -> None:
-        self.client.log_text(self.run_id, text, name)
+        self._send(self.raw.log_text, self.run_id, text, name)
 
     def log_figure(self, figure, name: str) -> None:
         """A matplotlib figure as an image artifact `name` (e.g. plots/val_confusion.png), then closed."""
         try:
-            self.client.log_figure(self.run_id, figure, name)
+            self._send(self.raw.log_figure, self.run_id, figure, name)
         finally:
             import matplotlib.pyplot as plt
 
             plt.close(figure)
 
     def finish(self, status: str = "FINISHED") -> None:
-        self.client.set_terminated(self.run_id, status=status)
+        self._send(self.raw.set_terminated, self.run_id, status=status)
         self.finished = True
 
 

@@ -19,7 +19,7 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from service.storage import Storage
-from service.tracking.store import MLflowReporter, search_pages
+from service.tracking.store import MLflowReporter, patient_client, search_pages
 
 
 class TrialSpace(Protocol):
@@ -226,9 +226,8 @@ TRIAL_TAG = "ray_trial_id"
 def find_or_start_child_run(uri: str, experiment: str, parent_run_id: str, trial_id: str, run_name: str,
                             tags: dict[str, str]) -> MLflowReporter:
     """The trial's MLflow run, found by its Ray trial id so a retried or resumed trial never duplicates it."""
-    from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(uri)
+    client = patient_client(uri, f"trial {trial_id}")
     exp = client.get_experiment_by_name(experiment)
     if exp is not None:
         found = client.search_runs([exp.experiment_id], filter_string=f"tags.{TRIAL_TAG} = '{trial_id}'",
@@ -243,7 +242,7 @@ def close_trial_run(uri: str, experiment: str, trial_id: str, step: int, total_s
                     timing: dict[str, float]) -> None:
     """The driver's end of a trial's run: tag trial_state (finished / early_stopped / failed), log its timing, and
     end it when its worker could not (ASHA stops a trial inside its report, so the worker's own finish never runs)."""
-    client = MlflowClient(uri)
+    client = patient_client(uri, f"closing trial {trial_id}")     # the driver waits out a server restart
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return
@@ -258,6 +257,19 @@ def close_trial_run(uri: str, experiment: str, trial_id: str, step: int, total_s
                                            for key, value in timing.items()])
     if run.info.status == "RUNNING" or failed:
         client.set_terminated(run.info.run_id, "FAILED" if failed else "FINISHED")
+
+
+def close_orphans(client, experiment_id: str, parent_run_id: str) -> int:
+    """End the sweep's trial runs still RUNNING once every trial is over (a worker lost with its node, a closer
+    that gave up on the tracking server): FAILED, tagged trial_state=lost. No run stays RUNNING forever."""
+    lost = [r for r in search_pages(client, [experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}' and "
+                                    "attributes.status = 'RUNNING'")]
+    for run in lost:
+        client.set_tag(run.info.run_id, "trial_state", "lost")
+        client.set_terminated(run.info.run_id, "FAILED")
+        print(f"warning: trial run {run.info.run_id} ({run.info.run_name}) was still RUNNING after the sweep: "
+              "marked FAILED (its worker was lost)", file=sys.stderr)
+    return len(lost)
 
 
 def best_child(client: MlflowClient, experiment_id: str, parent_run_id: str, metric: str, mode: str):
