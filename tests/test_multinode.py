@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from ray._private import ray_constants
 from s3server import BUCKET, TEST_ENV, S3Server, free_port  # noqa: E402  (tests/ is on sys.path)
 
 pytestmark = pytest.mark.slow
@@ -51,7 +52,10 @@ class Stack:
         self.tmp = tmp
         self.s3 = S3Server().start()
         self.s3.create_bucket()
+        # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: every Ray process takes 127.0.0.1 as its node address (Ray's local
+        # mode of address detection), so all of the cluster's traffic stays on loopback.
         self.env = {**os.environ, **self.s3.env(), "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1",
+                    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
                     "MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK": "true", "OMP_NUM_THREADS": "1",
                     "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
         self.env.pop("RAY_ADDRESS", None)
@@ -59,20 +63,29 @@ class Stack:
         self.saved = dict(os.environ)
         os.environ.clear()
         os.environ.update(self.env)     # the raylets (and so every worker) inherit it: each node has the bucket env
-        port = free_port()
-        self.mlflow_log = open(tmp / "mlflow-server.log", "w")
-        self.mlflow = subprocess.Popen(
-            [BIN / "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}", "--serve-artifacts",
-             "--artifacts-destination", f"s3://{BUCKET}/mlartifacts", "--host", "127.0.0.1", "--port", str(port),
-             "--workers", "1"], env=self.env, stdout=self.mlflow_log, stderr=subprocess.STDOUT,
-            start_new_session=True)
-        self.uri = f"http://127.0.0.1:{port}"
+        # This process imported Ray before the variable was set: its node address detection reads the constant.
+        ray_constants.ENABLE_RAY_CLUSTER = False
+        self.mlflow_port = free_port()
+        self.mlflow_log = open(tmp / "mlflow-server.log", "a")
+        self.start_mlflow()
+        self.uri = f"http://127.0.0.1:{self.mlflow_port}"
         self.dashboard = free_port()
         self.cluster = Cluster(initialize_head=True, head_node_args={
             "num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": self.dashboard,
             "dashboard_agent_listen_port": free_port(), "object_store_memory": 150 * 1024**2})
         self.workers = [self.add_worker(), self.add_worker()]
         self.wait_for_mlflow()
+
+    def start_mlflow(self) -> None:
+        self.mlflow = subprocess.Popen(
+            [BIN / "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.tmp / 'mlflow.db'}",
+             "--serve-artifacts", "--artifacts-destination", f"s3://{BUCKET}/mlartifacts", "--host", "127.0.0.1",
+             "--port", str(self.mlflow_port), "--workers", "1"], env=self.env, stdout=self.mlflow_log,
+            stderr=subprocess.STDOUT, start_new_session=True)
+
+    def kill_mlflow(self) -> None:
+        os.killpg(self.mlflow.pid, signal.SIGKILL)
+        self.mlflow.wait(timeout=60)
 
     def add_worker(self):
         # Its own temp dir, as on another machine: nodes sharing one unpack a job's working dir into the same
@@ -111,14 +124,15 @@ class Stack:
         self.cluster.shutdown()
         if ray._private.utils.read_ray_address() == address:   # else the next local ray.init() attaches to it
             os.remove(ray._private.utils.get_ray_address_file(None))
-        os.killpg(self.mlflow.pid, signal.SIGTERM)
-        self.mlflow.wait(timeout=60)
+        if self.mlflow.poll() is None:
+            self.kill_mlflow()
         self.mlflow_log.close()
         self.s3.stop()
         for temp in self.node_dirs:
             shutil.rmtree(temp, ignore_errors=True)
         os.environ.clear()
         os.environ.update(self.saved)
+        ray_constants.ENABLE_RAY_CLUSTER = True
 
 
 @pytest.fixture(scope="module")
@@ -277,3 +291,53 @@ def test_driver_killed_under_ray_job_submit_resumes_from_the_bucket(stack):
     assert local_storage_files(again_work) == []
     print(f"\nmultinode: driver killed after {len(finished_before)} of 6 trials; resumed elsewhere in "
           f"{time.time() - t0:.0f} s, 0 finished trials re-run")
+
+
+def test_tracking_server_restart_and_object_store_outage_mid_sweep(stack):
+    """The MLflow server killed and back 20 s later, then the S3 server down for 10 s, during one sweep: the trials
+    ride out the first (metrics buffered) and retry through the second (Tune restarts a trial whose checkpoint upload
+    failed from its last checkpoint); every run ends, nothing is lost without a warning line."""
+    name = "faults"
+    work, env = stack.workdir("faults")
+    cmd = stack.sweep_cmd(name, "--num-samples", "4", "--set", "train.steps=120", "--trial-retries", "3",
+                          "--address", stack.cluster.address)
+    log = open(work / "sweep.log", "w")
+    driver = subprocess.Popen(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    client = MlflowClient(stack.uri)
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and driver.poll() is None:
+            time.sleep(1)
+            exp = client.get_experiment_by_name("tdsm-synthetic-sweeps")
+            runs = client.search_runs([exp.experiment_id], f"tags.sweep = '{name}'") if exp else []
+            if any(run_step(client, r) >= 20 for r in runs):
+                break
+        stack.kill_mlflow()
+        time.sleep(20)
+        stack.start_mlflow()
+        stack.wait_for_mlflow()
+        time.sleep(10)
+        stack.s3.stop()
+        time.sleep(10)
+        stack.s3.start()
+        driver.wait(timeout=900)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+        log.close()
+        if stack.mlflow.poll() is not None:
+            stack.start_mlflow()
+            stack.wait_for_mlflow()
+    out = (work / "sweep.log").read_text()
+    print(f"\nmultinode faults: exit {driver.returncode}; warnings: "
+          f"{[line for line in out.splitlines() if 'warning:' in line or 'note:' in line][:8]}")
+    assert driver.returncode == 0, out[-4000:]
+    assert "could not reach the tracking server" in out                  # the outage was seen and said
+    parent, kids = sweep_runs(stack.uri, name)
+    assert len(kids) == 4 and len({k.data.tags["ray_trial_id"] for k in kids}) == 4
+    assert all(k.info.status in ("FINISHED", "FAILED") for k in kids)    # none left RUNNING
+    assert parent.info.status == "FINISHED"
+    best = parent.data.tags["best_config"]
+    assert f"results/{name}/best_config.yaml" in stack.s3.keys(prefix=f"results/{name}/")
+    assert client.get_run(parent.data.tags["best_run_id"]).info.status == "FINISHED"
+    assert best.endswith(f"{name}/best_config.yaml")

@@ -36,6 +36,7 @@ from service.orchestration.trial import (
     trial_resources,
     tune_trial,
 )
+from service.orchestration.tune_state import TuneStateLedger, check_resumable, record_storage_state
 from service.process import SIGTERM_RECEIVED, Terminated, lock_dir, sigterm_stops_tune
 from service.storage import Storage
 from service.tracking.sources import STATE_FILE, read_state
@@ -109,6 +110,10 @@ class MLflowTrialCloser(tune.Callback):
 
     def _close(self, trial, failed: bool) -> None:
         result = trial.last_result or {}
+        if result.get("tracking_outage_s"):
+            print(f"warning: trial {trial.trial_id} could not reach the tracking server for "
+                  f"{result['tracking_outage_s']:.0f} s; it buffered {result.get('tracking_buffered', 0)} metric "
+                  "values and logged them once the server was back", file=sys.stderr)
         timing = trial_timing(self.started.pop(trial.trial_id, None), result, time.time())
         close_trial_run(self.uri, self.experiment, trial.trial_id, int(result.get("step", 0)), self.total_steps,
                         failed, timing)
@@ -196,8 +201,10 @@ def run_split(args, method: str, split: str, base: dict[str, Any], space: Search
             # resumes from a state minutes old and re-runs the trials finished since. A few KB every 10 s instead.
             sync_config=tune.SyncConfig(sync_period=STATE_SYNC_S),
             failure_config=tune.FailureConfig(max_failures=args.trial_retries),
-            callbacks=[MLflowTrialCloser(uri, experiment, cfg.train.steps)], verbose=1)
+            callbacks=[MLflowTrialCloser(uri, experiment, cfg.train.steps), TuneStateLedger(uri, parent.run_id)],
+            verbose=1)
         if args.resume and tune.Tuner.can_restore(str(sweep_path)):
+            check_resumable(sweep_path, uri, state.get("parent_run_id"))    # Tune's pickles, vouched for by MLflow
             print(f"[{split}] resuming {sweep_path}", file=sys.stderr)
             tuner = tune.Tuner.restore(str(sweep_path), trainable=trainable, resume_unfinished=True,
                                        resume_errored=True)
@@ -212,6 +219,7 @@ def run_split(args, method: str, split: str, base: dict[str, Any], space: Search
                                             # once): the first metric ~2 s after start instead of ~5.5 s.
                                             reuse_actors=driver == "direct"),
                 run_config=run_config)
+        record_storage_state(sweep_path, uri, parent.run_id)    # tuner.pkl, written by Tuner() straight to storage
         print(f"[{split}] sweep {name}: {num_samples} trials, {concurrency} at a time, "
               f"{args.workers_per_trial} worker(s) each ({driver} driver), {args.search} search with seed "
               f"{args.seed}; objective {space.objective} ({space.mode} of {space.metric} over a trial's evaluations)",
@@ -220,6 +228,7 @@ def run_split(args, method: str, split: str, base: dict[str, Any], space: Search
         with sigterm_stops_tune():
             results = tuner.fit()
         fit_s = time.perf_counter() - t1
+        record_storage_state(sweep_path, uri, parent.run_id)       # the state Tune uploaded last
         if SIGTERM_RECEIVED.is_set():        # Tune stopped gracefully and saved its state: resumable with --resume
             parent.finish("KILLED")
             raise Terminated(f"sweep {name} stopped")

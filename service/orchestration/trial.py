@@ -206,7 +206,11 @@ class TrialReporter:
         """What Tune sees (its status table, ASHA, the closer): the objective first, the metric, the chosen t_test.
         Every other metric goes to MLflow only, so Tune's per-trial result boxes stay a few lines."""
         chosen = {k: v for k, v in metrics.items() if k.endswith("/best_t_test")}
-        return {f"{self.metric}_max": self.best, self.metric: metrics[self.metric], **chosen, "step": step}
+        outage = self.mlflow.outage if self.mlflow is not None else None
+        # A tracking outage the trial rode out: the driver says so (workers' warnings stay in Ray's node logs).
+        seen = {} if outage is None or not outage.seconds() else {
+            "tracking_outage_s": round(outage.seconds(), 1), "tracking_buffered": outage.buffered}
+        return {f"{self.metric}_max": self.best, self.metric: metrics[self.metric], **chosen, "step": step, **seen}
 
 
 # ----------------------------------------------------------------------------------------------

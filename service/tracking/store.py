@@ -197,10 +197,16 @@ class Outage:
         self.uri, self.what = redact_uri(uri), what
         self.since: float | None = None
         self.next_try = 0.0
+        self.total_s = 0.0          # seconds the server was unreachable, over every outage so far
+        self.buffered = 0           # metric values that waited for it
 
     @property
     def down(self) -> bool:
         return self.since is not None
+
+    def seconds(self) -> float:
+        """Seconds unreachable so far, the outage going on included."""
+        return self.total_s + (time.monotonic() - self.since if self.since is not None else 0.0)
 
     def failed(self, err: BaseException, pending: int = 0) -> None:
         now = time.monotonic()
@@ -218,12 +224,16 @@ class Outage:
 
     def recovered(self, flushed: int = 0) -> None:
         if self.since is not None:
-            print(f"note: tracking server {self.uri} back after {time.monotonic() - self.since:.0f} s ({self.what}); "
+            down = time.monotonic() - self.since
+            self.total_s += down
+            self.buffered += flushed
+            print(f"note: tracking server {self.uri} back after {down:.0f} s ({self.what}); "
                   f"{flushed} buffered metric values logged", file=sys.stderr)
         self.since = None
 
-    def call(self, fn, *args, **kwargs):
-        """fn(*args), waiting out an outage (a quick attempt every RETRY_EVERY_S) up to OUTAGE_S."""
+    def call(self, fn, *args, recover: bool = True, **kwargs):
+        """fn(*args), waiting out an outage (a quick attempt every RETRY_EVERY_S) up to OUTAGE_S; recover=False
+        leaves the end of the outage to the caller (MLflowReporter flushes its buffered metrics first)."""
         while True:
             try:
                 with quick_attempts(self.down):
@@ -234,7 +244,8 @@ class Outage:
                 self.failed(err)
                 time.sleep(max(0.0, self.next_try - time.monotonic()))
                 continue
-            self.recovered()
+            if recover:
+                self.recovered()
             return result
 
 
@@ -289,9 +300,9 @@ class MLflowReporter:
         self.client = PatientClient(self.raw, self.outage)   # what callers use directly waits out outages too
 
     def _send(self, fn, *args, **kwargs):
-        result = self.outage.call(fn, *args, **kwargs)
-        if self.pending:
-            self._flush()
+        result = self.outage.call(fn, *args, recover=False, **kwargs)
+        if self.pending or self.outage.down:
+            self._flush()             # the buffered metrics first, then the note that the server is back
         return result
 
     def _flush(self) -> None:
