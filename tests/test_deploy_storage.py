@@ -21,14 +21,13 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import pytest
 import yaml
+from servers import S3Server, wait_for_health  # noqa: E402  (tests/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -473,11 +472,6 @@ def test_readme_puts_the_bucket_first_and_names_every_variable():
 
 @pytest.fixture(scope="module")
 def s3():
-    pytest.importorskip("moto", reason="moto's S3 server (the storage tests' dev dependency)")
-    pytest.importorskip("boto3")
-    sys.path.insert(0, str(Path(__file__).parent))
-    from s3server import S3Server
-
     server = S3Server().start()
     try:
         yield server
@@ -575,16 +569,7 @@ def test_mlflow_server_as_deployed_stores_a_clients_artifact_in_the_bucket(s3, t
                                 start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            try:
-                if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "mlflow server not up:\n" + log.read_text()[-3000:]
-            time.sleep(0.5)
+        wait_for_health(url, log, proc)
         # The client: a Ray pod's view (no AWS_* at all in this process), artifacts over HTTP.
         for key in [k for k in os.environ if k.startswith("AWS_") or k == "MLFLOW_S3_ENDPOINT_URL"]:
             monkeypatch.delenv(key)

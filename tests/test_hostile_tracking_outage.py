@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ from conftest import CLI_CLASS_NAMES as NAMES
 from conftest import TINY_RUN_ARGS as TINY
 from conftest import write_feature_folder
 from mlflow.tracking import MlflowClient
-from s3server import free_port  # noqa: E402  (tests/ is on sys.path)
+from servers import free_port, wait_for_health  # noqa: E402  (tests/ is on sys.path)
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,14 +40,7 @@ class Server:
              str(self.root / "art"), "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"})
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            try:
-                if urllib.request.urlopen(f"{self.uri}/health", timeout=2).status == 200:
-                    return
-            except OSError:
-                time.sleep(0.5)
-        raise RuntimeError((self.root / "server.log").read_text()[-3000:])
+        wait_for_health(self.uri, self.root / "server.log", self.proc)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

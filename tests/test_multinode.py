@@ -23,13 +23,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 from ray._private import ray_constants
-from s3server import BUCKET, TEST_ENV, S3Server, free_port  # noqa: E402  (tests/ is on sys.path)
+from servers import BUCKET, TEST_ENV, S3Server, free_port, wait_for_health  # noqa: E402  (tests/ is on sys.path)
 
 pytestmark = pytest.mark.slow
 
@@ -98,14 +97,7 @@ class Stack:
         return node
 
     def wait_for_mlflow(self) -> None:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            try:
-                if urllib.request.urlopen(f"{self.uri}/health", timeout=3).status == 200:
-                    return
-            except OSError:
-                time.sleep(1)
-        raise RuntimeError((self.tmp / "mlflow-server.log").read_text()[-3000:])
+        wait_for_health(self.uri, self.tmp / "mlflow-server.log", self.mlflow)
 
     def sweep_cmd(self, name: str, *extra: str) -> list[str]:
         return [sys.executable, "-m", "service.sweep", "tdsm", "--smoke", "--scheduler", "fifo", *FAST,

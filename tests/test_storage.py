@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from s3server import BUCKET, S3Server, apply_env  # noqa: E402  (tests/ is on sys.path)
+from servers import BUCKET, S3Server, apply_env  # noqa: E402  (tests/ is on sys.path)
 
 from service.data.chain import local_copy, sync_up
 from service.storage import Storage

@@ -304,6 +304,11 @@ def run_sweeps(args, method: str, splits: list[tuple[str, dict[str, Any]]],
     """Connect to Ray, build each split's skeleton chain (its encoder on Ray Train workers), then sweep the splits
     one after another; returns their summaries. `split_tree`: a split's overrides -> its checked config tree."""
     storage: Storage = args.storage_path
+    if args.resume:           # Tune's state vouched for before Ray starts (run_split checks again before restoring)
+        for split, _ in splits:
+            sweep = storage / sweep_dir_name(method, split, args.smoke, storage, args.name, True)
+            if (sweep / "tuner.pkl").is_file():
+                check_resumable(sweep, uri, read_state(sweep).get("parent_run_id"))
     connect_ray(args.address, forward_all=args.ray_logs)
     encoder_on_ray = functools.partial(train_encoder_on_ray, storage=storage / "chain-train", tracking_uri=uri,
                                        cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker)

@@ -1,15 +1,17 @@
-"""A real S3-API server on loopback for the storage tests: moto's standalone server (`ThreadedMotoServer`), the
-one MLflow's and Ray's own test suites use. Its objects live in this process, so stopping and starting the server
-again on the same port keeps them (an outage, not a wipe)."""
+"""Real servers on loopback for the tests: an S3-API server (moto's standalone `ThreadedMotoServer`, the one
+MLflow's and Ray's own test suites use; its objects live in this process, so stopping and starting it again on the
+same port keeps them: an outage, not a wipe) and the wait for an `mlflow server` to answer."""
 
 from __future__ import annotations
 
 import logging
 import os
 import socket
+import subprocess
 import time
 import urllib.request
 from contextlib import closing
+from pathlib import Path
 
 BUCKET = "skeldiff-test"
 # moto accepts any credentials; these are fake and only ever go to the loopback server.
@@ -75,3 +77,17 @@ def apply_env(server: S3Server, monkeypatch) -> None:
     for key, value in server.env().items():
         monkeypatch.setenv(key, value)
     os.environ.pop("AWS_PROFILE", None)
+
+
+def wait_for_health(url: str, log: Path, proc: subprocess.Popen | None = None, timeout: float = 180) -> None:
+    """Until `url/health` answers 200 (an `mlflow server` starting: ~5-20 s here); its log's tail if it never does."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            break
+        try:
+            if urllib.request.urlopen(f"{url}/health", timeout=3).status == 200:
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"{url} did not come up:\n" + Path(log).read_text(errors="replace")[-3000:])
