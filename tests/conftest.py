@@ -102,3 +102,12 @@ class CrashAfter(ListReporter):
         if step > self.step:
             raise KeyboardInterrupt("simulated crash")
         super().log_metrics(metrics, step)
+
+
+def terminated_trials(experiment_state: str) -> set[str]:
+    """Trial ids that a Ray Tune experiment_state-*.json holds as TERMINATED: what a resume will not run again."""
+    import json
+
+    trials = json.loads(experiment_state).get("trial_data", [])
+    states = [json.loads(t[0]) for t in trials]
+    return {s["trial_id"] for s in states if s.get("status") == "TERMINATED"}

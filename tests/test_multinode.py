@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import terminated_trials
 from mlflow.tracking import MlflowClient
 from ray._private import ray_constants
 from servers import BUCKET, TEST_ENV, S3Server, free_port, wait_for_health  # noqa: E402  (tests/ is on sys.path)
@@ -245,7 +246,7 @@ def test_driver_killed_under_ray_job_submit_resumes_from_the_bucket(stack):
     jobs = JobSubmissionClient(f"http://127.0.0.1:{stack.dashboard}")
     cmd = stack.sweep_cmd(name, "--num-samples", "6", "--max-concurrent", "1", "--set", "train.steps=60")
     job_id = jobs.submit_job(entrypoint=" ".join(cmd[:1] + [f"'{a}'" for a in cmd[1:]]),
-                             runtime_env={"working_dir": str(REPO), "env_vars": {"TUNE_GLOBAL_CHECKPOINT_S": "2"}})
+                             runtime_env={"working_dir": str(REPO)})
     client = MlflowClient(stack.uri)
     finished_before: dict[str, int] = {}
     deadline = time.time() + 600
@@ -253,14 +254,14 @@ def test_driver_killed_under_ray_job_submit_resumes_from_the_bucket(stack):
         time.sleep(2)
         status = jobs.get_job_status(job_id).value
         assert status in ("PENDING", "RUNNING"), jobs.get_job_logs(job_id)[-3000:]
-        exp = client.get_experiment_by_name("tdsm-synthetic-sweeps")
-        if exp is None:
-            continue
-        done = client.search_runs([exp.experiment_id], f"tags.sweep = '{name}' and tags.trial_state = 'finished'")
+        # finished in the state Tune uploaded to the bucket (every 10 s): what a resume must not run again
+        states = [k for k in stack.s3.keys(prefix=f"results/{name}/experiment_state-")]
+        done = terminated_trials(stack.s3.client().get_object(Bucket=BUCKET, Key=states[-1])["Body"].read()
+                                 .decode()) if states else set()
         if len(done) >= 2:
-            time.sleep(15)    # Tune's snapshot (every 2 s here) and its upload (every 10 s) catch up with them
-            done = client.search_runs([exp.experiment_id], f"tags.sweep = '{name}' and tags.trial_state = 'finished'")
-            finished_before = {r.info.run_id: r.info.end_time for r in done}
+            exp = client.get_experiment_by_name("tdsm-synthetic-sweeps")
+            runs = client.search_runs([exp.experiment_id], f"tags.sweep = '{name}'")
+            finished_before = {r.info.run_id: r.info.end_time for r in runs if r.data.tags["ray_trial_id"] in done}
     assert finished_before, jobs.get_job_logs(job_id)[-3000:]
     pid = jobs.get_job_info(job_id).driver_info.pid
     os.kill(int(pid), signal.SIGKILL)                                  # the job's driver, nothing else

@@ -132,7 +132,10 @@ def connect_ray(address: str | None, forward_all: bool = False) -> None:
     """Attach to a running cluster (--address, $RAY_ADDRESS, `ray job submit`) or start a local one."""
     # Train's controller polls every 2 s by default; each report would cost that much (docs/METHODS.md §4).
     # A finished trial's workers release their CPUs a little late; waiting for them is not a failure.
+    # Tune snapshots its state every 10 s (its "auto" period grows to 19x a snapshot's cost, and a snapshot includes
+    # recording the state's digests in MLflow: service.orchestration.tune_state); uploaded every 10 s (sweep.py).
     tuned = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600",
+             "TUNE_GLOBAL_CHECKPOINT_S": "10",
              **THREAD_ENV_DEFAULTS}   # a worker imports torch before any service module: set its wait policy here
     for key, value in tuned.items():
         os.environ.setdefault(key, value)
