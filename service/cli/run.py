@@ -36,7 +36,8 @@ EXAMPLES = """examples:
   python -m service.run tdsm --print-config       # the config that would run (split and chain resolved), as YAML
   python -m service.run tdsm --split synthetic-u5 --set optim.lr=3e-4 --set model.preset=small
   python -m service.run tdsm --features DATA/shift_ntu60_5_r --unseen DATA/label_splits/ru5.npy \\
-      --val-unseen DATA/label_splits/rv5_0.npy --class-names ntu60.csv --descriptions ntu60_llm.txt
+      --val-unseen DATA/label_splits/rv5_0.npy --class-names ntu120.csv --descriptions ntu120_llm.txt \\
+      --set text.num_classes=60                   # NTU-60: the first 60 rows of the NTU-120 prompts
   python -m service.run cocodiff --config service/configs/cocodiff_paper.yaml --split ntu60-xsub
 
 The last stdout line is JSON: <objective>_max (the kept checkpoint's validation score: val/zsl_top1_max for
