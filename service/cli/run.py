@@ -21,11 +21,13 @@ from service.cli.options import (
     default_splits,
     resolve_config,
     resolved_config_yaml,
+    searched_keys_comment,
 )
 from service.data.chain import resolve_chain
 from service.data.features import train_encoder
-from service.data.splits import load_splits, splits_file
+from service.data.splits import REPO_SPACES, load_splits, splits_file
 from service.methods import METHODS
+from service.methods.search_space import load_search_space
 from service.process import exits_cleanly
 from service.storage import Storage
 from service.tracking.store import resolve_tracking_uri
@@ -74,8 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         args.split = names[0]
         [(_, overrides)] = load_splits(splits_file(args.method, args.splits_file), names)
     if args.print_config:
+        space_path = REPO_SPACES / f"{args.method}.yaml"
+        searched = searched_keys_comment(args.method, load_search_space(space_path), space_path)
         print(resolved_config_yaml(args.method, cfg, args.split, overrides,
-                                   splits_file(args.method, args.splits_file), storage), end="")
+                                   splits_file(args.method, args.splits_file), storage, searched), end="")
         return 0
     args.tracking_uri = resolve_tracking_uri(args.tracking_uri)   # credentials out, server probed: before any work
     if overrides is not None:

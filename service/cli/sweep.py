@@ -23,6 +23,7 @@ from service.cli.options import (
     default_splits,
     resolve_config,
     resolved_config_yaml,
+    searched_keys_comment,
     storage_arg,
 )
 from service.data.splits import REPO_SPACES, load_splits, splits_file
@@ -118,9 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     splits = (load_splits(splits_file(args.method, args.splits_file), names) if names
               else [(method.split_name(cfg), {})])
     if args.print_config:    # as service.run: each split applied, its chain resolved to cached paths, nothing trained
+        searched = searched_keys_comment(args.method, space, space_path)
         print("---\n".join(resolved_config_yaml(args.method, cfg, split, overrides if names else None,
                                               splits_file(args.method, args.splits_file),
-                                              args.storage_path)
+                                              args.storage_path, searched)
                              for split, overrides in splits), end="")
         return 0
     uri = resolve_tracking_uri(args.tracking_uri)
