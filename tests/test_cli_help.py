@@ -104,3 +104,9 @@ def test_flags_are_the_pinned_ones():
         for cmd, action in walk(parser_of(module), module):
             got.setdefault(cmd, []).append("/".join(action.option_strings) or action.dest)
     assert got == FLAGS
+
+
+def test_final_help_states_the_noise_draws_and_seeds_defaults():
+    text = " ".join(parser_of("service.final").format_help().split())
+    assert "--noise-draws NOISE_DRAWS tdsm: evaluation noise draws per seed (default: 10, the paper's)" in text
+    assert "training seeds (default 3)" in text

@@ -89,3 +89,19 @@ def test_wrong_width_is_refused(registered):
 def _model_dir(loaded) -> str:
     """The local folder the pyfunc was downloaded to (its MLmodel beside artifacts/)."""
     return loaded._model_impl.context.artifacts["bundle"].rsplit("/artifacts/", 1)[0]
+
+
+def test_description_leads_with_the_mean_over_seeds():
+    """The registered model is one seed; its figure can sit far from the result (#21: 73.11 vs a mean of 61.98)."""
+    pytest.importorskip("mlflow")
+    from service.tracking.registry import zero_shot_description
+
+    tags = {"test_top1": 73.11, "test_top1_mean_over_seeds": 61.98, "test_top1_std_over_seeds": 8.07, "seeds": 3,
+            "registered_seed": 0, "t_test": 25, "text_encoder": "minilm"}
+    text = zero_shot_description("ntu60-synse-55-5", 256, [1, 2, 3, 4, 5], tags)
+    assert text.startswith("TDSM zero-shot skeleton action classifier, split ntu60-synse-55-5. Test top-1 61.98 ± "
+                           "8.07 % (mean ± std over 3 seeds); this registered model, the first seed (train.seed=0): "
+                           "73.11 %, at t_test=25, text encoder minilm. Input: an (N, 256) float32 array")
+    assert text.index("61.98") < text.index("73.11")
+    alone = zero_shot_description("toy", 16, [1], {"test_top1": 41.5, "t_test": 40, "text_encoder": "minilm"})
+    assert "Test top-1 41.50 %, at t_test=40" in alone

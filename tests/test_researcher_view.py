@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import math
+import socket
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,18 +17,22 @@ from mlflow.tracking import MlflowClient
 from service.methods.search_space import load_search_space
 from service.orchestration.sweep import MLflowTrialCloser, search_algorithm, sweep_experiment, tune_param_space
 from service.orchestration.trial import TrialResources, trial_driver, trial_resources
+from service.storage import Storage
 from service.tracking.store import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND, MLflowReporter, ensure_experiment
 from service.tracking.trials import (
     SHARED_VIEW_PREFIX,
     TIMING_KEYS,
     format_trials_table,
     format_value,
+    local_ui_port,
     ranked_trials,
     report_overhead,
     report_trials,
     trial_label,
     trial_timing,
     trials_csv,
+    ui_command,
+    ui_link,
 )
 from trainers.errors import InputError
 
@@ -182,7 +187,7 @@ def test_report_trials_writes_csv_artifact_and_a_shared_runs_view(client, tmp_pa
                                      tags={"ray_trial_id": tid, "sweep": "sweep-1", "trial_state": "finished"})
         child.log_params({"diffusion.num_train_timesteps": 10, "optim.lr": 0.002})
         child.log_metrics({"val/zsl_top1_max": value}, 300)
-    out = report_trials(parent, "tdsm-x-sweeps", uri, "sweep-1", tmp_path, "x", SPACE)
+    out = report_trials(parent, "tdsm-x-sweeps", uri, "sweep-1", Storage.parse(str(tmp_path)), "x", SPACE)
     assert "t2" in capsys.readouterr().err.split("first:\n")[1].splitlines()[1]     # rank 1 = the best
     assert [r["trial"] for r in csv.DictReader(open(out["trials_csv"]))] == ["t2", "t1"]
     assert "trials.csv" in {a.path for a in client.list_artifacts(parent.run_id)}
@@ -191,7 +196,8 @@ def test_report_trials_writes_csv_artifact_and_a_shared_runs_view(client, tmp_pa
     assert view["searchFilter"] == "tags.sweep = 'sweep-1'" and view["orderByKey"] == "metrics.`val/zsl_top1_max`"
     assert {"metrics.`val/zsl_top1_max`", "params.`optim.lr`", "tags.`best_t_test`",
             "tags.`trial_state`"} <= set(view["selectedColumns"])
-    assert out["mlflow_view"].endswith(f"/#/experiments/{exp.experiment_id}/runs?viewStateShareKey=sweep-1")
+    assert out["mlflow_view"] == (f"http://127.0.0.1:{local_ui_port()}/#/experiments/{exp.experiment_id}/runs"
+                                  "?viewStateShareKey=sweep-1")           # a local store: the printed UI port
     # the filter the view applies holds exactly this sweep's runs
     assert len(client.search_runs([exp.experiment_id], view["searchFilter"])) == 3
 
@@ -220,3 +226,26 @@ def test_only_our_own_worker_lines_reach_the_terminal(monkeypatch):
     for message in ("WARNING: 8 PYTHON worker processes have been started on node: abc", "Task was killed (OOM)"):
         ray_worker.print_to_stdstream({"pid": "raylet", "is_err": False, "lines": [message]}, ignore_prefix=False)
     assert printed == [["Task was killed (OOM)"]]
+
+
+def test_links_point_at_the_server_in_use_or_at_the_printed_mlflow_ui_command():
+    """#21: a server's own URL and port; for a local store, `mlflow ui` with the port the links use."""
+    server = "http://mlflow.internal:8080/"
+    assert ui_link(server, "7", "sweep 1") == "http://mlflow.internal:8080/#/experiments/7/runs?viewStateShareKey=sweep%201"
+    assert ui_command(server) == "http://mlflow.internal:8080"
+    store = "sqlite:////tmp/x/mlflow.db"
+    local_ui_port.cache_clear()
+    try:
+        port = local_ui_port()
+        assert ui_command(store) == f"mlflow ui --workers 1 --backend-store-uri {store} --port {port}"
+        assert ui_link(store, "7") == f"http://127.0.0.1:{port}/#/experiments/7/runs"
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:     # e.g. another UI already on it
+            taken.bind(("127.0.0.1", port))
+            taken.listen()
+            local_ui_port.cache_clear()
+            other = local_ui_port()
+            assert other > port
+            assert ui_command(store).endswith(f" --port {other}") and ui_link(store, "7").startswith(
+                f"http://127.0.0.1:{other}/")
+    finally:
+        local_ui_port.cache_clear()

@@ -127,6 +127,7 @@ def test_print_config_round_trips(ws, tmp_path):
 
 def test_print_config_applies_a_named_split(tmp_path, capsys, monkeypatch):
     """--print-config shows the split's data (what runs), and that YAML via --config trains the same config."""
+    from service.methods.search_space import load_search_space
     from service.run import main
     from trainers.config import TDSMConfig, build_config, load_yaml
     from trainers.tdsm_fit import training_fingerprint
@@ -135,6 +136,11 @@ def test_print_config_applies_a_named_split(tmp_path, capsys, monkeypatch):
     assert main(["tdsm", "--split", "synthetic-u12", "--set", "optim.lr=3e-4", "--print-config"]) == 0
     printed = capsys.readouterr().out
     assert printed.startswith("# split synthetic-u12 of ")
+    # One comment line per searched key, naming the paper's symbol (README: τ and λ of L = L_diff + λ L_TD).
+    comments = [line for line in printed.splitlines() if line.startswith("#   ")]
+    assert "#   loss.margin: loguniform [0.1, 3.0]; τ (tau), the margin of L_TD (paper: 1)." in comments
+    assert any(line.startswith("#   loss.triplet_weight: uniform [0.1, 2.0]; λ (lambda)") for line in comments)
+    assert len(comments) == len(load_search_space(ROOT / "search_spaces" / "tdsm.yaml").params)
     tree = yaml.safe_load(printed)
     assert tree["data"]["unseen"] == [3, 5, 9, 12, 15, 40, 42, 47, 51, 56, 58, 59] and tree["data"]["val_unseen"] == 12
     assert tree["optim"]["lr"] == 3e-4

@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from trainers import text, text_encoders
+from trainers.config import TDSMConfig
 from trainers.errors import InputError
+from trainers.tdsm_task import encode_class_texts, prompt_files
 from trainers.text import (
     TextFeatures,
     build_text_encoder,
@@ -403,6 +405,55 @@ def test_prompt_file_errors(tmp_path):
         read_prompt_file(tmp_path / "two.txt", expected_count=3)
     with pytest.raises(InputError, match=r"missing\.txt: prompt file not found"):
         read_prompt_file(tmp_path / "missing.txt")
+
+
+def test_first_rows_of_a_longer_prompt_file(tmp_path):
+    # A 120-row headed CSV and a 120-line file, as NTU-120's class list and descriptions.
+    path = tmp_path / "ntu120.csv"
+    path.write_text("idx,label\n" + "".join(f"{i + 1},action {i}\n" for i in range(120)), encoding="utf-8")
+    (tmp_path / "llm.txt").write_text("".join(f"text {i}\n" for i in range(120)), encoding="utf-8")
+    assert read_prompt_file(path, first=60) == [f"action {i}" for i in range(60)]
+    assert read_prompt_file(tmp_path / "llm.txt", expected_count=60, first=60)[-1] == "text 59"
+    assert read_prompt_file(path, first=120) == read_prompt_file(path)
+    with pytest.raises(InputError) as err:
+        read_prompt_file(path, first=121)
+    assert str(err.value) == f"{path}: 120 prompts, fewer than the first 121 asked for (text.num_classes)"
+    with pytest.raises(InputError, match="must be >= 1"):
+        read_prompt_file(path, first=0)
+
+
+def test_ntu60_reads_the_first_60_rows_of_the_ntu120_prompts(tmp_path):
+    (tmp_path / "n.csv").write_text("idx,label\n" + "".join(f"{i},a{i}\n" for i in range(120)), encoding="utf-8")
+    (tmp_path / "d.txt").write_text("".join(f"d{i}\n" for i in range(119)), encoding="utf-8")
+    cfg = TDSMConfig.model_validate({"text": {"class_names": tmp_path / "n.csv", "descriptions": [tmp_path / "d.txt"],
+                                              "num_classes": 60, "cache_dir": tmp_path / "cache"}})
+    assert prompt_files(cfg) == [tmp_path / "n.csv", tmp_path / "d.txt"]
+    names, feats = encode_class_texts(cfg)
+    assert names == [f"a{i}" for i in range(60)] and feats.global_feats.shape[0] == 60
+    with pytest.raises(InputError, match="fewer than the first 121"):
+        encode_class_texts(cfg.model_copy(update={"text": cfg.text.model_copy(update={"num_classes": 121})}))
+    with pytest.raises(ValueError, match="num_classes"):
+        TDSMConfig.model_validate({"text": {"num_classes": 0}})
+
+
+# The six classes whose `label` differs between SA-DVAE's ntu60.csv and the first 60 rows of ntu120.csv (0-based);
+# the official TDSM code reads ntu120.csv for NTU-60 too, so the named NTU-60 splits do the same.
+NTU60_CSV_DIFFERS = [5, 25, 26, 34, 47, 55]
+
+
+def test_ntu60_csv_differs_from_the_ntu120_prompts_in_six_classes():
+    lists = SHARED_DATA / "zsl" / "sa-dvae" / "class_lists"
+    if not (lists / "ntu120.csv").is_file() or not (lists / "ntu60.csv").is_file():
+        pytest.skip(f"{lists} not available")
+    ntu60 = read_prompt_file(lists / "ntu60.csv", expected_count=60)
+    first60 = read_prompt_file(lists / "ntu120.csv", first=60)
+    assert [c for c in range(60) if ntu60[c] != first60[c]] == NTU60_CSV_DIFFERS
+    assert first60[26] == "bend knees slightly then spring quickly off the ground"
+    assert ntu60[26] == "bend knees slightly then spring then fall down"
+    llm = read_prompt_file(lists / "ntu120_llm.txt", expected_count=120)
+    assert read_prompt_file(lists / "ntu120_llm.txt", first=60) == llm[:60]
+    if (lists / "ntu60_llm.txt").is_file():
+        assert read_prompt_file(lists / "ntu60_llm.txt", expected_count=60) == llm[:60]
 
 
 @pytest.mark.parametrize(

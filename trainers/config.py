@@ -116,9 +116,9 @@ class DiffusionConfig(Section):
 class LossConfig(Section):
     """TDSM objective L = L_diff + lambda * L_TD."""
 
-    margin: float = Field(1.0, ge=0, le=MAX_WEIGHT, description="Triplet margin tau (paper: 1).")
+    margin: float = Field(1.0, ge=0, le=MAX_WEIGHT, description="τ (tau), the margin of L_TD (paper: 1).")
     triplet_weight: float = Field(
-        1.0, ge=0, le=MAX_WEIGHT, description="Weight lambda of the triplet diffusion loss (paper: 1).")
+        1.0, ge=0, le=MAX_WEIGHT, description="λ (lambda), the weight of L_TD in L_diff + λ L_TD (paper: 1).")
 
 
 class OptimConfig(Section):
@@ -202,6 +202,9 @@ class TextConfig(Section):
     class_names: Path | None = Field(None, description="One class name per line; default: embedded NTU-60 names.")
     descriptions: list[Path] | None = Field(
         None, description="Description files (one sentence per class); default: embedded NTU-60 descriptions.")
+    num_classes: int | None = Field(
+        None, ge=1, description="Read only the first N rows of class_names and of each descriptions file (the "
+                                "official code reads NTU-120's files for NTU-60: N=60); default: every row.")
     cache_dir: Path | None = Field(
         None, description="Encoded-text cache; default $SKELDIFF_CACHE or ~/.cache/skeldiff.")
 
@@ -343,6 +346,19 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
+
+
+def field_description(cls: type[BaseModel], key: str) -> str:
+    """The `description` of the field a dotted key names ('' when it has none or the key is unknown)."""
+    *parents, leaf = key.split(".")
+    for part in parents:
+        info = cls.model_fields.get(part)
+        sub = info.annotation if info is not None else None
+        if not (isinstance(sub, type) and issubclass(sub, BaseModel)):
+            return ""
+        cls = sub
+    info = cls.model_fields.get(leaf)
+    return (info.description or "") if info is not None else ""
 
 
 def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:

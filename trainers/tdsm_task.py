@@ -28,8 +28,9 @@ def prompt_files(cfg: TDSMConfig) -> list[Path]:
 def encode_class_texts(cfg: TDSMConfig) -> tuple[list[str], TextFeatures]:
     """(class names, text features of every class: prompt files concatenated along channels)."""
     files = prompt_files(cfg)
-    names = read_prompt_file(files[0])
-    sets = [names] + [read_prompt_file(f, expected_count=len(names)) for f in files[1:]]
+    first = cfg.text.num_classes
+    names = read_prompt_file(files[0], first=first)
+    sets = [names] + [read_prompt_file(f, expected_count=len(names), first=first) for f in files[1:]]
     cache = Path(cfg.text.cache_dir) if cfg.text.cache_dir else default_cache_dir() / "text"
     return names, encode_prompt_sets(cfg.text.encoder, sets, cfg.text.max_tokens, cache, layer=cfg.text.layer,
                                      pooled=cfg.text.pooled, set_names=[str(f) for f in files])
@@ -50,7 +51,7 @@ def prepare_tdsm(cfg: TDSMConfig) -> TDSMInputs:
         return TDSMInputs(generate_synthetic_task(cfg.data, text.global_feats), names, text)
     # Features and splits are checked before the text encoder loads, so bad data fails fast.
     names_file = prompt_files(cfg)[0]
-    num_classes = len(read_prompt_file(names_file))
+    num_classes = len(read_prompt_file(names_file, first=cfg.text.num_classes))
     task = load_feature_task(cfg.data, num_classes, f"the {num_classes} classes of {names_file}")
     names, text = encode_class_texts(cfg)
     return TDSMInputs(task, names, text)

@@ -85,8 +85,14 @@ def build_text_encoder(spec: str, device: str = "cpu", layer: str = "last", pool
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def read_prompt_file(path: str | Path, expected_count: int | None = None) -> list[str]:
-    """Read prompts: one per line, or the 'label'/'name' column of a .csv/.tsv with a header."""
+def read_prompt_file(path: str | Path, expected_count: int | None = None, first: int | None = None) -> list[str]:
+    """Read prompts: one per line, or the 'label'/'name' column of a .csv/.tsv with a header.
+
+    first=N keeps the first N prompts (rows) only, as the official TDSM code reads the first 60 rows of the
+    NTU-120 files for NTU-60; a file with fewer is an error. expected_count is checked after that cut.
+    """
+    if first is not None and first < 1:
+        raise InputError(f"first={first}: the number of prompts to read must be >= 1")
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: prompt file not found")
@@ -102,6 +108,11 @@ def read_prompt_file(path: str | Path, expected_count: int | None = None) -> lis
         prompts = _read_line_prompts(path, text)
     if not prompts:
         raise InputError(f"{path}: no prompts")
+    if first is not None:
+        if len(prompts) < first:
+            raise InputError(f"{path}: {len(prompts)} prompts, fewer than the first {first} asked for "
+                             "(text.num_classes)")
+        prompts = prompts[:first]
     if expected_count is not None and len(prompts) != expected_count:
         raise InputError(f"{path}: {len(prompts)} prompts, expected {expected_count} (one per class)")
     return prompts

@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="source", required=True,
                    help="best_config.yaml written by a sweep, or an MLflow run id (sweep parent or trial)")
     p.add_argument("--seeds", type=int, default=3, help="training seeds (default 3)")
-    p.add_argument("--noise-draws", type=int, default=10, help="tdsm: evaluation noise draws per seed (paper: 10)")
+    p.add_argument("--noise-draws", type=int, default=10,
+                   help="tdsm: evaluation noise draws per seed (default: %(default)s, the paper's)")
     p.add_argument("--ablation", action="store_true",
                    help="cocodiff: baseline (module.enabled=false) vs +CoCoDiff, same seeds and protocol")
     p.add_argument("--streams", nargs="+", metavar="STREAM",

@@ -9,8 +9,9 @@ from typing import Any
 
 from service.data.chain import resolve_chain
 from service.methods import METHODS
+from service.methods.search_space import SearchSpace
 from service.storage import Storage
-from trainers.config import build_config, dump_yaml, load_yaml, parse_override, to_plain
+from trainers.config import build_config, dump_yaml, field_description, load_yaml, parse_override, to_plain
 from trainers.errors import InputError
 
 # Ray results and checkpoints, and the cached skeleton chain (service.data.chain): shared storage on a cluster.
@@ -112,15 +113,28 @@ def storage_arg(value: str) -> Storage:
 PENDING = "  # (built on first run)"
 
 
+def searched_keys_comment(method: str, space: SearchSpace, space_path: Path) -> str:
+    """One YAML comment line per key the sweep searches: its distribution and what the field is (its description
+    names the paper's symbol, e.g. loss.margin = τ), so --print-config says which values a sweep replaces."""
+    lines = [f"# searched by service.sweep ({space_path}): each trial replaces these values"]
+    for key, dist in space.params.items():
+        values = getattr(dist, dist.kind)
+        shown = ", ".join(map(str, values))
+        about = field_description(METHODS[method].config_cls, key)
+        lines.append(f"#   {key}: {dist.kind} [{shown}]" + (f"; {about}" if about else ""))
+    return "\n".join(lines) + "\n"
+
+
 def resolved_config_yaml(method: str, cfg, split: str | None, overrides: dict | None, splits_path: Path,
-                         storage: Storage) -> str:
+                         storage: Storage, searched: str = "") -> str:
     """The config that will run, as YAML loadable by --config: the named (or default) split applied and a skeleton
-    chain resolved to its cached outputs. Trains nothing: a chain not yet built shows the paths it will write."""
+    chain resolved to its cached outputs. Trains nothing: a chain not yet built shows the paths it will write.
+    searched: comment lines put in the header (`searched_keys_comment`)."""
     if overrides is None:
-        return dump_yaml(cfg)
+        return searched + dump_yaml(cfg)
     resolved = resolve_chain(overrides, storage, build=False)   # generate + prepare only (cached)
     cfg = build_config(METHODS[method].config_cls, to_plain(cfg), resolved)
-    head = f"# split {split} of {splits_path}\n"
+    head = f"# split {split} of {splits_path}\n{searched}"
     text = dump_yaml(cfg)
     if "chain" not in overrides:
         return head + text

@@ -21,11 +21,13 @@ from service.cli.options import (
     default_splits,
     resolve_config,
     resolved_config_yaml,
+    searched_keys_comment,
 )
 from service.data.chain import resolve_chain
 from service.data.features import train_encoder
-from service.data.splits import load_splits, splits_file
+from service.data.splits import REPO_SPACES, load_splits, splits_file
 from service.methods import METHODS
+from service.methods.search_space import load_search_space
 from service.process import exits_cleanly
 from service.storage import Storage
 from service.tracking.store import resolve_tracking_uri
@@ -36,7 +38,8 @@ EXAMPLES = """examples:
   python -m service.run tdsm --print-config       # the config that would run (split and chain resolved), as YAML
   python -m service.run tdsm --split synthetic-u5 --set optim.lr=3e-4 --set model.preset=small
   python -m service.run tdsm --features DATA/shift_ntu60_5_r --unseen DATA/label_splits/ru5.npy \\
-      --val-unseen DATA/label_splits/rv5_0.npy --class-names ntu60.csv --descriptions ntu60_llm.txt
+      --val-unseen DATA/label_splits/rv5_0.npy --class-names ntu120.csv --descriptions ntu120_llm.txt \\
+      --set text.num_classes=60                   # NTU-60: the first 60 rows of the NTU-120 prompts
   python -m service.run cocodiff --config service/configs/cocodiff_paper.yaml --split ntu60-xsub
 
 The last stdout line is JSON: <objective>_max (the kept checkpoint's validation score: val/zsl_top1_max for
@@ -73,8 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         args.split = names[0]
         [(_, overrides)] = load_splits(splits_file(args.method, args.splits_file), names)
     if args.print_config:
+        space_path = REPO_SPACES / f"{args.method}.yaml"
+        searched = searched_keys_comment(args.method, load_search_space(space_path), space_path)
         print(resolved_config_yaml(args.method, cfg, args.split, overrides,
-                                   splits_file(args.method, args.splits_file), storage), end="")
+                                   splits_file(args.method, args.splits_file), storage, searched), end="")
         return 0
     args.tracking_uri = resolve_tracking_uri(args.tracking_uri)   # credentials out, server probed: before any work
     if overrides is not None:

@@ -23,6 +23,7 @@ from service.cli.options import (
     default_splits,
     resolve_config,
     resolved_config_yaml,
+    searched_keys_comment,
     storage_arg,
 )
 from service.data.splits import REPO_SPACES, load_splits, splits_file
@@ -32,6 +33,7 @@ from service.orchestration.sweep import run_sweeps
 from service.orchestration.trial import trial_driver
 from service.process import exits_cleanly
 from service.tracking.store import resolve_tracking_uri
+from service.tracking.trials import ui_command
 from trainers.config import build_config, to_plain
 from trainers.errors import InputError
 
@@ -118,9 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     splits = (load_splits(splits_file(args.method, args.splits_file), names) if names
               else [(method.split_name(cfg), {})])
     if args.print_config:    # as service.run: each split applied, its chain resolved to cached paths, nothing trained
+        searched = searched_keys_comment(args.method, space, space_path)
         print("---\n".join(resolved_config_yaml(args.method, cfg, split, overrides if names else None,
                                               splits_file(args.method, args.splits_file),
-                                              args.storage_path)
+                                              args.storage_path, searched)
                              for split, overrides in splits), end="")
         return 0
     uri = resolve_tracking_uri(args.tracking_uri)
@@ -145,8 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{s['split']}] ranked trials: {s['trials_csv']}; MLflow runs table of this sweep (experiment "
                   f"{s.get('experiment')}): {s.get('mlflow_view')}", file=sys.stderr)
         print(f"[{s['split']}] final runs: python -m service.final --from {s.get('best_config')}", file=sys.stderr)
-    print(f"browse: mlflow ui --workers 1 --backend-store-uri {uri}" if uri.startswith("sqlite") else f"browse: {uri}",
-          file=sys.stderr)
+    print(f"browse: {ui_command(uri)}", file=sys.stderr)
     print(json.dumps({"sweeps": summaries, "tracking_uri": uri}))
     failed = [s for s in summaries if not s.get("best_run_id")]
     for s in failed:      # last on stderr; exit 2 when the trials failed on bad input (e.g. a diverging config)

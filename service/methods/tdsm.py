@@ -191,7 +191,9 @@ def final_split(args, split: str, tree: dict[str, Any], uri: str) -> dict[str, A
         parent.log_text(table, f"table-{split}.md")
         if not args.no_register:
             tags = {"split": split, **source_tags(args.source, uri), "test_top1": per_seed[0]["test/zsl_top1"],
-                    "test_top1_mean_over_seeds": stats["test/zsl_top1_mean"], "seeds": args.seeds}
+                    "test_top1_mean_over_seeds": stats["test/zsl_top1_mean"],
+                    "test_top1_std_over_seeds": stats["test/zsl_top1_std_seeds"], "seeds": args.seeds,
+                    "registered_seed": cfg.train.seed}
             row["registered_version"] = register_model(parent, uri, cfg, first, task, names, text, f"tdsm-{split}",
                                                        test.features[:4].numpy(), tags)   # (4, D) real rows
     row["parent_run_id"] = parent.run_id

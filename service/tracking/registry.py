@@ -100,15 +100,26 @@ def describe_model(name: str, version: str, description: str, tags: dict[str, An
         client.set_model_version_tag(name, version, key, str(value))
 
 
+def accuracy_headline(tags: dict[str, Any]) -> str:
+    """The test top-1 in words: the mean ± std over seeds first (the result), then this model's own figure (one
+    seed of them, which can sit far from the mean)."""
+    top1, mean = tags.get("test_top1"), tags.get("test_top1_mean_over_seeds")
+    own = f"{float(top1):.2f} %" if top1 is not None else None
+    seed = f" (train.seed={tags['registered_seed']})" if tags.get("registered_seed") is not None else ""
+    if mean is None:
+        return f"Test top-1 {own}" if own else "Test top-1 not measured"
+    std = float(tags.get("test_top1_std_over_seeds", 0.0))
+    head = f"Test top-1 {float(mean):.2f} ± {std:.2f} % (mean ± std over {tags.get('seeds', '?')} seeds)"
+    return head + (f"; this registered model, the first seed{seed}: {own}" if own else "")
+
+
 def zero_shot_description(split: str, feature_dim: int, classes: list[int], tags: dict[str, Any]) -> str:
-    """What the model takes and answers, in words (the registry's description field)."""
-    top1 = tags.get("test_top1")
-    return (f"TDSM zero-shot skeleton action classifier, split {split}. Input: an (N, {feature_dim}) float32 array "
-            f"of pooled skeleton features, one row per sequence: the globally pooled output of the skeleton encoder "
-            f"that produced the training features (SA-DVAE layout), not raw joints. Output: (N,) int64 class ids "
-            f"among its {len(classes)} unseen classes; their names are in the artifact classes.json. "
-            + (f"Test top-1 {float(top1):.2f} % " if top1 is not None else "")
-            + f"at t_test={tags.get('t_test')}, text encoder {tags.get('text_encoder')}.")
+    """What the model takes and answers, in words (the registry's description field); its accuracy first."""
+    return (f"TDSM zero-shot skeleton action classifier, split {split}. {accuracy_headline(tags)}, at "
+            f"t_test={tags.get('t_test')}, text encoder {tags.get('text_encoder')}. Input: an (N, {feature_dim}) "
+            f"float32 array of pooled skeleton features, one row per sequence: the globally pooled output of the "
+            f"skeleton encoder that produced the training features (SA-DVAE layout), not raw joints. Output: (N,) "
+            f"int64 class ids among its {len(classes)} unseen classes; their names are in the artifact classes.json.")
 
 
 def log_zero_shot_model(run_id: str, cfg: TDSMConfig, model, classes: list[int], names: list[str],

@@ -7,9 +7,11 @@ child, and what a researcher reads: run names, the ranked trials table / trials.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import math
+import socket
 import sys
 import time
 from typing import Any, Protocol
@@ -52,9 +54,41 @@ def share_runs_view(client: MlflowClient, experiment_id: str, key: str, columns:
     client.set_experiment_tag(experiment_id, f"{SHARED_VIEW_PREFIX}{key}", json.dumps(state))
 
 
+# `mlflow ui`'s own default port: the first one tried for a local store's UI.
+UI_PORT = 5000
+
+
+def is_tracking_server(uri: str) -> bool:
+    """An MLflow server (its UI is at the same URL), not a local store that `mlflow ui` must serve."""
+    return uri.startswith(("http://", "https://"))
+
+
+@functools.lru_cache(maxsize=1)
+def local_ui_port() -> int:
+    """The port of a local store's `mlflow ui` in the printed links and command: 5000 when free here, else the
+    first free port above it; fixed for the process, so every link of a sweep and its command agree."""
+    for port in range(UI_PORT, UI_PORT + 100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:     # taken (another UI or server): its pages would not be this store's
+                continue
+            return port
+    return UI_PORT
+
+
+def ui_command(uri: str) -> str:
+    """How to browse the store: a server's URL, or the exact `mlflow ui` command (port included) that serves a
+    local store where `ui_link` points (--workers 1: README "Quick start")."""
+    if is_tracking_server(uri):
+        return uri.rstrip("/")
+    return f"mlflow ui --workers 1 --backend-store-uri {uri} --port {local_ui_port()}"
+
+
 def ui_link(uri: str, experiment_id: str, view_key: str | None = None) -> str:
-    """Where to look: the MLflow UI page of an experiment (`mlflow ui` on port 5000 for a local store)."""
-    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    """Where to look: the MLflow UI page of an experiment, on the server in use or on the local `mlflow ui` that
+    `ui_command` starts."""
+    base = uri.rstrip("/") if is_tracking_server(uri) else f"http://127.0.0.1:{local_ui_port()}"
     return f"{base}/#/experiments/{experiment_id}/runs" + (f"?viewStateShareKey={quote(view_key)}" if view_key else "")
 
 
