@@ -108,6 +108,8 @@ def terminated_trials(experiment_state: str) -> set[str]:
     """Trial ids that a Ray Tune experiment_state-*.json holds as TERMINATED: what a resume will not run again."""
     import json
 
-    trials = json.loads(experiment_state).get("trial_data", [])
-    states = [json.loads(t[0]) for t in trials]
+    try:
+        states = [json.loads(t[0]) for t in json.loads(experiment_state).get("trial_data", [])]
+    except ValueError:        # caught mid-write (Tune rewrites the file in place): nothing known yet
+        return set()
     return {s["trial_id"] for s in states if s.get("status") == "TERMINATED"}

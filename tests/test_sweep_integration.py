@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import terminated_trials
 from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.slow
@@ -165,12 +166,12 @@ def test_killed_driver_resumes_without_duplicates(tmp_path):
             exp = client.get_experiment_by_name("tdsm-synthetic-sweeps") if db.exists() else None
             if exp is None:
                 continue
-            done = client.search_runs([exp.experiment_id], "tags.trial_state = 'finished'")
+            # finished in the state Tune wrote (what a resume will not run again), not only in MLflow
+            states = sorted((tmp_path / "results" / name).glob("experiment_state-*.json"))
+            done = terminated_trials(states[-1].read_text()) if states else set()
             if len(done) >= 2:
-                # Tune snapshots its state every few seconds; let the snapshot catch up with these trials.
-                time.sleep(15)
-                done = client.search_runs([exp.experiment_id], "tags.trial_state = 'finished'")
-                finished_before = {r.info.run_id: r.info.end_time for r in done}
+                runs = client.search_runs([exp.experiment_id], "tags.trial_state = 'finished'")
+                finished_before = {r.info.run_id: r.info.end_time for r in runs if r.data.tags["ray_trial_id"] in done}
                 break
         assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
         assert finished_before, "no trial finished within the deadline"
