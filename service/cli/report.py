@@ -12,6 +12,7 @@ from pathlib import Path
 from service.cli.options import DEFAULT_STORAGE, storage_arg
 from service.data.splits import load_references, splits_file
 from service.process import exits_cleanly
+from service.storage import Storage
 from service.tracking.report import REPORT_EXPERIMENT, write_report
 from service.tracking.store import resolve_tracking_uri
 from trainers.config import load_yaml
@@ -29,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--splits", nargs="+", required=True, help="named splits (their latest TDSM final runs)")
     p.add_argument("--splits-file", type=Path, help="default: search_spaces/tdsm_splits.yaml")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
-    p.add_argument("--out", type=storage_arg, default=storage_arg(DEFAULT_STORAGE) / "report",
+    p.add_argument("--out", type=storage_arg,
                    help="folder for paper_table.md / .csv (default: $SKELDIFF_RESULTS/report)")
     p.add_argument("--no-log", action="store_true",
                    help=f"do not attach the table to the final runs nor log it in experiment {REPORT_EXPERIMENT}")
@@ -48,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         raise InputError(f"--splits {short_repr(unknown[0])}: unknown split; known in {path}: {', '.join(known)}")
     uri = resolve_tracking_uri(args.tracking_uri)
     refs = load_references(path, list(args.splits))
-    md, _ = write_report(uri, dict.fromkeys(args.splits), refs,
-                         args.out, log=not args.no_log, report_run=not args.no_log)
+    out = args.out or Storage.parse(DEFAULT_STORAGE) / "report"
+    md, _ = write_report(uri, dict.fromkeys(args.splits), refs, out, log=not args.no_log, report_run=not args.no_log)
     print(md)
     return 0
 
