@@ -261,7 +261,8 @@ def test_driver_killed_under_ray_job_submit_resumes_from_the_bucket(stack):
         if len(done) >= 2:
             exp = client.get_experiment_by_name("tdsm-synthetic-sweeps")
             runs = client.search_runs([exp.experiment_id], f"tags.sweep = '{name}'")
-            finished_before = {r.info.run_id: r.info.end_time for r in runs if r.data.tags["ray_trial_id"] in done}
+            finished_before = {r.info.run_id: r.info.end_time for r in runs
+                               if r.data.tags.get("ray_trial_id") in done}
     assert finished_before, jobs.get_job_logs(job_id)[-3000:]
     pid = jobs.get_job_info(job_id).driver_info.pid
     os.kill(int(pid), signal.SIGKILL)                                  # the job's driver, nothing else
@@ -325,10 +326,15 @@ def test_tracking_server_restart_and_object_store_outage_mid_sweep(stack):
     print(f"\nmultinode faults: exit {driver.returncode}; warnings: "
           f"{[line for line in out.splitlines() if 'warning:' in line or 'note:' in line][:8]}")
     assert driver.returncode == 0, out[-4000:]
-    assert "could not reach the tracking server" in out                  # the outage was seen and said
+    # the outage was seen and said: by the trials that met it, or by the driver recording Tune's state
+    assert "could not reach the tracking server" in out or "warning: tracking server" in out
     parent, kids = sweep_runs(stack.uri, name)
     assert len(kids) == 4 and len({k.data.tags["ray_trial_id"] for k in kids}) == 4
     assert all(k.info.status in ("FINISHED", "FAILED") for k in kids)    # none left RUNNING
+    for kid in kids:                                 # no metric lost: every logged step of a finished trial is there
+        if kid.info.status == "FINISHED":
+            steps = {m.step for m in client.get_metric_history(kid.info.run_id, "train/loss")}
+            assert steps == set(range(6, 121, 6)), sorted(steps)
     assert parent.info.status == "FINISHED"
     best = parent.data.tags["best_config"]
     assert f"results/{name}/best_config.yaml" in stack.s3.keys(prefix=f"results/{name}/")
