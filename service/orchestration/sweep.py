@@ -42,7 +42,7 @@ from service.storage import Storage
 from service.tracking.sources import STATE_FILE, read_state
 from service.tracking.store import MLflowReporter, standard_tags
 from service.tracking.trials import best_child, close_orphans, close_trial_run, report_trials, trial_timing
-from trainers.config import build_config, dump_yaml
+from trainers.config import build_config, dump_yaml, load_yaml
 from trainers.errors import InputError
 from trainers.io import stable_hash
 
@@ -282,7 +282,7 @@ def finish_split(parent: MLflowReporter, experiment: str, uri: str, name: str, s
         return {"split": split, "best_run_id": None}
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(client.download_artifacts(best.info.run_id, "config.yaml", tmp))
-        best_tree, notes = METHODS[method].best_config(yaml.safe_load(local.read_text()), best.data.tags)
+        best_tree, notes = METHODS[method].best_config(load_yaml(local), best.data.tags)   # aliases bounded
     best_cfg = build_config(METHODS[method].config_cls, best_tree)
     chosen = "".join(f", {k} = {v}" for k, v in notes.items())
     header = (f"# best config of sweep {name} (split {split})\n# trial run {best.info.run_id}: "

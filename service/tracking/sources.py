@@ -8,7 +8,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -71,7 +70,7 @@ def load_source(source: str, uri: str) -> tuple[dict[str, Any], str | None, dict
         name = "best_config.yaml" if "best_config.yaml" in names else "config.yaml"
         if name not in names:
             raise InputError(f"--from {source}: run has no best_config.yaml or config.yaml artifact")
-        tree = yaml.safe_load(Path(client.download_artifacts(source, name, tmp)).read_text())
+        tree = load_yaml(Path(client.download_artifacts(source, name, tmp)))     # aliases bounded
     # A run's own config.yaml (a trial, a service.run run) still searches what its run chose: the caller applies the
     # method's best_config rule with these tags. A best_config.yaml has it applied already.
     return tree, run.data.tags.get("split"), (dict(run.data.tags) if name == "config.yaml" else None)
