@@ -184,7 +184,7 @@ def test_unreadable_checkpoint_is_one_line_error(tiny_task, tmp_path):
 def failing_save(monkeypatch):
     """torch.save that writes half a file and then fails, like a full disk or a kill mid-write."""
     def save(obj, f, *a, **kw):
-        Path(f).write_bytes(b"PK\x03\x04 partial")
+        f.write(b"PK\x03\x04 partial")          # atomic_torch_save hands torch.save an open file
         raise OSError("No space left on device")
 
     monkeypatch.setattr(torch, "save", save)
@@ -203,7 +203,7 @@ def test_atomic_save_crash_leaves_no_file(tmp_path, failing_save):
 def test_atomic_save_crash_keeps_old_file(tmp_path, monkeypatch):
     atomic_torch_save({"step": 3}, tmp_path / LAST)
     before = (tmp_path / LAST).read_bytes()
-    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **kw: (Path(f).write_bytes(b"junk"), 1 / 0))
+    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **kw: (f.write(b"junk"), 1 / 0))
     with pytest.raises(ZeroDivisionError):
         atomic_torch_save({"step": 4}, tmp_path / LAST)
     assert (tmp_path / LAST).read_bytes() == before and not leftovers(tmp_path)
@@ -219,7 +219,7 @@ def test_fit_crash_in_first_checkpoint_leaves_no_checkpoint(tiny_task, tmp_path,
 def test_fit_crash_in_checkpoint_keeps_previous_one(tiny_task, tmp_path, monkeypatch):
     run_until_crash(resumable_config(), tiny_task, tmp_path, 6)
     before = (tmp_path / LAST).read_bytes()
-    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **kw: (Path(f).write_bytes(b"junk"), 1 / 0))
+    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **kw: (f.write(b"junk"), 1 / 0))
     with pytest.raises(ZeroDivisionError):
         fit_tdsm(resumable_config(), *tiny_task.fit_args, ListReporter(), tmp_path, progress=False)
     assert (tmp_path / LAST).read_bytes() == before and not leftovers(tmp_path)

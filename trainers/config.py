@@ -202,8 +202,8 @@ class TextConfig(Section):
     class_names: Path | None = Field(None, description="One class name per line; default: embedded NTU-60 names.")
     descriptions: list[Path] | None = Field(
         None, description="Description files (one sentence per class); default: embedded NTU-60 descriptions.")
-    num_classes: int | None = Field(
-        None, ge=1, description="Read only the first N rows of class_names and of each descriptions file (the "
+    num_classes: ClassCount | None = Field(
+        None, description="Read only the first N rows of class_names and of each descriptions file (the "
                                 "official code reads NTU-120's files for NTU-60: N=60); default: every row.")
     cache_dir: Path | None = Field(
         None, description="Encoded-text cache; default $SKELDIFF_CACHE or ~/.cache/skeldiff.")

@@ -54,9 +54,15 @@ def build_optimizer(cfg: TDSMConfig, model: nn.Module) -> torch.optim.AdamW:
                              fused=device.type in ("cpu", "cuda") or None)
 
 
+# Keys added after checkpoints existed: unset, they leave the fingerprint as it was (a run dir of before resumes).
+NEW_KEYS_UNSET = ("text.num_classes",)
+
+
 def training_fingerprint(cfg: TDSMConfig) -> str:
     """Hash of everything that changes what training computes (resuming under another config is refused)."""
-    return checkpoint.training_fingerprint(flatten(to_plain(cfg)), NON_TRAINING_KEYS)
+    flat = flatten(to_plain(cfg))
+    unset = [k for k in NEW_KEYS_UNSET if flat.get(k) is None]
+    return checkpoint.training_fingerprint(flat, NON_TRAINING_KEYS, names=unset)
 
 
 def zsl_metric_dict(curve: ZSLCurve, t_test: int, prefix: str, tuned: bool = False,
