@@ -382,3 +382,32 @@ def test_resuming_a_per_tensor_adamw_state_keeps_the_fused_optimizer(tiny_task):
     opt.step()                                         # the same second update (fused: to rounding)
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, after_old[key], rtol=1e-6, atol=1e-7)
+
+
+def test_sigterm_during_a_checkpoint_write_is_delivered_after_it(tmp_path, monkeypatch):
+    """A signal in the middle of torch.save (its writer calls back into Python) waits until the file is whole, then
+    reaches the process's handler: the interrupt, not torch's "unexpected pos" RuntimeError."""
+    import os
+    import signal
+
+    class Stop(Exception):
+        pass
+
+    def handler(signum, frame):
+        raise Stop
+
+    real_save = torch.save
+
+    def save(obj, f, *a, **kw):
+        os.kill(os.getpid(), signal.SIGTERM)          # lands while the checkpoint is being written
+        real_save(obj, f, *a, **kw)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        monkeypatch.setattr(torch, "save", save)
+        with pytest.raises(Stop):
+            atomic_torch_save({"step": 7}, tmp_path / LAST)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    monkeypatch.undo()
+    assert torch.load(tmp_path / LAST)["step"] == 7 and not leftovers(tmp_path)     # written whole first

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import pickle
 import re
+import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -48,13 +51,33 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
 
 def atomic_torch_save(obj: Any, path: Path) -> Path:
     """torch.save through a temporary file, written through a Python file object: on a full disk, torch.save to a
-    path raises a RuntimeError ("unexpected pos ..."); through a file object the OSError (ENOSPC) comes through."""
+    path raises a RuntimeError ("unexpected pos ..."); through a file object the OSError (ENOSPC) comes through.
+    Ctrl-C / SIGTERM wait until the file is written: raised inside torch's writer callback, they would surface as
+    that same RuntimeError instead of the interrupt the CLIs turn into exit 130 / 143."""
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
 
-    return atomic_write(path, write)
+    with signals_deferred():            # delivered once the file is whole and in place
+        return atomic_write(path, write)
+
+
+@contextlib.contextmanager
+def signals_deferred(signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)):
+    """Hold SIGINT / SIGTERM for the duration (main thread only), then deliver them to the handlers they had."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in signums}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(caught):
+            signal.raise_signal(s)
 
 
 # What a refused pickle says; the message tests and the README quote.
