@@ -11,14 +11,11 @@ URI (a URI is printed, tagged and pickled).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import shutil
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
@@ -283,18 +280,3 @@ class Storage:
         finally:
             _patience.pop()
         return self
-
-    @contextlib.contextmanager
-    def staged(self) -> Iterator[Path]:
-        """A local folder to write into: this folder itself when local; a temporary one uploaded here on success
-        (and removed) when this is an object store. Lets file-producing code (tables, plots) stay path-based."""
-        if self.is_local:
-            Path(self.root).mkdir(parents=True, exist_ok=True)
-            yield Path(self.root)
-            return
-        tmp = Path(tempfile.mkdtemp(prefix="skeldiff-stage-"))
-        try:
-            yield tmp
-            self.upload(tmp)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)

@@ -81,11 +81,8 @@ def test_files_round_trip(location, tmp_path):
     assert (location / "up").files() == ["x/y.bin", "z.txt"]
     back = (location / "up").download(tmp_path / "down")
     assert (back / "x" / "y.bin").read_bytes() == (folder / "x" / "y.bin").read_bytes()
-    with (location / "staged").staged() as out:
-        (out / "table.md").write_text("| a |")
-    assert (location / "staged" / "table.md").read_text() == "| a |"
     (location / "up").remove()
-    assert location.children() == ["staged", "sweep"]
+    assert location.children() == ["sweep"]
     assert (location / "missing").children() == [] and (location / "missing").files() == []
     location.check_writable()
 

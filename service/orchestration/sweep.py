@@ -186,7 +186,7 @@ def run_split(args, method: str, split: str, base: dict[str, Any], space: Search
             method=method, base=base, space=space, seed=args.seed, resources=resources,
             default_T=cfg.diffusion.num_train_timesteps if space.inference is not None else None,
             parent=ParentRun(uri, experiment, parent.run_id), split=split, sweep=name,
-            storage_path=str(sweep_path.parent / f"{name}-train"), data_ref=data_ref)
+            storage_path=str(storage / f"{name}-train"), data_ref=data_ref)
         trainable = tune.with_resources(tune.with_parameters(tune_trial, settings=settings), trial_resources(resources))
         n_evals = -(-cfg.train.steps // cfg.train.eval_every)
         scheduler = (tune.schedulers.ASHAScheduler(time_attr="training_iteration", max_t=n_evals + 1, grace_period=1,
