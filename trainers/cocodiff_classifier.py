@@ -7,12 +7,15 @@ import copy
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
 from trainers.checkpoint import load_weights
 from trainers.cocodiff import BackboneConfig
+from trainers.cocodiff_eval import ensemble_logits
 from trainers.errors import InputError
+from trainers.guards import check_model_input
 from trainers.io import load_checkpoint
 from trainers.skeleton.gcn import Encoder, build_encoder, joint_to_bone, joint_to_motion
 
@@ -86,3 +89,35 @@ def load_classifier(path: Path, map_location: str | torch.device = "cpu") -> tup
         raise InputError(f"{path}: not a classifier checkpoint ({type(err).__name__})") from None
     load_weights(Path(path), "classifier", ckpt["classifier"], model)     # keys, shapes, finite: one line
     return model.to(map_location).eval(), ckpt
+
+
+# Bounds of one call of a deployed classifier (requests past them are refused with a message).
+MAX_SEQUENCES = 512
+
+
+class ClassifierEnsemble:
+    """Exported classifiers (one per input stream, each deriving its stream from the joints) and their fusion
+    weights: joint sequences (N, C, T, V, M) -> class ids (N,), the argmax of the weighted sum of their logits."""
+
+    def __init__(self, models: list[SkeletonClassifier], weights: list[float], input_shape: tuple[int, ...]):
+        self.models, self.weights, self.input_shape = models, weights, tuple(input_shape)
+
+    @classmethod
+    def load(cls, bundles: list[str], fusion: dict[str, Any] | None = None) -> "ClassifierEnsemble":
+        """From exported bundles (the best.pt layout) and fusion.json's {"streams", "weights"} when several."""
+        loaded = [load_classifier(b) for b in bundles]
+        models = [m for m, _ in loaded]
+        fusion = fusion or {}
+        streams = [m.stream for m in models]
+        if fusion.get("streams", streams) != streams:          # bundles and weights must pair up in order
+            raise InputError(f"fusion.json names streams {fusion['streams']} but the bundles hold {streams}")
+        ckpt = loaded[0][1]
+        shape = tuple(ckpt.get("input_shape", (ckpt["in_channels"], -1, -1, -1)))
+        return cls(models, list(fusion.get("weights", [1.0] * len(models))), shape)
+
+    @torch.no_grad()
+    def predict(self, x) -> np.ndarray:
+        """Class ids (N,) of checked input (shape, finite, bounded: one-line InputError otherwise)."""
+        x = torch.from_numpy(np.ascontiguousarray(check_model_input(x, self.input_shape, MAX_SEQUENCES, 10_000)))
+        logits = ensemble_logits([m(x) for m in self.models], self.weights)     # (N, classes)
+        return logits.argmax(-1).numpy()

@@ -207,6 +207,12 @@ def save_encoder(model: Encoder, classes: list[int], cfg: EncoderConfig, path: P
 def load_encoder(path: Path) -> tuple[Encoder, EncoderConfig, list[int]]:
     """(model in eval mode, its config, its seen classes) from encoder.pt."""
     blob = load_torch(path, "encoder checkpoint", ("config", "classes", "in_channels", "model"))
+    return encoder_from_state(blob, Path(path))
+
+
+def encoder_from_state(blob: dict, path: Path, key: str = "model") -> tuple[Encoder, EncoderConfig, list[int]]:
+    """(model in eval mode, config, seen classes) from encoder.pt's dict (also held inside other bundles: `key`
+    names its weights in errors about `path`)."""
     try:
         cfg = EncoderConfig.model_validate(blob["config"])
         model = build_encoder(cfg.name, len(blob["classes"]), in_channels=blob["in_channels"], layout=cfg.layout,
@@ -214,7 +220,7 @@ def load_encoder(path: Path) -> tuple[Encoder, EncoderConfig, list[int]]:
                               dropout=cfg.dropout)
     except Exception as err:  # noqa: BLE001 - a config that does not build: one line
         raise InputError(f"{path}: not an encoder checkpoint ({type(err).__name__})") from None
-    checkpoint.load_weights(path, "model", blob["model"], model)        # keys, shapes, finite: one line naming them
+    checkpoint.load_weights(path, key, blob["model"], model)            # keys, shapes, finite: one line naming them
     return model.eval(), cfg, list(blob["classes"])
 
 

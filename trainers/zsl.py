@@ -26,19 +26,22 @@ def evaluation_noise(num_draws: int, num_samples: int, dim: int, seed: int) -> t
     return torch.randn(num_draws, num_samples, dim, generator=torch.Generator().manual_seed(seed))
 
 
-def sample_keyed_noise(features: torch.Tensor, num_draws: int, seed: int) -> torch.Tensor:
-    """(K, N, D) Gaussian noise where sample i's (K, D) block is a function of (seed, its float32 bytes) only.
+def sample_keyed_noise(keys: torch.Tensor, num_draws: int, seed: int, dim: int | None = None) -> torch.Tensor:
+    """(K, N, dim) Gaussian noise where sample i's (K, dim) block is a function of (seed, the float32 bytes of
+    keys[i]) only; dim defaults to the row width of keys (the features themselves).
 
     A deployed classifier must give a sample the same answer alone, first or last in any batch: its noise
-    cannot depend on the row position, as `evaluation_noise`'s does.
+    cannot depend on the row position, as `evaluation_noise`'s does. A chain that takes skeleton sequences keys
+    the noise by the sequence (its model input), not by the features the encoder makes of it.
     """
-    rows = features.detach().to("cpu", torch.float32).contiguous().numpy()       # (N, D)
-    out = torch.empty(num_draws, rows.shape[0], rows.shape[1])
+    rows = keys.detach().to("cpu", torch.float32).reshape(keys.shape[0], -1).contiguous().numpy()   # (N, *)
+    dim = rows.shape[1] if dim is None else dim
+    out = torch.empty(num_draws, rows.shape[0], dim)
     prefix = int(seed).to_bytes(16, "little", signed=True)
     for i, row in enumerate(rows):
         digest = hashlib.blake2b(prefix + row.tobytes(), digest_size=8).digest()
         gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)   # 63 bits: a valid seed
-        out[:, i] = torch.randn(num_draws, rows.shape[1], generator=gen)
+        out[:, i] = torch.randn(num_draws, dim, generator=gen)
     return out
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from service.data.features import extract_to_folder, train_encoder
+from service.data.features import SOURCE, extract_to_folder, train_encoder, write_source
 from service.data.generated import synthetic_prepared
 from service.storage import Storage
 from trainers.checkpoint import ENCODER
@@ -131,4 +131,6 @@ def synthetic_skeleton_features(root: Path, per_class: int, encoder: EncoderConf
         atomic_write_text(done, json.dumps({"encoder": str(enc_dir), "unseen": unseen}))
     else:
         log(f"features up to date: {feat_dir}")
+        if not (feat_dir / SOURCE).is_file():          # a cache from before source.json: say where it came from
+            write_source(feat_dir, enc_dir / ENCODER, prepared, None)
     return made

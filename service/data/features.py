@@ -4,7 +4,9 @@ gtest + labels) that `service.run tdsm --features` reads."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,7 +15,7 @@ from trainers.checkpoint import ENCODER
 from trainers.data import load_class_ids
 from trainers.encoder_fit import EncoderConfig, extract_features, fit_encoder, load_encoder
 from trainers.errors import InputError
-from trainers.io import atomic_save_npy
+from trainers.io import atomic_save_npy, atomic_write_text, load_torch
 from trainers.skeleton.prepared import read_prepared
 from trainers.tracking import NullReporter
 
@@ -78,7 +80,51 @@ def extract_to_folder(prepared: Path, encoder_path: Path, unseen: list[int], out
     for name, mask in masks.items():
         atomic_save_npy(extract_features(model, data[mask], cfg).numpy(), out / f"{name}.npy")
         atomic_save_npy(labels[mask].numpy(), out / f"{labels_name[name]}.npy")
+    write_source(out, encoder_path, prepared, benchmark)
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Where a features folder came from: what a registered zero-shot model needs to take skeletons
+# ----------------------------------------------------------------------------------------------
+
+SOURCE = "source.json"
+FAMILY = {"ntu60": "ntu", "ntu120": "ntu", "synthetic": "ntu", "kinetics": "kinetics", "pku": "pku"}
+
+
+def write_source(features: Path, encoder_path: Path, prepared: Path, benchmark: str | None) -> None:
+    """features/source.json: the encoder and prepared folder the features were extracted with."""
+    atomic_write_text(Path(features) / SOURCE, json.dumps(
+        {"encoder": str(Path(encoder_path).resolve()), "prepared": str(Path(prepared).resolve()),
+         "benchmark": benchmark}, indent=1))
+
+
+def encoder_source(features: Path) -> dict[str, Any] | None:
+    """The skeleton side of a features folder made by skeldiff's encoder, or None (features from elsewhere, or
+    its encoder / prepared folder gone): {"state": encoder.pt's dict plus the input layout, "prepared", "benchmark"}."""
+    path = Path(features) / SOURCE
+    if not path.is_file():
+        return None
+    try:
+        source = json.loads(path.read_text())
+        encoder, prepared = Path(source["encoder"]), Path(source["prepared"])
+    except (ValueError, KeyError, TypeError):
+        raise InputError(f"{path}: not a features source record (expected encoder, prepared, benchmark)") from None
+    if not encoder.is_file() or not (prepared / "prepare.json").is_file():
+        return None
+    state = load_torch(encoder, "encoder checkpoint", ("config", "classes", "in_channels", "model"))
+    meta = json.loads((prepared / "prepare.json").read_text())
+    _, channels, frames, joints, bodies = meta["shape"]
+    state["layout"] = {"channels": channels, "frames": frames, "joints": joints, "bodies": bodies,
+                       "dataset": FAMILY.get(meta.get("dataset"), "ntu")}
+    return {"state": state, "prepared": prepared, "benchmark": source.get("benchmark")}
+
+
+def unseen_test_sequences(source: dict[str, Any], unseen: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(sequences (N, C, T, V, M), labels): the rows ztest.npy was extracted from, in its order."""
+    data, labels, train_mask, _ = load_prepared(source["prepared"], source["benchmark"])
+    mask = ~train_mask & np.isin(labels.numpy(), unseen)
+    return data[mask].numpy(), labels[mask].numpy()
 
 
 

@@ -12,8 +12,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from service.data.features import encoder_source, unseen_test_sequences
 from service.data.splits import load_references, splits_file
 from service.methods.base import TrialContext
 from service.methods.common import absolute_fields, headline, open_run
@@ -28,7 +30,8 @@ from trainers.config import TDSMConfig, build_config, dump_yaml, flatten, parse_
 from trainers.errors import InputError
 from trainers.tdsm_fit import evaluate_split, fit_tdsm, load_best, training_fingerprint
 from trainers.tdsm_model import count_parameters
-from trainers.tdsm_task import TDSMInputs, prepare_tdsm
+from trainers.tdsm_task import TDSMInputs, class_prompts, prepare_tdsm
+from trainers.zero_shot import chain_bundle, chain_from_bundle, served_top1
 from trainers.zsl import ZSLCurve
 
 # The validation metric that chooses the kept (best.pt) weights; runs and sweep trials report its running maximum
@@ -155,6 +158,7 @@ def final_split(args, split: str, tree: dict[str, Any], uri: str) -> dict[str, A
                                           "eval.tune_t_test": False})
     task, names, text = prepare_tdsm(cfg)
     train, test, seen = task.final_split()
+    inputs, source = served_inputs(cfg, task)
     experiment = args.experiment_name or f"tdsm-{split}"
     parent = MLflowReporter.start(uri, experiment, f"final-{split}",
                                   tags=standard_tags(split=split, phase="final", method="tdsm",
@@ -174,13 +178,17 @@ def final_split(args, split: str, tree: dict[str, Any], uri: str) -> dict[str, A
                       file=sys.stderr)
                 result = fit_tdsm(seed_cfg, train, seen, None, [], text, child, None, progress=not args.no_progress)
                 metrics, curve = evaluate_split(seed_cfg, result.model, test, task.unseen, text, "test")
+                # The registered model's own answers: the chain from the model input, noise keyed by each input.
+                blob = chain_bundle(seed_cfg, result.model, class_prompts(seed_cfg), text, task.unseen,
+                                    source and source["state"])
+                metrics["test/zsl_top1_served"] = served_top1(chain_from_bundle(blob), inputs, test.labels.tolist())
                 at = curve.at(seed_cfg.eval.t_test)
                 per_seed.append(metrics)
                 per_draw.append(at.top1_draws)
                 child.log_metrics(metrics, result.step)
                 log_zsl_plots(child, curve, names, seed_cfg.eval.t_test, "test")
             if first is None:
-                first = result.model
+                first = blob
         stats = seed_stats(per_seed, per_draw)
         parent.log_metrics(stats, 0)
         row = {"split": split, "seen": len(seen), "seen_classes": len(seen), "unseen": len(task.unseen),
@@ -194,10 +202,22 @@ def final_split(args, split: str, tree: dict[str, Any], uri: str) -> dict[str, A
                     "test_top1_mean_over_seeds": stats["test/zsl_top1_mean"],
                     "test_top1_std_over_seeds": stats["test/zsl_top1_std_seeds"], "seeds": args.seeds,
                     "registered_seed": cfg.train.seed}
-            row["registered_version"] = register_model(parent, uri, cfg, first, task, names, text, f"tdsm-{split}",
-                                                       test.features[:4].numpy(), tags)   # (4, D) real rows
+            row["registered_version"] = register_model(parent, uri, first, f"tdsm-{split}", inputs[:2], tags)
     row["parent_run_id"] = parent.run_id
     return row
+
+
+def served_inputs(cfg: TDSMConfig, task) -> tuple[np.ndarray, dict[str, Any] | None]:
+    """(the unseen test samples as the registered model takes them, the features' encoder source or None):
+    skeleton sequences when skeldiff's encoder made the features (its source.json), else the features."""
+    source = encoder_source(cfg.data.features_dir) if cfg.data.source == "features" else None
+    if source is None:
+        return task.test.features.numpy(), None
+    sequences, labels = unseen_test_sequences(source, task.unseen)
+    if labels.tolist() != task.test.labels.tolist():
+        raise InputError(f"{cfg.data.features_dir}: ztest.npy's samples are not the prepared folder's unseen test "
+                         f"rows of {source['prepared']} (re-extract the features)")
+    return sequences, source
 
 
 def check_final(args) -> None:

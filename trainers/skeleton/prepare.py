@@ -127,6 +127,27 @@ def process_job(job: Job, frames: int) -> list[Result]:
         return [("skip", path.name.split(".")[0], job.path, _reason(err, path))]
 
 
+RAW_SUFFIXES = {".skeleton": "ntu", ".json": "kinetics", ".txt": "pku"}
+
+
+def read_unlabelled(path: Path, frames: int) -> np.ndarray:
+    """One raw file of any name, whole, through the same reader and preprocessing as `prepare`: (M, frames, V, C).
+
+    The family comes from the suffix (.skeleton NTU RGB+D, .json Kinetics-skeleton, .txt a PKU-MMD sequence);
+    the file's own label is not used (a Kinetics clip still needs the release's label_index field)."""
+    path = Path(path)
+    family = RAW_SUFFIXES.get(path.suffix.lower())
+    if family is None:
+        raise InputError(f"{path}: expected a .skeleton (NTU), .json (Kinetics-skeleton) or .txt (PKU-MMD) file")
+    if family == "kinetics":
+        arr, _ = read_kinetics(path, max_people=BODIES)
+        if not (arr[..., 2] > 0).any():
+            raise InputError(f"{path}: no person detected in any frame")
+        return _checked(image_pipeline(frames, BODIES)(arr), path)
+    arr = read_pku_skeleton(path) if family == "pku" else to_array(read_skeleton(path), max_bodies=BODIES)
+    return _checked(ntu_pipeline(frames, BODIES)(arr), path)
+
+
 def _reason(err: Exception, path: Path | None = None) -> str:
     """One line for skipped.tsv: an InputError names the file itself; anything else gets its type and the file."""
     if isinstance(err, InputError):
