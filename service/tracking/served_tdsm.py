@@ -11,6 +11,8 @@ numbers are). Bad input: an MLflow INVALID_PARAMETER_VALUE error (HTTP 400 when 
 
 from __future__ import annotations
 
+import warnings
+
 import mlflow
 import numpy as np
 import pandas as pd
@@ -20,7 +22,16 @@ from trainers.errors import InputError
 from trainers.zero_shot import MAX_CLASSES, load_chain
 
 
-class ZeroShotChainModel(mlflow.pyfunc.PythonModel):
+class _PythonModel(mlflow.pyfunc.PythonModel):
+    """PythonModel without the warning MLflow prints when predict() has no type hints (the signature says them;
+    MLflow resets the warning filters inside, so only recording swallows it)."""
+
+    def __init_subclass__(cls, **kwargs):
+        with warnings.catch_warnings(record=True):
+            super().__init_subclass__(**kwargs)
+
+
+class ZeroShotChainModel(_PythonModel):
     """pyfunc wrapper of trainers.zero_shot.ZeroShotChain."""
 
     def load_context(self, context) -> None:
