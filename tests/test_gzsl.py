@@ -18,7 +18,7 @@ from conftest import TINY_RUN_ARGS as TINY
 from conftest import tiny_config, write_feature_folder
 
 from trainers.config import DataConfig
-from trainers.data import GZSL_HELD_OUT_FRACTION, generate_synthetic_task, load_feature_task
+from trainers.data import GZSL_HELD_OUT_DIVISOR, generate_synthetic_task, load_feature_task
 from trainers.errors import InputError
 from trainers.tdsm_fit import build_model, evaluate_gzsl_split
 from trainers.text import TextFeatures
@@ -169,7 +169,7 @@ def small_task():
 def test_generated_task_has_a_gzsl_set_of_fresh_seen_and_the_unseen_test_samples():
     task = small_task()
     gtest, classes, seen = task.gzsl_split()
-    per_seen = SMALL["samples_per_class"] // GZSL_HELD_OUT_FRACTION
+    per_seen = SMALL["samples_per_class"] // GZSL_HELD_OUT_DIVISOR
     assert classes == list(range(NUM_CLASSES)) and seen == SEEN
     held = gtest.select(SEEN)
     assert len(held) == per_seen * len(SEEN) and sorted(set(held.labels.tolist())) == SEEN

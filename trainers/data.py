@@ -19,7 +19,7 @@ from trainers.io import load_npy
 EMBEDDED_UNSEEN = [10, 11, 19, 26, 56]
 # The generated task's GZSL test set: samples_per_class // 5 fresh samples per seen class, from a generator seeded
 # seed + this offset (apart from the one that draws prototypes, training and test samples).
-GZSL_HELD_OUT_FRACTION = 5
+GZSL_HELD_OUT_DIVISOR = 5
 GZSL_SEED_OFFSET = 7919
 
 
@@ -287,7 +287,7 @@ def generate_synthetic_task(cfg: DataConfig, text_global: torch.Tensor) -> ZSLTa
     # GZSL test set: fresh samples of the seen classes (never trained on) beside the unseen test samples, as in
     # SA-DVAE's gtest. Drawn from their own generator, after everything above: the tensors above stay bit-identical.
     g_held = torch.Generator().manual_seed(s.seed + GZSL_SEED_OFFSET)
-    held_labels = torch.tensor(seen).repeat_interleave(max(1, n // GZSL_HELD_OUT_FRACTION))     # (S m,)
+    held_labels = torch.tensor(seen).repeat_interleave(max(1, n // GZSL_HELD_OUT_DIVISOR))     # (S m,)
     m = len(held_labels)
     held = (proto[held_labels] + s.noise * torch.randn(m, D, generator=g_held)
             + s.noise * torch.randn(m, 8, generator=g_held) @ nuisance)                      # (S m, D)
