@@ -288,11 +288,13 @@ def test_report_carries_the_sweep_that_chose_the_config(tmp_path, capsys, monkey
     assert rc == 0
     lines = {line.split(" | ")[0].lstrip("| "): line for line in md.splitlines() if line.startswith("| ")}
     assert "sweep: best val % | sweep: chosen T / τ / λ / lr / t_test |" in lines["split"]
-    assert lines["a"].endswith("| 65.00 ± 5.00 | 67.00 ± 6.00 | – | 2 × 10 | 25 / 50 | "
+    # the GZSL cell: '–' for a final without GZSL metrics, 'not run' without a final
+    assert lines["a"].endswith("| 65.00 ± 5.00 | 67.00 ± 6.00 | – | 2 × 10 | 25 / 50 | – | "
                                "91.25 (2 trials) | 50 / 1 / 0.75 / 0.0015 / 25 |")
-    assert lines["b"].endswith("| not run | not run | – | – | – | 60.00 (2 trials) | 10 / 1 / 0.6 / 0.001 / 5 |")
-    assert lines["c"].endswith("| not run | not run | – | – | – | no best trial (1 trial) | – |")
-    assert lines["none"].endswith("| not run | not run | – | – | – | – | – |")
+    assert lines["b"].endswith("| not run | not run | – | – | – | not run | 60.00 (2 trials) | "
+                               "10 / 1 / 0.6 / 0.001 / 5 |")
+    assert lines["c"].endswith("| not run | not run | – | – | – | not run | no best trial (1 trial) | – |")
+    assert lines["none"].endswith("| not run | not run | – | – | – | not run | – | – |")
     table = {r["split"]: r for r in csv.DictReader((tmp_path / "out" / "paper_table.csv").open())}
     assert table["a"]["sweep_run_id"] == own != newer and float(table["a"]["sweep_best_val"]) == 91.25
     assert table["a"]["sweep_metric"] == "val/zsl_top1_max"

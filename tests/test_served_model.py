@@ -132,7 +132,8 @@ def test_http_serving_answers_as_in_process_and_refuses_bad_requests(final, load
         cases = [(x[:1], {}), (x, {}), (x[:4], {"classes": ["wave a hand", "jump on the spot"], "top_k": 1}),
                  (x[:3], {"classes": ["raise both arms", "clap"], "descriptions": ["arms up", "hands meet"]})]
         for inputs, params in cases:
-            status, body = post(f"{url}/invocations", json.dumps({"inputs": inputs.tolist(), "params": params}).encode())
+            request = json.dumps({"inputs": inputs.tolist(), "params": params}).encode()
+            status, body = post(f"{url}/invocations", request)
             assert status == 200, body
             expected = loaded.predict(inputs, params=params)
             got = body["predictions"]

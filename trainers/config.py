@@ -174,7 +174,8 @@ class DataConfig(Section):
     source: Literal["synthetic", "features"] = Field(
         "synthetic", description="'features': SA-DVAE layout in features_dir; 'synthetic': embedded task.")
     features_dir: Path | None = Field(
-        None, description="Folder with train.npy, train_label.npy, ztest.npy, z_label.npy.")
+        None, description="Folder with train.npy, train_label.npy, ztest.npy, z_label.npy (and, for GZSL metrics, "
+                          "optionally gtest.npy, g_label.npy).")
     unseen: Path | list[ClassId] | None = Field(
         None, description="Unseen (test) class ids: a ru*.npy file or a list; default for features: z_label's classes.")
     seen: Path | list[ClassId] | None = Field(

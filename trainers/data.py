@@ -17,6 +17,10 @@ from trainers.io import load_npy
 
 # SynSE's NTU-60 55/5 unseen classes (0-based; label_splits/ru5.npy), used by the embedded default.
 EMBEDDED_UNSEEN = [10, 11, 19, 26, 56]
+# The generated task's GZSL test set: samples_per_class // 5 fresh samples per seen class, from a generator seeded
+# seed + this offset (apart from the one that draws prototypes, training and test samples).
+GZSL_HELD_OUT_DIVISOR = 5
+GZSL_SEED_OFFSET = 7919
 
 
 @dataclass
@@ -46,6 +50,7 @@ class ZSLTask:
     seen: list[int]
     unseen: list[int]
     val: list[int]               # validation classes, a subset of seen
+    gtest: FeatureSplit | None = None   # held-out samples of seen AND unseen classes (GZSL); None: not available
 
     @property
     def feature_dim(self) -> int:
@@ -59,6 +64,13 @@ class ZSLTask:
     def final_split(self) -> tuple[FeatureSplit, FeatureSplit, list[int]]:
         """(train on all seen, evaluate on the unseen test samples, seen classes): used once, at the end."""
         return self.train, self.test, list(self.seen)
+
+    def gzsl_split(self) -> tuple[FeatureSplit, list[int], list[int]] | None:
+        """(GZSL test samples, candidate classes = seen + unseen, seen classes), or None without a GZSL test set.
+        Used once, at the end, like final_split: nothing is chosen on it."""
+        if self.gtest is None:
+            return None
+        return self.gtest, sorted(self.seen + self.unseen), list(self.seen)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -209,7 +221,33 @@ def load_feature_task(cfg: DataConfig, num_classes: int, class_list: str = "the 
         # Only an explicit data.seen can get here: a class without samples would still be drawn as a negative.
         raise InputError(f"data.seen ({cfg.seen}): seen classes {empty[:5]} have no samples in "
                          f"{folder / 'train_label.npy'} (leave data.seen unset to use the classes with samples)")
-    return ZSLTask(folder.name, num_classes, train, test, seen, unseen, val)
+    gtest = load_gzsl_split(folder, num_classes, class_list, train, seen, unseen)
+    return ZSLTask(folder.name, num_classes, train, test, seen, unseen, val, gtest)
+
+
+def load_gzsl_split(folder: Path, num_classes: int, class_list: str, train: FeatureSplit, seen: list[int],
+                    unseen: list[int]) -> FeatureSplit | None:
+    """gtest.npy + g_label.npy (generalised zero-shot: held-out samples of seen and unseen classes), validated like
+    the other pairs; None when the folder has neither file (GZSL metrics are then not reported)."""
+    present = [name for name in ("gtest.npy", "g_label.npy") if (folder / name).exists()]
+    if not present:
+        return None
+    if len(present) == 1:
+        other = "g_label.npy" if present[0] == "gtest.npy" else "gtest.npy"
+        raise InputError(f"{folder / other}: missing (the GZSL pair gtest.npy + g_label.npy needs both; "
+                         f"remove {present[0]} to skip GZSL)")
+    gtest = load_feature_split(folder, "gtest.npy", "g_label.npy", num_classes, class_list)
+    if gtest.features.shape[1] != train.features.shape[1]:
+        raise InputError(f"{folder / 'gtest.npy'}: feature width {gtest.features.shape[1]} differs from "
+                         f"train.npy's {train.features.shape[1]}")
+    labels = set(gtest.labels.tolist())
+    stray = sorted(labels - set(seen) - set(unseen))
+    if stray:
+        raise InputError(f"{folder / 'g_label.npy'}: labels {stray[:5]} are neither seen nor unseen classes")
+    for side, classes in (("seen", seen), ("unseen", unseen)):
+        if not labels & set(classes):
+            raise InputError(f"{folder / 'g_label.npy'}: no samples of the {side} classes (GZSL scores both sides)")
+    return gtest
 
 
 # ----------------------------------------------------------------------------------------------
@@ -245,4 +283,13 @@ def generate_synthetic_task(cfg: DataConfig, text_global: torch.Tensor) -> ZSLTa
          + s.noise * torch.randn(C * n, 8, generator=g) @ nuisance)                 # (C n, D)
     everything = FeatureSplit(x, labels)
     seen, unseen, val = resolve_split(cfg, C, [c for c in EMBEDDED_UNSEEN if c < C])
-    return ZSLTask("synthetic", C, everything.select(seen), everything.select(unseen), seen, unseen, val)
+    test = everything.select(unseen)
+    # GZSL test set: fresh samples of the seen classes (never trained on) beside the unseen test samples, as in
+    # SA-DVAE's gtest. Drawn from their own generator, after everything above: the tensors above stay bit-identical.
+    g_held = torch.Generator().manual_seed(s.seed + GZSL_SEED_OFFSET)
+    held_labels = torch.tensor(seen).repeat_interleave(max(1, n // GZSL_HELD_OUT_DIVISOR))     # (S m,)
+    m = len(held_labels)
+    held = (proto[held_labels] + s.noise * torch.randn(m, D, generator=g_held)
+            + s.noise * torch.randn(m, 8, generator=g_held) @ nuisance)                      # (S m, D)
+    gtest = FeatureSplit(torch.cat([held, test.features]), torch.cat([held_labels, test.labels]))
+    return ZSLTask("synthetic", C, everything.select(seen), test, seen, unseen, val, gtest)

@@ -17,7 +17,7 @@ from torch import nn
 from trainers import checkpoint
 from trainers.checkpoint import BEST, LAST
 from trainers.config import MAX_STEPS, TDSMConfig, flatten, to_plain
-from trainers.data import FeatureSplit
+from trainers.data import FeatureSplit, ZSLTask
 from trainers.diffusion import NoiseSchedule
 from trainers.errors import InputError
 from trainers.guards import LossGuard
@@ -28,7 +28,7 @@ from trainers.schedule import build_lr_scheduler, log_every, progress_bar
 from trainers.tdsm_model import TDSMDenoiser
 from trainers.text import TextFeatures
 from trainers.tracking import Reporter
-from trainers.zsl import ZSLCurve, ZSLMetrics, evaluate_zsl
+from trainers.zsl import ZSLCurve, ZSLMetrics, evaluate_gzsl, evaluate_zsl
 
 # Config keys that do not change what training computes: a checkpoint stays valid when only these differ.
 NON_TRAINING_KEYS = ("eval.", "train.eval_every", "train.checkpoint_every", "train.device", "train.threads",
@@ -304,5 +304,22 @@ def evaluate_split(cfg: TDSMConfig, model: TDSMDenoiser, split: FeatureSplit, cl
     return zsl_metric_dict(curve, cfg.eval.t_test, prefix), curve
 
 
-__all__ = ["FitResult", "ZSLMetrics", "build_model", "build_optimizer", "build_schedule", "evaluate_split", "fit_tdsm",
-           "load_best", "load_best_weights", "zsl_metric_dict"]
+def evaluate_gzsl_split(cfg: TDSMConfig, model: TDSMDenoiser, task: ZSLTask, text: TextFeatures) -> dict[str, float]:
+    """Generalised zero-shot metrics of a trained model on the task's GZSL test set (seen + unseen samples, every
+    seen and unseen class a candidate) at cfg.eval.t_test; {} when the task has no GZSL test set. Uncalibrated: no
+    bias is subtracted from the seen classes' scores (README, Results: GZSL)."""
+    split = task.gzsl_split()
+    if split is None:
+        return {}
+    gtest, classes, seen = split
+    device = next(model.parameters()).device
+    precision = resolve_precision(cfg.train.precision, device)
+    m = evaluate_gzsl(model, build_schedule(cfg), gtest.features.to(device), gtest.labels, classes, seen,
+                      text.global_feats.to(device), text.local_feats.to(device), cfg.eval.t_test,
+                      cfg.eval.noise_draws, cfg.eval.seed, cfg.eval.batch_size * cfg.eval.noise_draws * len(classes),
+                      lambda: autocast(device, precision))
+    return {"test/gzsl_seen": m.seen, "test/gzsl_unseen": m.unseen, "test/gzsl_h": m.h}
+
+
+__all__ = ["FitResult", "ZSLMetrics", "build_model", "build_optimizer", "build_schedule", "evaluate_gzsl_split",
+           "evaluate_split", "fit_tdsm", "load_best", "load_best_weights", "zsl_metric_dict"]

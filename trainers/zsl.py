@@ -190,3 +190,68 @@ def evaluate_zsl(model: Denoiser, schedule: NoiseSchedule, features: torch.Tenso
         if was_training:
             model.train()
     return ZSLCurve(by_t)
+
+
+# ----------------------------------------------------------------------------------------------
+# Generalised zero-shot (GZSL): test samples of seen and unseen classes, every class a candidate
+# ----------------------------------------------------------------------------------------------
+
+def harmonic_mean(a: float, b: float) -> float:
+    """2ab / (a + b); 0 when either is 0 (a classifier that never gets one side right has H = 0)."""
+    return 0.0 if a <= 0 or b <= 0 else 2 * a * b / (a + b)
+
+
+@dataclass
+class GZSLMetrics:
+    """Accuracy (%) of one t_test over K noise draws with every class a candidate, split by the sample's class."""
+
+    t_test: int
+    seen: float                  # accuracy on the seen-class samples, mean over draws
+    unseen: float                # accuracy on the unseen-class samples, mean over draws
+    h: float                     # harmonic mean of `seen` and `unseen` (the two means above)
+    seen_draws: list[float]
+    unseen_draws: list[float]
+
+
+def gzsl_from_errors(errors: torch.Tensor, labels: torch.Tensor, classes: list[int], seen: list[int],
+                     t_test: int) -> GZSLMetrics:
+    """errors (K, N, C) over candidate `classes` (seen and unseen ids), labels (N,) class ids -> GZSLMetrics.
+
+    A sample counts as right when the argmin over *all* candidates is its class; seen/unseen accuracy is over the
+    samples of the seen/unseen classes (sample accuracy, as test/zsl_top1). Both sides need samples.
+    """
+    col = {c: i for i, c in enumerate(classes)}
+    y = torch.tensor([col[int(v)] for v in labels.tolist()], dtype=torch.long)   # (N,)
+    right = errors.argmin(-1) == y                                                # (K, N)
+    is_seen = torch.isin(labels.cpu(), torch.tensor(sorted(seen), dtype=labels.dtype))   # (N,)
+    if bool(is_seen.all()) or not bool(is_seen.any()):
+        raise ValueError("GZSL needs samples of both seen and unseen classes")
+    seen_draws = right[:, is_seen].float().mean(-1) * 100                         # (K,)
+    unseen_draws = right[:, ~is_seen].float().mean(-1) * 100                      # (K,)
+    s, u = float(seen_draws.mean()), float(unseen_draws.mean())
+    return GZSLMetrics(t_test=t_test, seen=s, unseen=u, h=harmonic_mean(s, u),
+                       seen_draws=[float(a) for a in seen_draws], unseen_draws=[float(a) for a in unseen_draws])
+
+
+def evaluate_gzsl(model: Denoiser, schedule: NoiseSchedule, features: torch.Tensor, labels: torch.Tensor,
+                  classes: list[int], seen: list[int], text_global: torch.Tensor, text_local: torch.Tensor,
+                  t_test: int, noise_draws: int, seed: int, max_rows: int = 4096,
+                  amp: Callable[[], ContextManager] = contextlib.nullcontext) -> GZSLMetrics:
+    """GZSL accuracy at one t_test: every class of `classes` (seen + unseen ids) scored for every sample.
+
+    Costs K x C forwards per sample (46 candidates in the skeleton chain against its 12 unseen for zsl_top1), so
+    only t_test is scored, not the grid. Noise is keyed by the sample (`sample_keyed_noise`): a sample gets the
+    noise it gets from the registered model, whatever else is in the set.
+    """
+    idx = torch.tensor(classes, dtype=torch.long, device=text_global.device)
+    noise = sample_keyed_noise(features, noise_draws, seed)                       # (K, N, D)
+    was_training = getattr(model, "training", False)
+    if was_training:
+        model.eval()
+    try:
+        errors = score_candidates(model, schedule, features, noise, t_test, text_global[idx], text_local[idx],
+                                  max_rows, amp)                                  # (K, N, C)
+    finally:
+        if was_training:
+            model.train()
+    return gzsl_from_errors(errors, labels.cpu(), classes, seen, t_test)

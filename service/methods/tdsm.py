@@ -28,7 +28,7 @@ from trainers import tdsm_fit
 from trainers.checkpoint import BEST
 from trainers.config import TDSMConfig, build_config, dump_yaml, flatten, parse_override, to_plain
 from trainers.errors import InputError
-from trainers.tdsm_fit import evaluate_split, fit_tdsm, load_best, training_fingerprint
+from trainers.tdsm_fit import evaluate_gzsl_split, evaluate_split, fit_tdsm, load_best, training_fingerprint
 from trainers.tdsm_model import count_parameters
 from trainers.tdsm_task import TDSMInputs, class_prompts, prepare_tdsm
 from trainers.zero_shot import chain_bundle, chain_from_bundle, served_top1
@@ -37,6 +37,8 @@ from trainers.zsl import ZSLCurve
 # The validation metric that chooses the kept (best.pt) weights; runs and sweep trials report its running maximum
 # as `<metric>_max`, the name trials are ranked on, so the JSON line, the MLflow run and a sweep trial agree.
 OBJECTIVE = "val/zsl_top1"
+# Generalised zero-shot test metrics (trainers.tdsm_fit.evaluate_gzsl_split), logged when the data has a gtest.
+GZSL_METRICS = ("test/gzsl_seen", "test/gzsl_unseen", "test/gzsl_h")
 
 
 def absolute_paths(tree: dict[str, Any]) -> dict[str, Any]:
@@ -114,6 +116,7 @@ def run(cfg: TDSMConfig, args) -> dict:
             result.model.load_state_dict(best["model"])
         val_metrics = best.get("metrics", result.last_metrics)
         test_metrics, test_curve = evaluate_split(cfg, result.model, task.test, task.unseen, text, "test")
+        test_metrics.update(evaluate_gzsl_split(cfg, result.model, task, text))     # {} without a GZSL test set
         reporter.log_metrics(test_metrics, result.step)
         selection = log_selection(reporter, OBJECTIVE, val_metrics, int(best.get("step", result.step)), result.step)
         if result.last_curve is not None:
@@ -135,18 +138,24 @@ def seed_stats(per_seed: list[dict[str, float]], per_draw: list[list[float]]) ->
            "test/zsl_top1_std_all": statistics.pstdev(flat) if len(flat) > 1 else 0.0}
     if all("test/zsl_top5" in m for m in per_seed):
         out["test/zsl_top5_mean"] = statistics.fmean(m["test/zsl_top5"] for m in per_seed)
+    for key in GZSL_METRICS:        # generalised zero-shot, when the split has a GZSL test set
+        if all(key in m for m in per_seed):
+            values = [m[key] for m in per_seed]
+            out[f"{key}_mean"] = statistics.fmean(values)
+            out[f"{key}_std_seeds"] = statistics.pstdev(values) if len(values) > 1 else 0.0
     return out
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """Paper-style Table 1: one row per split, top-1 on the unseen classes."""
     head = ("| split | seen/unseen | top-1 % (mean ± std over seeds) | ± std over seeds × draws | top-5 % | "
-            "t_test | T | seeds × draws |\n|---|---|---|---|---|---|---|---|\n")
+            "GZSL seen / unseen / H % | t_test | T | seeds × draws |\n|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in rows:
         top5 = f"{r['test/zsl_top5_mean']:.2f}" if "test/zsl_top5_mean" in r else "–"
+        gzsl = (" / ".join(f"{r[f'{k}_mean']:.2f}" for k in GZSL_METRICS) if "test/gzsl_h_mean" in r else "–")
         lines.append(f"| {r['split']} | {r['seen']}/{r['unseen']} | {r['test/zsl_top1_mean']:.2f} ± "
-                     f"{r['test/zsl_top1_std_seeds']:.2f} | {r['test/zsl_top1_std_all']:.2f} | {top5} | "
+                     f"{r['test/zsl_top1_std_seeds']:.2f} | {r['test/zsl_top1_std_all']:.2f} | {top5} | {gzsl} | "
                      f"{r['t_test']} | {r['T']} | {r['seeds']} × {r['draws']} |")
     return head + "\n".join(lines) + "\n"
 
@@ -182,6 +191,7 @@ def final_split(args, split: str, tree: dict[str, Any], uri: str) -> dict[str, A
                 blob = chain_bundle(seed_cfg, result.model, class_prompts(seed_cfg), text, task.unseen,
                                     source and source["state"])
                 metrics["test/zsl_top1_served"] = served_top1(chain_from_bundle(blob), inputs, test.labels.tolist())
+                metrics.update(evaluate_gzsl_split(seed_cfg, result.model, task, text))
                 at = curve.at(seed_cfg.eval.t_test)
                 per_seed.append(metrics)
                 per_draw.append(at.top1_draws)
