@@ -9,7 +9,8 @@ Catalogue (loader exercised; "CLI" = the command's `main` or a subprocess, exit 
   tdsm best.pt               trainers.tdsm_fit.load_best (service.run after training) and the resume check
   cocodiff last.pt           trainers.cocodiff_fit._resume
   cocodiff best.pt           trainers.cocodiff_classifier.load_classifier, service.methods.cocodiff.final_artifacts
-  registry bundles           service.tracking.registry ZeroShotTDSM / SkeletonClassifierModel .load_context
+  registry bundles           service.tracking.registry ZeroShotTDSM / SkeletonClassifierModel .load_context,
+                             trainers.zero_shot.load_chain (the served chain)
   text-feature cache         trainers.text._load_cached: ignored with a warning and recomputed (never run)
 """
 
@@ -192,6 +193,15 @@ def test_registry_bundles(tmp_path, marker, kind):
     model = ZeroShotTDSM() if kind == "tdsm" else SkeletonClassifierModel()
     with pytest.raises(InputError) as err:
         model.load_context(SimpleNamespace(artifacts={"bundle": str(path)}))
+    assert_refused(err, path, marker)
+
+
+def test_zero_shot_chain_bundle(tmp_path, marker):
+    from trainers.zero_shot import load_chain
+
+    path = write_hostile(tmp_path / "tdsm_chain.pt", marker, "torch")
+    with pytest.raises(InputError) as err:
+        load_chain(path)
     assert_refused(err, path, marker)
 
 

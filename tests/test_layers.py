@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RANKS = {"entry": 0, "cli": 1, "orchestration": 2, "benchmarks": 2, "methods": 3, "tracking": 4, "data": 4,
          "base": 5, "trainers": 6}
 ENTRY_SHIMS = {f"service.{name}" for name in ("run", "sweep", "final", "ensemble", "encoder", "prepare", "report",
-                                              "cluster", "bench", "registry")}
+                                              "cluster", "bench", "registry", "predict")}
 THIRD_PARTY_HOME = {"ray": "orchestration", "mlflow": "tracking"}
 MAX_LINES = 600
 
