@@ -7,6 +7,7 @@ its requirements.txt (slow: a pip install of torch and mlflow).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -115,25 +116,42 @@ def post(url: str, body: bytes) -> tuple[int, dict]:
         return err.code, json.loads(err.read() or b"{}")
 
 
+@contextlib.contextmanager
+def serving(model: str, env: dict, cwd: Path, log: Path):
+    """`mlflow models serve -m MODEL --env-manager local` on a free loopback port; yields its invocations URL."""
+    port = free_port()
+    env = {**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"}   # its uvicorn: the venv's
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", model, "--env-manager",
+                                 "local", "-h", "127.0.0.1", "-p", str(port)], stdout=out, stderr=subprocess.STDOUT,
+                                env=env, cwd=cwd)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_health(url, log, proc)
+        yield f"{url}/invocations"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def assert_refused_then_serving(url: str, bad: list[bytes], good: bytes) -> None:
+    """Each bad request: HTTP 4xx with a message; the next good one is still answered."""
+    for body in bad:
+        status, answer = post(url, body)
+        assert 400 <= status < 500, (status, str(answer)[:300])
+        assert answer.get("message")
+        assert post(url, good)[0] == 200
+
+
 def test_http_serving_answers_as_in_process_and_refuses_bad_requests(final, loaded, tmp_path):
     tmp, uri, env, _ = final
     prepared = next((tmp / "results" / "chain").glob("prepared-*"))
     x = np.load(prepared / "data.npy")[:32].astype(np.float32)
-    port = free_port()
-    log = tmp_path / "serve.log"
-    env = {**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"}   # its uvicorn: the venv's
-    with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", MODEL, "--env-manager",
-                                 "local", "-h", "127.0.0.1", "-p", str(port)], stdout=out, stderr=subprocess.STDOUT,
-                                env=env, cwd=tmp)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_health(url, log, proc)
+    with serving(MODEL, env, tmp, tmp_path / "serve.log") as url:
         cases = [(x[:1], {}), (x, {}), (x[:4], {"classes": ["wave a hand", "jump on the spot"], "top_k": 1}),
                  (x[:3], {"classes": ["raise both arms", "clap"], "descriptions": ["arms up", "hands meet"]})]
         for inputs, params in cases:
-            request = json.dumps({"inputs": inputs.tolist(), "params": params}).encode()
-            status, body = post(f"{url}/invocations", request)
+            status, body = post(url, json.dumps({"inputs": inputs.tolist(), "params": params}).encode())
             assert status == 200, body
             expected = loaded.predict(inputs, params=params)
             got = body["predictions"]
@@ -142,49 +160,96 @@ def test_http_serving_answers_as_in_process_and_refuses_bad_requests(final, load
             assert [r["top_k_labels"] for r in got] == [list(v) for v in expected["top_k_labels"]]
         nan = x[:1].copy()
         nan[0, 0, 0, 0, 0] = np.nan
-        bad = [json.dumps({"inputs": x[:1, :, :, :5].tolist()}).encode(),                       # wrong shape
-               json.dumps({"inputs": nan.tolist()}).encode(),                                   # NaN
-               json.dumps({"inputs": x[:1].tolist(), "params": {"classes": []}}).encode(),
-               json.dumps({"inputs": x[:1].tolist(), "params": {"classes": ["a", "a"]}}).encode(),
-               json.dumps({"inputs": x[:1].tolist(), "params": {"classes": [f"c{i}" for i in range(10_000)]}}).encode(),
-               b'{"inputs": [' + b"0.5, " * 10_000_000 + b"0.5]}"]                              # a 50 MB body
-        for body in bad:
-            status, answer = post(f"{url}/invocations", body)
-            assert 400 <= status < 500, (status, str(answer)[:300])
-            assert answer.get("message")
-            status, _ = post(f"{url}/invocations", json.dumps({"inputs": x[:1].tolist()}).encode())
-            assert status == 200                                               # still serving
-    finally:
-        proc.terminate()
-        proc.wait(30)
+        one = x[:1].tolist()
+        assert_refused_then_serving(url, [
+            json.dumps({"inputs": x[:1, :, :, :5].tolist()}).encode(),                           # wrong shape
+            json.dumps({"inputs": nan.tolist()}).encode(),                                       # NaN
+            json.dumps({"inputs": one, "params": {"classes": []}}).encode(),
+            json.dumps({"inputs": one, "params": {"classes": ["a", "a"]}}).encode(),
+            json.dumps({"inputs": one, "params": {"classes": [f"c{i}" for i in range(10_000)]}}).encode(),
+            b'{"inputs": [' + b"0.5, " * 10_000_000 + b"0.5]}",                                  # a 50 MB body
+        ], json.dumps({"inputs": one}).encode())
 
 
-def test_the_model_loads_in_a_fresh_environment_with_only_its_requirements(final, loaded, tmp_path):
-    """No skeldiff in the environment: the model's own copy of trainers/ and requirements.txt are all it has."""
-    tmp, uri, _, _ = final
+@pytest.fixture(scope="module")
+def classifier(final):
+    """(model URI, loaded pyfunc) of a tiny CoCoDiff classifier registered through final's code path."""
+    import mlflow
+    import torch
+
+    from service.tracking.registry import log_classifier_model
+    from trainers.cocodiff import CoCoDiffConfig
+    from trainers.cocodiff_classifier import build_classifier
+    from trainers.config import build_config
+
+    _, uri, _, _ = final
+    cfg = build_config(CoCoDiffConfig, {}, {"backbone.encoder": "stgcn", "backbone.base_channels": 8,
+                                            "backbone.units_per_stage": [1]})
+    torch.manual_seed(0)
+    model = build_classifier(cfg.backbone, 6).eval()
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient(uri)
+    run = client.create_run(client.create_experiment("cocodiff-toy")).info.run_id
+    log_classifier_model(run, [(cfg, model)], 6, (3, 16, 25, 2), [f"action {i}" for i in range(6)], "cocodiff-toy")
+    return "models:/cocodiff-toy@final", mlflow.pyfunc.load_model("models:/cocodiff-toy@final")
+
+
+def test_the_classifier_is_served_the_same_way(final, classifier, tmp_path):
+    tmp, _, env, _ = final
+    model, loaded = classifier
+    x = np.random.default_rng(0).normal(size=(5, 3, 16, 25, 2)).astype(np.float32)
+    folder = Path(loaded._model_impl.context.artifacts["bundle"]).parents[1]
+    assert (folder / "code" / "trainers" / "cocodiff_classifier.py").is_file()
+    assert not any("skeldiff" in r for r in (folder / "requirements.txt").read_text().split())
+    with serving(model, env, tmp, tmp_path / "serve.log") as url:
+        status, body = post(url, json.dumps({"inputs": x.tolist()}).encode())
+        assert status == 200 and body["predictions"] == loaded.predict(x).tolist()
+        nan = x[:1].copy()
+        nan[0, 1, 2, 3, 0] = np.inf
+        assert_refused_then_serving(url, [json.dumps({"inputs": x[:, :, :, :18].tolist()}).encode(),
+                                          json.dumps({"inputs": nan.tolist()}).encode()],
+                                    json.dumps({"inputs": x[:1].tolist()}).encode())
+
+
+@pytest.fixture(scope="module")
+def fresh_python(final, tmp_path_factory) -> Path:
+    """The python of a new virtual environment holding only the TDSM model's requirements.txt (no skeldiff, no
+    Ray): a pip install of torch, mlflow and the text encoder (~2.5 min here with a warm pip cache, ~5 cold)."""
     import mlflow
 
-    folder = Path(mlflow.artifacts.download_artifacts(MODEL, dst_path=str(tmp_path / "model")))
+    tmp = tmp_path_factory.mktemp("fresh")
+    mlflow.set_tracking_uri(final[1])
+    folder = Path(mlflow.artifacts.download_artifacts(MODEL, dst_path=str(tmp / "model")))
     requirements = (folder / "requirements.txt").read_text().split()
     assert not any(r.startswith(("skeldiff", "ray")) for r in requirements)
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
-    py = venv / "bin" / "python"
+    subprocess.run([sys.executable, "-m", "venv", str(tmp / "venv")], check=True, timeout=300)
+    py = tmp / "venv" / "bin" / "python"
     pip = subprocess.run([str(py), "-m", "pip", "install", "-q", "-r", str(folder / "requirements.txt")],
                          capture_output=True, text=True, timeout=1500)
     assert pip.returncode == 0, pip.stderr[-3000:]
-    x = np.load(next((tmp / "results" / "chain").glob("prepared-*")) / "data.npy")[:5].astype(np.float32)
-    np.save(tmp_path / "x.npy", x)
-    script = ("import importlib.util, json, sys, numpy as np, mlflow\n"
+    return py
+
+
+def predict_elsewhere(py: Path, model: str, uri: str, x: np.ndarray, params: dict | None, tmp: Path) -> list:
+    """Load the model by name from the tracking store in that environment and predict; (labels or ids)."""
+    np.save(tmp / "x.npy", x)
+    script = ("import importlib.util, json, numpy as np, mlflow\n"
               "assert importlib.util.find_spec('service') is None and importlib.util.find_spec('ray') is None\n"
-              f"m = mlflow.pyfunc.load_model({MODEL!r})\n"
-              f"out = m.predict(np.load({str(tmp_path / 'x.npy')!r}), params={{'classes': ['wave a hand', 'clap'], "
-              "'top_k': 2})\n"
-              "print(json.dumps({'label': out['label'].tolist(), 'score': out['score'].tolist()}))\n")
-    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "MLFLOW_TRACKING_URI": uri}
-    res = subprocess.run([str(py), "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+              f"out = mlflow.pyfunc.load_model({model!r}).predict(np.load({str(tmp / 'x.npy')!r}), params={params!r})\n"
+              "print(json.dumps(out['label'].tolist() if hasattr(out, 'columns') else out.tolist()))\n")
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp), "MLFLOW_TRACKING_URI": uri}
+    res = subprocess.run([str(py), "-c", script], capture_output=True, text=True, env=env, cwd=tmp, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    got = json.loads(res.stdout.strip().splitlines()[-1])
-    expected = loaded.predict(x, params={"classes": ["wave a hand", "clap"], "top_k": 2})
-    assert got["label"] == expected["label"].tolist()
-    np.testing.assert_allclose(got["score"], expected["score"], rtol=1e-5)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_the_models_load_in_a_fresh_environment_with_only_their_requirements(final, loaded, classifier,
+                                                                             fresh_python, tmp_path):
+    """No skeldiff in the environment: the model's own copy of trainers/ and requirements.txt are all it has."""
+    tmp, uri, _, _ = final
+    x = np.load(next((tmp / "results" / "chain").glob("prepared-*")) / "data.npy")[:5].astype(np.float32)
+    params = {"classes": ["wave a hand", "clap"], "top_k": 2}
+    assert predict_elsewhere(fresh_python, MODEL, uri, x, params, tmp_path) == \
+        loaded.predict(x, params=params)["label"].tolist()
+    y = np.random.default_rng(0).normal(size=(4, 3, 16, 25, 2)).astype(np.float32)
+    assert predict_elsewhere(fresh_python, classifier[0], uri, y, None, tmp_path) == classifier[1].predict(y).tolist()

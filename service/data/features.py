@@ -74,7 +74,10 @@ def extract_to_folder(prepared: Path, encoder_path: Path, unseen: list[int], out
     leaked = sorted(set(unseen) & set(seen))
     if leaked:
         raise InputError(f"{encoder_path}: encoder was trained on classes {leaked} that are unseen here")
-    masks = {"train": train_mask & ~is_unseen, "ztest": ~train_mask & is_unseen, "gtest": ~train_mask}
+    # gtest: test rows of the classes the task knows (the encoder's seen classes and the unseen ones); a class
+    # with test rows only (a small generated set) is neither and would have no place among the GZSL candidates.
+    known = is_unseen | np.isin(labels.numpy(), seen)
+    masks = {"train": train_mask & ~is_unseen, "ztest": ~train_mask & is_unseen, "gtest": ~train_mask & known}
     labels_name = {"train": "train_label", "ztest": "z_label", "gtest": "g_label"}
     out = Path(out)
     for name, mask in masks.items():
