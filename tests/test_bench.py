@@ -154,3 +154,15 @@ def test_prepare_bench_reads_the_other_formats(tmp_path, fmt):
         assert run["files"] == 6                       # one clip a sample
     else:
         assert run["files"] <= run["samples"]          # sequences of one or more labelled samples
+
+
+def test_serve_bench_times_cold_and_warm_texts_per_candidate_count(tmp_path, one_thread, capsys):
+    out = tmp_path / "serve.json"
+    assert main(["serve", "--classes", "2", "3", "--batch", "2", "--iters", "1", "--noise-draws", "1",
+                 "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["classes"]) == {"2", "3"} and report["noise_draws"] == 1
+    for timings in report["classes"].values():
+        assert set(timings) == {"1 cold", "1 warm", "batch cold", "batch warm"}
+        assert all(t["median_s"] > 0 for t in timings.values())
+    assert "1 seq cold" in capsys.readouterr().out

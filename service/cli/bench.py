@@ -16,6 +16,7 @@ from service.benchmarks.cocodiff import add_cocodiff_arguments, bench_cocodiff
 from service.benchmarks.contended import add_contended_arguments, bench_contended
 from service.benchmarks.encoder import add_encoder_arguments, bench_encoder
 from service.benchmarks.prepare import add_prepare_arguments, bench_prepare_cli
+from service.benchmarks.serve import add_serve_arguments, bench_serve
 from service.benchmarks.tdsm import add_tdsm_arguments, bench_tdsm
 from service.process import exits_cleanly
 
@@ -40,6 +41,8 @@ BENCHMARKS: dict[str, Benchmark] = {
                            "(torch default, 1, all cores passive, auto)", add_contended_arguments, bench_contended),
     "cocodiff": Benchmark("CoCoDiff training-step overhead of the module, and inference of the exported classifier "
                           "vs the same backbone without it", add_cocodiff_arguments, bench_cocodiff),
+    "serve": Benchmark("the registered zero-shot model: latency of one sequence and throughput of batches for 5 / 60 / "
+                       "120 candidate classes, new texts (cold) and cached (warm)", add_serve_arguments, bench_serve),
 }
 
 
@@ -48,6 +51,7 @@ BENCH_EXAMPLES = """examples:
   python -m service.bench cocodiff --device cuda                   # module overhead and exported-classifier speed
   python -m service.bench prepare --format kinetics                # parse + preprocess throughput of a reader
   python -m service.bench encoder --sizes chain                    # GCN encoder training and extraction
+  python -m service.bench serve                                    # the served zero-shot model's latency
 """
 
 

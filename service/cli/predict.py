@@ -107,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     missing = [p for p in args.inputs if not p.exists()]
     if missing:
         raise InputError(f"{missing[0]}: no such file or folder")
-    model, frames = load_served(args.model, resolve_tracking_uri(args.tracking_uri))
-    names, rows, skipped = gather(args.inputs, frames)
+    model, chain = load_served(args.model, resolve_tracking_uri(args.tracking_uri))
+    names, rows, skipped = gather(args.inputs, chain.layout.frames if chain.layout is not None else None)
     for path, reason in skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     if not rows:

@@ -266,9 +266,8 @@ def register_classifier(reporter: MLflowReporter, uri: str, members: list[tuple[
 
 
 def load_served(model_uri: str, tracking_uri: str):
-    """(predict(x, params) -> DataFrame, the skeleton frames the model's data was prepared at or None for a model
-    that takes features) of a registered zero-shot chain; one-line InputErrors for a missing or other model and
-    for input it refuses."""
+    """(predict(x, params) -> DataFrame, the loaded ZeroShotChain: its input shape and layout) of a registered
+    zero-shot chain; one-line InputErrors for a missing or other model and for input it refuses."""
     mlflow.set_tracking_uri(tracking_uri)
     try:
         model = mlflow.pyfunc.load_model(model_uri)
@@ -279,7 +278,6 @@ def load_served(model_uri: str, tracking_uri: str):
         raise InputError(f"--model {model_uri}: not a zero-shot chain model (one registered by an earlier version "
                          "takes features and answers class ids; re-run service.final)")
     chain = model.unwrap_python_model().chain
-    frames = chain.layout.frames if chain.layout is not None else None
 
     def predict(x: np.ndarray, params: dict[str, Any]):
         try:
@@ -287,4 +285,4 @@ def load_served(model_uri: str, tracking_uri: str):
         except MlflowException as err:
             raise InputError(err.message.splitlines()[-1].removeprefix("Error: ")) from None
 
-    return predict, frames
+    return predict, chain
