@@ -8,7 +8,7 @@ import importlib
 import pytest
 
 CLIS = ["service.run", "service.sweep", "service.final", "service.encoder", "service.ensemble", "service.prepare",
-        "service.report", "service.bench"]
+        "service.report", "service.bench", "service.predict"]
 
 
 def parser_of(module: str) -> argparse.ArgumentParser:
@@ -88,6 +88,9 @@ FLAGS = {
     "service.report": ["--splits", "--splits-file", "--tracking-uri", "--out", "--no-log"],
     "service.bench tdsm": ["--device", "--out", "--batch", "--iters", "--warmup", "--candidates",
         "--score-samples", "--draws", "--seed", "--threads", "--quick", "--compile", "--sizes", "--worker"],
+    "service.predict": ["inputs", "--model", "--classes", "--classes-file", "--descriptions-file", "--top-k", "--out",
+                        "--tracking-uri"],
+    "service.bench serve": ["--model", "--tracking-uri", "--classes", "--batch", "--noise-draws", "--iters", "--out"],
     "service.bench prepare": ["--files", "--format", "--workers", "--frames", "--out"],
     "service.bench encoder": ["--device", "--sizes", "--batch", "--extract-batch", "--frames",
         "--iters", "--warmup", "--threads", "--out"],
