@@ -105,6 +105,7 @@ def chart_view(space: TrialSpace, metric_keys: set[str], trials: int) -> dict[st
 # Distinct colours for a sweep's trials in the UI (run tag mlflow.runColor, which the UI reads and its colour
 # picker writes): hues a golden angle apart, so neighbouring trial indices never look alike.
 RUN_COLOR_TAG = "mlflow.runColor"
+SWEEP_COLOR = "#808080"       # the parent run: grey, apart from every trial's colour
 
 
 def trial_color(index: int) -> str:
