@@ -20,14 +20,18 @@ from service.orchestration.trial import TrialResources, trial_driver, trial_reso
 from service.storage import Storage
 from service.tracking.store import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND, MLflowReporter, ensure_experiment
 from service.tracking.trials import (
+    RUN_COLOR_TAG,
     SHARED_VIEW_PREFIX,
     TIMING_KEYS,
+    find_or_start_child_run,
     format_trials_table,
     format_value,
     local_ui_port,
     ranked_trials,
     report_overhead,
     report_trials,
+    trial_color,
+    trial_index,
     trial_label,
     trial_timing,
     trials_csv,
@@ -47,6 +51,13 @@ def test_trial_label_names_what_differs():
     assert trial_label({"model.hidden_size": 128, "diffusion.prediction_type": "v_prediction",
                         "module.w_gen": 12.345}) == "width=128 pred=v_prediction w_gen=12.3"
     assert [format_value(v) for v in (1.0, 3e-4, 250000.0, True)] == ["1", "3.0e-4", "2.5e5", "True"]
+
+
+def test_trials_get_distinct_colours_by_their_tune_counter():
+    assert [trial_index(t) for t in ("229a7_00000", "229a7_00003", "tune_trial_229a7_00012")] == [0, 3, 12]
+    assert trial_index("odd") == trial_index("odd")
+    colors = [trial_color(i) for i in range(20)]
+    assert len(set(colors)) == 20 and colors[0] == "#c32222"
 
 
 def test_objective_is_the_running_maximum_of_the_space_metric():
@@ -183,8 +194,8 @@ def test_report_trials_writes_csv_artifact_and_a_shared_runs_view(client, tmp_pa
     uri = client._tracking_client.tracking_uri  # noqa: SLF001
     parent = MLflowReporter.start(uri, "tdsm-x-sweeps", "sweep-1", tags={"sweep": "sweep-1"})
     for tid, value in (("t1", 30.0), ("t2", 60.0)):
-        child = MLflowReporter.start(uri, "tdsm-x-sweeps", f"T=10 {tid}", parent_run_id=parent.run_id,
-                                     tags={"ray_trial_id": tid, "sweep": "sweep-1", "trial_state": "finished"})
+        child = find_or_start_child_run(uri, "tdsm-x-sweeps", parent.run_id, tid, f"T=10 {tid}",
+                                        tags={"sweep": "sweep-1", "trial_state": "finished"})
         child.log_params({"diffusion.num_train_timesteps": 10, "optim.lr": 0.002})
         child.log_metrics({"val/zsl_top1_max": value}, 300)
     out = report_trials(parent, "tdsm-x-sweeps", uri, "sweep-1", Storage.parse(str(tmp_path)), "x", SPACE)
@@ -196,8 +207,19 @@ def test_report_trials_writes_csv_artifact_and_a_shared_runs_view(client, tmp_pa
     assert view["searchFilter"] == "tags.sweep = 'sweep-1'" and view["orderByKey"] == "metrics.`val/zsl_top1_max`"
     assert {"metrics.`val/zsl_top1_max`", "params.`optim.lr`", "tags.`best_t_test`",
             "tags.`trial_state`"} <= set(view["selectedColumns"])
-    assert out["mlflow_view"] == (f"http://127.0.0.1:{local_ui_port()}/#/experiments/{exp.experiment_id}/runs"
-                                  "?viewStateShareKey=sweep-1")           # a local store: the printed UI port
+    runs = f"http://127.0.0.1:{local_ui_port()}/#/experiments/{exp.experiment_id}/runs"   # local store: printed port
+    assert out["mlflow_view"] == f"{runs}?viewStateShareKey=sweep-1&workflowType=machine_learning"
+    assert out["mlflow_charts"] == (f"{runs}?viewStateShareKey=sweep-1&compareRunsMode=CHART"
+                                    "&workflowType=machine_learning")
+    # the chart view leads with the objective (best per trial, then its curve), the overhead sections collapsed last
+    cards = view["compareRunCharts"]
+    assert [(c["type"], c["metricKey"]) for c in cards] == [("BAR", "val/zsl_top1_max"), ("LINE", "val/zsl_top1_max"),
+                                                             ("LINE", "val/zsl_top1")]
+    sections = view["compareRunSections"]
+    assert [(s["name"], s["display"]) for s in sections] == [("val", True), ("sweep", False), ("trial", False)]
+    assert {c["metricSectionId"] for c in cards} == {sections[0]["uuid"]} and view["isAccordionReordered"]
+    colors = {c.data.tags[RUN_COLOR_TAG] for c in client.search_runs([exp.experiment_id], "tags.ray_trial_id != ''")}
+    assert len(colors) == 2 and all(c.startswith("#") and len(c) == 7 for c in colors)     # one per trial
     # the filter the view applies holds exactly this sweep's runs
     assert len(client.search_runs([exp.experiment_id], view["searchFilter"])) == 3
 
@@ -231,14 +253,15 @@ def test_only_our_own_worker_lines_reach_the_terminal(monkeypatch):
 def test_links_point_at_the_server_in_use_or_at_the_printed_mlflow_ui_command():
     """#21: a server's own URL and port; for a local store, `mlflow ui` with the port the links use."""
     server = "http://mlflow.internal:8080/"
-    assert ui_link(server, "7", "sweep 1") == "http://mlflow.internal:8080/#/experiments/7/runs?viewStateShareKey=sweep%201"
+    assert ui_link(server, "7", "sweep 1") == ("http://mlflow.internal:8080/#/experiments/7/runs?viewStateShareKey="
+                                               "sweep%201&workflowType=machine_learning")
     assert ui_command(server) == "http://mlflow.internal:8080"
     store = "sqlite:////tmp/x/mlflow.db"
     local_ui_port.cache_clear()
     try:
         port = local_ui_port()
         assert ui_command(store) == f"mlflow ui --workers 1 --backend-store-uri {store} --port {port}"
-        assert ui_link(store, "7") == f"http://127.0.0.1:{port}/#/experiments/7/runs"
+        assert ui_link(store, "7") == f"http://127.0.0.1:{port}/#/experiments/7/runs?workflowType=machine_learning"
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:     # e.g. another UI already on it
             taken.bind(("127.0.0.1", port))
             taken.listen()

@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         if s.get("trials_csv"):
             print(f"[{s['split']}] ranked trials: {s['trials_csv']}; MLflow runs table of this sweep (experiment "
                   f"{s.get('experiment')}): {s.get('mlflow_view')}", file=sys.stderr)
+            print(f"[{s['split']}] its charts, objective first: {s.get('mlflow_charts')}", file=sys.stderr)
         print(f"[{s['split']}] final runs: python -m service.final --from {s.get('best_config')}", file=sys.stderr)
     print(f"browse: {ui_command(uri)}", file=sys.stderr)
     print(json.dumps({"sweeps": summaries, "tracking_uri": uri}))

@@ -41,7 +41,15 @@ from service.process import SIGTERM_RECEIVED, Terminated, lock_dir, sigterm_stop
 from service.storage import Storage
 from service.tracking.sources import STATE_FILE, read_state
 from service.tracking.store import MLflowReporter, standard_tags
-from service.tracking.trials import best_child, close_orphans, close_trial_run, report_trials, trial_timing
+from service.tracking.trials import (
+    RUN_COLOR_TAG,
+    SWEEP_COLOR,
+    best_child,
+    close_orphans,
+    close_trial_run,
+    report_trials,
+    trial_timing,
+)
 from trainers.config import build_config, dump_yaml, load_yaml
 from trainers.errors import InputError
 from trainers.io import stable_hash
@@ -167,7 +175,8 @@ def run_split(args, method: str, split: str, base: dict[str, Any], space: Search
     prep_s = time.perf_counter() - t0
 
     parent = MLflowReporter.start(uri, experiment, name, run_id=state.get("parent_run_id"),
-                                  tags=standard_tags(split=split, phase="sweep", method=method, sweep=name))
+                                  tags={**standard_tags(split=split, phase="sweep", method=method, sweep=name),
+                                        RUN_COLOR_TAG: SWEEP_COLOR})
     with parent:    # a crash ends the parent run FAILED (Ctrl-C: KILLED), not RUNNING forever
         if parent.run_id != state.get("parent_run_id"):     # new sweep, or its parent run was deleted: a new parent
             parent.log_params({"sweep.num_samples": num_samples, "sweep.scheduler": args.scheduler,

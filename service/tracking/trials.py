@@ -6,6 +6,7 @@ child, and what a researcher reads: run names, the ranked trials table / trials.
 
 from __future__ import annotations
 
+import colorsys
 import csv
 import functools
 import io
@@ -14,8 +15,9 @@ import math
 import socket
 import sys
 import time
+import zlib
 from typing import Any, Protocol
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
@@ -42,16 +44,80 @@ def column_key(kind: str, name: str) -> str:
 
 
 def share_runs_view(client: MlflowClient, experiment_id: str, key: str, columns: list[str], search_filter: str = "",
-                    order_by: str | None = None, expanded: list[str] = ()) -> None:
+                    order_by: str | None = None, expanded: list[str] = (),
+                    charts: dict[str, Any] | None = None) -> None:
     """Store a runs-table view (visible columns, filter, sort) in the experiment, as the UI's Share button does.
 
     The UI opens it from `.../#/experiments/<id>/runs?viewStateShareKey=<key>` (see `ui_link`); it reads the tag
-    as plain JSON.
+    as plain JSON. `charts` (`chart_view`) adds the chart view's cards and sections. The UI takes only its own
+    whitelist of keys from the tag (MLflow 3.17: the search facets, columns, runsHiddenMode, compareRunCharts,
+    compareRunSections, isAccordionReordered, ...; not runsExpanded).
     """
     state = {"searchFilter": search_filter, "orderByKey": order_by or "attributes.start_time", "orderByAsc": False,
              "selectedColumns": columns, "runsExpanded": {run_id: True for run_id in expanded},
-             "runsHiddenMode": "SHOW_ALL", "runListHidden": False}
+             "runsHiddenMode": "SHOW_ALL", "runListHidden": False, **(charts or {})}
     client.set_experiment_tag(experiment_id, f"{SHARED_VIEW_PREFIX}{key}", json.dumps(state))
+
+
+# Chart sections of the sweep's own cost (the parent's sweep/*, each trial's trial/*): collapsed, after the rest.
+OVERHEAD_SECTIONS = ("sweep", "trial")
+
+
+def chart_section(metric: str) -> str:
+    """The chart-view section the MLflow UI files a metric under: its prefix up to the last `/`."""
+    prefix = metric.rsplit("/", 1)[0] if "/" in metric else ""
+    return {"": "Model metrics", "system": "System metrics"}.get(prefix, prefix)
+
+
+def chart_card(kind: str, metric: str, section: str, runs: int) -> dict[str, Any]:
+    """One chart card as the UI stores it (3.17's RunsChartsBarCardConfig / RunsChartsLineCardConfig fields).
+    isGenerated=False: the UI keeps it as given instead of regenerating it from the logged metrics."""
+    card = {"uuid": f"skeldiff-{kind.lower()}-{metric}", "type": kind, "runsCountToCompare": runs,
+            "metricSectionId": f"skeldiff-section-{section}", "deleted": False, "isGenerated": False,
+            "displayName": metric, "metricKey": metric, "selectedMetricKeys": [metric]}
+    if kind == "LINE":
+        card |= {"lineSmoothness": 0, "xAxisScaleType": "linear", "scaleType": "linear", "range": {},
+                 "xAxisKey": "step", "selectedXAxisMetricKey": "", "yAxisKey": "metric", "yAxisExpressions": [],
+                 "ignoreOutliers": False, "useGlobalXaxisKey": True, "useGlobalLineSmoothing": True}
+    return card
+
+
+def chart_view(space: TrialSpace, metric_keys: set[str], trials: int) -> dict[str, Any]:
+    """The chart view of a sweep, objective first: its best value per trial (bars), then its curve and the raw
+    metric's over steps; the other sections after it, the overhead sections (sweep/*, trial/*) collapsed last.
+
+    Without this the UI sorts sections by name (sweep/ before val/) and opens on bar charts of the parent's
+    overhead figures. Metrics not named here still get charts: the UI adds them to their section.
+    """
+    lead = chart_section(space.objective)
+    runs = max(10, trials)
+    cards = [chart_card("BAR", space.objective, lead, runs), chart_card("LINE", space.objective, lead, runs),
+             chart_card("LINE", space.metric, chart_section(space.metric), runs)]
+    sections = {chart_section(k) for k in metric_keys} | {chart_section(space.metric)}
+    rest = sorted(sections - {lead} - set(OVERHEAD_SECTIONS))
+    order = [lead, *rest, *OVERHEAD_SECTIONS]
+    return {"compareRunCharts": cards, "isAccordionReordered": True,
+            "compareRunSections": [{"uuid": f"skeldiff-section-{name}", "name": name, "isReordered": True,
+                                    "display": name not in OVERHEAD_SECTIONS, "deleted": False,
+                                    "isGenerated": False} for name in order]}
+
+
+# Distinct colours for a sweep's trials in the UI (run tag mlflow.runColor, which the UI reads and its colour
+# picker writes): hues a golden angle apart, so neighbouring trial indices never look alike.
+RUN_COLOR_TAG = "mlflow.runColor"
+SWEEP_COLOR = "#808080"       # the parent run: grey, apart from every trial's colour
+
+
+def trial_color(index: int) -> str:
+    """The hex colour of the sweep's `index`-th trial: hue index x 137.5 degrees, fixed saturation/lightness."""
+    r, g, b = colorsys.hls_to_rgb((index * 137.508 % 360) / 360, 0.45, 0.7)
+    return "#" + "".join(f"{round(255 * c):02x}" for c in (r, g, b))
+
+
+def trial_index(trial_id: str) -> int:
+    """A Tune trial id's counter (`229a7_00003` -> 3); another id's stable hash."""
+    tail = trial_id.rsplit("_", 1)[-1]
+    return int(tail) if tail.isdigit() else zlib.crc32(trial_id.encode())
 
 
 # `mlflow ui`'s own default port: the first one tried for a local store's UI.
@@ -85,11 +151,19 @@ def ui_command(uri: str) -> str:
     return f"mlflow ui --workers 1 --backend-store-uri {uri} --port {local_ui_port()}"
 
 
-def ui_link(uri: str, experiment_id: str, view_key: str | None = None) -> str:
-    """Where to look: the MLflow UI page of an experiment, on the server in use or on the local `mlflow ui` that
-    `ui_command` starts."""
+# The UI keeps its GenAI / Model training toggle in the browser (localStorage, GenAI by default) and does not
+# follow the experiment's mlflow.experimentKind (MLflow 3.17-3.18, mlflow/mlflow#24498): a link must name the
+# workflow, or it opens the GenAI overview instead of the runs table.
+WORKFLOW_PARAM = {"workflowType": "machine_learning"}
+
+
+def ui_link(uri: str, experiment_id: str, view_key: str | None = None, charts: bool = False) -> str:
+    """Where to look: the MLflow UI's runs table (`charts`: its chart view) of an experiment, on the server in use or
+    on the local `mlflow ui` that `ui_command` starts."""
     base = uri.rstrip("/") if is_tracking_server(uri) else f"http://127.0.0.1:{local_ui_port()}"
-    return f"{base}/#/experiments/{experiment_id}/runs" + (f"?viewStateShareKey={quote(view_key)}" if view_key else "")
+    query = {**({"viewStateShareKey": view_key} if view_key else {}),
+             **({"compareRunsMode": "CHART"} if charts else {}), **WORKFLOW_PARAM}
+    return f"{base}/#/experiments/{experiment_id}/runs?{urlencode(query, quote_via=quote)}"
 
 
 # Short names of searched keys in run names and tables (other keys: their last dotted part).
@@ -219,9 +293,12 @@ def report_trials(parent: MLflowReporter, experiment: str, uri: str, name: str, 
     text = trials_csv(rows)
     out = (sweep_path / "trials.csv").write_text(text)
     parent.log_text(text, "trials.csv")
+    logged = {key for run in children for key in run.data.metrics}
     share_runs_view(client, exp_id, name, view_columns(space), search_filter=f"tags.sweep = '{name}'",
-                    order_by=column_key("metrics", space.objective), expanded=[parent.run_id])
-    return {"trials_csv": str(out), "mlflow_view": ui_link(uri, exp_id, name), "children": len(rows),
+                    order_by=column_key("metrics", space.objective), expanded=[parent.run_id],
+                    charts=chart_view(space, logged, len(children)))
+    return {"trials_csv": str(out), "mlflow_view": ui_link(uri, exp_id, name),
+            "mlflow_charts": ui_link(uri, exp_id, name, charts=True), "children": len(rows),
             **report_overhead(parent, split, rows)}
 
 
@@ -268,8 +345,8 @@ def find_or_start_child_run(uri: str, experiment: str, parent_run_id: str, trial
                                    max_results=1)
         if found:
             return MLflowReporter.start(uri, experiment, run_name, run_id=found[0].info.run_id)
-    return MLflowReporter.start(uri, experiment, run_name, tags={**tags, TRIAL_TAG: trial_id},
-                                parent_run_id=parent_run_id)
+    return MLflowReporter.start(uri, experiment, run_name, parent_run_id=parent_run_id, tags={
+        RUN_COLOR_TAG: trial_color(trial_index(trial_id)), **tags, TRIAL_TAG: trial_id})
 
 
 def close_trial_run(uri: str, experiment: str, trial_id: str, step: int, total_steps: int, failed: bool,
