@@ -76,14 +76,15 @@ def test_predict_on_raw_files_answers_what_final_logged(final):
     files, labels = unseen_test_files(tmp)
     bad = tmp / "broken.skeleton"
     bad.write_text("12\nnot a skeleton\n")
+    names = (next((tmp / "results" / "chain").glob("raw-*")) / "class_names.txt").read_text().splitlines()
+    unseen = [names[c] for c in sorted(set(labels))]           # the unseen class names, given as any names are
     res = subprocess.run([sys.executable, "-m", "service.predict", "--model", MODEL, *map(str, files), str(bad),
-                          "--top-k", "3", "--out", str(tmp / "predictions.csv")],
+                          "--classes", *unseen, "--top-k", "3", "--out", str(tmp / "predictions.csv")],
                          capture_output=True, text=True, cwd=tmp, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"skipped {bad}" in res.stderr
     rows = list(csv.DictReader((tmp / "predictions.csv").open()))
     assert [r["sample"] for r in rows] == [str(f) for f in files]
-    names = (next((tmp / "results" / "chain").glob("raw-*")) / "class_names.txt").read_text().splitlines()
     top1 = 100.0 * np.mean([r["label"] == names[c] for r, c in zip(rows, labels)])
     assert top1 == pytest.approx(metrics["test/zsl_top1_served"], abs=1e-9)
     assert all(len(r["top_3"].split("; ")) == 3 for r in rows)
