@@ -271,7 +271,7 @@ def test_final_streams_trains_each_stream_and_fuses_them_per_seed(tmp_path, caps
 
     mlflow.set_tracking_uri(uri)
     model = mlflow.pyfunc.load_model("models:/cocodiff-synthetic-skeleton-joint-bone@final")
-    members = model.unwrap_python_model().models
+    members = model.unwrap_python_model().ensemble.models
     assert [m.stream for m in members] == ["joint", "bone"]
     x = torch.randn(5, 3, 64, 25, 2, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
