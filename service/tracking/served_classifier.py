@@ -22,7 +22,8 @@ from trainers.errors import InputError
 
 class _PythonModel(mlflow.pyfunc.PythonModel):
     """PythonModel without the warning MLflow prints when predict() has no type hints (the signature says them;
-    MLflow resets the warning filters inside, so only recording swallows it)."""
+    MLflow resets the warning filters inside, so only recording swallows it). Each served file travels alone inside
+    its model, so each has this small class."""
 
     def __init_subclass__(cls, **kwargs):
         with warnings.catch_warnings(record=True):
