@@ -6,6 +6,7 @@ steps. The Ray Train path (one and two DDP workers) runs on a real local Ray (sl
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -16,8 +17,10 @@ import pytest
 import torch
 from conftest import CrashAfter
 
-from service.data.chain import default_synthetic_unseen, synthetic_skeleton_features
+from service.cli.options import train_encoder_logged
+from service.data.chain import default_synthetic_unseen, resolve_chain, synthetic_skeleton_features
 from service.data.features import extract_to_folder, seen_class_data, train_encoder
+from service.storage import Storage
 from trainers.encoder_fit import EncoderConfig, fit_encoder, load_encoder
 from trainers.errors import InputError
 from trainers.skeleton.prepare import prepare
@@ -122,6 +125,32 @@ def test_chain_stages_are_cached_and_keyed_by_their_inputs(tmp_path):
     assert len(names) == len(action_catalogue())
     z_labels = set(np.load(Path(first["features_dir"]) / "z_label.npy").tolist())
     assert z_labels and z_labels <= set(unseen)           # 2 per class: an unseen class may lack test samples
+
+
+def test_a_chain_build_logs_its_encoder_as_an_mlflow_run(tmp_path):
+    """The trainer service.run (and final) passes to the chain: an MLflow run `stgcn-encoder-<key>` in experiment
+    `encoder-prepared-raw-<n>x46-s0` (README, the embedded default) with params, curves and held-out top-1."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    overrides = {"chain": {"per_class": 3, "unseen_count": 4, "encoder": {**TINY, "steps": 4, "checkpoint_every": 2}}}
+    trainer = functools.partial(train_encoder_logged, tracking_uri=uri, progress=False)
+    storage = Storage.parse(str(tmp_path / "results"))
+    resolved = resolve_chain(overrides, storage, trainer, progress=False)
+    key = Path(resolved["data.features_dir"]).name.removeprefix("features-")
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("encoder-prepared-raw-3x46-s0")
+    assert experiment is not None
+    [run] = client.search_runs([experiment.experiment_id])
+    assert run.info.run_name == f"stgcn-encoder-{key}" and run.info.status == "FINISHED"
+    assert run.data.tags["phase"] == "encoder"
+    assert run.data.params["encoder.steps"] == "4" and run.data.params["encoder.base_channels"] == "8"
+    assert json.loads(run.data.params["encoder.unseen"]) == resolved["data.unseen"]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "encoder/loss")] == [1, 2, 3, 4]
+    assert {"encoder/train_top1", "encoder/lr", "encoder/held_out_top1"} <= set(run.data.metrics)
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")] == ["checkpoints/encoder.pt"]
+    resolve_chain(overrides, storage, trainer, progress=False)      # cached: nothing trains, no second run
+    assert len(client.search_runs([experiment.experiment_id])) == 1
 
 
 @pytest.mark.parametrize("count", [6, 12])

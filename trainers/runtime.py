@@ -6,6 +6,8 @@ import contextlib
 import math
 import os
 import random
+import time
+from pathlib import Path
 from typing import ContextManager, Mapping
 
 import numpy as np
@@ -118,3 +120,61 @@ def apply_thread_policy(requested: int = 0, hidden_size: int | None = None, cpus
         with contextlib.suppress(RuntimeError):   # raised once inter-op work has started: keep torch's pool
             torch.set_num_interop_threads(threads)
     return threads
+
+
+# ----------------------------------------------------------------------------------------------
+# Threads that follow the machine's load (the skeleton chain's in-process encoder)
+# ----------------------------------------------------------------------------------------------
+
+def machine_cpu_ticks(stat: Path = Path("/proc/stat")) -> tuple[int, int] | None:
+    """(busy, total) clock ticks of all the machine's CPUs so far (the first /proc/stat line); None off Linux."""
+    try:
+        fields = [int(v) for v in stat.read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    if len(fields) < 5:
+        return None
+    return sum(fields) - fields[3] - fields[4], sum(fields)          # idle and iowait are not busy
+
+
+class ThreadGovernor:
+    """Torch intra-op threads of a CPU fit loop, chosen again every `every` steps from the cores the other
+    processes leave free.
+
+    Two OpenMP threads beside two busy processes on 2 cores ran the chain's ST-GCN step about 4x slower than one
+    thread (each parallel region waits for whichever of its threads is descheduled), while on idle cores they ran
+    it faster (README "Benchmarks"). So each window measures the machine's busy cores (/proc/stat) less this
+    process's own (its CPU time) and runs the next window on the cores left free: at least 1, at most `most`
+    (the thread policy's count). Off Linux the count stays `most`."""
+
+    def __init__(self, most: int, every: int = 20, stat: Path = Path("/proc/stat"),
+                 machine_cpus: int | None = None):
+        self.most, self.every, self.stat = max(1, most), max(1, every), stat
+        self.machine_cpus = machine_cpus or os.cpu_count() or 1          # the CPUs /proc/stat adds up
+        self.threads = self.most
+        torch.set_num_threads(self.threads)
+        self._mark = self._sample()
+
+    def _sample(self) -> tuple[float, float, tuple[int, int] | None]:
+        return time.monotonic(), time.process_time(), machine_cpu_ticks(self.stat)
+
+    def free_cores(self, wall: float, own_cpu: float, busy_ticks: int, total_ticks: int) -> float:
+        """Cores the other processes left free in a window: the machine's minus theirs (busy less our own)."""
+        busy = busy_ticks / max(1, total_ticks) * self.machine_cpus
+        return self.machine_cpus - max(0.0, busy - own_cpu / max(wall, 1e-9))
+
+    def update(self, step: int) -> int:
+        """Call after each step; at every `every`-th, sets and returns the thread count of the next window."""
+        if step % self.every:
+            return self.threads
+        now = self._sample()
+        (w0, c0, m0), (w1, c1, m1) = self._mark, now
+        self._mark = now
+        if m0 is None or m1 is None or m1[1] <= m0[1]:
+            return self.threads
+        free = self.free_cores(w1 - w0, c1 - c0, m1[0] - m0[0], m1[1] - m0[1])
+        threads = int(min(self.most, max(1, math.floor(free + 0.25))))    # 1.75 free cores run 2 threads
+        if threads != self.threads:
+            self.threads = threads
+            torch.set_num_threads(threads)
+        return threads
