@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import CrashAfter
+from mlflow.tracking import MlflowClient
 
 from service.cli.options import train_encoder_logged
 from service.data.chain import default_synthetic_unseen, resolve_chain, synthetic_skeleton_features
@@ -130,8 +131,6 @@ def test_chain_stages_are_cached_and_keyed_by_their_inputs(tmp_path):
 def test_a_chain_build_logs_its_encoder_as_an_mlflow_run(tmp_path):
     """The trainer service.run (and final) passes to the chain: an MLflow run `stgcn-encoder-<key>` in experiment
     `encoder-prepared-raw-<n>x46-s0` (README, the embedded default) with params, curves and held-out top-1."""
-    from mlflow.tracking import MlflowClient
-
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     overrides = {"chain": {"per_class": 3, "unseen_count": 4, "encoder": {**TINY, "steps": 4, "checkpoint_every": 2}}}
     trainer = functools.partial(train_encoder_logged, tracking_uri=uri, progress=False)
@@ -172,8 +171,6 @@ def test_default_unseen_classes_are_new_combinations_of_seen_primitives_and_part
 @pytest.mark.parametrize("workers", [2])
 def test_service_encoder_train_on_ray_workers(prepared, tmp_path, workers):
     """`service.encoder train` on a local Ray: checkpoints, an MLflow run, encoder.pt; DDP with 2 workers."""
-    from mlflow.tracking import MlflowClient
-
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     sets = [f"--set={k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in {**TINY, "steps": 4}.items()]
     res = subprocess.run(
@@ -233,6 +230,9 @@ def test_service_run_on_a_chain_split_trains_tdsm_on_the_extracted_features(tmp_
     metrics = json.loads(res.stdout.strip().splitlines()[-1])
     assert 0 <= metrics["test/zsl_top1"] <= 100 and 0 <= metrics["val/zsl_top1_max"] <= 100
     assert list((tmp_path / "results" / "chain").glob("features-*/done.json"))
+    client = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    [encoder_run] = client.search_runs([client.get_experiment_by_name("encoder-prepared-raw-3x46-s0").experiment_id])
+    assert encoder_run.info.status == "FINISHED" and "encoder/held_out_top1" in encoder_run.data.metrics
     res = subprocess.run([sys.executable, "-m", "service.run", "tdsm", "--split", "nope", "--splits-file",
                           str(tmp_path / "splits.yaml")], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert res.returncode == 2 and "nope" in res.stderr and res.stderr.strip().count("\n") == 0

@@ -160,7 +160,7 @@ def fit_encoder(cfg: EncoderConfig, x: torch.Tensor, y: torch.Tensor, classes: l
             guard.flush()                  # nothing diverged is logged as a metric or saved
         bar.update(1)
         if threads is not None:
-            threads.update(step)
+            threads.update()
         correct += int((logits.argmax(-1) == tb).sum())
         seen += len(tb)
         if step % every == 0 or step == cfg.steps:

@@ -56,7 +56,7 @@ class EncoderWorkerReporter:
                 metrics["encoder/loss"], metrics["encoder/train_top1"])
 
     def log_evaluation(self, metrics: dict[str, float], step: int, curve, checkpoint_dir: Path | None) -> None:
-        if self.mlflow is not None:
+        if self.mlflow is not None and metrics:        # the held-out top-1 at the last step
             self.mlflow.log_metrics(metrics, step)
         if self.rank == 0 and checkpoint_dir is not None:
             with tempfile.TemporaryDirectory() as tmp:
