@@ -6,6 +6,7 @@ steps. The Ray Train path (one and two DDP workers) runs on a real local Ray (sl
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -15,9 +16,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import CrashAfter
+from mlflow.tracking import MlflowClient
 
-from service.data.chain import default_synthetic_unseen, synthetic_skeleton_features
+from service.cli.options import train_encoder_logged
+from service.data.chain import default_synthetic_unseen, resolve_chain, synthetic_skeleton_features
 from service.data.features import extract_to_folder, seen_class_data, train_encoder
+from service.storage import Storage
 from trainers.encoder_fit import EncoderConfig, fit_encoder, load_encoder
 from trainers.errors import InputError
 from trainers.skeleton.prepare import prepare
@@ -124,6 +128,30 @@ def test_chain_stages_are_cached_and_keyed_by_their_inputs(tmp_path):
     assert z_labels and z_labels <= set(unseen)           # 2 per class: an unseen class may lack test samples
 
 
+def test_a_chain_build_logs_its_encoder_as_an_mlflow_run(tmp_path):
+    """The trainer service.run (and final) passes to the chain: an MLflow run `stgcn-encoder-<key>` in experiment
+    `encoder-prepared-raw-<n>x46-s0` (README, the embedded default) with params, curves and held-out top-1."""
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    overrides = {"chain": {"per_class": 3, "unseen_count": 4, "encoder": {**TINY, "steps": 4, "checkpoint_every": 2}}}
+    trainer = functools.partial(train_encoder_logged, tracking_uri=uri, progress=False)
+    storage = Storage.parse(str(tmp_path / "results"))
+    resolved = resolve_chain(overrides, storage, trainer, progress=False)
+    key = Path(resolved["data.features_dir"]).name.removeprefix("features-")
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("encoder-prepared-raw-3x46-s0")
+    assert experiment is not None
+    [run] = client.search_runs([experiment.experiment_id])
+    assert run.info.run_name == f"stgcn-encoder-{key}" and run.info.status == "FINISHED"
+    assert run.data.tags["phase"] == "encoder"
+    assert run.data.params["encoder.steps"] == "4" and run.data.params["encoder.base_channels"] == "8"
+    assert json.loads(run.data.params["encoder.unseen"]) == resolved["data.unseen"]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "encoder/loss")] == [1, 2, 3, 4]
+    assert {"encoder/train_top1", "encoder/lr", "encoder/held_out_top1"} <= set(run.data.metrics)
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")] == ["checkpoints/encoder.pt"]
+    resolve_chain(overrides, storage, trainer, progress=False)      # cached: nothing trains, no second run
+    assert len(client.search_runs([experiment.experiment_id])) == 1
+
+
 @pytest.mark.parametrize("count", [6, 12])
 def test_default_unseen_classes_are_new_combinations_of_seen_primitives_and_parts(count):
     cat = action_catalogue()
@@ -143,8 +171,6 @@ def test_default_unseen_classes_are_new_combinations_of_seen_primitives_and_part
 @pytest.mark.parametrize("workers", [2])
 def test_service_encoder_train_on_ray_workers(prepared, tmp_path, workers):
     """`service.encoder train` on a local Ray: checkpoints, an MLflow run, encoder.pt; DDP with 2 workers."""
-    from mlflow.tracking import MlflowClient
-
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     sets = [f"--set={k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in {**TINY, "steps": 4}.items()]
     res = subprocess.run(
@@ -204,6 +230,9 @@ def test_service_run_on_a_chain_split_trains_tdsm_on_the_extracted_features(tmp_
     metrics = json.loads(res.stdout.strip().splitlines()[-1])
     assert 0 <= metrics["test/zsl_top1"] <= 100 and 0 <= metrics["val/zsl_top1_max"] <= 100
     assert list((tmp_path / "results" / "chain").glob("features-*/done.json"))
+    client = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    [encoder_run] = client.search_runs([client.get_experiment_by_name("encoder-prepared-raw-3x46-s0").experiment_id])
+    assert encoder_run.info.status == "FINISHED" and "encoder/held_out_top1" in encoder_run.data.metrics
     res = subprocess.run([sys.executable, "-m", "service.run", "tdsm", "--split", "nope", "--splits-file",
                           str(tmp_path / "splits.yaml")], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert res.returncode == 2 and "nope" in res.stderr and res.stderr.strip().count("\n") == 0

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,14 @@ from service.cli.options import add_config_args, resolve_config, shortcut_overri
 from trainers import runtime
 from trainers.config import TDSMConfig, build_config
 from trainers.errors import InputError
-from trainers.runtime import apply_thread_policy, available_cpus, cgroup_cpu_limit, resolve_threads
+from trainers.runtime import (
+    ThreadGovernor,
+    apply_thread_policy,
+    available_cpus,
+    cgroup_cpu_limit,
+    machine_cpu_ticks,
+    resolve_threads,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,6 +81,66 @@ def test_apply_thread_policy_sets_torch_threads():
     try:
         assert apply_thread_policy(1, 768) == 1 and torch.get_num_threads() == 1
         assert apply_thread_policy(0, 32) == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------------------------
+# ThreadGovernor: threads that follow the machine's load (the chain's in-process encoder)
+# ----------------------------------------------------------------------------------------------
+
+def _stat(path: Path, busy: int, idle: int) -> Path:
+    """A /proc/stat first line: user nice system idle iowait irq softirq steal."""
+    path.write_text(f"cpu  {busy} 0 0 {idle} 0 0 0 0 0 0\ncpu0 1 2 3 4\n")
+    return path
+
+
+def test_machine_cpu_ticks_reads_busy_and_total(tmp_path):
+    assert machine_cpu_ticks(_stat(tmp_path / "stat", 30, 70)) == (30, 100)
+    assert machine_cpu_ticks(tmp_path / "absent") is None
+    (tmp_path / "bad").write_text("cpu  x y\n")
+    assert machine_cpu_ticks(tmp_path / "bad") is None
+
+
+@pytest.mark.parametrize("busy_share, own_cores, expected", [
+    (0.05, 0.05, 2),      # idle machine: every core
+    (0.5, 1.0, 2),        # only this process is busy (one core): both cores are free for it
+    (1.0, 0.66, 1),       # two busy processes beside one thread of ours: one thread
+    (0.5, 0.0, 1),        # one busy process, ours idle (the probe before the first step): one core left
+    (0.6, 1.0, 2),        # a little load from others (0.2 cores): 1.8 free cores run 2 threads
+    (0.6, 0.5, 1),        # others on 0.7 cores: 1.3 free run 1
+])
+def test_governor_runs_on_the_cores_the_others_leave(tmp_path, busy_share, own_cores, expected):
+    before = torch.get_num_threads()
+    try:
+        gov = ThreadGovernor(2, interval_s=60, probe_s=0, stat=_stat(tmp_path / "stat", 0, 1), machine_cpus=2)
+        assert gov.threads == 2 and torch.get_num_threads() == 2
+        wall, ticks = 2.0, 1000
+        gov._mark = (time.monotonic(), 0.0, (0, 0))
+        gov._sample = lambda: (gov._mark[0] + wall, own_cores * wall, (int(busy_share * ticks), ticks))
+        assert gov.update() == 2                          # within the interval: nothing measured
+        assert gov.decide() == expected and torch.get_num_threads() == expected
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_governor_probes_the_load_before_the_first_step(tmp_path, monkeypatch):
+    before = torch.get_num_threads()
+    stat = _stat(tmp_path / "stat", 0, 0)
+    try:
+        assert ThreadGovernor(2, probe_s=0.01, stat=stat, machine_cpus=2).threads == 2   # no ticks passed: kept
+        samples = iter([(0, 10), (10, 20)])                                   # all busy while this process slept
+        monkeypatch.setattr(runtime, "machine_cpu_ticks", lambda _stat: next(samples))
+        assert ThreadGovernor(2, probe_s=0.01, stat=stat, machine_cpus=2).threads == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_governor_without_proc_stat_keeps_its_count(tmp_path):
+    before = torch.get_num_threads()
+    try:
+        gov = ThreadGovernor(2, interval_s=0, probe_s=0, stat=tmp_path / "absent", machine_cpus=2)
+        assert [gov.update() for _ in range(3)] == [2, 2, 2]
     finally:
         torch.set_num_threads(before)
 

@@ -22,7 +22,7 @@ from trainers.config import MAX_BATCH, MAX_STEPS, MAX_WEIGHT, Section, Seed
 from trainers.errors import InputError
 from trainers.guards import LossGuard
 from trainers.io import load_checkpoint, load_torch
-from trainers.runtime import autocast, resolve_device, resolve_precision, seed_everything
+from trainers.runtime import ThreadGovernor, autocast, resolve_device, resolve_precision, seed_everything
 from trainers.schedule import build_lr_scheduler, epoch_indices, log_every, progress_bar
 from trainers.skeleton.gcn import Encoder, build_encoder, joint_to_bone, joint_to_motion
 from trainers.skeleton.graph import Graph
@@ -111,15 +111,17 @@ def fit_encoder(cfg: EncoderConfig, x: torch.Tensor, y: torch.Tensor, classes: l
                 run_dir: Path | None = None, progress: bool = True,
                 held_out: tuple[torch.Tensor, torch.Tensor] | None = None,
                 wrap_model: Callable[[nn.Module], nn.Module] | None = None, rank: int = 0,
-                world: int = 1) -> EncoderResult:
+                world: int = 1, threads: ThreadGovernor | None = None) -> EncoderResult:
     """Train on (x (N, C, T, V, M), y class ids ⊂ classes) with cross-entropy.
 
     Batches are a pure function of (seed, step): `cfg.batch_size` sequences per step in all, rank r of
     `world` DDP workers taking every world-th of them (wrap_model, e.g. Ray Train's prepare_model, wraps the
     model for the training forward). Rank 0 keeps run_dir/last.pt (resumable, every cfg.checkpoint_every
     steps) and, at the end, run_dir/encoder.pt; every checkpoint is announced through
-    `reporter.log_evaluation(metrics, step, None, run_dir)` on every rank. `held_out` (sequences of the seen
-    classes never trained on) is scored once at the end as `encoder/held_out_top1`.
+    `reporter.log_evaluation(evaluation, step, None, run_dir)` on every rank. `held_out` (sequences of the seen
+    classes never trained on) is scored once at the end as `encoder/held_out_top1`, the one evaluation metric.
+    `threads` (in-process CPU training) re-chooses torch's thread count as the machine's load changes; without it
+    the count is left as set.
     """
     stray = sorted(set(y.tolist()) - set(classes))
     if stray:
@@ -157,6 +159,8 @@ def fit_encoder(cfg: EncoderConfig, x: torch.Tensor, y: torch.Tensor, classes: l
         if step % every == 0 or step % cfg.checkpoint_every == 0 or step == cfg.steps:
             guard.flush()                  # nothing diverged is logged as a metric or saved
         bar.update(1)
+        if threads is not None:
+            threads.update()
         correct += int((logits.argmax(-1) == tb).sum())
         seen += len(tb)
         if step % every == 0 or step == cfg.steps:
@@ -164,16 +168,18 @@ def fit_encoder(cfg: EncoderConfig, x: torch.Tensor, y: torch.Tensor, classes: l
                        "encoder/lr": opt.param_groups[0]["lr"]}
             reporter.log_metrics(metrics, step)
             bar.set_postfix(loss=f"{metrics['encoder/loss']:.3f}", acc=f"{metrics['encoder/train_top1']:.1f}",
-                            refresh=False)
+                            **({"threads": threads.threads} if threads is not None else {}), refresh=False)
             correct = seen = 0
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            evaluation = {}            # the training metrics were logged above, at their own step
             if step == cfg.steps and held_out is not None and len(held_out[0]):
-                metrics["encoder/held_out_top1"] = classification_top1(model, held_out[0], col[held_out[1]], cfg)
+                evaluation["encoder/held_out_top1"] = classification_top1(model, held_out[0], col[held_out[1]], cfg)
+                metrics.update(evaluation)
             if rank == 0 and last is not None:
                 _save_last(last, fingerprint, model, opt, step, metrics)
                 if step == cfg.steps:
                     save_encoder(model, list(classes), cfg, Path(run_dir) / ENCODER)
-            reporter.log_evaluation(dict(metrics), step, None, Path(run_dir) if run_dir is not None else None)
+            reporter.log_evaluation(evaluation, step, None, Path(run_dir) if run_dir is not None else None)
         sched.step()                       # after logging: encoder/lr is the lr this step used
     bar.close()
     model.eval()
@@ -225,8 +231,10 @@ def encoder_from_state(blob: dict, path: Path, key: str = "model") -> tuple[Enco
 
 
 @torch.no_grad()
-def extract_features(model: Encoder, x: torch.Tensor, cfg: EncoderConfig, batch_size: int = 64) -> torch.Tensor:
-    """Pooled features (N, feature_dim) of (N, C, T, V, M) sequences, in batches."""
+def extract_features(model: Encoder, x: torch.Tensor, cfg: EncoderConfig, batch_size: int = 64,
+                     on_batch: Callable[[int], object] | None = None) -> torch.Tensor:
+    """Pooled features (N, feature_dim) of (N, C, T, V, M) sequences, in batches; on_batch(n) after each (a
+    progress bar's update)."""
     device = next(model.parameters()).device
     precision = resolve_precision(cfg.precision, device)
     out = []
@@ -234,4 +242,6 @@ def extract_features(model: Encoder, x: torch.Tensor, cfg: EncoderConfig, batch_
         xb = to_stream(x[s:s + batch_size].float(), cfg.stream, cfg.layout).to(device)
         with autocast(device, precision):
             out.append(model.forward_features(xb).float().cpu())
+        if on_batch is not None:
+            on_batch(len(xb))
     return torch.cat(out) if out else torch.empty(0, model.feature_dim)

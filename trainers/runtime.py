@@ -6,6 +6,8 @@ import contextlib
 import math
 import os
 import random
+import time
+from pathlib import Path
 from typing import ContextManager, Mapping
 
 import numpy as np
@@ -118,3 +120,66 @@ def apply_thread_policy(requested: int = 0, hidden_size: int | None = None, cpus
         with contextlib.suppress(RuntimeError):   # raised once inter-op work has started: keep torch's pool
             torch.set_num_interop_threads(threads)
     return threads
+
+
+# ----------------------------------------------------------------------------------------------
+# Threads that follow the machine's load (the skeleton chain's in-process encoder)
+# ----------------------------------------------------------------------------------------------
+
+def machine_cpu_ticks(stat: Path = Path("/proc/stat")) -> tuple[int, int] | None:
+    """(busy, total) clock ticks of all the machine's CPUs so far (the first /proc/stat line); None off Linux."""
+    try:
+        fields = [int(v) for v in stat.read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    if len(fields) < 5:
+        return None
+    return sum(fields) - fields[3] - fields[4], sum(fields)          # idle and iowait are not busy
+
+
+class ThreadGovernor:
+    """Torch intra-op threads of a CPU fit loop, chosen from the cores the other processes leave free: once before
+    the first step (a short probe while this process idles) and again every `interval_s` seconds.
+
+    On 2 cores the chain's ST-GCN step took 105 ms on two threads and 181 ms on one while the machine was idle, but
+    beside two busy processes two OpenMP threads took 0.7-1.2 s against 0.27-0.48 s for one (each parallel region
+    waits for whichever of its threads is descheduled). So each window measures the machine's busy cores
+    (/proc/stat) less this process's own (its CPU time), and the next one runs on the cores left free: at least
+    1, at most `most` (the thread policy's count). Off Linux the count stays `most`."""
+
+    def __init__(self, most: int, interval_s: float = 2.0, probe_s: float = 0.25, stat: Path = Path("/proc/stat"),
+                 machine_cpus: int | None = None):
+        self.most, self.interval_s, self.stat = max(1, most), interval_s, stat
+        self.machine_cpus = machine_cpus or os.cpu_count() or 1          # the CPUs /proc/stat adds up
+        self.threads = self.most
+        torch.set_num_threads(self.threads)
+        self._mark = self._sample()
+        if probe_s > 0:
+            time.sleep(probe_s)
+            self.decide()
+
+    def _sample(self) -> tuple[float, float, tuple[int, int] | None]:
+        return time.monotonic(), time.process_time(), machine_cpu_ticks(self.stat)
+
+    def free_cores(self, wall: float, own_cpu: float, busy_ticks: int, total_ticks: int) -> float:
+        """Cores the other processes left free in a window: the machine's minus theirs (busy less our own)."""
+        busy = busy_ticks / max(1, total_ticks) * self.machine_cpus
+        return self.machine_cpus - max(0.0, busy - own_cpu / max(wall, 1e-9))
+
+    def decide(self) -> int:
+        """Close the window: set torch's threads to the cores left free in it (1.75 free cores run 2 threads)."""
+        now = self._sample()
+        (w0, c0, m0), (w1, c1, m1) = self._mark, now
+        self._mark = now
+        if m0 is None or m1 is None or m1[1] <= m0[1]:
+            return self.threads
+        free = self.free_cores(w1 - w0, c1 - c0, m1[0] - m0[0], m1[1] - m0[1])
+        threads = int(min(self.most, max(1, math.floor(free + 0.25))))
+        if threads != self.threads:
+            self.threads = threads
+            torch.set_num_threads(threads)
+        return threads
+
+    def update(self) -> int:
+        """Call after each step: past `interval_s` since the last decision, decide again; returns the count."""
+        return self.decide() if time.monotonic() - self._mark[0] >= self.interval_s else self.threads

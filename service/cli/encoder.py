@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from service.cli.options import DEFAULT_STORAGE, storage_arg
-from service.data.features import FEATURE_FILES, extract_to_folder, parse_classes, train_encoder
+from service.cli.options import DEFAULT_STORAGE, storage_arg, train_encoder_logged
+from service.data.features import FEATURE_FILES, extract_to_folder, parse_classes
 from service.orchestration.cluster import connect_ray
 from service.orchestration.encoder import train_encoder_on_ray
 from service.process import exits_cleanly
-from service.tracking.store import MLflowReporter, resolve_tracking_uri, standard_tags
+from service.tracking.store import resolve_tracking_uri
 from trainers.config import build_config, parse_override
 from trainers.encoder_fit import EncoderConfig
 from trainers.errors import InputError
@@ -83,14 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         cfg = build_config(EncoderConfig, {}, dict(parse_override(o) for o in args.overrides))
         uri = resolve_tracking_uri(args.tracking_uri)
-        if args.in_process:
-            reporter = MLflowReporter.start(uri, f"encoder-{args.data.resolve().name}", f"{cfg.name}-{args.out.name}",
-                                            tags=standard_tags(phase="encoder", method="encoder"))
-            with reporter:     # ends FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED
-                reporter.log_params({**{f"encoder.{k}": v for k, v in cfg.model_dump(mode="json").items()},
-                                     "encoder.unseen": unseen})
-                path = train_encoder(args.data, unseen, cfg, args.out, args.benchmark, reporter, not args.no_progress)
-                reporter.log_artifact(path, "checkpoints")
+        if args.in_process:    # the run ends FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED
+            path = train_encoder_logged(args.data, unseen, cfg, args.out, tracking_uri=uri, benchmark=args.benchmark,
+                                        progress=not args.no_progress)
         else:
             connect_ray(args.address)
             storage = args.storage_path

@@ -18,12 +18,13 @@ The method is the config's own (`method:`).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
 from pathlib import Path
 
-from service.cli.options import DEFAULT_STORAGE, storage_arg
+from service.cli.options import DEFAULT_STORAGE, storage_arg, train_encoder_logged
 from service.data.chain import resolve_chain
 from service.data.splits import load_splits, splits_file
 from service.methods import METHODS
@@ -100,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     args.sweep_run_id = source_sweep_run_id(args.source, uri)
     if args.splits:   # the same config on other data (a split's skeleton chain built in this process if needed)
         storage = args.storage_path
-        targets = [(split, method.absolute_paths(build_config(method.config_cls, tree, resolve_chain(ov, storage))
+        trainer = functools.partial(train_encoder_logged, tracking_uri=uri)    # an MLflow run, as in service.run
+        targets = [(split, method.absolute_paths(build_config(method.config_cls, tree,
+                                                              resolve_chain(ov, storage, trainer))
                                                  .model_dump(mode="json")))
                    for split, ov in load_splits(splits_file(name, args.splits_file), args.splits)]
     else:

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from service.data.chain import resolve_chain
+from service.data.features import train_encoder
 from service.methods import METHODS
 from service.methods.search_space import SearchSpace
 from service.storage import Storage
+from service.tracking.store import start_encoder_run
 from trainers.config import build_config, dump_yaml, field_description, load_yaml, parse_override, to_plain
+from trainers.encoder_fit import EncoderConfig
 from trainers.errors import InputError
 
 # Ray results and checkpoints, and the cached skeleton chain (service.data.chain): shared storage on a cluster.
@@ -94,6 +98,22 @@ def resolve_config(method: str, args: argparse.Namespace, extra: dict[str, Any] 
     return build_config(METHODS[method].config_cls, base, overrides, source=args.config)
 
 
+
+
+def train_encoder_logged(prepared: Path | Storage, unseen: list[int], cfg: EncoderConfig, out: Path, *,
+                         tracking_uri: str, benchmark: str | None = None, progress: bool = True) -> Path:
+    """Train an encoder in this process as an MLflow run (`service.encoder train --in-process`, the skeleton chain
+    of service.run and service.final): run `<name>-<out folder>` of experiment `encoder-<prepared folder>`
+    (`start_encoder_run`); metrics: encoder/loss, encoder/train_top1, encoder/lr by step and, at the end,
+    encoder/held_out_top1 on the seen classes' test sequences; encoder.pt as an artifact. Returns out/encoder.pt."""
+    prepared = prepared if isinstance(prepared, Storage) else Storage.parse(str(Path(prepared).resolve()))
+    with start_encoder_run(tracking_uri, prepared.name, cfg.model_dump(mode="json"), out, list(unseen),
+                           prepared=str(prepared), benchmark=benchmark or "") as reporter, \
+            tempfile.TemporaryDirectory() as tmp:     # a bucket's copy (a chain cached in object storage) read here
+        folder = prepared.local if prepared.is_local else prepared.download(Path(tmp) / "prepared")
+        path = train_encoder(folder, unseen, cfg, out, benchmark, reporter, progress)
+        reporter.log_artifact(path, "checkpoints")
+    return path
 
 
 def default_splits(method: str, args: argparse.Namespace) -> list[str] | None:

@@ -22,9 +22,9 @@ from service.cli.options import (
     resolve_config,
     resolved_config_yaml,
     searched_keys_comment,
+    train_encoder_logged,
 )
 from service.data.chain import resolve_chain
-from service.data.features import train_encoder
 from service.data.splits import REPO_SPACES, load_splits, splits_file
 from service.methods import METHODS
 from service.methods.search_space import load_search_space
@@ -83,8 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args.tracking_uri = resolve_tracking_uri(args.tracking_uri)   # credentials out, server probed: before any work
     if overrides is not None:
-        trainer = functools.partial(train_encoder, progress=not args.no_progress)     # in this process, no Ray
-        cfg = build_config(METHODS[args.method].config_cls, to_plain(cfg), resolve_chain(overrides, storage, trainer))
+        # the chain's encoder: in this process (no Ray), an MLflow run of experiment encoder-<prepared folder>
+        trainer = functools.partial(train_encoder_logged, tracking_uri=args.tracking_uri, progress=not args.no_progress)
+        resolved = resolve_chain(overrides, storage, trainer, progress=not args.no_progress)
+        cfg = build_config(METHODS[args.method].config_cls, to_plain(cfg), resolved)
     print(json.dumps(METHODS[args.method].run(cfg, args)))
     return 0
 

@@ -24,10 +24,12 @@ from trainers.io import atomic_write_text, stable_hash
 from trainers.skeleton.synthetic import NUM_CLASSES, action_catalogue
 
 
-def resolve_chain(overrides: dict[str, Any], storage: Storage, trainer=None, build: bool = True) -> dict[str, Any]:
+def resolve_chain(overrides: dict[str, Any], storage: Storage, trainer=None, build: bool = True,
+                  progress: bool = True) -> dict[str, Any]:
     """A split with `chain:` runs the cached skeleton chain (below) and points the data at its output.
 
-    trainer trains the encoder (default: in this process; the sweep passes Ray Train workers); every stage
+    trainer trains the encoder (default: in this process, logged nowhere; service.run and service.final pass one
+    that logs an MLflow run, the sweep Ray Train workers); progress: a bar with an ETA for each stage; every stage
     is cached under <storage>/chain and skipped when its inputs did not change. build=False (--print-config)
     trains nothing: the data points at where the chain's features are once built. With object storage the chain
     is cached in the bucket (storage/chain) and worked on in a local copy that lives as long as this process."""
@@ -45,7 +47,7 @@ def resolve_chain(overrides: dict[str, Any], storage: Storage, trainer=None, bui
     if remote is not None and trainer is not None:
         trainer = remote_trainer(trainer, root, remote)
     made = synthetic_skeleton_features(root, per_class, encoder, unseen, trainer=trainer, build=build,
-                                       portable=remote is not None)
+                                       portable=remote is not None, progress=progress)
     if remote is not None and build:
         sync_up(root, remote)
     return {**overrides, "data.source": "features", "data.features_dir": made["features_dir"],
@@ -104,15 +106,16 @@ EncoderTrainer = Callable[[Any, list[int], EncoderConfig, Path], Path]
 
 def synthetic_skeleton_features(root: Path, per_class: int, encoder: EncoderConfig, unseen: list[int] | None = None,
                                 seed: int = 0, log=None, trainer: EncoderTrainer | None = None,
-                                build: bool = True, portable: bool = False) -> dict[str, Any]:
+                                build: bool = True, portable: bool = False, progress: bool = False) -> dict[str, Any]:
     """generate → prepare → train encoder on seen → extract, each stage cached under `root`.
 
     build=False (`--print-config`): generate and prepare only (cheap, cached; they fix the cache key), train and
-    extract nothing, and return the paths the encoder and features have once built; "built": whether they are."""
+    extract nothing, and return the paths the encoder and features have once built; "built": whether they are.
+    progress: a bar with an ETA for generate, prepare and extract (the trainer draws its own)."""
     log = log or (lambda msg: print(f"chain: {msg}", file=sys.stderr))
     root = Path(root).expanduser().resolve()
     unseen = unseen if unseen is not None else default_synthetic_unseen(seed=seed)
-    raw, prepared, stamp = synthetic_prepared(root, per_class, seed, log, portable=portable)
+    raw, prepared, stamp = synthetic_prepared(root, per_class, seed, log, portable, progress and build)
     key = stable_hash({"prepare": stamp, "encoder": encoder.model_dump(mode="json"), "unseen": unseen})[:12]
     enc_dir, feat_dir = root / f"encoder-{key}", root / f"features-{key}"
     done = feat_dir / "done.json"
@@ -127,7 +130,7 @@ def synthetic_skeleton_features(root: Path, per_class: int, encoder: EncoderConf
         log(f"encoder up to date: {enc_dir}")
     if not done.is_file():
         log(f"extracting features -> {feat_dir}")
-        extract_to_folder(prepared, enc_dir / ENCODER, unseen, feat_dir)
+        extract_to_folder(prepared, enc_dir / ENCODER, unseen, feat_dir, progress=progress)
         atomic_write_text(done, json.dumps({"encoder": str(enc_dir), "unseen": unseen}))
     else:
         log(f"features up to date: {feat_dir}")

@@ -16,11 +16,12 @@ from trainers.data import load_class_ids
 from trainers.encoder_fit import EncoderConfig, extract_features, fit_encoder, load_encoder
 from trainers.errors import InputError
 from trainers.io import atomic_save_npy, atomic_write_text, load_torch
+from trainers.runtime import ThreadGovernor, resolve_device, resolve_threads
+from trainers.schedule import progress_bar
 from trainers.skeleton.prepared import read_prepared
 from trainers.tracking import NullReporter
 
 FEATURE_FILES = ("train", "ztest", "gtest")
-
 
 
 def load_prepared(folder: Path, benchmark: str | None) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, str]:
@@ -57,16 +58,16 @@ def train_encoder(prepared: Path, unseen: list[int], cfg: EncoderConfig, out: Pa
                   reporter=None, progress: bool = True) -> Path:
     """Train in this process on the seen classes of the benchmark's training split; returns out/encoder.pt.
 
-    Re-running with the same inputs resumes from out/last.pt (or returns at once when training finished)."""
+    Re-running with the same inputs resumes from out/last.pt (or returns at once when training finished). On the
+    CPU, torch's threads follow the load: every free core (at most $OMP_NUM_THREADS), one beside busy processes."""
     x, y, seen, held_out = seen_class_data(prepared, unseen, benchmark)
-    fit_encoder(cfg, x, y, seen, reporter or NullReporter(), out, progress, held_out)
+    threads = ThreadGovernor(resolve_threads()) if resolve_device(cfg.device).type == "cpu" else None
+    fit_encoder(cfg, x, y, seen, reporter or NullReporter(), out, progress, held_out, threads=threads)
     return Path(out) / ENCODER
 
 
-
-
 def extract_to_folder(prepared: Path, encoder_path: Path, unseen: list[int], out: Path,
-                      benchmark: str | None = None) -> Path:
+                      benchmark: str | None = None, progress: bool = False) -> Path:
     """SA-DVAE layout: train (seen, training split), ztest (unseen, test split), gtest (all, test split)."""
     model, cfg, seen = load_encoder(encoder_path)
     data, labels, train_mask, _ = load_prepared(prepared, benchmark)
@@ -80,9 +81,11 @@ def extract_to_folder(prepared: Path, encoder_path: Path, unseen: list[int], out
     masks = {"train": train_mask & ~is_unseen, "ztest": ~train_mask & is_unseen, "gtest": ~train_mask & known}
     labels_name = {"train": "train_label", "ztest": "z_label", "gtest": "g_label"}
     out = Path(out)
+    bar = progress_bar(sum(int(m.sum()) for m in masks.values()), 0, "features", progress)
     for name, mask in masks.items():
-        atomic_save_npy(extract_features(model, data[mask], cfg).numpy(), out / f"{name}.npy")
+        atomic_save_npy(extract_features(model, data[mask], cfg, on_batch=bar.update).numpy(), out / f"{name}.npy")
         atomic_save_npy(labels[mask].numpy(), out / f"{labels_name[name]}.npy")
+    bar.close()
     write_source(out, encoder_path, prepared, benchmark)
     return out
 
@@ -128,8 +131,3 @@ def unseen_test_sequences(source: dict[str, Any], unseen: list[int]) -> tuple[np
     data, labels, train_mask, _ = load_prepared(source["prepared"], source["benchmark"])
     mask = ~train_mask & np.isin(labels.numpy(), unseen)
     return data[mask].numpy(), labels[mask].numpy()
-
-
-
-
-

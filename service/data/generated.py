@@ -21,9 +21,10 @@ from pathlib import Path
 from trainers.assets import default_cache_dir
 from trainers.cocodiff import CoCoDiffConfig
 from trainers.cocodiff_data import CoCoDiffInputs, prepare_cocodiff
+from trainers.schedule import progress_bar
 from trainers.skeleton.prepare import prepare
 from trainers.skeleton.splits import BENCHMARKS
-from trainers.skeleton.synthetic import NUM_CLASSES, write_synthetic_dataset
+from trainers.skeleton.synthetic import NUM_CLASSES, SyntheticOptions, synthetic_set_matches, write_synthetic_dataset
 from trainers.skeleton.synthetic_release import write_kinetics_release, write_pku_release
 
 
@@ -73,22 +74,25 @@ PORTABLE_MTIME_NS = 946_684_800 * 10**9      # 2000-01-01
 
 
 def synthetic_prepared(root: Path, per_class: int, seed: int = 0, log=None,
-                       portable: bool = False) -> tuple[Path, Path, str]:
+                       portable: bool = False, progress: bool = False) -> tuple[Path, Path, str]:
     """(raw folder, prepared folder, prepare stamp) of the embedded synthetic actions under `root`.
 
     generate (46 classes x per_class NTU-format `.skeleton` files) -> `service.prepare synthetic`; both stages
     are no-ops when their inputs did not change. The prepared folder has the ntu60-xsub / ntu60-xview columns
     (by performer / camera of the generated sample names); class_names.txt / descriptions.txt stay in the raw folder.
+    progress: a bar with an ETA for each stage that does work.
     """
     log = log or (lambda msg: print(f"synthetic: {msg}", file=sys.stderr))
     root = Path(root).expanduser().resolve()
     raw = root / f"raw-{per_class}x{NUM_CLASSES}-s{seed}"
     log(f"synthetic skeletons in {raw}")
-    write_synthetic_dataset(raw, NUM_CLASSES, per_class, seed)
+    made = synthetic_set_matches(raw, SyntheticOptions(NUM_CLASSES, per_class, seed))
+    with progress_bar(NUM_CLASSES * per_class, 0, "generate", progress and not made) as bar:
+        write_synthetic_dataset(raw, NUM_CLASSES, per_class, seed, on_sample=bar.update)
     if portable:
         for p in raw.rglob("*"):
             if p.is_file() and p.stat().st_mtime_ns != PORTABLE_MTIME_NS:
                 os.utime(p, ns=(PORTABLE_MTIME_NS, PORTABLE_MTIME_NS))
     prepared = root / f"prepared-{raw.name}"
-    summary = prepare("synthetic", raw, prepared, progress=False, log=log)
+    summary = prepare("synthetic", raw, prepared, progress=progress, log=log)
     return raw, prepared, str(summary.get("stamp"))

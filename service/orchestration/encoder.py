@@ -17,7 +17,7 @@ from ray.train.torch import TorchTrainer
 from service.data.features import seen_class_data
 from service.orchestration.cluster import input_error_cause
 from service.storage import Storage
-from service.tracking.store import MLflowReporter, standard_tags
+from service.tracking.store import MLflowReporter, encoder_experiment, start_encoder_run
 from trainers.checkpoint import ENCODER, LAST, copy_run_files
 from trainers.encoder_fit import EncoderConfig, fit_encoder
 from trainers.errors import InputError
@@ -56,7 +56,7 @@ class EncoderWorkerReporter:
                 metrics["encoder/loss"], metrics["encoder/train_top1"])
 
     def log_evaluation(self, metrics: dict[str, float], step: int, curve, checkpoint_dir: Path | None) -> None:
-        if self.mlflow is not None:
+        if self.mlflow is not None and metrics:        # the held-out top-1 at the last step
             self.mlflow.log_metrics(metrics, step)
         if self.rank == 0 and checkpoint_dir is not None:
             with tempfile.TemporaryDirectory() as tmp:
@@ -115,9 +115,10 @@ def train_encoder_on_ray(prepared: Path | Storage, unseen: list[int], cfg: Encod
     """
     out = Path(out).resolve()
     prepared = prepared if isinstance(prepared, Storage) else Storage.parse(prepared)
-    experiment = experiment or f"encoder-{prepared.name}"
-    mlflow = (MLflowReporter.start(tracking_uri, experiment, f"{cfg.name}-{out.name}",
-                                   tags=standard_tags(phase="encoder", method="encoder")) if tracking_uri else None)
+    experiment = experiment or encoder_experiment(prepared.name)
+    mlflow = (start_encoder_run(tracking_uri, prepared.name, cfg.model_dump(mode="json"), out, list(unseen), experiment,
+                                prepared=str(prepared), benchmark=benchmark or "", workers=workers)
+              if tracking_uri else None)
     run_name = f"encoder-{stable_hash(str(out))[:12]}"
     loop = EncoderLoop(config=cfg, prepared=str(prepared), unseen=tuple(unseen), benchmark=benchmark,
                        threads=max(1, int(cpus_per_worker)), tracking_uri=tracking_uri, experiment=experiment,
@@ -132,10 +133,6 @@ def train_encoder_on_ray(prepared: Path | Storage, unseen: list[int], cfg: Encod
         run_config=ray.train.RunConfig(name=run_name, storage_path=str(storage),
                                        failure_config=ray.train.FailureConfig(max_failures=retries)))
     with mlflow or contextlib.nullcontext():      # the run ends FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED
-        if mlflow is not None:
-            mlflow.log_params({**{f"encoder.{k}": v for k, v in cfg.model_dump(mode="json").items()},
-                               "encoder.unseen": unseen, "encoder.prepared": str(prepared),
-                               "encoder.benchmark": benchmark or "", "encoder.workers": workers})
         try:
             result = trainer.fit()
         except Exception as err:   # a worker's bad input or divergence: its one-line message, not Ray's traceback

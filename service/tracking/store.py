@@ -384,6 +384,28 @@ class MLflowReporter:
         self.finished = True
 
 
+def encoder_experiment(prepared_name: str) -> str:
+    """The experiment of encoders trained on a prepared folder: `encoder-<its name>` (the embedded skeleton chain's:
+    encoder-prepared-raw-12x46-s0)."""
+    return f"encoder-{prepared_name}"
+
+
+def start_encoder_run(tracking_uri: str, prepared_name: str, config: dict[str, Any], out: Path, unseen: list[int],
+                      experiment: str | None = None, **params: Any) -> MLflowReporter:
+    """The MLflow run of one encoder training (`service.encoder train`, the skeleton chain of run / final / sweep):
+    run `<encoder name>-<out folder>` (the chain's out folder: encoder-<cache key>) of `encoder_experiment`, tag
+    phase=encoder; params: the encoder config, the unseen classes and `params`, all as `encoder.*`. A context
+    manager: the run ends FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED."""
+    reporter = MLflowReporter.start(tracking_uri, experiment or encoder_experiment(prepared_name),
+                                    f"{config['name']}-{Path(out).name}",
+                                    tags=standard_tags(phase="encoder", method="encoder"))
+    with contextlib.ExitStack() as stack:     # a refused log_params still ends the run (FAILED)
+        stack.enter_context(reporter)
+        reporter.log_params({f"encoder.{k}": v for k, v in {**config, "unseen": unseen, **params}.items()})
+        stack.pop_all()
+    return reporter
+
+
 PAGE = 100   # runs per search request: every search pages on, none stops silently at MLflow's 1000 default
 
 

@@ -566,8 +566,9 @@ def check_set_size(num_classes: int, per_class: int) -> None:
 
 
 def write_synthetic_dataset(folder: str | Path, num_classes: int = NUM_CLASSES, per_class: int = 10,
-                            seed: int = 0, variation: Variation = Variation()) -> list[Path]:
-    """Write the `.skeleton` files, class_names.txt, descriptions.txt and synthetic.json into `folder`.
+                            seed: int = 0, variation: Variation = Variation(), on_sample=None) -> list[Path]:
+    """Write the `.skeleton` files, class_names.txt, descriptions.txt and synthetic.json into `folder`;
+    on_sample(1) after each file written (a progress bar's update).
 
     A folder that already holds the same set (same options) is left untouched (files keep their mtimes, so
     a later `service.prepare` stays a no-op); one holding another set or other .skeleton files is refused.
@@ -590,7 +591,9 @@ def write_synthetic_dataset(folder: str | Path, num_classes: int = NUM_CLASSES, 
     catalogue = action_catalogue()[:num_classes]
     atomic_write_text(folder / "class_names.txt", "".join(f"{c.name}\n" for c in catalogue))
     atomic_write_text(folder / "descriptions.txt", "".join(f"{c.description}\n" for c in catalogue))
-    paths = [atomic_write_text(folder / f"{sample.name}.skeleton", skeleton_text(sample))
-             for sample in generate_samples(options)]
+    paths = []
+    for sample in generate_samples(options):
+        paths.append(atomic_write_text(folder / f"{sample.name}.skeleton", skeleton_text(sample)))
+        on_sample and on_sample(1)
     atomic_write_text(folder / "synthetic.json", json.dumps(options.to_json(), indent=1) + "\n")   # last: complete
     return paths
