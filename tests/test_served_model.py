@@ -190,7 +190,8 @@ def classifier(final):
     model = build_classifier(cfg.backbone, 6).eval()
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient(uri)
-    run = client.create_run(client.create_experiment("cocodiff-toy")).info.run_id
+    artifacts = (final[0] / "mlartifacts").as_uri()          # not ./mlruns of wherever pytest runs
+    run = client.create_run(client.create_experiment("cocodiff-toy", artifact_location=artifacts)).info.run_id
     log_classifier_model(run, [(cfg, model)], 6, (3, 16, 25, 2), [f"action {i}" for i in range(6)], "cocodiff-toy")
     return "models:/cocodiff-toy@final", mlflow.pyfunc.load_model("models:/cocodiff-toy@final")
 

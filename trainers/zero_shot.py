@@ -9,8 +9,9 @@ encoder's weights, config and the input layout its data was prepared in.
 
 Scores. For each sequence and candidate the denoising error is averaged over the evaluation noise draws (the
 official code's summed errors); the best class has the smallest error. `score` is its softmax over the candidates,
-softmax(-D/2 * error) with D the feature width: the class posterior if the noise prediction's residual were unit
-Gaussian and the classes equally likely. It ranks exactly as the error does; it is not calibrated.
+softmax(-D/2 * error / mean error) with D the feature width: the class posterior if the noise prediction's residual
+were Gaussian with the variance of the sequence's mean error over the candidates, the classes equally likely. It
+ranks exactly as the error does; it is not calibrated.
 
 Noise. Each sequence's evaluation noise is a function of (eval.seed, the bytes of the input row as given), never
 of its position in a batch: a sequence gets the same answer alone or among others.
@@ -203,7 +204,7 @@ class ZeroShotChain:
         noise = sample_keyed_noise(keys, e.noise_draws, e.seed, dim=feats.shape[1])      # (K, N, D)
         errors = score_candidates(self.denoiser, self.schedule, feats, noise, e.t_test, text.global_feats,
                                   text.local_feats).mean(0).double()                    # (N, C)
-        scores = torch.softmax(-0.5 * feats.shape[1] * errors, dim=1)
+        scores = torch.softmax(-0.5 * feats.shape[1] * errors / errors.mean(1, keepdim=True), dim=1)   # (N, C)
         return Ranking(names, errors.numpy(), scores.numpy())
 
 

@@ -162,7 +162,7 @@ def zero_shot_description(split: str, chain: ZeroShotChain, tags: dict[str, Any]
             f"t_test={tags.get('t_test')}, text encoder {tags.get('text_encoder')}. Input: {takes}. Params: classes "
             f"(any class names; default: the split's {defaults} unseen classes), descriptions (one per class, "
             "optional), top_k. Output per sequence: label, score (softmax over the candidates of -D/2 x the "
-            "draw-averaged denoising error), error, top_k_labels, top_k_scores.")
+            "draw-averaged denoising error / its mean over the candidates), error, top_k_labels, top_k_scores.")
 
 
 def log_chain_model(run_id: str, blob: dict[str, Any], registered_name: str, example: np.ndarray,
