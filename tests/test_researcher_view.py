@@ -260,7 +260,8 @@ def test_links_point_at_the_server_in_use_or_at_the_printed_mlflow_ui_command():
     local_ui_port.cache_clear()
     try:
         port = local_ui_port()
-        assert ui_command(store) == f"mlflow ui --workers 1 --backend-store-uri {store} --port {port}"
+        assert ui_command(store) == (f"mlflow ui --app-name skeldiff --workers 1 --backend-store-uri {store} "
+                                     f"--port {port}")
         assert ui_link(store, "7") == f"http://127.0.0.1:{port}/#/experiments/7/runs?workflowType=machine_learning"
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:     # e.g. another UI already on it
             taken.bind(("127.0.0.1", port))

@@ -138,25 +138,28 @@ def test_sweep_opens_on_its_runs_table_and_its_charts_lead_with_the_objective(tm
     with mlflow_ui(command, port, tmp_path / "mlflow-ui.log") as base, sync_playwright() as playwright:
         browser = Browser(playwright, binary, shots)
         try:
-            # 1. The experiment list, then a click on the sweep's experiment, in a fresh profile. MLflow 3.17-3.18
-            # open it on the GenAI overview whatever mlflow.experimentKind says (mlflow/mlflow#24498): pinned here,
-            # so the README's note goes when an upgrade fixes it.
+            # 1. The experiment list, then a click on the sweep's experiment, in a fresh profile: the runs table.
+            # Plain MLflow 3.17 opens the GenAI overview there whatever mlflow.experimentKind says
+            # (mlflow/mlflow#24498); the printed command serves it through `--app-name skeldiff`
+            # (service/tracking/ui.py), which makes Model training the choice of a browser that has none.
+            assert "--app-name skeldiff" in command
             page = browser.page()
             page.goto(f"{base}/#/experiments")
             page.get_by_role("link", name=EXPERIMENT, exact=True).click()
-            expect(page.get_by_text("Detect Issues").first).to_be_visible()
-            assert "/overview" in page.url, page.url
-            browser.shot(page, "1-list-click-fresh-profile-genai-overview")
-            # One click on the sidebar's "Model training" (kept in the browser) and the list opens runs tables.
-            page.goto(f"{base}/#/experiments")
-            page.get_by_role("button", name="Model training", exact=True).click()
-            page.wait_for_function("Object.keys(localStorage).some(k => k.startsWith('mlflow.workflowType'))")
-            page.reload()                         # the choice outlives the page: a new visit to the list
-            page.get_by_role("link", name=EXPERIMENT, exact=True).click()
             expect(page.get_by_role("heading", name="Runs", exact=True)).to_be_visible()
             expect(page.get_by_text(name, exact=True).first).to_be_visible()        # the sweep's parent run
+            expect(page.get_by_text("Detect Issues").first).not_to_be_visible()
             assert re.search(rf"/experiments/{exp.experiment_id}/runs\b", page.url), page.url
-            browser.shot(page, "2-list-click-model-training")
+            browser.shot(page, "1-list-click-fresh-profile-runs")
+            # A choice the user makes is kept: after a click on "GenAI", the list opens the GenAI overview.
+            page.goto(f"{base}/#/experiments")
+            page.get_by_role("button", name="GenAI", exact=True).click()
+            page.wait_for_function("localStorage.getItem('mlflow.workflowType_v1') === JSON.stringify('genai')")
+            page.reload()                         # the choice outlives the page: a new visit to the list
+            page.get_by_role("link", name=EXPERIMENT, exact=True).click()
+            expect(page.get_by_text("Detect Issues").first).to_be_visible()
+            assert "/overview" in page.url, page.url
+            browser.shot(page, "2-list-click-after-choosing-genai")
 
             # 2. The printed runs-table link in a fresh profile: the runs table of this sweep, every trial by name.
             page = browser.page()
@@ -183,5 +186,5 @@ def test_sweep_opens_on_its_runs_table_and_its_charts_lead_with_the_objective(tm
         finally:
             browser.close()
     assert sorted(p.name for p in shots.glob("*.png")) == [
-        "1-list-click-fresh-profile-genai-overview.png", "2-list-click-model-training.png",
+        "1-list-click-fresh-profile-runs.png", "2-list-click-after-choosing-genai.png",
         "3-printed-runs-link.png", "4-printed-chart-link.png"]

@@ -145,10 +145,11 @@ def local_ui_port() -> int:
 
 def ui_command(uri: str) -> str:
     """How to browse the store: a server's URL, or the exact `mlflow ui` command (port included) that serves a
-    local store where `ui_link` points (--workers 1: README "Quick start")."""
+    local store where `ui_link` points (--workers 1: README "Quick start"; --app-name skeldiff: service/tracking/ui.py,
+    the experiment list opens runs tables)."""
     if is_tracking_server(uri):
         return uri.rstrip("/")
-    return f"mlflow ui --workers 1 --backend-store-uri {uri} --port {local_ui_port()}"
+    return f"mlflow ui --app-name skeldiff --workers 1 --backend-store-uri {uri} --port {local_ui_port()}"
 
 
 # The UI keeps its GenAI / Model training toggle in the browser (localStorage, GenAI by default) and does not
