@@ -184,8 +184,11 @@ class ZeroShotChain:
     # ------------------------------------------------------------------------------------------------------------
 
     def features(self, x: np.ndarray) -> torch.Tensor:
-        """Pooled features (N, D) of checked model input: skeleton sequences through the encoder, or features."""
-        x = check_model_input(x, self.input_shape, MAX_SEQUENCES, MAX_FRAMES)
+        """Pooled features (N, D) of model input (checked here): skeleton sequences through the encoder, or
+        features."""
+        return self._features(check_model_input(x, self.input_shape, MAX_SEQUENCES, MAX_FRAMES))
+
+    def _features(self, x: np.ndarray) -> torch.Tensor:
         if self.layout is None:
             return torch.from_numpy(x)
         if x.shape[2] != self.layout.frames:                   # raw lengths: resampled as prepare does
@@ -197,10 +200,10 @@ class ZeroShotChain:
              descriptions: Sequence[str] | None = None) -> Ranking:
         """Score every sequence of x against the candidates (see the module docstring)."""
         names, text = self.candidates(classes, descriptions)
-        x = np.ascontiguousarray(x, dtype=np.float32) if isinstance(x, np.ndarray) else x
-        feats = self.features(x)                                                          # (N, D)
+        x = np.ascontiguousarray(check_model_input(x, self.input_shape, MAX_SEQUENCES, MAX_FRAMES))   # float32
+        feats = self._features(x)                                                         # (N, D)
         e = self.cfg.eval
-        keys = torch.from_numpy(np.ascontiguousarray(x).reshape(len(x), -1))
+        keys = torch.from_numpy(x.reshape(len(x), -1))          # the noise key: the float32 input row's bytes
         noise = sample_keyed_noise(keys, e.noise_draws, e.seed, dim=feats.shape[1])      # (K, N, D)
         errors = score_candidates(self.denoiser, self.schedule, feats, noise, e.t_test, text.global_feats,
                                   text.local_feats).mean(0).double()                    # (N, C)

@@ -18,6 +18,7 @@ from trainers.errors import InputError
 from trainers.io import atomic_save_npy, atomic_write_text, load_torch
 from trainers.runtime import ThreadGovernor, resolve_device, resolve_threads
 from trainers.schedule import progress_bar
+from trainers.skeleton.prepare import FAMILY
 from trainers.skeleton.prepared import read_prepared
 from trainers.tracking import NullReporter
 
@@ -95,7 +96,6 @@ def extract_to_folder(prepared: Path, encoder_path: Path, unseen: list[int], out
 # ----------------------------------------------------------------------------------------------
 
 SOURCE = "source.json"
-FAMILY = {"ntu60": "ntu", "ntu120": "ntu", "synthetic": "ntu", "kinetics": "kinetics", "pku": "pku"}
 
 
 def write_source(features: Path, encoder_path: Path, prepared: Path, benchmark: str | None) -> None:
