@@ -75,7 +75,7 @@ def tdsm_run(tmp_path_factory):
     allx = FeatureSplit(proto[lab] + 0.3 * torch.randn(48, 16, generator=g), lab)
     text = TextFeatures(proto @ torch.randn(16, 12, generator=g), torch.randn(6, 4, 10, generator=g))
     cfg = tiny_config(**{"train.steps": 8, "train.eval_every": 4, "train.checkpoint_every": 4,
-                         "optim.warmup_steps": 3})
+                         "optim.warmup_steps": 3, "train.precision": "fp32"})
     run_dir, rep = tmp_path_factory.mktemp("tdsm"), ListReporter()
     fit_tdsm(cfg, allx.select([0, 1, 2, 3]), [0, 1, 2, 3], allx.select([4, 5]), [4, 5], text, rep, run_dir,
              progress=False)
@@ -148,3 +148,55 @@ def test_encoder_logs_the_lr_its_step_used(encoder_run):
     warmup = max(1, ENCODER.steps // 20)                   # the encoder's own warm-up: 5% of its steps
     assert sorted(logged) == list(range(2, 41, 2))
     assert all(lr == lr_at(step - 1, ENCODER.steps, ENCODER.lr, warmup, 0.0) for step, lr in logged.items())
+
+
+# ----------------------------------------------------------------------------------------------
+# (e) metric traces: every value the three loops log, against the trace the code before the #23 redesign logged
+# ----------------------------------------------------------------------------------------------
+
+GOLDEN = Path(__file__).with_name("golden_traces.json")
+
+
+def cpu_signature() -> str:
+    """The CPU model and torch version: float32 reduction order (and so the last bits of a trace) depends on both."""
+    import platform
+    cpuinfo = Path("/proc/cpuinfo")
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                  if line.startswith("model name")), "") if cpuinfo.is_file() else platform.processor()
+    return f"{model} | torch {torch.__version__}"
+
+
+def traces(tdsm_run, cocodiff_run, encoder_run) -> dict[str, list]:
+    """Every logged metric as (step, key, value), in logging order: training scalars and evaluations."""
+    out = {}
+    for name, rep in (("tdsm", tdsm_run[1]), ("cocodiff", cocodiff_run[1]), ("encoder", encoder_run[1])):
+        rows = [[step, k, float(v)] for step, m in rep.metrics for k, v in sorted(m.items())]
+        rows += [[ev[0], k, float(v)] for ev in rep.evaluations for k, v in sorted(ev[1].items())]
+        out[name] = rows
+    return out
+
+
+def test_metric_traces_are_pinned(tdsm_run, cocodiff_run, encoder_run):
+    """Bit for bit on the machine (CPU model, torch version) that recorded the golden file; elsewhere float32 sums
+    run in another order, so each value within 1e-3 relative (+ 1e-4 absolute: losses and accuracies near zero) of
+    eight to forty fp32 steps of a tiny model, one thread."""
+    import json
+    golden = json.loads(GOLDEN.read_text())
+    got = traces(tdsm_run, cocodiff_run, encoder_run)
+    for name, rows in golden["traces"].items():
+        assert [r[:2] for r in got[name]] == [r[:2] for r in rows], name        # the same keys at the same steps
+        if golden["cpu"] == cpu_signature():
+            assert [r[2] for r in got[name]] == [r[2] for r in rows], name
+        else:
+            assert [r[2] for r in got[name]] == pytest.approx([r[2] for r in rows], rel=1e-3, abs=1e-4), name
+
+
+def test_record_golden(tdsm_run, cocodiff_run, encoder_run):
+    """Writes the golden file only when asked: SKELDIFF_RECORD_GOLDEN=1 python -m pytest tests/test_pinned.py."""
+    import json
+    import os
+    if not os.environ.get("SKELDIFF_RECORD_GOLDEN"):
+        pytest.skip("set SKELDIFF_RECORD_GOLDEN=1 to re-record the golden traces")
+    got = traces(tdsm_run, cocodiff_run, encoder_run)
+    body = ",\n".join(f'"{name}": [\n' + ",\n".join(json.dumps(r) for r in rows) + "\n]" for name, rows in got.items())
+    GOLDEN.write_text(f'{{"cpu": {json.dumps(cpu_signature())},\n"traces": {{\n{body}\n}}}}\n')
