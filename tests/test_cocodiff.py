@@ -362,8 +362,8 @@ def test_short_fit_beats_chance(runs, arm):
 def test_reports_and_checkpoints(runs):
     reporter, run_dir = runs["reporter"], runs["run_dir"]
     assert [s for s, *_ in reporter.evaluations] == [30, 60]
-    _, metrics, curve, ckpt = reporter.evaluations[-1]
-    assert set(metrics) == {"val/top1", "val/top5"} and curve is None and ckpt == run_dir
+    _, metrics, artifacts, ckpt = reporter.evaluations[-1]
+    assert set(metrics) == {"val/top1", "val/top5"} and artifacts == {} and ckpt == run_dir
     logged = reporter.metrics[-1][1]
     assert {"train/loss", "train/loss_diff", "train/loss_gen", "train/loss_coarse", "train/lr"} <= set(logged)
     best = torch.load(run_dir / BEST, weights_only=True)

@@ -180,7 +180,7 @@ def test_cocodiff_best_pt_in_a_trial(tmp_path, marker):
 
     path = write_hostile(tmp_path / cocodiff_fit.BEST, marker, "torch")
     with pytest.raises(InputError) as err:
-        cocodiff_final_artifacts(None, None, tmp_path, names=[])
+        cocodiff_final_artifacts(None, {}, tmp_path, names=[])
     assert_refused(err, path, marker)
 
 

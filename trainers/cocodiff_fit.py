@@ -316,12 +316,12 @@ def fit_cocodiff(cfg: CoCoDiffConfig, train_x: torch.Tensor, train_y: torch.Tens
         if run_dir is not None and (is_ckpt or is_eval):
             _save_last(Path(run_dir) / LAST, fingerprint, classifier, module, opt, state, cfg)
         if is_eval:
-            reporter.log_evaluation(state.last_metrics, step, None, Path(run_dir) if run_dir is not None else None)
+            reporter.log_evaluation(state.last_metrics, step, {}, Path(run_dir) if run_dir is not None else None)
         sched.step()                       # after logging: train/lr is the lr this step used
     if start_step >= total and evaluating:
         # Resumed after the last step: report the final metrics again for whoever restarted the run.
         state.last_metrics, _ = evaluate_classifier(classifier, val_x, val_y, cfg.eval.batch_size, "val", precision)
-        reporter.log_evaluation(state.last_metrics, state.step, None, Path(run_dir) if run_dir is not None else None)
+        reporter.log_evaluation(state.last_metrics, state.step, {}, Path(run_dir) if run_dir is not None else None)
     bar.close()
     model.eval()
     return CoCoDiffResult(classifier, module, state.step, state.last_metrics, state.best, state.best_step,

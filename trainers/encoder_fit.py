@@ -118,7 +118,7 @@ def fit_encoder(cfg: EncoderConfig, x: torch.Tensor, y: torch.Tensor, classes: l
     `world` DDP workers taking every world-th of them (wrap_model, e.g. Ray Train's prepare_model, wraps the
     model for the training forward). Rank 0 keeps run_dir/last.pt (resumable, every cfg.checkpoint_every
     steps) and, at the end, run_dir/encoder.pt; every checkpoint is announced through
-    `reporter.log_evaluation(evaluation, step, None, run_dir)` on every rank. `held_out` (sequences of the seen
+    `reporter.log_evaluation(evaluation, step, {}, run_dir)` on every rank. `held_out` (sequences of the seen
     classes never trained on) is scored once at the end as `encoder/held_out_top1`, the one evaluation metric.
     `threads` (in-process CPU training) re-chooses torch's thread count as the machine's load changes; without it
     the count is left as set.
@@ -179,7 +179,7 @@ def fit_encoder(cfg: EncoderConfig, x: torch.Tensor, y: torch.Tensor, classes: l
                 _save_last(last, fingerprint, model, opt, step, metrics)
                 if step == cfg.steps:
                     save_encoder(model, list(classes), cfg, Path(run_dir) / ENCODER)
-            reporter.log_evaluation(evaluation, step, None, Path(run_dir) if run_dir is not None else None)
+            reporter.log_evaluation(evaluation, step, {}, Path(run_dir) if run_dir is not None else None)
         sched.step()                       # after logging: encoder/lr is the lr this step used
     bar.close()
     model.eval()

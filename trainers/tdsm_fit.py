@@ -236,13 +236,15 @@ def fit_tdsm(cfg: TDSMConfig, train: FeatureSplit, train_classes: list[int], eva
         if run_dir is not None and (is_ckpt or is_eval):
             _save_last(Path(run_dir) / LAST, fingerprint, model, opt, gen, step, best, cfg)
         if is_eval and evaluating:
-            reporter.log_evaluation(last_metrics, step, curve, Path(run_dir) if run_dir is not None else None)
+            reporter.log_evaluation(last_metrics, step, {"zsl_curve": curve},
+                                    Path(run_dir) if run_dir is not None else None)
         sched.step()                       # after logging: train/lr is the lr this step used
     if start_step >= total and evaluating:
         # Resumed after the last step (a trial restarted after its final checkpoint): report the final metrics
         # again so whoever restarted it (a Tune scheduler, a resumed sweep) sees them.
         curve, last_metrics = evaluate_now(cfg.eval.t_test_grid)
-        reporter.log_evaluation(last_metrics, step, curve, Path(run_dir) if run_dir is not None else None)
+        reporter.log_evaluation(last_metrics, step, {"zsl_curve": curve},
+                                Path(run_dir) if run_dir is not None else None)
     bar.close()
     model.eval()
     return FitResult(model, curve, last_metrics, best, step)

@@ -10,11 +10,10 @@ from typing import Any, Protocol
 from torch import nn
 
 from service.tracking.store import MLflowReporter
-from trainers.tracking import Reporter
-from trainers.zsl import ZSLCurve
+from trainers.tracking import Artifacts, Reporter
 
-# (MLflow run, last evaluation's curve or None, checkpoint folder or None): artifacts logged before the last report.
-FinalArtifacts = Callable[[MLflowReporter, "ZSLCurve | None", "Path | None"], None]
+# (MLflow run, the last evaluation's artifacts, checkpoint folder or None): what is logged before the last report.
+FinalArtifacts = Callable[[MLflowReporter, Artifacts, "Path | None"], None]
 
 
 class TrialContext(Protocol):

@@ -28,6 +28,7 @@ from trainers.config import build_config, dump_yaml, flatten, parse_override, to
 from trainers.errors import InputError
 from trainers.io import load_checkpoint
 from trainers.tdsm_model import count_parameters
+from trainers.tracking import Artifacts
 
 OBJECTIVE = "val/top1"   # chooses the kept classifier; reported and ranked as `<metric>_max` (see methods.tdsm)
 
@@ -56,8 +57,8 @@ def split_name(cfg: CoCoDiffConfig) -> str:
     return cocodiff_data.dataset_label(cfg)
 
 
-def final_artifacts(mlflow: MLflowReporter, curve: None, checkpoint_dir: Path | None, *,
-                             names: list[str]) -> None:
+def final_artifacts(mlflow: MLflowReporter, artifacts: Artifacts, checkpoint_dir: Path | None, *,
+                    names: list[str]) -> None:
     """The best classifier's validation logits/labels and confusion (read back from best.pt), and best.pt."""
     best = checkpoint_dir / BEST if checkpoint_dir is not None else None
     if best is not None and best.is_file():

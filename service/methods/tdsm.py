@@ -31,8 +31,8 @@ from trainers.errors import InputError
 from trainers.tdsm_fit import evaluate_gzsl_split, evaluate_split, fit_tdsm, load_best, training_fingerprint
 from trainers.tdsm_model import count_parameters
 from trainers.tdsm_task import TDSMInputs, class_prompts, prepare_tdsm
+from trainers.tracking import Artifacts
 from trainers.zero_shot import chain_bundle, chain_from_bundle, served_top1
-from trainers.zsl import ZSLCurve
 
 # The validation metric that chooses the kept (best.pt) weights; runs and sweep trials report its running maximum
 # as `<metric>_max`, the name trials are ranked on, so the JSON line, the MLflow run and a sweep trial agree.
@@ -72,9 +72,10 @@ def split_name(cfg: TDSMConfig) -> str:
     return Path(cfg.data.features_dir).name if cfg.data.source == "features" else "synthetic"
 
 
-def final_artifacts(mlflow: MLflowReporter, curve: ZSLCurve | None, checkpoint_dir: Path | None, *,
-                         names: list[str]) -> None:
+def final_artifacts(mlflow: MLflowReporter, artifacts: Artifacts, checkpoint_dir: Path | None, *,
+                    names: list[str]) -> None:
     """Validation t_test curve and confusion at the best t_test, and best.pt."""
+    curve = artifacts["zsl_curve"]
     log_zsl_plots(mlflow, curve, names, curve.best().t_test, "val")
     log_best_checkpoint(mlflow, checkpoint_dir)
 

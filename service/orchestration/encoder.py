@@ -23,6 +23,7 @@ from trainers.encoder_fit import EncoderConfig, fit_encoder
 from trainers.errors import InputError
 from trainers.io import atomic_write, stable_hash
 from trainers.runtime import apply_thread_policy
+from trainers.tracking import Artifacts
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,8 @@ class EncoderWorkerReporter:
                 "encoder step %d/%d: loss %.3f, train top-1 %.1f %%", step, self.total_steps,
                 metrics["encoder/loss"], metrics["encoder/train_top1"])
 
-    def log_evaluation(self, metrics: dict[str, float], step: int, curve, checkpoint_dir: Path | None) -> None:
+    def log_evaluation(self, metrics: dict[str, float], step: int, artifacts: Artifacts,
+                       checkpoint_dir: Path | None) -> None:
         if self.mlflow is not None and metrics:        # the held-out top-1 at the last step
             self.mlflow.log_metrics(metrics, step)
         if self.rank == 0 and checkpoint_dir is not None:

@@ -42,7 +42,7 @@ from trainers.config import build_config, dump_yaml, flatten, to_plain
 from trainers.errors import InputError
 from trainers.io import load_torch
 from trainers.runtime import apply_thread_policy
-from trainers.zsl import ZSLCurve
+from trainers.tracking import Artifacts
 
 
 @dataclass(frozen=True)
@@ -170,15 +170,15 @@ class TrialReporter:
             self.mlflow.log_metrics(metrics, step)
         self.reporting_s += time.time() - t0
 
-    def log_evaluation(self, metrics: dict[str, float], step: int, curve: ZSLCurve | None,
+    def log_evaluation(self, metrics: dict[str, float], step: int, artifacts: Artifacts,
                        checkpoint_dir: Path | None) -> None:
         t0 = self._timed()
         try:
-            self._log_evaluation(metrics, step, curve, checkpoint_dir, t0)
+            self._log_evaluation(metrics, step, artifacts, checkpoint_dir, t0)
         finally:
             self.reporting_s += time.time() - t0
 
-    def _log_evaluation(self, metrics: dict[str, float], step: int, curve: ZSLCurve | None,
+    def _log_evaluation(self, metrics: dict[str, float], step: int, artifacts: Artifacts,
                         checkpoint_dir: Path | None, t0: float) -> None:
         self.best = max(self.best, metrics[self.metric])
         objective = {f"{self.metric}_max": self.best}
@@ -191,7 +191,7 @@ class TrialReporter:
                 self.mlflow.set_tags(tags)
             if step >= self.final_step:
                 # Before the last report: once Tune has it, the scheduler may stop the trial at once.
-                self.final_artifacts(self.mlflow, curve, checkpoint_dir)
+                self.final_artifacts(self.mlflow, artifacts, checkpoint_dir)
         out = self.tune_result(metrics, step)
         # Time inside this reporter up to here is overhead; the loop's own time (now - fit_start - reporting) is not.
         out.update(first_metric_time=self.first_metric_time, compute_s=t0 - self.fit_start - self.reporting_s)

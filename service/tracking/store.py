@@ -25,7 +25,7 @@ from mlflow.utils.git_utils import get_git_commit
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
 
 from trainers.errors import InputError, ServiceUnavailable, short_repr
-from trainers.zsl import ZSLCurve
+from trainers.tracking import Artifacts
 
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
@@ -360,7 +360,7 @@ class MLflowReporter:
         if not self.outage.down or time.monotonic() >= self.outage.next_try:
             self._flush()          # while the server is down: buffered, retried every RETRY_EVERY_S
 
-    def log_evaluation(self, metrics: dict[str, float], step: int, curve: ZSLCurve | None,
+    def log_evaluation(self, metrics: dict[str, float], step: int, artifacts: Artifacts,
                        checkpoint_dir: Path | None) -> None:
         self.log_metrics(metrics, step)
 
