@@ -19,11 +19,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from service.data.generated import prepare_cocodiff_inputs, synthetic_root
-from service.methods.search_space import (
-    check_against_config,
-    load_search_space,
-    trial_overrides,
-)
+from service.methods import METHODS
+from service.methods.search_space import check_against_config, load_search_space
 from trainers.cocodiff import CoCoDiffConfig
 from trainers.config import build_config, to_plain
 from trainers.errors import InputError
@@ -153,8 +150,8 @@ def test_run_cocodiff_logs_metrics_and_artifacts(tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--features", "feats"], "--features: zero-shot data flags are TDSM-only"),
-    (["--unseen", "ru.npy", "--val-unseen", "5"], "--unseen, --val-unseen: zero-shot data flags are TDSM-only"),
+    (["--features", "feats"], "--features: tdsm only, not a cocodiff flag"),
+    (["--unseen", "ru.npy", "--val-unseen", "5"], "--unseen, --val-unseen: tdsm only, not a cocodiff flag"),
     (["--set", "module.w_dif=1"], "unknown config key 'module.w_dif'"),
 ])
 def test_run_cocodiff_refuses_bad_input_in_one_line(tmp_path, capsys, monkeypatch, args, message):
@@ -195,7 +192,7 @@ def test_shipped_cocodiff_space_is_valid():
 def test_trial_overrides_without_inference_are_the_sampled_params():
     space = load_search_space(SPACE)
     sampled = {"module.w_diff": 0.7, "module.num_train_timesteps": 50}
-    assert trial_overrides(space, sampled) == sampled
+    assert METHODS["cocodiff"].trial_overrides(space, sampled, {}) == sampled
 
 
 def write(tmp_path: Path, space: dict) -> Path:

@@ -18,9 +18,9 @@ import torch
 from conftest import CrashAfter
 from mlflow.tracking import MlflowClient
 
-from service.cli.options import train_encoder_logged
 from service.data.chain import default_synthetic_unseen, resolve_chain, synthetic_skeleton_features
 from service.data.features import extract_to_folder, seen_class_data, train_encoder
+from service.methods.common import train_encoder_logged
 from service.storage import Storage
 from trainers.encoder_fit import EncoderConfig, fit_encoder, load_encoder
 from trainers.errors import InputError
@@ -196,20 +196,21 @@ def test_service_encoder_train_on_ray_workers(prepared, tmp_path, workers):
 
 def test_names_data_decides_whether_the_embedded_default_applies(tmp_path):
     from service.cli.options import default_splits
+    from service.methods import METHODS
     from service.run import build_parser
 
     def parsed(*argv):
         return build_parser().parse_args(["tdsm", *argv])
 
-    assert default_splits("tdsm", parsed()) == ["synthetic-skeleton"]
-    assert default_splits("tdsm", parsed("--set", "optim.lr=1e-3",
+    assert default_splits(METHODS["tdsm"], parsed()) == ["synthetic-skeleton"]
+    assert default_splits(METHODS["tdsm"], parsed("--set", "optim.lr=1e-3",
                                          "--text-encoder", "minilm")) == ["synthetic-skeleton"]
-    assert default_splits("tdsm", parsed("--features", "x")) is None
-    assert default_splits("tdsm", parsed("--set", "data.val_unseen=3")) is None
-    assert default_splits("tdsm", parsed("--set", "text.class_names=n.txt")) is None
+    assert default_splits(METHODS["tdsm"], parsed("--features", "x")) is None
+    assert default_splits(METHODS["tdsm"], parsed("--set", "data.val_unseen=3")) is None
+    assert default_splits(METHODS["tdsm"], parsed("--set", "text.class_names=n.txt")) is None
     (tmp_path / "c.yaml").write_text("data:\n  val_unseen: 3\n")
-    assert default_splits("tdsm", parsed("--config", str(tmp_path / "c.yaml"))) is None
-    assert default_splits("cocodiff", build_parser().parse_args(["cocodiff"])) is None
+    assert default_splits(METHODS["tdsm"], parsed("--config", str(tmp_path / "c.yaml"))) is None
+    assert default_splits(METHODS["cocodiff"], build_parser().parse_args(["cocodiff"])) is None
 
 
 def test_service_run_on_a_chain_split_trains_tdsm_on_the_extracted_features(tmp_path):

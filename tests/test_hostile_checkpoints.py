@@ -8,7 +8,7 @@ Catalogue (loader exercised; "CLI" = the command's `main` or a subprocess, exit 
   tdsm runs/<id>/last.pt     trainers.tdsm_fit.fit_tdsm (the resume of service.run / a Tune trial)
   tdsm best.pt               trainers.tdsm_fit.load_best (service.run after training) and the resume check
   cocodiff last.pt           trainers.cocodiff_fit._resume
-  cocodiff best.pt           trainers.cocodiff_classifier.load_classifier, service.methods.cocodiff.final_artifacts
+  cocodiff best.pt           load_classifier, CoCoDiff.trial_artifacts (a trial's last artifacts)
   registry bundles           service.tracking.registry ZeroShotTDSM / SkeletonClassifierModel .load_context,
                              trainers.zero_shot.load_chain (the served chain)
   text-feature cache         trainers.text._load_cached: ignored with a warning and recomputed (never run)
@@ -176,11 +176,11 @@ def test_cocodiff_best_pt(tmp_path, marker, form):
 
 def test_cocodiff_best_pt_in_a_trial(tmp_path, marker):
     pytest.importorskip("ray")
-    from service.methods.cocodiff import final_artifacts as cocodiff_final_artifacts
+    from service.methods.cocodiff import CoCoDiff
 
     path = write_hostile(tmp_path / cocodiff_fit.BEST, marker, "torch")
     with pytest.raises(InputError) as err:
-        cocodiff_final_artifacts(None, {}, tmp_path, names=[])
+        CoCoDiff().trial_artifacts(None, {}, tmp_path, (None, []))
     assert_refused(err, path, marker)
 
 

@@ -46,16 +46,18 @@ def is_module(name: str) -> bool:
     return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
 
 
-def imports(path: Path, module: str | None = None) -> list[tuple[str, int, bool]]:
-    """(imported module, line, inside a function) for every import statement of a file, relative ones resolved."""
+def imports(path: Path, module: str | None = None) -> list[tuple[str, int, str | None]]:
+    """(imported module, line, the enclosing function's name or None) for every import statement of a file,
+    relative ones resolved."""
     tree = ast.parse(path.read_text())
     module = module or module_name(path)
     package = module.rsplit(".", 1)[0] if path.name != "__init__.py" else module
     found = []
 
-    def visit(node: ast.AST, in_function: bool) -> None:
+    def visit(node: ast.AST, in_function: str | None) -> None:
         for child in ast.iter_child_nodes(node):
-            nested = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            nested = in_function or (getattr(child, "name", "<lambda>") if isinstance(
+                child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)) else None)
             if isinstance(child, ast.Import):
                 found.extend((alias.name, child.lineno, in_function) for alias in child.names)
             elif isinstance(child, ast.ImportFrom):
@@ -69,7 +71,7 @@ def imports(path: Path, module: str | None = None) -> list[tuple[str, int, bool]
                              if is_module(f"{base}.{alias.name}"))
             visit(child, nested)
 
-    visit(tree, False)
+    visit(tree, None)
     return found
 
 
@@ -81,14 +83,25 @@ def test_every_service_module_has_a_layer():
     assert [m for m in EDGES if layer(m) is None] == []
 
 
+def deferred_import_allowed(source: str, inner: str, target: str, line: int, first: int | None) -> bool:
+    """The one import a CLI defers (#23): `service/cli/<cmd>.py`'s `main` imports the heavy module it runs only once
+    its command line is parsed (so --help, --print-config and argument errors answer before torch, MLflow and Ray
+    load); one such import statement per CLI (`first`: the line of the first one), of a lower layer."""
+    return (layer(source) == "cli" and inner == "main" and first in (None, line) and layer(target) is not None
+            and RANKS[layer(target)] > RANKS["cli"])
+
+
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_imports_point_down_and_not_from_inside_functions(path):
     source = module_name(path)
     wrong = []
+    first = None
     for target, line, inner in imports(path):
         lt = layer(target)
-        if lt is not None and inner:
+        if lt is not None and inner and not deferred_import_allowed(source, inner, target, line, first):
             wrong.append(f"{path.name}:{line} imports {target} inside a function")
+        elif lt is not None and inner:
+            first = line
         if lt is not None and lt != layer(source) and RANKS[lt] <= RANKS[layer(source)]:
             wrong.append(f"{path.name}:{line}: {source} ({layer(source)}) imports {target} ({lt}): not downward")
         top = target.split(".")[0]
@@ -137,9 +150,15 @@ def test_the_layer_check_sees_a_backward_import(tmp_path):
     bad = tmp_path / "probe.py"
     bad.write_text("def f():\n    from service.cli import run\n\n\nfrom service import cli\n")
     found = imports(bad, "service.tracking.probe")
-    assert ("service.cli", 2, True) in found and ("service.cli.run", 2, True) in found
-    assert ("service.cli", 5, False) in found
+    assert ("service.cli", 2, "f") in found and ("service.cli.run", 2, "f") in found
+    assert ("service.cli", 5, None) in found
     assert RANKS[layer("service.cli")] < RANKS[layer("service.tracking.probe")]
+    # The one deferred import a CLI may have: in main, one statement, of a lower layer; nowhere else.
+    assert deferred_import_allowed("service.cli.run", "main", "service.orchestration.run", 9, None)
+    assert not deferred_import_allowed("service.cli.run", "main", "service.orchestration.sweep", 12, 9)
+    assert not deferred_import_allowed("service.cli.run", "build_parser", "service.orchestration.run", 9, None)
+    assert not deferred_import_allowed("service.tracking.probe", "main", "service.data.chain", 9, None)
+    assert not deferred_import_allowed("service.cli.run", "main", "service.cli.options", 9, None)
 
 
 def test_service_run_starts_without_ray():
@@ -153,3 +172,30 @@ def test_service_run_starts_without_ray():
 def test_no_source_file_over_600_lines():
     long = {str(p.relative_to(ROOT)): n for p in SOURCES if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert long == {}
+
+
+# Below cli/ nothing takes an argparse Namespace: the CLIs turn it into typed, frozen options (service.methods.base:
+# RunOptions, SweepOptions, FinalOptions) and a method reads its own flags from a plain mapping (Method.options).
+# benchmarks/ are sub-CLIs of `service.bench` that parse their own flags, so they are not below it in that sense.
+BELOW_CLI = [p for p in SOURCES if layer(module_name(p)) not in ("entry", "cli", "benchmarks")]
+
+
+@pytest.mark.parametrize("path", BELOW_CLI, ids=lambda p: str(p.relative_to(ROOT)))
+def test_nothing_below_cli_takes_an_argparse_namespace(path):
+    wrong = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for arg in [*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs]:
+                note = ast.unparse(arg.annotation) if arg.annotation is not None else ""
+                if arg.arg == "args" or "Namespace" in note:
+                    wrong.append(f"{path.name}:{node.lineno} {node.name}({arg.arg}: {note or 'untyped'})")
+        elif isinstance(node, ast.Attribute) and node.attr == "Namespace":
+            wrong.append(f"{path.name}:{node.lineno} uses argparse.Namespace")
+    assert wrong == []
+
+
+def test_each_cli_defers_at_most_one_import_and_only_in_main():
+    """The deferred import is what keeps a CLI's start-up light; a second one (or one outside main) is refused."""
+    for path in sorted(ROOT.glob("service/cli/*.py")):
+        inner = {(line, fn) for t, line, fn in imports(path) if fn and layer(t) is not None}
+        assert len(inner) <= 1 and all(fn == "main" for _, fn in inner), (path.name, inner)

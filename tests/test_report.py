@@ -314,14 +314,15 @@ def test_report_carries_the_sweep_that_chose_the_config(tmp_path, capsys, monkey
 
 def test_final_defaults_its_folder_to_the_storage_path_and_names_its_sweep(tmp_path):
     """`final/` never lands in the working directory; a final knows the sweep its config came from."""
-    from service.cli.final import build_parser, default_out
+    from service.cli.final import build_parser
+    from service.orchestration.final import default_out
     from service.tracking.sources import STATE_FILE, source_sweep_run_id
 
     args = build_parser().parse_args(["--from", "x", "--storage-path", str(tmp_path / "store")])
     assert args.out is None
-    out = default_out(args, "tdsm", ["synthetic-u5", "synthetic-u12"])
+    out = default_out(args.storage_path, "tdsm", ["synthetic-u5", "synthetic-u12"])
     assert out.parent.local == tmp_path / "store" / "final" and out.name.startswith("tdsm-synthetic-u5+synthetic-u12-")
-    assert default_out(args, "tdsm", list("abcd")).name.startswith("tdsm-a-and-3-more-")
+    assert default_out(args.storage_path, "tdsm", list("abcd")).name.startswith("tdsm-a-and-3-more-")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     best = tmp_path / "sweep" / "best_config.yaml"
     best.parent.mkdir()

@@ -14,9 +14,10 @@ from types import SimpleNamespace
 import pytest
 from mlflow.tracking import MlflowClient
 
+from service.methods.base import trial_driver
 from service.methods.search_space import load_search_space
 from service.orchestration.sweep import MLflowTrialCloser, search_algorithm, sweep_experiment, tune_param_space
-from service.orchestration.trial import TrialResources, trial_driver, trial_resources
+from service.orchestration.trial import TrialResources, trial_resources
 from service.storage import Storage
 from service.tracking.store import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND, MLflowReporter, ensure_experiment
 from service.tracking.trials import (

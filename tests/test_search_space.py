@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from service.methods.search_space import check_against_config, load_search_space, trial_overrides
+from service.methods import METHODS
+from service.methods.search_space import check_against_config, load_search_space
 from trainers.config import TDSMConfig, build_config, to_plain
 from trainers.errors import InputError
 
@@ -88,7 +89,7 @@ def test_unknown_top_level_key(tmp_path):
 
 def test_trial_grid_drops_values_at_or_above_T():
     space = load_search_space(REPO / "search_spaces" / "tdsm.yaml")
-    over = trial_overrides(space, {"diffusion.num_train_timesteps": 10}, 10)
+    over = METHODS["tdsm"].trial_overrides(space, {"diffusion.num_train_timesteps": 10}, base())
     assert max(over["eval.t_test_grid"]) < 10 and over["eval.tune_t_test"] is True
     cfg = build_config(TDSMConfig, base(), over)
     assert cfg.eval.t_test in cfg.eval.t_test_grid

@@ -16,6 +16,7 @@ import torch
 
 from service.benchmarks.contended import contended_arms, format_contended_report, summarise_contended
 from service.cli.options import add_config_args, resolve_config, shortcut_overrides
+from service.methods import METHODS
 from trainers import runtime
 from trainers.config import TDSMConfig, build_config
 from trainers.errors import InputError
@@ -205,11 +206,11 @@ def test_threads_flag_is_a_train_threads_shortcut():
     add_config_args(p)
     args = p.parse_args(["--threads", "3"])
     assert shortcut_overrides(args) == {"train.threads": 3}
-    assert resolve_config("tdsm", args).train.threads == 3
-    assert resolve_config("cocodiff", args).train.threads == 3
+    assert resolve_config(METHODS["tdsm"], args).train.threads == 3
+    assert resolve_config(METHODS["cocodiff"], args).train.threads == 3
     assert "train.threads" not in shortcut_overrides(p.parse_args([]))
     with pytest.raises(InputError, match="train.threads"):
-        resolve_config("tdsm", p.parse_args(["--threads", "-2"]))
+        resolve_config(METHODS["tdsm"], p.parse_args(["--threads", "-2"]))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from service.cli.options import DEFAULT_STORAGE, storage_arg, train_encoder_logged
+from service.cli.options import DEFAULT_STORAGE, storage_arg
 from service.data.features import FEATURE_FILES, extract_to_folder, parse_classes
+from service.methods.common import train_encoder_logged
 from service.orchestration.cluster import connect_ray
 from service.orchestration.encoder import train_encoder_on_ray
 from service.process import exits_cleanly

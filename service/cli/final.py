@@ -18,22 +18,14 @@ The method is the config's own (`method:`).
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
-import time
 from pathlib import Path
 
-from service.cli.options import DEFAULT_STORAGE, storage_arg, train_encoder_logged
-from service.data.chain import resolve_chain
-from service.data.splits import load_splits, splits_file
+from service.cli.options import DEFAULT_STORAGE, add_method_arguments, storage_arg
 from service.methods import METHODS
-from service.methods.cocodiff import STREAMS, check_streams
+from service.methods.base import FinalOptions
 from service.process import exits_cleanly
-from service.storage import Storage
-from service.tracking.sources import load_source, source_sweep_run_id
-from service.tracking.store import resolve_tracking_uri
-from trainers.config import build_config
 from trainers.errors import InputError
 
 FINAL_EXAMPLES = """examples:
@@ -50,14 +42,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="source", required=True,
                    help="best_config.yaml written by a sweep, or an MLflow run id (sweep parent or trial)")
     p.add_argument("--seeds", type=int, default=3, help="training seeds (default 3)")
-    p.add_argument("--noise-draws", type=int, default=10,
-                   help="tdsm: evaluation noise draws per seed (default: %(default)s, the paper's)")
-    p.add_argument("--ablation", action="store_true",
-                   help="cocodiff: baseline (module.enabled=false) vs +CoCoDiff, same seeds and protocol")
-    p.add_argument("--streams", nargs="+", metavar="STREAM",
-                   help=f"cocodiff: one classifier per input stream ({', '.join(STREAMS)}) per arm and seed, and "
-                        "their equal-weight score fusion per seed (an 'ensemble' row; the seed-0 stream classifiers "
-                        "are registered as one fused model)")
     p.add_argument("--splits", nargs="+", help="re-target the config to named splits (default: its own data)")
     p.add_argument("--splits-file", type=Path, help="default: search_spaces/<method>_splits.yaml")
     p.add_argument("--storage-path", type=storage_arg, default=DEFAULT_STORAGE,
@@ -72,44 +56,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder for the tables (default: <storage-path>/final/<method>-<splits>-<time>)")
     p.add_argument("--no-register", action="store_true", help="skip the model registry")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.method_flags = add_method_arguments(p, "final")
     return p
-
-
-def default_out(args, method: str, splits: list[str]) -> Storage:
-    """<storage-path>/final/<method>-<splits>-<time>: never a folder in the working directory (the repository)."""
-    label = "+".join(splits) if len(splits) <= 3 else f"{splits[0]}-and-{len(splits) - 1}-more"
-    return args.storage_path / "final" / f"{method}-{label}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 @exits_cleanly
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    check_streams(args.streams)
-    uri = resolve_tracking_uri(args.tracking_uri)
-    (args.out or args.storage_path).check_writable()
-    tree, split_name, run_tags = load_source(args.source, uri)
-    name = tree.get("method", "tdsm")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    parser.method_flags.check_values(args)          # e.g. --streams names: before the source is read
+    from service.orchestration import final as job  # torch, MLflow: only once the command line is known
+    source = job.read_source(args.source, args.tracking_uri, args.out or args.storage_path)
+    name = source.tree.get("method", "tdsm")
     if name not in METHODS:
         raise InputError(f"--from {args.source}: method {name!r} is not one of {', '.join(METHODS)}")
     method = METHODS[name]
-    if run_tags is not None:        # a run's own config.yaml: what that run chose on validation (TDSM: its t_test)
-        tree, _ = method.best_config(tree, run_tags)
-    cfg = build_config(method.config_cls, tree, source=args.source)  # fail early, naming the offending key
     if args.seeds < 1:
         raise InputError(f"--seeds must be >= 1 (got {args.seeds})")
-    method.check_final(args)
-    args.sweep_run_id = source_sweep_run_id(args.source, uri)
-    if args.splits:   # the same config on other data (a split's skeleton chain built in this process if needed)
-        storage = args.storage_path
-        trainer = functools.partial(train_encoder_logged, tracking_uri=uri)    # an MLflow run, as in service.run
-        targets = [(split, method.absolute_paths(build_config(method.config_cls, tree,
-                                                              resolve_chain(ov, storage, trainer))
-                                                 .model_dump(mode="json")))
-                   for split, ov in load_splits(splits_file(name, args.splits_file), args.splits)]
-    else:
-        targets = [(split_name or method.split_name(cfg), tree)]
-    args.out = args.out or default_out(args, name, [split for split, _ in targets])
-    print(json.dumps(method.final(args, targets, uri)))
+    opts = FinalOptions(
+        method=method, source=args.source, sweep_run_id=source.sweep_run_id, seeds=args.seeds,
+        overrides=tuple(args.overrides), tracking_uri=source.tracking_uri, experiment_name=args.experiment_name,
+        out=args.out, register=not args.no_register, progress=not args.no_progress, splits_file=args.splits_file,
+        extra=parser.method_flags.options(args, method))
+    print(json.dumps(job.final(opts, source, args.splits, args.storage_path)))
     return 0
 
 

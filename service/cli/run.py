@@ -10,7 +10,6 @@ Re-running the same command resumes from the run directory's last checkpoint.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
 from pathlib import Path
@@ -18,20 +17,18 @@ from pathlib import Path
 from service.cli.options import (
     DEFAULT_STORAGE,
     add_config_args,
+    add_method_arguments,
     default_splits,
     resolve_config,
-    resolved_config_yaml,
     searched_keys_comment,
-    train_encoder_logged,
 )
-from service.data.chain import resolve_chain
 from service.data.splits import REPO_SPACES, load_splits, splits_file
 from service.methods import METHODS
+from service.methods.base import RunOptions
 from service.methods.search_space import load_search_space
 from service.process import exits_cleanly
 from service.storage import Storage
-from service.tracking.store import resolve_tracking_uri
-from trainers.config import build_config, to_plain
+from trainers.config import dump_yaml
 
 EXAMPLES = """examples:
   python -m service.run tdsm                      # the embedded default: skeleton chain, then TDSM (= make demo)
@@ -52,8 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m service.run", description=__doc__.splitlines()[0], epilog=EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("method", choices=list(METHODS),
-                   help="tdsm: zero-shot (TDSM); cocodiff: supervised classification (CoCoDiff)")
+                   help="; ".join(f"{m.name}: {m.about}" for m in METHODS.values()))
     add_config_args(p)
+    p.method_flags = add_method_arguments(p, "run")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
     p.add_argument("--experiment-name", help="MLflow experiment (default: <method>-<dataset>)")
     p.add_argument("--run-dir", type=Path, help="checkpoints here (default: runs/<method>-<dataset>-<config hash>)")
@@ -67,27 +65,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 @exits_cleanly
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    cfg = resolve_config(args.method, args)
-    names = [args.split] if args.split else default_splits(args.method, args)
-    overrides = None
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    method = METHODS[args.method]
+    extra = parser.method_flags.options(args, method)
+    cfg = resolve_config(method, args)
+    split = args.split or (default_splits(method, args) or [None])[0]
+    overrides = None if split is None else load_splits(splits_file(method.name, args.splits_file), [split])[0][1]
     storage = Storage.parse(DEFAULT_STORAGE)
-    if names:
-        args.split = names[0]
-        [(_, overrides)] = load_splits(splits_file(args.method, args.splits_file), names)
+    searched = ""
     if args.print_config:
-        space_path = REPO_SPACES / f"{args.method}.yaml"
-        searched = searched_keys_comment(args.method, load_search_space(space_path), space_path)
-        print(resolved_config_yaml(args.method, cfg, args.split, overrides,
-                                   splits_file(args.method, args.splits_file), storage, searched), end="")
+        space_path = REPO_SPACES / f"{method.name}.yaml"
+        searched = searched_keys_comment(method, load_search_space(space_path), space_path)
+        if overrides is None:     # nothing to resolve: answered before anything heavy is imported
+            print(searched + dump_yaml(cfg), end="")
+            return 0
+    from service.orchestration import run as job  # torch, MLflow: only once the command line is known
+    if args.print_config:
+        print(job.resolved_config_yaml(method.config_cls, cfg, split, overrides,
+                                       splits_file(method.name, args.splits_file), storage, searched), end="")
         return 0
-    args.tracking_uri = resolve_tracking_uri(args.tracking_uri)   # credentials out, server probed: before any work
-    if overrides is not None:
-        # the chain's encoder: in this process (no Ray), an MLflow run of experiment encoder-<prepared folder>
-        trainer = functools.partial(train_encoder_logged, tracking_uri=args.tracking_uri, progress=not args.no_progress)
-        resolved = resolve_chain(overrides, storage, trainer, progress=not args.no_progress)
-        cfg = build_config(METHODS[args.method].config_cls, to_plain(cfg), resolved)
-    print(json.dumps(METHODS[args.method].run(cfg, args)))
+    opts = RunOptions(method=method, split=split, tracking_uri=args.tracking_uri,
+                      experiment_name=args.experiment_name, run_dir=args.run_dir, fresh=args.fresh,
+                      progress=not args.no_progress, extra=extra)
+    print(json.dumps(job.run(opts, cfg, overrides, storage)))
     return 0
 
 

@@ -11,7 +11,6 @@ is service.orchestration.sweep.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -20,21 +19,18 @@ from typing import Any
 from service.cli.options import (
     DEFAULT_STORAGE,
     add_config_args,
+    add_method_arguments,
     default_splits,
     resolve_config,
-    resolved_config_yaml,
     searched_keys_comment,
     storage_arg,
 )
 from service.data.splits import REPO_SPACES, load_splits, splits_file
 from service.methods import METHODS
+from service.methods.base import SweepOptions, trial_driver
 from service.methods.search_space import check_against_config, load_search_space
-from service.orchestration.sweep import run_sweeps
-from service.orchestration.trial import trial_driver
 from service.process import exits_cleanly
-from service.tracking.store import resolve_tracking_uri
-from service.tracking.trials import ui_command
-from trainers.config import build_config, to_plain
+from trainers.config import build_config, dump_yaml, to_plain
 from trainers.errors import InputError
 
 SWEEP_EXAMPLES = """examples:
@@ -53,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m service.sweep", description=__doc__.splitlines()[0],
                                 epilog=SWEEP_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("method", choices=list(METHODS),
-                   help="tdsm: zero-shot (TDSM); cocodiff: supervised classification (CoCoDiff)")
+                   help="; ".join(f"{m.name}: {m.about}" for m in METHODS.values()))
     p.add_argument("--space", type=Path, help="search space YAML (default: search_spaces/<method>.yaml)")
     p.add_argument("--num-samples", type=int, help="trials per split (default: 16, or the space's smoke count)")
     p.add_argument("--scheduler", choices=["asha", "fifo"], default="asha",
@@ -93,65 +89,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the search (the same command samples the same configs) and of trial training")
     add_config_args(p)
+    p.method_flags = add_method_arguments(p, "sweep")
     return p
 
 
 @exits_cleanly
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")   # a bar per download reads as noise
     method = METHODS[args.method]
+    extra = parser.method_flags.options(args, method)
     trial_driver(args.trial_driver, args.workers_per_trial)          # direct with DDP: refused before Ray starts
-    space_path = args.space or REPO_SPACES / f"{args.method}.yaml"
+    space_path = args.space or REPO_SPACES / f"{method.name}.yaml"
     space = load_search_space(space_path)
-    if space.method != args.method:
-        raise InputError(f"{space_path}: a search space for {space.method}, not {args.method}")
+    if space.method != method.name:
+        raise InputError(f"{space_path}: a search space for {space.method}, not {method.name}")
     smoke_cfg = space.smoke.config if (args.smoke and space.smoke) else {}
     if args.smoke:
         space = space.for_smoke()
     num_samples = args.num_samples or (space.smoke.num_samples if args.smoke and space.smoke else 16)
-    cfg = resolve_config(args.method, args, extra=smoke_cfg)
+    cfg = resolve_config(method, args, extra=smoke_cfg)
     searched = [item.split("=", 1)[0].strip() for item in args.overrides
                 if item.split("=", 1)[0].strip() in space.params]
     if searched:     # each trial's sampled value would silently replace it
         raise InputError(f"--set {searched[0]}: {space_path} searches this key (params.{searched[0]}); fix it there "
                          "(e.g. {choice: [VALUE]}) or pass a --space without it")
-    names = args.splits or default_splits(args.method, args)
-    splits = (load_splits(splits_file(args.method, args.splits_file), names) if names
+    names = args.splits or default_splits(method, args)
+    splits = (load_splits(splits_file(method.name, args.splits_file), names) if names
               else [(method.split_name(cfg), {})])
-    if args.print_config:    # as service.run: each split applied, its chain resolved to cached paths, nothing trained
-        searched = searched_keys_comment(args.method, space, space_path)
-        print("---\n".join(resolved_config_yaml(args.method, cfg, split, overrides if names else None,
-                                              splits_file(args.method, args.splits_file),
-                                              args.storage_path, searched)
-                             for split, overrides in splits), end="")
+    comment = searched_keys_comment(method, space, space_path)
+    if args.print_config and not names:     # nothing to resolve: answered before anything heavy is imported
+        print(comment + dump_yaml(cfg), end="")
         return 0
-    uri = resolve_tracking_uri(args.tracking_uri)
-    args.storage_path.check_writable()      # a missing bucket or credentials: one line now, not inside Ray later
-    config_cls = method.config_cls
 
     def split_tree(overrides: dict[str, Any]) -> dict[str, Any]:
-        tree = method.absolute_paths(build_config(config_cls, to_plain(cfg), overrides).model_dump(mode="json"))
-        check_against_config(space, config_cls, tree, space_path)
+        tree = method.absolute_paths(build_config(method.config_cls, to_plain(cfg), overrides).model_dump(mode="json"))
+        check_against_config(space, method.config_cls, tree, space_path)
         return tree
 
-    for _, overrides in splits:      # every config and space checked before Ray starts or a chain trains
-        split_tree({k: v for k, v in overrides.items() if k != "chain"})
-    summaries = run_sweeps(args, args.method, splits, split_tree, space, num_samples, uri)
-    for s in summaries:
-        at = f" at t_test={s['best_t_test']}" if "best_t_test" in s else ""
-        print(f"[{s['split']}] best trial {s.get('best_trial')} ({s.get('best_run_id')}): "
-              f"{s.get('metric')}={s.get('best_metric')}{at}; "
-              f"{s.get('children')} trial runs in {s.get('fit_s')} s", file=sys.stderr)
-        print(f"[{s['split']}] best config: {s.get('best_config')}", file=sys.stderr)
-        if s.get("trials_csv"):
-            print(f"[{s['split']}] ranked trials: {s['trials_csv']}; MLflow runs table of this sweep (experiment "
-                  f"{s.get('experiment')}): {s.get('mlflow_view')}", file=sys.stderr)
-            print(f"[{s['split']}] its charts, objective first: {s.get('mlflow_charts')}", file=sys.stderr)
-        print(f"[{s['split']}] final runs: python -m service.final --from {s.get('best_config')}", file=sys.stderr)
-    print(f"browse: {ui_command(uri)}", file=sys.stderr)
-    print(json.dumps({"sweeps": summaries, "tracking_uri": uri}))
-    failed = [s for s in summaries if not s.get("best_run_id")]
-    for s in failed:      # last on stderr; exit 2 when the trials failed on bad input (e.g. a diverging config)
-        print(f"error: {s.get('error') or s['split'] + ': no best trial'}", file=sys.stderr)
-    return 0 if not failed else (2 if all(s.get("input_error") for s in failed) else 1)
+    if not args.print_config:
+        for _, overrides in splits:      # every config and space checked before Ray starts or a chain trains
+            split_tree({k: v for k, v in overrides.items() if k != "chain"})
+    from service.orchestration import sweep as job  # Ray, torch, MLflow: only once the command line is known
+    if args.print_config:    # as service.run: each split applied, its chain resolved to cached paths, nothing trained
+        print(job.config_yamls(method.config_cls, cfg, splits, splits_file(method.name, args.splits_file),
+                               args.storage_path, comment), end="")
+        return 0
+    opts = SweepOptions(
+        method=method, space=space, space_path=space_path, num_samples=num_samples, smoke=args.smoke,
+        scheduler=args.scheduler, search=args.search, seed=args.seed, max_concurrent=args.max_concurrent,
+        workers_per_trial=args.workers_per_trial, cpus_per_worker=args.cpus_per_worker,
+        gpus_per_worker=args.gpus_per_worker, trial_retries=args.trial_retries, trial_driver=args.trial_driver,
+        experiment_name=args.experiment_name, name=args.name, tracking_uri=args.tracking_uri,
+        storage=args.storage_path, address=args.address, resume=args.resume, ray_logs=args.ray_logs, extra=extra)
+    return job.sweep(opts, splits, split_tree)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

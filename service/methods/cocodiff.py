@@ -1,135 +1,35 @@
 """CoCoDiff as the service runs it: the prepared data, the trial loop, `service.run cocodiff` and the final protocol
 (seeds, `--ablation` baseline vs +CoCoDiff, `--streams` with their score fusion).
 
-The `CoCoDiff` object at the end is what the CLIs, the sweep and the trials consult (`service.methods.METHODS`).
+Its spec (config, flags, names) is `service.methods.cocodiff_spec.CoCoDiffSpec`.
 """
 
 from __future__ import annotations
 
-import functools
 import sys
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 import torch
 
 from service.data.generated import prepare_cocodiff_inputs
-from service.methods.base import TrialContext
-from service.methods.common import absolute_fields, headline, mean_std, open_run
+from service.methods.base import FinalOptions, RunOptions, Trial
+from service.methods.cocodiff_spec import OBJECTIVE, CoCoDiffSpec
+from service.methods.common import headline, mean_std, open_run
 from service.tracking.artifacts import log_best_checkpoint, log_classification_outputs, log_selection
 from service.tracking.registry import register_classifier
 from service.tracking.store import MLflowReporter, standard_tags
-from trainers import cocodiff_classifier, cocodiff_data, cocodiff_eval, cocodiff_fit
+from trainers import cocodiff_classifier, cocodiff_eval, cocodiff_fit
 from trainers.checkpoint import BEST
-from trainers.cocodiff import BackboneConfig, CoCoDiffConfig, build_module
+from trainers.cocodiff import CoCoDiffConfig, build_module
 from trainers.cocodiff_data import CoCoDiffInputs
 from trainers.config import build_config, dump_yaml, flatten, parse_override, to_plain
-from trainers.errors import InputError
 from trainers.io import load_checkpoint
 from trainers.tdsm_model import count_parameters
 from trainers.tracking import Artifacts
 
-OBJECTIVE = "val/top1"   # chooses the kept classifier; reported and ranked as `<metric>_max` (see methods.tdsm)
 
-
-def absolute_paths(tree: dict[str, Any]) -> dict[str, Any]:
-    """Resolve relative data/text paths of a CoCoDiff config (trials and Ray jobs run in other working directories)."""
-    cfg = build_config(CoCoDiffConfig, tree)
-    tree = to_plain(cfg)
-    absolute_fields(tree["data"], cfg.data, ("prepared_dir",))
-    absolute_fields(tree["text"], cfg.text, ("class_names", "synonyms", "descriptions", "cache_dir"))
-    return tree
-
-
-def prepare(cfg: CoCoDiffConfig) -> CoCoDiffInputs:
-    """(data, class names, fine text, coarse text); names are read even when no text is encoded (baseline)."""
-    return prepare_cocodiff_inputs(cfg)
-
-
-def best_config(tree: dict[str, Any], tags: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The run's config as is (a classifier has no inference-time choice)."""
-    return tree, {"best_step": int(tags.get("best_step", 0))}
-
-
-def split_name(cfg: CoCoDiffConfig) -> str:
-    """The one name of a config's data when no split names it (its benchmark, or the prepared folder)."""
-    return cocodiff_data.dataset_label(cfg)
-
-
-def final_artifacts(mlflow: MLflowReporter, artifacts: Artifacts, checkpoint_dir: Path | None, *,
-                    names: list[str]) -> None:
-    """The best classifier's validation logits/labels and confusion (read back from best.pt), and best.pt."""
-    best = checkpoint_dir / BEST if checkpoint_dir is not None else None
-    if best is not None and best.is_file():
-        ckpt = load_checkpoint(best, keys=("val_logits", "val_labels"))
-        log_classification_outputs(mlflow, ckpt["val_logits"], ckpt["val_labels"], names, "val")
-    log_best_checkpoint(mlflow, checkpoint_dir)
-
-
-def fit_trial(w: TrialContext) -> None:
-    """Worker loop of a CoCoDiff trial; with several workers, DDP through Ray Train: every rank trains
-    on its own shard of each global batch, gradients are averaged, and all ranks evaluate the same weights."""
-    data, names, fine, coarse = w.data
-    cfg = w.cfg           # one seed on every rank: fit_cocodiff shards a common batch order by rank
-    with torch.device("meta"):  # sizes only
-        classifier = cocodiff_classifier.build_classifier(cfg.backbone, data.num_classes, data.train_x.shape[1])
-        module_params = (count_parameters(build_module(cfg.module, classifier.encoder.feature_dim, fine.shape[1],
-                                                       coarse.shape[1])) if cfg.module.enabled else 0)
-    derived = {"num_parameters_inference": count_parameters(classifier), "num_parameters_module": module_params}
-    reporter = w.reporter(derived, functools.partial(final_artifacts, names=names))
-    try:
-        cocodiff_fit.fit_cocodiff(cfg, data.train_x, data.train_y, data.val_x, data.val_y, fine, coarse, reporter,
-                                  w.run_dir, progress=False, num_classes=data.num_classes,
-                                  wrap_model=w.wrap_model,
-                                  rank=w.rank, world_size=w.world)
-    finally:
-        w.cleanup()
-    w.close()
-
-
-def run(cfg: CoCoDiffConfig, args) -> dict:
-    """Train backbone (+ module), keep the best-on-validation classifier, test it once; returns the final metrics."""
-    print("preparing data and text features ...", file=sys.stderr)
-    data, names, fine, coarse = prepare_cocodiff_inputs(cfg)
-    text_dims = (fine.shape[1], coarse.shape[1]) if fine is not None else None
-    fingerprint = cocodiff_fit.training_fingerprint(cfg, data.train_x, data.num_classes, text_dims)
-    run_dir, reporter = open_run(args, "cocodiff", split_name(cfg), fingerprint, cfg)
-    with reporter:     # ends FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED
-        reporter.log_params(flatten(to_plain(cfg)))
-        reporter.log_params({"derived.num_classes": data.num_classes, "derived.train_samples": len(data.train_y),
-                             "derived.val_samples": len(data.val_y), "derived.test_samples": len(data.test_y)})
-        reporter.log_text(dump_yaml(cfg), "config.yaml")
-        result = cocodiff_fit.fit_cocodiff(cfg, data.train_x, data.train_y, data.val_x, data.val_y, fine, coarse,
-                                           reporter, run_dir, progress=not args.no_progress,
-                                           num_classes=data.num_classes)
-        classifier = cocodiff_classifier.export_classifier(result)       # backbone + head, best-on-validation weights
-        reporter.log_params({"derived.num_parameters_inference": count_parameters(classifier),
-                             "derived.num_parameters_module": count_parameters(result.module) if result.module else 0})
-        test_metrics, test_logits = cocodiff_eval.evaluate_split(cfg, classifier, data.test_x, data.test_y, "test")
-        reporter.log_metrics(test_metrics, result.step)
-        selection = log_selection(reporter, OBJECTIVE, result.best_metrics or {}, result.best_step, result.step)
-        if result.val_logits is not None:
-            log_classification_outputs(reporter, result.val_logits, data.val_y, names, "val")
-        log_classification_outputs(reporter, test_logits, data.test_y, names, "test")
-        if (run_dir / BEST).is_file():
-            reporter.log_artifact(run_dir / BEST, "checkpoints")
-    return {**selection, **headline(test_metrics), "mlflow_run_id": reporter.run_id, "run_dir": str(run_dir)}
-
-
-STREAMS = get_args(BackboneConfig.model_fields["stream"].annotation)   # ('joint', 'bone', 'motion')
-
-
-def check_streams(streams: list[str] | None) -> None:
-    """--streams names each known stream at most once."""
-    for i, stream in enumerate(streams or []):
-        if stream not in STREAMS:
-            raise InputError(f"--streams: unknown stream {stream!r} (expected {', '.join(STREAMS)})")
-        if stream in streams[:i]:
-            raise InputError(f"--streams: {stream} given twice")
-
-
-def cocodiff_seeds(args, cfg: CoCoDiffConfig, data, texts, names: list[str], uri: str, experiment: str,
+def cocodiff_seeds(opts: FinalOptions, cfg: CoCoDiffConfig, data, texts, names: list[str], uri: str, experiment: str,
                    parent: MLflowReporter, split: str, arm: str, stream: str | None = None,
                    ) -> tuple[list[dict[str, float]], object, list[tuple[str, torch.Tensor]]]:
     """Train on training + validation data once per seed, test once per seed.
@@ -142,7 +42,7 @@ def cocodiff_seeds(args, cfg: CoCoDiffConfig, data, texts, names: list[str], uri
     train_y = torch.cat([data.train_y, data.val_y])
     label = arm if stream is None else f"{arm}-{stream}"
     per_seed, first, outputs = [], None, []
-    for i in range(args.seeds):
+    for i in range(opts.seeds):
         seed_cfg = cocodiff_fit.with_overrides(cfg, train={"seed": cfg.train.seed + i})
         child = MLflowReporter.start(uri, experiment, f"final-{split}-{label}-seed{i}", parent_run_id=parent.run_id,
                                      tags=standard_tags(split=split, phase="final", method="cocodiff", arm=arm,
@@ -150,10 +50,10 @@ def cocodiff_seeds(args, cfg: CoCoDiffConfig, data, texts, names: list[str], uri
         with child:
             child.log_params({"train.seed": seed_cfg.train.seed, "module.enabled": seed_cfg.module.enabled,
                               **({"backbone.stream": stream} if stream is not None else {})})
-            print(f"[{split}] {label} seed {i + 1}/{args.seeds}: training on {len(train_y)} sequences ...",
+            print(f"[{split}] {label} seed {i + 1}/{opts.seeds}: training on {len(train_y)} sequences ...",
                   file=sys.stderr)
             result = cocodiff_fit.fit_cocodiff(seed_cfg, train_x, train_y, None, None, fine, coarse, child, None,
-                                               progress=not args.no_progress, num_classes=data.num_classes)
+                                               progress=opts.progress, num_classes=data.num_classes)
             classifier = cocodiff_classifier.export_classifier(result, "last")   # nothing held out: the final weights
             metrics, logits = cocodiff_eval.evaluate_split(seed_cfg, classifier, data.test_x, data.test_y, "test")
             child.log_metrics(metrics, result.step)
@@ -224,16 +124,16 @@ def cocodiff_table(rows: list[dict[str, Any]]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def cocodiff_streams(args, cfg: CoCoDiffConfig, data, texts, names: list[str], uri: str, experiment: str,
+def cocodiff_streams(opts: FinalOptions, cfg: CoCoDiffConfig, data, texts, names: list[str], uri: str, experiment: str,
                      parent: MLflowReporter, split: str, arm: str,
                      ) -> tuple[list[dict[str, float]], list[dict[str, Any]], list[tuple[CoCoDiffConfig, Any]]]:
     """One arm with --streams: every stream's seeds (cfg with backbone.stream overridden), then their per-seed
     fusion. Returns (the ensemble's per-seed metrics, one table row per stream plus the 'ensemble' row, the
     seed-0 (config, classifier) of each stream)."""
     per_stream, rows, members = {}, [], []
-    for stream in args.streams:
+    for stream in opts.extra["streams"]:
         stream_cfg = cocodiff_fit.with_overrides(cfg, backbone={"stream": stream})
-        per_seed, first, per_stream[stream] = cocodiff_seeds(args, stream_cfg, data, texts, names, uri, experiment,
+        per_seed, first, per_stream[stream] = cocodiff_seeds(opts, stream_cfg, data, texts, names, uri, experiment,
                                                              parent, split, arm, stream)
         rows.append(cocodiff_row(split, arm, per_seed, stream_cfg, data, stream))
         members.append((stream_cfg, first))
@@ -243,89 +143,127 @@ def cocodiff_streams(args, cfg: CoCoDiffConfig, data, texts, names: list[str], u
     return fused, rows, members
 
 
-def final_split(args, split: str, tree: dict[str, Any], uri: str) -> list[dict[str, Any]]:
-    """The final protocol for one config (and, with --ablation, for its baseline too; with --streams, for each
-    stream and their ensemble); returns the table rows."""
-    overrides = dict(parse_override(item) for item in args.overrides)
-    cfg = build_config(CoCoDiffConfig, tree, overrides)
-    arms = ([("baseline", False), ("cocodiff", True)] if args.ablation
-            else [("cocodiff" if cfg.module.enabled else "baseline", cfg.module.enabled)])
-    # Texts are encoded once for both arms (the baseline ignores them).
-    data, names, fine, coarse = prepare_cocodiff_inputs(
-        cocodiff_fit.with_overrides(cfg, module={"enabled": any(enabled for _, enabled in arms)}))
-    experiment = args.experiment_name or f"cocodiff-{split}"
-    phase = "ablation" if args.ablation else "final"
-    suffix = f"-{'+'.join(args.streams)}" if args.streams else ""
-    parent = MLflowReporter.start(uri, experiment, f"{phase}-{split}{suffix}",
-                                  tags=standard_tags(split=split, phase=phase, method="cocodiff",
-                                                     source_sweep_run_id=getattr(args, "sweep_run_id", None)))
-    with parent:     # ends FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED
-        parent.log_params(flatten(to_plain(cfg)))
-        parent.log_params({"final.seeds": args.seeds, "final.ablation": args.ablation,
-                           **({"final.streams": ",".join(args.streams)} if args.streams else {})})
-        parent.log_text(dump_yaml(cfg), "config.yaml")
-        rows, per_arm = [], {}
-        for arm, enabled in arms:
-            arm_cfg = cocodiff_fit.with_overrides(cfg, module={"enabled": enabled})
-            if args.streams:
-                per_seed, arm_rows, members = cocodiff_streams(args, arm_cfg, data, (fine, coarse), names, uri,
-                                                               experiment, parent, split, arm)
-            else:
-                per_seed, first, _ = cocodiff_seeds(args, arm_cfg, data, (fine, coarse), names, uri, experiment,
-                                                    parent, split, arm)
-                arm_rows, members = [cocodiff_row(split, arm, per_seed, arm_cfg, data)], [(arm_cfg, first)]
-            per_arm[arm] = per_seed
-            for row in arm_rows:
-                key = f"{arm}/{row['stream']}" if "stream" in row else arm
-                parent.log_metrics({f"{key}/{k}": v for k, v in row.items() if k.startswith("test/") and
-                                    isinstance(v, float)}, 0)
-            if not args.ablation and not args.no_register:     # the seed-0 classifier, or stream ensemble
-                name = f"cocodiff-{split}" + "".join(f"-{s}" for s in args.streams or [])
-                arm_rows[-1]["registered_version"] = register_classifier(parent, uri, members, data, names, name)
-            rows.extend(arm_rows)
-        if args.ablation:
-            for k in ("top1", "top5"):
-                deltas = [c[f"test/{k}"] - b[f"test/{k}"] for b, c in zip(per_arm["baseline"], per_arm["cocodiff"])]
-                rows[-1][f"delta/{k}_mean"], rows[-1][f"delta/{k}_std_seeds"] = mean_std(deltas)
-            parent.log_metrics({k: v for k, v in rows[-1].items() if k.startswith("delta/")}, 0)
-        table_name, table = f"{phase}-cocodiff-{split}{suffix}.md", cocodiff_table(rows)
-        (args.out / table_name).write_text(table)      # a folder or object storage (service.storage)
-        parent.log_text(table, table_name)
-    for row in rows:
-        row["parent_run_id"] = parent.run_id
-    return rows
+class CoCoDiff(CoCoDiffSpec):
+    """What CoCoDiff runs: a sweep trial's fit, `service.run cocodiff` and the final protocol."""
+
+    def prepare(self, cfg: CoCoDiffConfig) -> CoCoDiffInputs:
+        """(data, class names, fine text, coarse text); names are read even when no text is encoded (baseline)."""
+        return prepare_cocodiff_inputs(cfg)
+
+    def trial_params(self, cfg: CoCoDiffConfig, data: CoCoDiffInputs) -> dict[str, Any]:
+        data, _, fine, coarse = data
+        with torch.device("meta"):  # sizes only
+            classifier = cocodiff_classifier.build_classifier(cfg.backbone, data.num_classes, data.train_x.shape[1])
+            module_params = (count_parameters(build_module(cfg.module, classifier.encoder.feature_dim, fine.shape[1],
+                                                           coarse.shape[1])) if cfg.module.enabled else 0)
+        return {"num_parameters_inference": count_parameters(classifier), "num_parameters_module": module_params}
 
 
-def check_final(args) -> None:
-    """`--streams` names each known stream at most once (checked by the CLI first, before the source is read)."""
-    check_streams(args.streams)
+    def fit_trial(self, trial: Trial) -> None:
+        """With several workers, DDP through Ray Train: every rank trains on its own shard of each global batch
+        (one seed on every rank: fit_cocodiff shards a common batch order by rank), gradients are averaged, and all
+        ranks evaluate the same weights."""
+        data, _, fine, coarse = trial.data
+        cocodiff_fit.fit_cocodiff(trial.cfg, data.train_x, data.train_y, data.val_x, data.val_y, fine, coarse,
+                                  trial.reporter, trial.run_dir, progress=False, num_classes=data.num_classes,
+                                  wrap_model=trial.wrap_model, rank=trial.rank, world_size=trial.world)
 
+    def trial_artifacts(self, mlflow: MLflowReporter, artifacts: Artifacts, checkpoint_dir: Path | None,
+                        data: CoCoDiffInputs) -> None:
+        """The best classifier's validation logits/labels and confusion (read back from best.pt), and best.pt."""
+        best = checkpoint_dir / BEST if checkpoint_dir is not None else None
+        if best is not None and best.is_file():
+            ckpt = load_checkpoint(best, keys=("val_logits", "val_labels"))
+            log_classification_outputs(mlflow, ckpt["val_logits"], ckpt["val_labels"], data[1], "val")
+        log_best_checkpoint(mlflow, checkpoint_dir)
 
-def final(args, targets: list[tuple[str, dict[str, Any]]], uri: str) -> dict[str, Any]:
-    """The final protocol on each (split, config tree); returns the JSON line."""
-    print(f"[final] tables in {args.out}", file=sys.stderr)
-    rows = [row for split, tree in targets for row in final_split(args, split, tree, uri)]
-    table = cocodiff_table(rows)
-    print(table, file=sys.stderr)
-    return {"method": "cocodiff", "rows": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}
-                                           for r in rows], "table": table}
+    def run(self, cfg: CoCoDiffConfig, opts: RunOptions) -> dict:
+        """Train backbone (+ module), keep the best-on-validation classifier, test it once; returns the metrics."""
+        print("preparing data and text features ...", file=sys.stderr)
+        data, names, fine, coarse = prepare_cocodiff_inputs(cfg)
+        text_dims = (fine.shape[1], coarse.shape[1]) if fine is not None else None
+        fingerprint = cocodiff_fit.training_fingerprint(cfg, data.train_x, data.num_classes, text_dims)
+        run_dir, reporter = open_run(opts, self.split_name(cfg), fingerprint, cfg)
+        with reporter:     # ends FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED
+            reporter.log_params(flatten(to_plain(cfg)))
+            reporter.log_params({"derived.num_classes": data.num_classes, "derived.train_samples": len(data.train_y),
+                                 "derived.val_samples": len(data.val_y), "derived.test_samples": len(data.test_y)})
+            reporter.log_text(dump_yaml(cfg), "config.yaml")
+            result = cocodiff_fit.fit_cocodiff(cfg, data.train_x, data.train_y, data.val_x, data.val_y, fine, coarse,
+                                               reporter, run_dir, progress=opts.progress,
+                                               num_classes=data.num_classes)
+            classifier = cocodiff_classifier.export_classifier(result)   # backbone + head, best-on-validation weights
+            reporter.log_params({"derived.num_parameters_inference": count_parameters(classifier),
+                                 "derived.num_parameters_module":
+                                     count_parameters(result.module) if result.module else 0})
+            test_metrics, test_logits = cocodiff_eval.evaluate_split(cfg, classifier, data.test_x, data.test_y, "test")
+            reporter.log_metrics(test_metrics, result.step)
+            selection = log_selection(reporter, OBJECTIVE, result.best_metrics or {}, result.best_step, result.step, {})
+            if result.val_logits is not None:
+                log_classification_outputs(reporter, result.val_logits, data.val_y, names, "val")
+            log_classification_outputs(reporter, test_logits, data.test_y, names, "test")
+            if (run_dir / BEST).is_file():
+                reporter.log_artifact(run_dir / BEST, "checkpoints")
+        return {**selection, **headline(test_metrics), "mlflow_run_id": reporter.run_id, "run_dir": str(run_dir)}
 
+    def final_split(self, opts: FinalOptions, split: str, tree: dict[str, Any]) -> list[dict[str, Any]]:
+        """The final protocol for one config (and, with --ablation, for its baseline too; with --streams, for each
+        stream and their ensemble); returns the table rows."""
+        uri, ablation, streams = opts.tracking_uri, opts.extra["ablation"], opts.extra["streams"]
+        overrides = dict(parse_override(item) for item in opts.overrides)
+        cfg = build_config(CoCoDiffConfig, tree, overrides)
+        arms = ([("baseline", False), ("cocodiff", True)] if ablation
+                else [("cocodiff" if cfg.module.enabled else "baseline", cfg.module.enabled)])
+        # Texts are encoded once for both arms (the baseline ignores them).
+        data, names, fine, coarse = prepare_cocodiff_inputs(
+            cocodiff_fit.with_overrides(cfg, module={"enabled": any(enabled for _, enabled in arms)}))
+        experiment = opts.experiment_name or f"cocodiff-{split}"
+        phase = "ablation" if ablation else "final"
+        suffix = f"-{'+'.join(streams)}" if streams else ""
+        parent = MLflowReporter.start(uri, experiment, f"{phase}-{split}{suffix}",
+                                      tags=standard_tags(split=split, phase=phase, method="cocodiff",
+                                                         source_sweep_run_id=opts.sweep_run_id))
+        with parent:     # ends FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED
+            parent.log_params(flatten(to_plain(cfg)))
+            parent.log_params({"final.seeds": opts.seeds, "final.ablation": ablation,
+                               **({"final.streams": ",".join(streams)} if streams else {})})
+            parent.log_text(dump_yaml(cfg), "config.yaml")
+            rows, per_arm = [], {}
+            for arm, enabled in arms:
+                arm_cfg = cocodiff_fit.with_overrides(cfg, module={"enabled": enabled})
+                if streams:
+                    per_seed, arm_rows, members = cocodiff_streams(opts, arm_cfg, data, (fine, coarse), names, uri,
+                                                                   experiment, parent, split, arm)
+                else:
+                    per_seed, first, _ = cocodiff_seeds(opts, arm_cfg, data, (fine, coarse), names, uri, experiment,
+                                                        parent, split, arm)
+                    arm_rows, members = [cocodiff_row(split, arm, per_seed, arm_cfg, data)], [(arm_cfg, first)]
+                per_arm[arm] = per_seed
+                for row in arm_rows:
+                    key = f"{arm}/{row['stream']}" if "stream" in row else arm
+                    parent.log_metrics({f"{key}/{k}": v for k, v in row.items() if k.startswith("test/") and
+                                        isinstance(v, float)}, 0)
+                if not ablation and opts.register:     # the seed-0 classifier, or stream ensemble
+                    name = f"cocodiff-{split}" + "".join(f"-{s}" for s in streams)
+                    arm_rows[-1]["registered_version"] = register_classifier(parent, uri, members, data, names, name)
+                rows.extend(arm_rows)
+            if ablation:
+                for k in ("top1", "top5"):
+                    deltas = [c[f"test/{k}"] - b[f"test/{k}"] for b, c in zip(per_arm["baseline"], per_arm["cocodiff"])]
+                    rows[-1][f"delta/{k}_mean"], rows[-1][f"delta/{k}_std_seeds"] = mean_std(deltas)
+                parent.log_metrics({k: v for k, v in rows[-1].items() if k.startswith("delta/")}, 0)
+            table_name, table = f"{phase}-cocodiff-{split}{suffix}.md", cocodiff_table(rows)
+            (opts.out / table_name).write_text(table)      # a folder or object storage (service.storage)
+            parent.log_text(table, table_name)
+        for row in rows:
+            row["parent_run_id"] = parent.run_id
+        return rows
 
-class CoCoDiff:
-    """Supervised recognition with a training-only diffusion module (see service.methods.base.Method)."""
-
-    name = "cocodiff"
-    config_cls = CoCoDiffConfig
-    objective = OBJECTIVE
-    rankable_metrics = (OBJECTIVE, "val/top5")   # trainers.cocodiff_eval.accuracy_metrics on validation; never test
-    inference_grid = False
-    default_split: str | None = None        # the config's own data (the generated set by default)
-    data_shortcuts = False
-    split_name = staticmethod(split_name)
-    absolute_paths = staticmethod(absolute_paths)
-    prepare = staticmethod(prepare)
-    best_config = staticmethod(best_config)
-    fit_trial = staticmethod(fit_trial)
-    run = staticmethod(run)
-    check_final = staticmethod(check_final)
-    final = staticmethod(final)
+    def final(self, opts: FinalOptions, targets: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+        """The final protocol on each (split, config tree); returns the JSON line."""
+        print(f"[final] tables in {opts.out}", file=sys.stderr)
+        rows = [row for split, tree in targets for row in self.final_split(opts, split, tree)]
+        table = cocodiff_table(rows)
+        print(table, file=sys.stderr)
+        return {"method": "cocodiff", "rows": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}
+                                               for r in rows], "table": table}

@@ -1,4 +1,4 @@
-"""What both methods' runs share: absolute paths, the run dir with its MLflow run, headline metrics, mean ± std."""
+"""What both methods' runs share: the run dir with its MLflow run, headline metrics, mean ± std."""
 
 from __future__ import annotations
 
@@ -7,25 +7,17 @@ import re
 import shutil
 import statistics
 import sys
+import tempfile
 from pathlib import Path
-from typing import Any
 
+from service.data.features import train_encoder
+from service.methods.base import RunOptions
 from service.process import lock_dir
-from service.tracking.store import MLflowReporter, resolve_tracking_uri, standard_tags
+from service.storage import Storage
+from service.tracking.store import MLflowReporter, standard_tags, start_encoder_run
 from trainers.config import to_plain
+from trainers.encoder_fit import EncoderConfig
 from trainers.io import atomic_write_text, stable_hash
-
-
-def absolute(p: Any) -> Any:
-    """An absolute path string for a path-like value; None and non-paths (lists of ids, counts) unchanged."""
-    return None if p is None else (str(Path(p).resolve()) if isinstance(p, (str, Path)) else p)
-
-
-def absolute_fields(section: dict[str, Any], values: Any, names: tuple[str, ...]) -> None:
-    """Set each named key of a config-tree section to its value in `values` (the validated config section) made
-    absolute; a list (of files, or of class ids) element by element. Trials and Ray jobs run in other directories."""
-    section.update({name: [absolute(v) for v in value] if isinstance(value := getattr(values, name), list)
-                    else absolute(value) for name in names})
 
 
 def headline(metrics: dict[str, float]) -> dict[str, float]:
@@ -33,18 +25,19 @@ def headline(metrics: dict[str, float]) -> dict[str, float]:
     return {k: round(v, 4) for k, v in metrics.items() if not re.search(r"_t\d+$", k)}
 
 
-def open_run(args, method: str, dataset: str, fingerprint: str, cfg) -> tuple[Path, MLflowReporter]:
+def open_run(opts: RunOptions, dataset: str, fingerprint: str, cfg) -> tuple[Path, MLflowReporter]:
     """The run dir (keyed by the training config; --fresh empties it) and its MLflow run, re-opened on resume."""
-    dataset = args.split or dataset             # a named split names the run dir and the experiment
-    run_dir = args.run_dir or Path("runs") / f"{method}-{dataset}-{fingerprint[:8]}"
+    method = opts.method.name
+    dataset = opts.split or dataset             # a named split names the run dir and the experiment
+    run_dir = opts.run_dir or Path("runs") / f"{method}-{dataset}-{fingerprint[:8]}"
     lock = lock_dir(run_dir)                    # before reading or emptying it: one writer per run dir
-    if args.fresh:
+    if opts.fresh:
         for child in run_dir.iterdir():
             if child.is_dir():
                 shutil.rmtree(child)
             elif child != lock:
                 child.unlink()
-    uri = resolve_tracking_uri(args.tracking_uri)
+    uri = opts.tracking_uri
     id_file = run_dir / "mlflow_run.json"
     try:
         previous = json.loads(id_file.read_text()) if id_file.is_file() else {}
@@ -61,7 +54,7 @@ def open_run(args, method: str, dataset: str, fingerprint: str, cfg) -> tuple[Pa
     config_hash = stable_hash(to_plain(cfg))
     same_run = previous.get("tracking_uri") == uri and previous.get("config_hash") == config_hash
     reporter = MLflowReporter.start(
-        uri, args.experiment_name or f"{method}-{dataset}", run_dir.name,
+        uri, opts.experiment_name or f"{method}-{dataset}", run_dir.name,
         tags=standard_tags(split=dataset, phase="run", method=method),
         run_id=previous.get("run_id") if same_run else None)
     atomic_write_text(id_file, json.dumps({"run_id": reporter.run_id, "tracking_uri": uri, "config_hash": config_hash}))
@@ -72,3 +65,19 @@ def open_run(args, method: str, dataset: str, fingerprint: str, cfg) -> tuple[Pa
 def mean_std(values: list[float]) -> tuple[float, float]:
     """Mean and population std (0 for one value)."""
     return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
+
+
+def train_encoder_logged(prepared: Path | Storage, unseen: list[int], cfg: EncoderConfig, out: Path, *,
+                         tracking_uri: str, benchmark: str | None = None, progress: bool = True) -> Path:
+    """Train an encoder in this process as an MLflow run (`service.encoder train --in-process`, the skeleton chain
+    of service.run and service.final): run `<name>-<out folder>` of experiment `encoder-<prepared folder>`
+    (`start_encoder_run`); metrics: encoder/loss, encoder/train_top1, encoder/lr by step and, at the end,
+    encoder/held_out_top1 on the seen classes' test sequences; encoder.pt as an artifact. Returns out/encoder.pt."""
+    prepared = prepared if isinstance(prepared, Storage) else Storage.parse(str(Path(prepared).resolve()))
+    with start_encoder_run(tracking_uri, prepared.name, cfg.model_dump(mode="json"), out, list(unseen),
+                           prepared=str(prepared), benchmark=benchmark or "") as reporter, \
+            tempfile.TemporaryDirectory() as tmp:     # a bucket's copy (a chain cached in object storage) read here
+        folder = prepared.local if prepared.is_local else prepared.download(Path(tmp) / "prepared")
+        path = train_encoder(folder, unseen, cfg, out, benchmark, reporter, progress)
+        reporter.log_artifact(path, "checkpoints")
+    return path

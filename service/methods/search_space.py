@@ -13,7 +13,6 @@ from trainers.errors import InputError, short_repr
 
 # Per-sweep inputs: prepared once in the driver and shared by every trial, so they cannot vary per trial.
 PER_SWEEP_PREFIXES = ("data.", "text.", "method")
-T_KEY = "diffusion.num_train_timesteps"
 
 
 class Distribution(BaseModel):
@@ -134,39 +133,17 @@ def load_search_space(path: Path) -> SearchSpace:
         raise InputError(f"{path}: {format_validation_error(err).replace('config key', 'key')}") from None
 
 
-def check_against_config(space: SearchSpace, config_cls, base: dict[str, Any], path: Path,
-                         fixed: dict[str, Any] | None = None) -> None:
-    """Every param key must be a real config leaf accepting its extreme values; t_test < T for every T (TDSM)."""
-    fixed = fixed or {}
+def check_against_config(space: SearchSpace, config_cls, base: dict[str, Any], path: Path) -> None:
+    """Every param key must be a real config leaf accepting its extreme values (with what the method derives from
+    them: `Method.trial_overrides`), then the method's own checks (`Method.check_space`)."""
+    method = METHODS[space.method]
     for key, dist in space.params.items():
         if key.startswith(PER_SWEEP_PREFIXES):
             raise InputError(f"{path}: params.{key}: data/text settings are per sweep (use --splits or the "
                              "data/text flags), not searchable")
         for value in dist.extremes():
             try:
-                T = None
-                if space.inference is not None:
-                    T = value if key == T_KEY else build_config(config_cls, base, fixed).diffusion.num_train_timesteps
-                    if not any(t < int(T) for t in space.inference.t_test):
-                        raise InputError(f"inference.t_test={space.inference.t_test} has no value < T={T} "
-                                         "(t_test must be < diffusion.num_train_timesteps)")
-                build_config(config_cls, base, {**fixed, **trial_overrides(space, {key: value}, T)})
+                build_config(config_cls, base, method.trial_overrides(space, {key: value}, base))
             except InputError as err:
                 raise InputError(f"{path}: params.{key}={short_repr(value)}: {err}") from None
-    if space.inference is None:
-        return
-    if T_KEY not in space.params:
-        T = build_config(config_cls, base, fixed).diffusion.num_train_timesteps
-        if not any(t < T for t in space.inference.t_test):
-            raise InputError(f"{path}: inference.t_test={space.inference.t_test} has no value < T={T}")
-    bad = [t for t in space.inference.t_test if t < 0]
-    if bad:
-        raise InputError(f"{path}: inference.t_test values {bad} must be >= 0")
-
-
-def trial_overrides(space: SearchSpace, sampled: dict[str, Any], T: int | None = None) -> dict[str, Any]:
-    """Dotted overrides of one trial: the sampled params, plus its t_test grid (values < T) when the space has one."""
-    if space.inference is None:
-        return dict(sampled)
-    grid = sorted({t for t in space.inference.t_test if t < T})
-    return {**sampled, "eval.t_test_grid": grid, "eval.t_test": grid[len(grid) // 2], "eval.tune_t_test": True}
+    method.check_space(space, base, path)

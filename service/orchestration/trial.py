@@ -7,14 +7,17 @@ Two trial drivers run the same worker loop:
 - `train` (needed for DDP, `--workers-per-trial > 1`): Ray 2.60 (Train V2) supports Train inside Tune as a Tune
   function trainable that builds a TorchTrainer and calls fit(); TuneReportCallback forwards rank-0 metrics to
   Tune, where ASHA acts.
-What every method shares (config, data from the object store, the MLflow child run, checkpoint restore, the
-reporter) lives in `TrialWorker` and `TrialReporter`; each method adds only its fit call (`Method.fit_trial`); how
-a result and a checkpoint reach Tune is the `TrialSession`. Typed frozen objects cross the Ray boundary:
+The trial's lifecycle is this module's (as Ray's `setup_mlflow` at rank 0): `run_worker` builds the config, reads
+the data from the object store, restores the checkpoint, opens the MLflow child run with every config param, runs
+the method's fit (`Method.fit_trial`) with a `TrialReporter`, logs the method's last artifacts before the last
+report, then closes the run and cleans up. A method supplies only what to fit and what to log; how a result and a
+checkpoint reach Tune is the `TrialSession`. Typed frozen objects cross the Ray boundary:
 `TrialSettings` (driver -> each trial) and `TrialLoop` (trial -> each worker).
 """
 
 from __future__ import annotations
 
+import functools
 import shutil
 import socket
 import tempfile
@@ -30,9 +33,8 @@ from ray import tune
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from service.methods import METHODS
-from service.methods.base import FinalArtifacts
-from service.methods.search_space import T_KEY, SearchSpace, trial_overrides
+from service.methods.base import FinalArtifacts, Method, Trial
+from service.methods.search_space import SearchSpace
 from service.orchestration.cluster import input_error_cause
 from service.storage import Storage
 from service.tracking.store import MLflowReporter, standard_tags
@@ -68,10 +70,9 @@ class TrialResources:
 class TrialSettings:
     """Everything a sweep's trials share (driver side -> each Tune trial, through tune.with_parameters)."""
 
-    method: str
+    method: Method                # the implementation (service.methods.implemented)
     base: dict[str, Any]          # the split's config tree, paths absolute
     space: SearchSpace
-    default_T: int | None         # T of the base config when T is not searched (the t_test grid stays below it)
     seed: int
     resources: TrialResources
     parent: ParentRun
@@ -85,9 +86,9 @@ class TrialSettings:
 class TrialLoop:
     """What one trial's worker loop gets (Ray Train passes it inside its train_loop_config dict)."""
 
-    method: str
+    method: Method
     base: dict[str, Any]
-    overrides: dict[str, Any]     # the trial's sampled params (+ its t_test grid), dotted
+    overrides: dict[str, Any]     # the trial's sampled params (+ what the method derives: Method.trial_overrides)
     seed: int
     threads: int                  # torch threads of a worker: its Ray CPUs
     gpus: float
@@ -145,8 +146,9 @@ class TrialReporter:
     """
 
     def __init__(self, session: TrialSession, mlflow: MLflowReporter | None, final_step: int, metric: str,
-                 final_artifacts: FinalArtifacts):
+                 final_artifacts: FinalArtifacts, method: Method):
         self.session = session
+        self.method = method
         self.rank = session.rank
         self.mlflow = mlflow
         self.final_step = final_step
@@ -185,10 +187,7 @@ class TrialReporter:
         if self.mlflow is not None:
             self.mlflow.log_metrics({**metrics, **objective}, step)
             if metrics[self.metric] >= self.best:
-                tags: dict[str, Any] = {"best_step": step}
-                if "val/best_t_test" in metrics:           # zero-shot fits choose t_test on validation
-                    tags["best_t_test"] = int(metrics["val/best_t_test"])
-                self.mlflow.set_tags(tags)
+                self.mlflow.set_tags({"best_step": step, **self.method.selection_tags(metrics)})
             if step >= self.final_step:
                 # Before the last report: once Tune has it, the scheduler may stop the trial at once.
                 self.final_artifacts(self.mlflow, artifacts, checkpoint_dir)
@@ -203,9 +202,9 @@ class TrialReporter:
             self.session.report(out, None)
 
     def tune_result(self, metrics: dict[str, float], step: int) -> dict[str, float]:
-        """What Tune sees (its status table, ASHA, the closer): the objective first, the metric, the chosen t_test.
-        Every other metric goes to MLflow only, so Tune's per-trial result boxes stay a few lines."""
-        chosen = {k: v for k, v in metrics.items() if k.endswith("/best_t_test")}
+        """What Tune sees (its status table, ASHA, the closer): the objective first, the metric, what the evaluation
+        chose (Method.selection_tags). Every other metric goes to MLflow only, so Tune's result boxes stay short."""
+        chosen = self.method.selection_tags(metrics)
         outage = self.mlflow.outage if self.mlflow is not None else None
         # A tracking outage the trial rode out: the driver says so (workers' warnings stay in Ray's node logs).
         seen = {} if outage is None or not outage.seconds() else {
@@ -218,8 +217,8 @@ class TrialReporter:
 # ----------------------------------------------------------------------------------------------
 
 class TrialWorker:
-    """What every method's worker loop shares: the trial's config, the sweep's data, the latest checkpoint
-    restored into a fresh run dir, and (rank 0) the trial's MLflow child run with every flattened config param."""
+    """One worker of a trial: its config, the sweep's data, the latest checkpoint restored into a fresh run dir,
+    and (rank 0) the trial's MLflow child run with every flattened config param."""
 
     def __init__(self, loop: TrialLoop, session: TrialSession | None = None):
         self.session = session or TrainSession()
@@ -232,11 +231,11 @@ class TrialWorker:
         # GPUs from a process that reserved none).
         cpu_only = {"train.device": "cpu"} if not loop.gpus and loop.base.get("train", {}).get(
             "device", "auto") == "auto" else {}
-        self.cfg = build_config(METHODS[self.method].config_cls, loop.base,
+        self.cfg = build_config(self.method.config_cls, loop.base,
                                 {**loop.overrides, **cpu_only, "train.seed": loop.seed})   # same on every rank
         self.data = ray.get(loop.data_ref)  # prepared once per sweep by the driver (object store)
         self.mlflow: MLflowReporter | None = None
-        self.run_dir = Path(tempfile.mkdtemp(prefix=f"{self.method}-trial-"))
+        self.run_dir = Path(tempfile.mkdtemp(prefix=f"{self.method.name}-trial-"))
         self.restored_step: int | None = None
         checkpoint = self.session.get_checkpoint()
         if checkpoint is not None:  # a retried or resumed trial continues from its latest checkpoint
@@ -244,14 +243,14 @@ class TrialWorker:
                 copy_run_files(Path(d), self.run_dir)
             self.restored_step = checkpoint_step(self.run_dir / LAST)
 
-    def reporter(self, derived: dict[str, Any], final_artifacts: FinalArtifacts) -> TrialReporter:
+    def open_run(self, derived: dict[str, Any]) -> TrialReporter:
         """Open (or find, on a retry) the MLflow child run on rank 0; derived.* params describe the model."""
         loop = self.loop
         if self.rank == 0:
             # Named by what differs between trials (the Ray names stay as tags, for `--resume` and Ray's logs).
             self.mlflow = find_or_start_child_run(
                 loop.parent.tracking_uri, loop.parent.experiment, loop.parent.run_id, loop.trial_id, loop.run_name,
-                standard_tags(split=loop.split, phase="sweep", method=self.method, sweep=loop.sweep,
+                standard_tags(split=loop.split, phase="sweep", method=self.method.name, sweep=loop.sweep,
                               ray_trial_name=loop.trial_name))
             # Where it runs: a trial restarted after its node was lost keeps its run and adds the new node.
             node, host = ray.get_runtime_context().get_node_id(), socket.gethostname()
@@ -263,7 +262,9 @@ class TrialWorker:
             self.mlflow.log_params({**flatten(to_plain(self.cfg)), "derived.workers": self.world,
                                     **{f"derived.{k}": v for k, v in derived.items()}})
             self.mlflow.log_text(dump_yaml(self.cfg), "config.yaml")
-        return TrialReporter(self.session, self.mlflow, self.cfg.train.steps, loop.metric, final_artifacts)
+        final_artifacts = functools.partial(self.method.trial_artifacts, data=self.data)
+        return TrialReporter(self.session, self.mlflow, self.cfg.train.steps, loop.metric, final_artifacts,
+                             self.method)
 
     def close(self) -> None:
         if self.mlflow is not None:
@@ -289,14 +290,6 @@ def checkpoint_step(path: Path) -> int | None:
 # The Tune function trainable
 # ----------------------------------------------------------------------------------------------
 
-def trial_driver(choice: str, workers_per_trial: int) -> str:
-    """`auto`: the Tune trial runs its one worker itself (`direct`); a TorchTrainer (`train`) only for DDP."""
-    if choice == "direct" and workers_per_trial > 1:
-        raise InputError(f"--trial-driver direct runs one worker per trial, not --workers-per-trial "
-                         f"{workers_per_trial}: use --trial-driver train (or auto)")
-    return choice if choice != "auto" else ("direct" if workers_per_trial == 1 else "train")
-
-
 def trial_resources(resources: TrialResources) -> dict[str, float]:
     """What a trial reserves. `direct`: the worker's own CPUs/GPUs. `train`: the trial function only launches a
     TorchTrainer and needs almost no CPU of its own, so trials x workers x cpus_per_worker is the whole reservation
@@ -308,10 +301,20 @@ def trial_resources(resources: TrialResources) -> dict[str, float]:
 
 
 def run_worker(train_loop_config: dict[str, TrialLoop], session: TrialSession | None = None) -> None:
-    """One worker of a trial: the method's loop (`Method.fit_trial`) on a TrialWorker. Ray Train calls it with its
-    train_loop_config dict (driver `train`); the Tune trial itself with its own session (driver `direct`)."""
+    """One worker of a trial, start to end: open its run, the method's fit (`Method.fit_trial`), close. Ray Train
+    calls it with its train_loop_config dict (driver `train`); the Tune trial itself with its own session (driver
+    `direct`). The run dir is removed also when the scheduler stops the trial inside a report (SystemExit); the
+    MLflow run of a stopped or failed trial is closed by the driver (sweep.MLflowTrialCloser)."""
     loop = train_loop_config["loop"]
-    METHODS[loop.method].fit_trial(TrialWorker(loop, session))
+    worker = TrialWorker(loop, session)
+    method = loop.method
+    reporter = worker.open_run(method.trial_params(worker.cfg, worker.data))
+    try:
+        method.fit_trial(Trial(worker.cfg, worker.data, reporter, worker.run_dir, worker.rank, worker.world,
+                               worker.wrap_model))
+    finally:
+        worker.cleanup()
+    worker.close()
 
 
 def tune_trial(config: dict[str, Any], *, settings: TrialSettings) -> None:
@@ -367,7 +370,5 @@ def train_trial(loop: TrialLoop, settings: TrialSettings, trial_id: str) -> None
 
 
 def trial_overrides_from_config(config: dict[str, Any], settings: TrialSettings) -> dict[str, Any]:
-    """Sampled params -> full dotted overrides for this trial (TDSM: adds the t_test grid below the trial's T)."""
-    space = settings.space
-    T = int(config.get(T_KEY, settings.default_T)) if space.inference is not None else None
-    return trial_overrides(space, dict(config), T)
+    """Sampled params -> full dotted overrides for this trial (what the method derives added)."""
+    return settings.method.trial_overrides(settings.space, dict(config), settings.base)

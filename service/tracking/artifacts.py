@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,17 +22,15 @@ def log_best_checkpoint(mlflow: MLflowReporter, checkpoint_dir: Path | None) -> 
 
 
 def log_selection(reporter: MLflowReporter, objective: str, best_metrics: dict[str, float], best_step: int,
-                  step: int) -> dict[str, float | int]:
-    """Log the kept checkpoint's objective as `<objective>_max` (at the last step) and a best_step tag; returns the
-    JSON's selection keys (rounded like headline)."""
+                  step: int, chosen: dict[str, Any]) -> dict[str, float | int]:
+    """Log the kept checkpoint's objective as `<objective>_max` (at the last step), a best_step tag and the tags of
+    what it chose on validation (`chosen`: Method.selection_tags, as a sweep trial sets them); returns the JSON's
+    selection keys (rounded like headline)."""
     if objective not in best_metrics:                 # no evaluation ran: nothing was selected
         return {}
     value = float(best_metrics[objective])
     reporter.log_metrics({f"{objective}_max": value}, step)
-    tags: dict[str, int] = {"best_step": best_step}
-    if "val/best_t_test" in best_metrics:             # as a sweep trial: service.final --from RUN_ID reads it
-        tags["best_t_test"] = int(best_metrics["val/best_t_test"])
-    reporter.set_tags(tags)
+    reporter.set_tags({"best_step": best_step, **chosen})     # service.final --from RUN_ID reads them
     return {f"{objective}_max": round(value, 4), "best_step": best_step}
 
 
