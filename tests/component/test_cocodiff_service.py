@@ -30,7 +30,7 @@ from trainers.errors import InputError
 from trainers.skeleton.synthetic import NUM_CLASSES as SYNTHETIC_CLASSES
 from trainers.skeleton.synthetic import action_catalogue
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SPACE = ROOT / "search_spaces" / "cocodiff.yaml"
 SPLITS = ROOT / "search_spaces" / "cocodiff_splits.yaml"
 PER_CLASS = 8   # generated sequences per class in these tests (46 classes)

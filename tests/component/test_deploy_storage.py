@@ -29,7 +29,7 @@ import pytest
 import yaml
 from servers import S3Server, wait_for_health  # noqa: E402  (tests/ is on sys.path)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 BUCKET_SECRET = "skeldiff-bucket"
 BUCKET_ENV = DEPLOY / "mlflow" / "bucket.env.example"

@@ -22,7 +22,7 @@ from service.tracking.store import MLflowReporter
 from trainers.cocodiff import CoCoDiffConfig
 from trainers.config import build_config, to_plain
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # Four samples, three classes, built so that each stream alone gets two right and their equal-weight sum all four.
 LABELS = np.array([0, 1, 2, 0])

@@ -24,7 +24,7 @@ from trainers.tdsm_fit import build_model, evaluate_gzsl_split
 from trainers.text import TextFeatures
 from trainers.zsl import gzsl_from_errors, harmonic_mean
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NUM_CLASSES = 12
 UNSEEN = [2, 7]
 SEEN = [c for c in range(NUM_CLASSES) if c not in UNSEEN]

@@ -37,7 +37,7 @@ from trainers.io import REFUSED, load_checkpoint
 from trainers.text import TextFeatures
 from trainers.tracking import ListReporter
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.filterwarnings("ignore:Detected pickle protocol")   # torch on a protocol-5 pickle
 
 

@@ -25,7 +25,7 @@ from conftest import write_feature_folder
 from trainers.errors import InputError, TrainingDivergedError
 from trainers.guards import LossGuard
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NUM_CLASSES = 12
 UNSEEN = [2, 7]
 NAMES = [f"action number {i}" for i in range(NUM_CLASSES)]

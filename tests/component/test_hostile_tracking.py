@@ -28,7 +28,7 @@ from service.tracking import store as tracking
 from service.tracking.store import move_credentials, redact_uri, resolve_tracking_uri
 from trainers.errors import InputError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SECRET = "S3cretPW"
 
 

@@ -29,7 +29,7 @@ from trainers.skeleton.synthetic_release import (
     write_pku_release,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CLASSES, PER_CLASS = 4, 6
 
 

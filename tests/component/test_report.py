@@ -20,7 +20,7 @@ from trainers.config import TDSMConfig, build_config
 from trainers.errors import InputError
 from trainers.text import read_prompt_file
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SPLITS = ROOT / "search_spaces" / "tdsm_splits.yaml"
 # The 48/12 NTU-60 unseen list of PURLS, SMIE and TDSM (docs/METHODS.md §3), not SynSE's own ru12.npy.
 PROTOCOL_48_12 = [3, 5, 9, 12, 15, 40, 42, 47, 51, 56, 58, 59]

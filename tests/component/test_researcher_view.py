@@ -40,7 +40,7 @@ from service.tracking.trials import (
 )
 from trainers.errors import InputError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SPACE = load_search_space(REPO / "search_spaces" / "tdsm.yaml").for_smoke()
 
 

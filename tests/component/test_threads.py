@@ -28,7 +28,7 @@ from trainers.runtime import (
     resolve_threads,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from test_hostile_tracking import ADMIN_PASSWORD, SECRET, files_containing, mlfl
 
 from service.tracking import store as tracking
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # The embedded generated task (no skeleton chain to train first), cut down to a few evaluations per trial.
 FAST = ["--splits", "synthetic-u5", "--scheduler", "fifo", "--max-concurrent", "1",
         "--set", "model.preset=tiny", "--set", "train.steps=40", "--set", "train.eval_every=20",

@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from servers import free_port, wait_for_health  # noqa: E402  (tests/ is on sys.path)
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MLFLOW = Path(sys.executable).with_name("mlflow")
 
 

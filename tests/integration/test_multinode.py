@@ -33,7 +33,7 @@ from servers import BUCKET, TEST_ENV, S3Server, free_port, wait_for_health  # no
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 # The feature task, cut down: the point is where trials run and what survives, not the accuracy.
 FAST = ["--set", "train.eval_every=20", "--set", "train.checkpoint_every=20",

@@ -18,7 +18,7 @@ from trainers.skeleton import parse_sample_name, split_of
 from trainers.skeleton.prepare import prepare
 from trainers.skeleton.synthetic import action_catalogue
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CLASSES, PER_CLASS = 3, 2
 
 

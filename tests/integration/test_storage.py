@@ -18,7 +18,7 @@ from service.storage import Storage
 from service.tracking.sources import STATE_FILE, config_file, load_source, source_sweep_run_id
 from trainers.errors import InputError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

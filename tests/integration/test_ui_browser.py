@@ -29,7 +29,7 @@ from servers import free_port, wait_for_health
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 EXPERIMENT = "tdsm-synthetic-u5-sweeps"
 # Launch flags that keep a headless Chromium off the network and out of the sandbox a container may forbid.
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -23,7 +23,7 @@ from trainers.config import (
 )
 from trainers.errors import InputError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def build(base=None, **overrides) -> TDSMConfig:

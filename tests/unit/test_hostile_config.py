@@ -22,7 +22,7 @@ from trainers.config import MAX_YAML_NODES, UNBOUNDED_ABOVE, TDSMConfig, build_c
 from trainers.encoder_fit import EncoderConfig
 from trainers.errors import InputError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def one_line_error(cls, overrides) -> str:

@@ -9,7 +9,7 @@ from service.methods.search_space import check_against_config, load_search_space
 from trainers.config import TDSMConfig, build_config, to_plain
 from trainers.errors import InputError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def write_space(tmp_path, **changes):

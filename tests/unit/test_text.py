@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import SHARED_DATA
 
 from trainers import text, text_encoders
 from trainers.config import TDSMConfig
@@ -25,7 +26,6 @@ from trainers.text import (
 )
 from trainers.text_encoders import MiniLMEncoder, OpenClipEncoder, encode_token_states, project_text, text_tower
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 ASSETS = Path(text.__file__).resolve().parent / "assets"
 PROMPTS = ["drink water", "kick a ball", "put on a hat/cap"]
 # 8 x 7 = 56 word pieces (BPE and WordPiece alike): longer than the paper's 35 tokens, so truncation applies.
@@ -665,6 +665,6 @@ def test_importing_trainers_text_pulls_in_no_ray_mlflow_or_model_libraries():
         "sys.exit(str(bad) if bad else 0)"
     )
     result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1]
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2]
     )
     assert result.returncode == 0, result.stderr
