@@ -49,7 +49,7 @@ from trainers.tdsm_model import count_parameters
 from trainers.text import TextFeatures
 from trainers.tracking import ListReporter, NullReporter
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NUM_CLASSES, FINE_DIM, COARSE_DIM = 4, 24, 20
 TINY = {"backbone.encoder": "stgcn", "backbone.base_channels": 8, "backbone.units_per_stage": [1, 1, 1],
         "module.hidden": 32, "module.depth": 1, "module.align_dim": 16, "optim.batch_size": 16,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # Rank of each layer: an import must point to a strictly higher rank (further down), or stay inside its own layer.
 RANKS = {"entry": 0, "cli": 1, "orchestration": 2, "benchmarks": 2, "methods": 3, "tracking": 4, "data": 4,
          "base": 5, "trainers": 6}

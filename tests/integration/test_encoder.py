@@ -28,7 +28,7 @@ from trainers.skeleton.prepare import prepare
 from trainers.skeleton.synthetic import action_catalogue, write_synthetic_dataset
 from trainers.tracking import ListReporter
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 UNSEEN = [1, 4]
 TINY = {"name": "stgcn", "base_channels": 8, "units_per_stage": [1, 1], "batch_size": 8, "steps": 6,
         "checkpoint_every": 3, "precision": "fp32", "device": "cpu"}

@@ -17,7 +17,7 @@ from conftest import CLI_CLASS_NAMES as NAMES
 from conftest import TINY_RUN_ARGS as TINY
 from conftest import write_feature_folder
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NUM_CLASSES = 12
 UNSEEN = [2, 7]
 

@@ -27,7 +27,7 @@ from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 # A smoke sweep cut further down, on the generated feature task: the point is the machinery, not the accuracy.
 FAST = ["--set", "train.steps=40", "--set", "train.eval_every=20", "--set", "train.checkpoint_every=20",
