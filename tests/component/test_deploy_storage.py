@@ -5,8 +5,7 @@ MLflow's artifact destination: the env names the manifests set are the ones the 
 storage layer) and MLflow read; the head, the workers, their init containers and the VMs of ray-up.yaml get the same
 storage environment; the default tree has no volume claim and the NFS component (deploy/kuberay/nfs/) adds one.
 The static tests read files only (`kubectl kustomize` renders both variants when kubectl is installed). The bucket
-tests run moto's S3 server on loopback (skipped without moto and boto3): deploy/stage_data.py copies a data prefix
-from it, and `mlflow server` configured from deploy/mlflow/mlflow.yaml proxies a client's artifact into it.
+tests, on moto's S3 server (stage_data.py, MLflow's proxied artifacts): tests/integration/test_deploy_storage_bucket.py.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,41 +25,24 @@ from urllib.parse import urlparse
 
 import pytest
 import yaml
-from servers import S3Server, wait_for_health  # noqa: E402  (tests/ is on sys.path)
+from deploy_manifests import (
+    BUCKET_SECRET,
+    IMAGE_HOME,
+    artifacts_destination,
+    default_objects,
+    env_file_keys,
+    find,
+    mlflow_server,
+    read_yaml,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
-BUCKET_SECRET = "skeldiff-bucket"
 BUCKET_ENV = DEPLOY / "mlflow" / "bucket.env.example"
 NODE_ENV = DEPLOY / "ray-node.env.example"
 NFS = DEPLOY / "kuberay" / "nfs"
-IMAGE_HOME = "/home/ray/skeldiff"   # WORKDIR of deploy/docker/Dockerfile.*: the checkout inside the images
 # Where the storage lives, for every Ray process (ConfigMap skeldiff-config, the VMs' env file).
 STORAGE_VARS = ["SKELDIFF_RESULTS", "SKELDIFF_DATA_URI", "SKELDIFF_DATA", "SKELDIFF_CACHE", "HF_HOME"]
-
-
-def read_yaml(path: Path) -> list[dict[str, Any]]:
-    return [d for d in yaml.safe_load_all(path.read_text()) if d]
-
-
-def kustomize_files(directory: Path) -> list[Path]:
-    """The manifest files a kustomization pulls in through `resources` (directories recursively; no components)."""
-    found = []
-    for res in yaml.safe_load((directory / "kustomization.yaml").read_text()).get("resources", []):
-        path = directory / res
-        found += kustomize_files(path) if path.is_dir() else [path]
-    return found
-
-
-def default_objects() -> list[dict[str, Any]]:
-    """What `kubectl apply -k deploy/` creates from committed files (the generated Secrets aside)."""
-    return [doc for path in kustomize_files(DEPLOY) for doc in read_yaml(path)]
-
-
-def find(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
-    found = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
-    assert len(found) == 1, f"expected one {kind}/{name}, found {len(found)}"
-    return found[0]
 
 
 def ray_pods(cluster: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -83,12 +64,6 @@ def env_names(container: dict[str, Any], config_maps: dict[str, dict[str, str]])
     for source in container.get("envFrom", []):
         names |= set(config_maps[source["configMapRef"]["name"]])
     return names
-
-
-def env_file_keys(path: Path, commented: bool = True) -> dict[str, str]:
-    """{NAME: value} of an env file; with `commented`, also the `# NAME=` lines a user is meant to fill in."""
-    pattern = r"^(#\s*)?([A-Z][A-Z0-9_]*)=(.*)$" if commented else r"^()([A-Z][A-Z0-9_]*)=(.*)$"
-    return {m.group(2): m.group(3) for m in re.finditer(pattern, path.read_text(), flags=re.M)}
 
 
 def json_patch(doc: dict[str, Any], ops: list[dict[str, Any]]) -> dict[str, Any]:
@@ -129,18 +104,6 @@ def shared_volume(pod: dict[str, Any], data: str) -> tuple[dict[str, Any], str]:
     assert len(mounts[0]) == 1 and all(m == mounts[0] for m in mounts), f"{data} is not on one volume: {mounts}"
     ((name, path),) = mounts[0]
     return next(v for v in pod["volumes"] if v["name"] == name), path
-
-
-def mlflow_server(objects: list[dict[str, Any]]) -> dict[str, Any]:
-    return find(objects, "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"][0]
-
-
-def artifacts_destination(server: dict[str, Any]) -> str:
-    args = server["args"]
-    found = [a.split("=", 1)[1] for a in args if a.startswith("--artifacts-destination=")]
-    found += [args[i + 1] for i, a in enumerate(args) if a == "--artifacts-destination"]
-    assert len(found) == 1 and "--serve-artifacts" in args, f"proxied artifacts with one destination: {args}"
-    return found[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -464,132 +427,3 @@ def test_readme_puts_the_bucket_first_and_names_every_variable():
     missing = sorted(n for n in names if f"`{n}`" not in text)
     assert not missing, f"deploy/README.md does not name {missing}"
     assert "sh deploy/make-secrets.sh" in text and "kuberay/nfs" in text
-
-
-# ----------------------------------------------------------------------------------------------
-# A real S3 API (moto) on loopback: stage_data.py and MLflow's proxied artifacts
-# ----------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def s3():
-    server = S3Server().start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-def bucket_env(s3, tmp_path: Path) -> dict[str, str]:
-    """The variables a pod gets from Secret skeldiff-bucket, through make-secrets.sh as a user runs it."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))}
-    out = tmp_path / "secrets"
-    out.mkdir()
-    given = {k: v for k, v in s3.env().items() if k.startswith("AWS_")}
-    subprocess.run(["sh", str(DEPLOY / "make-secrets.sh"), str(out)], env={**base, **given}, check=True,
-                   capture_output=True)
-    return env_file_keys(out / "bucket.env", commented=False)
-
-
-def container_env(container: dict[str, Any], secret: dict[str, str], config: dict[str, str]) -> dict[str, str]:
-    """A container's environment as the kubelet builds it: its ConfigMaps, then `env` (Secret refs resolved)."""
-    env = dict(config) if container.get("envFrom") else {}
-    for e in container.get("env", []):
-        if "value" in e:
-            env[e["name"]] = e["value"]
-        elif (ref := e.get("valueFrom", {}).get("secretKeyRef")) and ref["name"] == BUCKET_SECRET:
-            if ref["key"] in secret:
-                env[e["name"]] = secret[ref["key"]]
-            else:
-                assert ref.get("optional"), f"{e['name']}: {ref} missing from the Secret"
-    return env
-
-
-def test_stage_data_copies_the_bucket_prefix_as_the_init_container_runs_it(s3, tmp_path):
-    s3.create_bucket("skeldiff-stage")
-    client = s3.client()
-    files = {"shift_ntu60_5_r/train.npy": b"\x93NUMPY" + os.urandom(64), "label_splits/ru5.npy": b"ru5",
-             "class_lists/ntu60.csv": b"idx,label\n0,drink water\n"}
-    for key, body in files.items():
-        client.put_object(Bucket="skeldiff-stage", Key=f"data/{key}", Body=body)
-    objects = default_objects()
-    config = dict(find(objects, "ConfigMap", "skeldiff-config")["data"])
-    dest = tmp_path / "scratch" / "data"
-    config.update(SKELDIFF_DATA_URI="s3://skeldiff-stage/data", SKELDIFF_DATA=str(dest))
-    head = find(objects, "RayCluster", "skeldiff")["spec"]["headGroupSpec"]["template"]["spec"]
-    (stage,) = head["initContainers"]
-    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), **container_env(stage, bucket_env(s3, tmp_path), config)}
-    assert "MLFLOW_TRACKING_PASSWORD" not in env and env["AWS_ENDPOINT_URL"] == s3.endpoint
-    command = [sys.executable, str(ROOT / stage["command"][-1][len(IMAGE_HOME) + 1:])]
-
-    def run() -> str:
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
-        return done.stdout
-
-    assert "3 files copied" in run()
-    assert {str(p.relative_to(dest)): p.read_bytes() for p in dest.rglob("*") if p.is_file()} == files
-    assert "0 files copied, 3 kept" in run(), "a restarted pod copies nothing again"
-    client.put_object(Bucket="skeldiff-stage", Key="data/label_splits/ru12.npy", Body=b"ru12")
-    assert "1 files copied, 3 kept" in run()
-    env["SKELDIFF_DATA_URI"] = "s3://skeldiff-stage/nothing-here"
-    assert "0 files copied" in run()
-    env["SKELDIFF_DATA_URI"] = ""       # the NFS component's value
-    assert "nothing to copy" in run()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.mark.slow
-def test_mlflow_server_as_deployed_stores_a_clients_artifact_in_the_bucket(s3, tmp_path, monkeypatch):
-    """`mlflow server` with the artifact arguments and the bucket env of deploy/mlflow/mlflow.yaml (SQLite here
-    instead of PostgreSQL, no basic auth: tests/test_deploy.py covers those); a client without any bucket
-    credentials logs an artifact, and the object appears under --artifacts-destination in the bucket."""
-    from mlflow.tracking import MlflowClient
-
-    s3.create_bucket("skeldiff-mlflow")
-    server = mlflow_server(default_objects())
-    destination = urlparse(artifacts_destination(server))
-    destination = f"s3://skeldiff-mlflow{destination.path}"       # the deployed prefix, in the test bucket
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))}
-    env.update(container_env({"env": [e for e in server["env"] if "secretKeyRef" in e.get("valueFrom", {})
-                                      and e["valueFrom"]["secretKeyRef"]["name"] == BUCKET_SECRET]},
-                             bucket_env(s3, tmp_path), {}))
-    assert env["MLFLOW_S3_ENDPOINT_URL"] == s3.endpoint
-    port, log = free_port(), tmp_path / "mlflow.log"
-    mlflow_cli = Path(sys.executable).with_name("mlflow")
-    cmd = [str(mlflow_cli) if mlflow_cli.is_file() else "mlflow", "server",
-           "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--serve-artifacts",
-           f"--artifacts-destination={destination}", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, env=env,
-                                start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_health(url, log, proc)
-        # The client: a Ray pod's view (no AWS_* at all in this process), artifacts over HTTP.
-        for key in [k for k in os.environ if k.startswith("AWS_") or k == "MLFLOW_S3_ENDPOINT_URL"]:
-            monkeypatch.delenv(key)
-        client = MlflowClient(url)
-        exp = client.create_experiment("deploy-bucket")
-        assert client.get_experiment(exp).artifact_location.startswith("mlflow-artifacts:")
-        run = client.create_run(exp)
-        note = tmp_path / "best_config.yaml"
-        note.write_text("loss: {margin: 0.1}\n")
-        client.log_artifact(run.info.run_id, str(note))
-        keys = s3.keys("skeldiff-mlflow")
-        assert [k for k in keys if k.endswith(f"{run.info.run_id}/artifacts/best_config.yaml")], keys
-        assert all(k.startswith(destination.split("/", 3)[3].strip("/") + "/") for k in keys), keys
-        back = Path(client.download_artifacts(run.info.run_id, "best_config.yaml", str(tmp_path / "back")))
-        assert back.read_text() == note.read_text()
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, 15)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, 9)
-                proc.wait()

@@ -1,21 +1,15 @@
 """Generalised zero-shot (GZSL, issue #20 §4): the metric maths, the gtest/g_label loader, the generated task's GZSL
-set, the tiny-model scoring path, `service.final`'s seed statistics, the report's GZSL cell and a `service.run tdsm`
-that logs test/gzsl_seen, test/gzsl_unseen and test/gzsl_h to MLflow."""
+set, the tiny-model scoring path, `service.final`'s seed statistics and the report's GZSL cell (a sqlite MLflow
+store). `service.run tdsm` logging the GZSL metrics end to end: tests/integration/test_gzsl_cli.py."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import CLI_CLASS_NAMES as NAMES
-from conftest import TINY_RUN_ARGS as TINY
-from conftest import tiny_config, write_feature_folder
+from conftest import tiny_config, write_feature_folder, write_gtest
 
 from trainers.config import DataConfig
 from trainers.data import GZSL_HELD_OUT_DIVISOR, generate_synthetic_task, load_feature_task
@@ -24,7 +18,6 @@ from trainers.tdsm_fit import build_model, evaluate_gzsl_split
 from trainers.text import TextFeatures
 from trainers.zsl import gzsl_from_errors, harmonic_mean
 
-ROOT = Path(__file__).resolve().parents[2]
 NUM_CLASSES = 12
 UNSEEN = [2, 7]
 SEEN = [c for c in range(NUM_CLASSES) if c not in UNSEEN]
@@ -79,15 +72,6 @@ def test_gzsl_needs_both_sides():
 # ----------------------------------------------------------------------------------------------
 # The loader: gtest.npy + g_label.npy, optional
 # ----------------------------------------------------------------------------------------------
-
-def write_gtest(folder: Path, per_class: int = 3, dim: int = 16, seed: int = 1) -> Path:
-    """gtest.npy / g_label.npy beside a write_feature_folder folder: fresh rows of every class."""
-    rng = np.random.default_rng(seed)
-    labels = np.repeat(np.arange(NUM_CLASSES), per_class)
-    np.save(folder / "gtest.npy", rng.normal(size=(labels.size, dim)).astype(np.float32))
-    np.save(folder / "g_label.npy", labels)
-    return folder
-
 
 @pytest.fixture
 def folder(tmp_path) -> Path:
@@ -258,28 +242,3 @@ def test_report_has_a_gzsl_cell(tmp_path, capsys):
     table = {r["split"]: r for r in csv.DictReader((tmp_path / "out" / "paper_table.csv").open())}
     assert float(table["a"]["ours_gzsl_h_mean"]) == 31.0 and float(table["a"]["ours_gzsl_h_std_seeds"]) == 14.0
     assert table["b"]["ours_gzsl_h_mean"] == ""
-
-
-# ----------------------------------------------------------------------------------------------
-# End to end: service.run tdsm on a features folder with a gtest
-# ----------------------------------------------------------------------------------------------
-
-def test_service_run_logs_gzsl_metrics_to_mlflow(tmp_path):
-    from mlflow.tracking import MlflowClient
-
-    feats = write_gtest(write_feature_folder(tmp_path / "feats", num_classes=NUM_CLASSES, unseen=UNSEEN))
-    (tmp_path / "names.txt").write_text("\n".join(NAMES) + "\n")
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.run([sys.executable, "-m", "service.run", "tdsm", "--features", str(feats), "--class-names",
-                           str(tmp_path / "names.txt"), "--val-unseen", "2", "--text-encoder", "minilm",
-                           "--tracking-uri", uri, *TINY], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    metrics = MlflowClient(uri).get_run(summary["mlflow_run_id"]).data.metrics
-    for key in ("test/gzsl_seen", "test/gzsl_unseen", "test/gzsl_h"):
-        assert 0.0 <= metrics[key] <= 100.0 and round(metrics[key], 4) == summary[key], key
-    assert metrics["test/gzsl_h"] == pytest.approx(harmonic_mean(metrics["test/gzsl_seen"],
-                                                                 metrics["test/gzsl_unseen"]))

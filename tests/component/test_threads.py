@@ -1,5 +1,6 @@
 """The CPU thread policy: auto thread counts from cores, quota, $OMP_NUM_THREADS and model width; passive OpenMP
-waits set before torch loads (CLIs) and forwarded to Ray workers; train.threads / --threads; the contended bench."""
+waits set before torch loads (CLIs) and forwarded to Ray workers; train.threads / --threads; the contended bench's
+arms and table (its real run: tests/integration/test_threads_cli.py)."""
 
 from __future__ import annotations
 
@@ -213,7 +214,7 @@ def test_threads_flag_is_a_train_threads_shortcut():
 
 
 # ----------------------------------------------------------------------------------------------
-# The contended benchmark (its table; the real run is slow)
+# The contended benchmark (its table; the real run: tests/integration/test_threads_cli.py)
 # ----------------------------------------------------------------------------------------------
 
 def _run(size, n, arm, ms, threads=1, policy="PASSIVE"):
@@ -243,18 +244,3 @@ def test_contended_arms_cover_default_one_all_passive_and_auto():
     arms = contended_arms(2)
     assert [(a.name, a.threads, a.torch_first) for a in arms] == [
         ("torch default", 2, True), ("1 thread", 1, False), ("2 passive", 2, False), ("auto", 0, False)]
-
-
-@pytest.mark.slow
-def test_contended_bench_end_to_end(tmp_path):
-    out = tmp_path / "c.json"
-    proc = subprocess.run([sys.executable, "-m", "service.bench", "contended", "--sizes", "tiny", "--competitors",
-                           "1", "--rounds", "1", "--iters", "1", "--warmup", "0", "--batch", "4", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads(out.read_text())
-    by_arm = {r["arm"]: r for r in report["rows"]}
-    assert len(by_arm) == 4
-    assert by_arm["torch default"]["wait_policy"] is None                 # torch loaded before `service`
-    assert by_arm["auto"]["wait_policy"] == "PASSIVE" and by_arm["auto"]["threads"] == 1   # tiny width
-    assert "goal (tiny, 1 competitor)" in proc.stdout

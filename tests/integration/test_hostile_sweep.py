@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
-from test_hostile_tracking import ADMIN_PASSWORD, SECRET, files_containing, mlflow_server  # noqa: F401 (fixture)
+from test_hostile_tracking_cli import ADMIN_PASSWORD, SECRET, files_containing, mlflow_server  # noqa: F401 (fixture)
 
 from service.tracking import store as tracking
 
