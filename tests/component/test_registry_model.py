@@ -1,7 +1,7 @@
 """The registered TDSM model as a user finds it: registered through service.final's own code path in a real
 sqlite store, then loaded back by alias with its description, tags, signature (input, params, output columns),
 classes.json, input example and requirements. A chain over features here (no encoder); skeleton chains, serving
-and a clean environment: tests/test_served_model.py."""
+and a clean environment: tests/integration/test_served_model.py."""
 
 from __future__ import annotations
 
