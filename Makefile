@@ -38,7 +38,7 @@ test: install          ## the linter, then the whole suite, slow integration tes
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 
-test-fast: install     ## the linter, then unit and component tests only
+test-fast: install     ## the linter, then every test not marked slow (unit, component, fast integration)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -m "not slow"
 

