@@ -17,7 +17,6 @@ from pydantic import BaseModel
 from trainers import cocodiff_data
 from trainers.checkpoint import BEST, LAST
 from trainers.cocodiff import (
-    CoCoDiffConfig,
     CoCoDiffModule,
     LatentDenoiser,
     build_module,
@@ -40,6 +39,7 @@ from trainers.cocodiff_data import (
 from trainers.cocodiff_eval import accuracy_metrics, ensemble_logits, evaluate_classifier
 from trainers.cocodiff_fit import TrainingModel, compute_losses, fit_cocodiff, step_generator, step_times
 from trainers.config import build_config, flatten, to_plain
+from trainers.configs import CoCoDiffConfig
 from trainers.errors import InputError
 from trainers.schedule import batch_indices
 from trainers.skeleton.gcn import build_encoder

@@ -24,8 +24,8 @@ from service.methods.search_space import (
     load_search_space,
     trial_overrides,
 )
-from trainers.cocodiff import CoCoDiffConfig
 from trainers.config import build_config, to_plain
+from trainers.configs import CoCoDiffConfig
 from trainers.errors import InputError
 from trainers.skeleton.synthetic import NUM_CLASSES as SYNTHETIC_CLASSES
 from trainers.skeleton.synthetic import action_catalogue

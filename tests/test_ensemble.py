@@ -19,8 +19,8 @@ from service.ensemble import main
 from service.methods.cocodiff import cocodiff_table
 from service.tracking.artifacts import log_classification_outputs
 from service.tracking.store import MLflowReporter
-from trainers.cocodiff import CoCoDiffConfig
 from trainers.config import build_config, to_plain
+from trainers.configs import CoCoDiffConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

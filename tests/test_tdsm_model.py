@@ -1,6 +1,6 @@
 import torch
 
-from trainers.config import ModelConfig
+from trainers.configs import ModelConfig
 from trainers.tdsm_model import CrossDiTBlock, TDSMDenoiser, count_parameters
 
 

@@ -25,7 +25,6 @@ from torch import nn
 from trainers import checkpoint
 from trainers.checkpoint import BEST, LAST
 from trainers.cocodiff import (
-    CoCoDiffConfig,
     CoCoDiffModule,
     build_module,
     build_schedule,
@@ -36,6 +35,7 @@ from trainers.cocodiff import (
 from trainers.cocodiff_classifier import SkeletonClassifier, build_classifier
 from trainers.cocodiff_eval import evaluate_classifier
 from trainers.config import flatten, to_plain
+from trainers.configs import CoCoDiffConfig
 from trainers.diffusion import NoiseSchedule
 from trainers.errors import InputError
 from trainers.guards import LossGuard

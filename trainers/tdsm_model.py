@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from trainers.config import ModelConfig
+from trainers.configs import ModelConfig
 from trainers.layers import TimestepEmbedder, modulate
 
 # ----------------------------------------------------------------------------------------------

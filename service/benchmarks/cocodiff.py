@@ -23,10 +23,10 @@ from service.benchmarks.common import (
     resolve_bench_device,
     time_calls,
 )
-from trainers.cocodiff import CoCoDiffConfig
 from trainers.cocodiff_classifier import build_classifier, export_classifier
 from trainers.cocodiff_fit import fit_cocodiff, step_times, with_overrides
 from trainers.config import build_config
+from trainers.configs import CoCoDiffConfig
 from trainers.errors import InputError
 from trainers.runtime import autocast, resolve_precision
 from trainers.tdsm_model import count_parameters

@@ -19,7 +19,8 @@ from service.benchmarks.common import (
     time_calls,
     write_report,
 )
-from trainers.encoder_fit import EncoderConfig, extract_features
+from trainers.configs import EncoderConfig
+from trainers.encoder_fit import extract_features
 from trainers.encoder_fit import train_step as encoder_train_step
 from trainers.errors import InputError
 from trainers.runtime import seed_everything

@@ -43,7 +43,8 @@ from service.benchmarks.common import (
     synchronize,
     time_calls,
 )
-from trainers.config import TDSMConfig, build_config
+from trainers.config import build_config
+from trainers.configs import TDSMConfig
 from trainers.diffusion import NoiseSchedule
 from trainers.errors import InputError
 from trainers.losses import sample_negative_classes

@@ -15,7 +15,7 @@ from service.methods.search_space import SearchSpace
 from service.storage import Storage
 from service.tracking.store import start_encoder_run
 from trainers.config import build_config, dump_yaml, field_description, load_yaml, parse_override, to_plain
-from trainers.encoder_fit import EncoderConfig
+from trainers.configs import EncoderConfig
 from trainers.errors import InputError
 
 # Ray results and checkpoints, and the cached skeleton chain (service.data.chain): shared storage on a cluster.
