@@ -41,11 +41,11 @@ from trainers.cocodiff_fit import TrainingModel, compute_losses, fit_cocodiff, s
 from trainers.config import build_config, flatten, to_plain
 from trainers.configs import CoCoDiffConfig
 from trainers.errors import InputError
+from trainers.layers import count_parameters
 from trainers.schedule import batch_indices
 from trainers.skeleton.gcn import build_encoder
 from trainers.skeleton.synthetic import NUM_CLASSES as SYNTHETIC_CLASSES
 from trainers.skeleton.synthetic import action_catalogue
-from trainers.tdsm_model import count_parameters
 from trainers.text import TextFeatures
 from trainers.tracking import ListReporter, NullReporter
 

@@ -28,8 +28,8 @@ from trainers.cocodiff_fit import fit_cocodiff, step_times, with_overrides
 from trainers.config import build_config
 from trainers.configs import CoCoDiffConfig
 from trainers.errors import InputError
+from trainers.layers import count_parameters
 from trainers.runtime import autocast, resolve_precision
-from trainers.tdsm_model import count_parameters
 from trainers.tracking import NullReporter
 
 # Dotted overrides of CoCoDiffConfig per size. 'default' is the config's own (the embedded default's: ST-GCN,

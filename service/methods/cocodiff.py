@@ -28,7 +28,7 @@ from trainers.config import build_config, dump_yaml, flatten, parse_override, to
 from trainers.configs import BackboneConfig, CoCoDiffConfig
 from trainers.errors import InputError
 from trainers.io import load_checkpoint
-from trainers.tdsm_model import count_parameters
+from trainers.layers import count_parameters
 from trainers.tracking import Artifacts
 
 OBJECTIVE = "val/top1"   # chooses the kept classifier; reported and ranked as `<metric>_max` (see methods.tdsm)
