@@ -14,6 +14,7 @@ import torch
 from conftest import CrashAfter
 from pydantic import BaseModel
 
+from service.benchmarks.cocodiff import step_times
 from trainers import cocodiff_data
 from trainers.checkpoint import BEST, LAST
 from trainers.cocodiff import (
@@ -37,7 +38,7 @@ from trainers.cocodiff_data import (
     synthetic_prompts,
 )
 from trainers.cocodiff_eval import accuracy_metrics, ensemble_logits, evaluate_classifier
-from trainers.cocodiff_fit import TrainingModel, compute_losses, fit_cocodiff, step_generator, step_times
+from trainers.cocodiff_fit import TrainingModel, compute_losses, fit_cocodiff, step_generator
 from trainers.config import build_config, flatten, to_plain
 from trainers.configs import CoCoDiffConfig
 from trainers.errors import InputError
