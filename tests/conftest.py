@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from trainers.config import TDSMConfig, build_config
+from trainers.config import build_config
+from trainers.configs import TDSMConfig
 from trainers.tracking import ListReporter
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

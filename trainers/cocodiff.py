@@ -6,227 +6,21 @@ into a generated feature x̂_0; x̂_0 is classified by the same head and aligned
 (label + synonyms) by a symmetric KL contrastive loss. At inference only backbone + head run.
 
 The module never owns the schedule: `trainers.diffusion.NoiseSchedule` is passed in, and the losses are
-functions of tensors. This file holds the configuration, the denoiser, the module and the losses; the fit
-loop, evaluation and export live in `trainers.cocodiff_fit`.
+functions of tensors. This file holds the denoiser, the module and the losses; the configuration is in
+`trainers.configs`, the fit loop, evaluation and export in `trainers.cocodiff_fit`.
 """
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
-from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator, model_validator
 from torch import nn
 
-from trainers.config import (
-    MAX_BATCH,
-    MAX_STEPS,
-    MAX_THREADS,
-    MAX_TIMESTEPS,
-    MAX_WEIGHT,
-    OptimConfig,
-    Section,
-    Seed,
-    TrainConfig,
-)
+from trainers.configs import MAX_LOGIT_SCALE, CoCoDiffModuleConfig
 from trainers.diffusion import NoiseSchedule
 from trainers.layers import TimestepEmbedder, modulate
-from trainers.skeleton.splits import BENCHMARKS
-from trainers.skeleton.synthetic import NUM_CLASSES as SYNTHETIC_CLASSES
-
-# CLIP's cap on the learnable logit scale (GAP inherits it): beyond 100 the softmax is a hard arg-max.
-MAX_LOGIT_SCALE = 100.0
-
-
-# ----------------------------------------------------------------------------------------------
-# Configuration
-# ----------------------------------------------------------------------------------------------
-
-class BackboneConfig(Section):
-    """The GCN feature extractor + linear head: everything that also runs at inference.
-
-    Defaults are sized for the embedded default on 2 CPU cores (a light ST-GCN, 32-d x_0); the paper-scale plan
-    (CTR-GCN, 64 base channels, units 4,3,3, 256-d x_0) is service/configs/cocodiff_paper.yaml.
-    """
-
-    encoder: Literal["stgcn", "shiftgcn", "ctrgcn"] = Field(
-        "stgcn", description="GCN encoder (docs/METHODS.md §2: CTR-GCN at paper scale; ST-GCN as the light option).")
-    base_channels: int = Field(
-        8, ge=1, le=4096, description="Width of the first stage; x_0 is 4x this with three stages "
-                                                   "(paper scale: 64 -> 256-d).")
-    units_per_stage: list[Annotated[int, Field(ge=1, le=64)]] = Field(
-        [1, 1, 1], min_length=1, max_length=16,
-        description="GCN units per stage; stages double the width (paper plan: 4,3,3).")
-    dropout: float = Field(0.0, ge=0, lt=1, description="Encoder dropout (ST-GCN: per unit; others: before the head).")
-    stream: Literal["joint", "bone", "motion"] = Field(
-        "joint", description="Input stream computed from the joint array; ensemble streams by their logits.")
-    layout: Literal["ntu-rgb+d", "openpose"] = Field(
-        "ntu-rgb+d", description="Skeleton graph: NTU-25 joints or OpenPose-18 (Kinetics-Skeleton).")
-
-
-class CoCoDiffModuleConfig(Section):
-    """The training-only diffusion module and its guidance weights (the loss of docs/METHODS.md §2)."""
-
-    enabled: bool = Field(True, description="Train with the module; False is the plain backbone baseline.")
-    num_train_timesteps: int = Field(
-        100, ge=1, le=MAX_TIMESTEPS, description="Diffusion steps T of the feature-space schedule.")
-    beta_schedule: Literal["linear", "scaled_linear", "cosine"] = Field(
-        "cosine", description="Beta schedule; cosine reaches pure noise at t = T-1, the linear ones may not.")
-    beta_start: float = Field(1e-4, gt=0, lt=1, description="First beta (linear schedules only).")
-    beta_end: float = Field(0.02, gt=0, lt=1, description="Last beta (linear schedules only).")
-    hidden: int = Field(128, ge=8, le=16384, description="Width of the residual-MLP denoiser (paper scale: 512).")
-    depth: int = Field(2, ge=1, le=256, description="Residual MLP blocks of the denoiser (paper scale: 3).")
-    align_dim: int = Field(64, ge=8, le=16384, description="Width of the shared space where x̂_0 meets the coarse text "
-                                                 "(paper scale: 256).")
-    w_diff: float = Field(1.0, ge=0, le=MAX_WEIGHT, description="Weight of ||x̂_0 - sg(x_0)||² (mean over elements).")
-    w_gen: float = Field(
-        0.5, ge=0, le=MAX_WEIGHT, description="Weight of CE(head(x̂_0)): classifying the generated features.")
-    w_coarse: float = Field(
-        0.1, ge=0, le=MAX_WEIGHT, description="Weight of the symmetric KL contrastive loss of x̂_0 vs coarse text.")
-    kl_temperature: float = Field(
-        0.07, gt=1.0 / MAX_LOGIT_SCALE, le=1e3,
-        description="Initial temperature; the logit scale 1/τ is learnable (≤ 100).")
-    fine_dropout: float = Field(
-        0.0, ge=0, lt=1, description="Probability of dropping a sample's fine-text conditioning (zero vector).")
-    detach_diffusion_input: bool = Field(
-        True, description="Build the x_t of the diffusion term ||x̂_0 - sg(x_0)||² from sg(x_0), so that term trains "
-                          "the denoiser only; CE(head(x̂_0)) and the coarse KL still reach the backbone through x_t "
-                          "(README, Results: the detach ablation).")
-
-    @model_validator(mode="after")
-    def _check_betas(self) -> CoCoDiffModuleConfig:
-        if self.beta_schedule != "cosine" and self.beta_start >= self.beta_end:
-            raise ValueError(f"module.beta_start={self.beta_start} must be < module.beta_end={self.beta_end}")
-        return self
-
-
-class SyntheticDataConfig(Section):
-    """The embedded default: the generated NTU-format action set of `trainers.skeleton.synthetic`.
-
-    46 classes (a motion primitive applied to a body part, e.g. "raise left arm") with generated class names and
-    one-sentence descriptions; performers, cameras and setups vary as in NTU, so the set has NTU-60-style X-Sub
-    and X-View columns. The service layer generates and prepares it once (cached under $SKELDIFF_CACHE/synthetic).
-    """
-
-    per_class: int = Field(
-        20, ge=2, le=10_000, description="Generated sequences per class (before the benchmark's train/test split).")
-    seed: Seed = Field(0, description="Seed of the generator (performers, cameras, speeds, noise).")
-
-
-# The generated set as NTU files (X-Sub, X-View columns), as a Kinetics-Skeleton release and as a PKU-MMD release
-# (trainers/skeleton/synthetic_release.py): the same 46 actions through each protocol's reader and split.
-SYNTHETIC_BENCHMARKS = ("ntu60-xsub", "ntu60-xview", "kinetics", "pku-xsub", "pku-xview")
-
-
-class SkeletonDataConfig(Section):
-    """Where the skeleton arrays come from and how train / validation / test are split."""
-
-    source: Literal["synthetic", "prepared"] = Field(
-        "synthetic", description="'prepared': data.npy/label.npy/index.tsv of `service.prepare` in data.prepared_dir; "
-                                 "'synthetic': the generated action set (data.synthetic), prepared the same way.")
-    prepared_dir: Path | None = Field(
-        None, description="Output folder of `python -m service.prepare` (source=prepared).")
-    benchmark: str = Field(
-        "ntu60-xsub", description=f"Column of index.tsv that splits train/test: {', '.join(BENCHMARKS)} "
-                                  f"(the synthetic set: {', '.join(SYNTHETIC_BENCHMARKS)}; kinetics "
-                                  "needs backbone.layout=openpose).")
-    val_fraction: float = Field(
-        0.1, gt=0, lt=1,
-        description="Training samples held out for validation (checkpoint choice; never the test split).")
-    val_seed: Seed = Field(0, description="Seed of the validation draw.")
-    synthetic: SyntheticDataConfig = Field(default_factory=SyntheticDataConfig)
-
-    @field_validator("benchmark")
-    @classmethod
-    def _known_benchmark(cls, value: str) -> str:
-        if value not in BENCHMARKS:
-            raise ValueError(f"expected one of {', '.join(BENCHMARKS)}")
-        return value
-
-    @model_validator(mode="after")
-    def _prepared_needs_dir(self) -> SkeletonDataConfig:
-        if self.source == "prepared" and self.prepared_dir is None:
-            raise ValueError("data.prepared_dir is required with data.source=prepared")
-        if self.source == "synthetic" and self.benchmark not in SYNTHETIC_BENCHMARKS:
-            raise ValueError(f"data.benchmark={self.benchmark}: the synthetic set comes as "
-                             f"{', '.join(SYNTHETIC_BENCHMARKS)}")
-        return self
-
-    @property
-    def num_classes(self) -> int:
-        """Classes of the head and text tables: the synthetic catalogue's, else the benchmark's."""
-        return SYNTHETIC_CLASSES if self.source == "synthetic" else BENCHMARKS[self.benchmark].num_classes
-
-
-class CoCoDiffTextConfig(Section):
-    """Coarse (label + synonyms) and fine (description) prompt files, one line per class each."""
-
-    encoder: str = Field("minilm", description="'minilm' (offline) or 'open_clip:MODEL:PRETRAINED_OR_PATH'.")
-    class_names: Path | None = Field(
-        None, description="Coarse text: one class name per line; default: the synthetic set's generated names "
-                          "(source=synthetic) or the embedded NTU-60 names.")
-    synonyms: list[Path] | None = Field(
-        None, description="More coarse files (synonyms, one line per class), concatenated with the names along "
-                          "channels; default: the embedded synonyms of the synthetic set (source=synthetic), "
-                          "else none.")
-    descriptions: list[Path] | None = Field(
-        None, description="Fine text files (one description per class); default: the synthetic set's generated "
-                          "descriptions (source=synthetic) or the embedded NTU-60 descriptions.")
-    cache_dir: Path | None = Field(
-        None, description="Encoded-text cache; default $SKELDIFF_CACHE or ~/.cache/skeldiff.")
-
-
-class CoCoDiffEvalConfig(Section):
-    """Classification on the validation split."""
-
-    batch_size: int = Field(256, ge=1, le=MAX_BATCH, description="Sequences per evaluation forward.")
-
-
-class CoCoDiffOptimConfig(OptimConfig):
-    """AdamW as for TDSM, with defaults sized for the embedded default on 2 CPU cores (paper: batch 64 on NTU,
-    128 on Kinetics; see service/configs/cocodiff_paper.yaml). Subclassed rather than built with other values
-    in a default factory, so that overriding one field (`--set optim.lr=...`) keeps the others' defaults."""
-
-    lr: float = Field(3e-3, gt=0, description="Peak learning rate (paper scale: 1e-3).")
-    warmup_steps: int = Field(20, ge=0, le=MAX_STEPS, description="Linear warm-up steps.")
-    batch_size: int = Field(
-        16, ge=1, le=MAX_BATCH, description="Sequences per step (per rank under DDP; paper: 64 on NTU).")
-
-
-class CoCoDiffTrainConfig(TrainConfig):
-    """Loop length and cadence of the embedded default (a few minutes on 2 CPU cores)."""
-
-    steps: int = Field(600, ge=1, le=MAX_STEPS, description="Training iterations.")
-    eval_every: int = Field(100, ge=1, le=MAX_STEPS, description="Evaluate on the validation split every N steps.")
-    checkpoint_every: int = Field(100, ge=1, le=MAX_STEPS, description="Write a resumable checkpoint every N steps.")
-    threads: int = Field(
-        1, ge=0, le=MAX_THREADS, description="torch intra-op threads; 0 keeps torch's default. One: small "
-                                             "convolutions run fastest so on shared cores.")
-
-
-class CoCoDiffConfig(Section):
-    """Everything one CoCoDiff (or baseline) run reads."""
-
-    method: Literal["cocodiff"] = "cocodiff"
-    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
-    module: CoCoDiffModuleConfig = Field(default_factory=CoCoDiffModuleConfig)
-    optim: CoCoDiffOptimConfig = Field(default_factory=CoCoDiffOptimConfig)
-    train: CoCoDiffTrainConfig = Field(default_factory=CoCoDiffTrainConfig)
-    data: SkeletonDataConfig = Field(default_factory=SkeletonDataConfig)
-    text: CoCoDiffTextConfig = Field(default_factory=CoCoDiffTextConfig)
-    eval: CoCoDiffEvalConfig = Field(default_factory=CoCoDiffEvalConfig)
-
-    @model_validator(mode="after")
-    def _layout_fits_data(self) -> CoCoDiffConfig:
-        joints = "openpose" if BENCHMARKS[self.data.benchmark].family == "kinetics" else "ntu-rgb+d"
-        if self.backbone.layout != joints:
-            raise ValueError(f"backbone.layout={self.backbone.layout} but data.benchmark={self.data.benchmark} "
-                             f"has {'OpenPose-18' if joints == 'openpose' else 'NTU-25'} joints: "
-                             f"set backbone.layout={joints}")
-        return self
 
 
 def build_schedule(cfg: CoCoDiffModuleConfig) -> NoiseSchedule:
@@ -411,8 +205,6 @@ def cocodiff_loss(logits: torch.Tensor, logits_gen: torch.Tensor, x0: torch.Tens
 
 
 __all__ = [
-    "BackboneConfig", "CoCoDiffConfig", "CoCoDiffEvalConfig", "CoCoDiffModule", "CoCoDiffModuleConfig",
-    "CoCoDiffOptimConfig", "CoCoDiffTextConfig", "CoCoDiffTrainConfig", "LatentDenoiser", "SkeletonDataConfig",
-    "SyntheticDataConfig", "build_module", "build_schedule", "classification_loss", "cocodiff_loss",
+    "CoCoDiffModule", "LatentDenoiser", "build_module", "build_schedule", "classification_loss", "cocodiff_loss",
     "draw_diffusion_inputs", "kl_contrastive_loss",
 ]

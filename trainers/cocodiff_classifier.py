@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from trainers.checkpoint import load_weights
-from trainers.cocodiff import BackboneConfig
 from trainers.cocodiff_eval import ensemble_logits
+from trainers.configs import BackboneConfig
 from trainers.errors import InputError
 from trainers.guards import check_model_input
 from trainers.io import load_checkpoint

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from trainers.assets import ASSETS, EMBEDDED_DESCRIPTIONS, EMBEDDED_NAMES, default_cache_dir
-from trainers.cocodiff import CoCoDiffConfig
+from trainers.configs import CoCoDiffConfig
 from trainers.errors import InputError
 from trainers.skeleton.prepared import read_prepared
 from trainers.skeleton.splits import BENCHMARKS

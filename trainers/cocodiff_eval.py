@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from trainers.cocodiff import CoCoDiffConfig
+from trainers.configs import CoCoDiffConfig
 from trainers.errors import InputError
 from trainers.runtime import autocast, resolve_precision
 

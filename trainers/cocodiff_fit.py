@@ -11,8 +11,6 @@ uninterrupted one, and data-parallel ranks (DDP, `wrap_model`) train on disjoint
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +23,6 @@ from torch import nn
 from trainers import checkpoint
 from trainers.checkpoint import BEST, LAST
 from trainers.cocodiff import (
-    CoCoDiffConfig,
     CoCoDiffModule,
     build_module,
     build_schedule,
@@ -36,6 +33,7 @@ from trainers.cocodiff import (
 from trainers.cocodiff_classifier import SkeletonClassifier, build_classifier
 from trainers.cocodiff_eval import evaluate_classifier
 from trainers.config import flatten, to_plain
+from trainers.configs import CoCoDiffConfig
 from trainers.diffusion import NoiseSchedule
 from trainers.errors import InputError
 from trainers.guards import LossGuard
@@ -390,7 +388,7 @@ def _resume(run_dir: Path, fingerprint: str, classifier, module, opt, total: int
 
 
 # ----------------------------------------------------------------------------------------------
-# Overrides and step cost
+# Overrides
 # ----------------------------------------------------------------------------------------------
 
 def with_overrides(cfg: CoCoDiffConfig, **sections: dict[str, Any]) -> CoCoDiffConfig:
@@ -399,59 +397,3 @@ def with_overrides(cfg: CoCoDiffConfig, **sections: dict[str, Any]) -> CoCoDiffC
     for section, values in sections.items():
         tree[section] = {**tree[section], **values}
     return CoCoDiffConfig.model_validate(tree)
-
-
-def step_times(cfg: CoCoDiffConfig, batch: tuple[torch.Tensor, torch.Tensor], fine_text: torch.Tensor | None = None,
-               coarse_text: torch.Tensor | None = None, iters: int = 5, warmup: int = 2) -> dict[str, float]:
-    """Median seconds of one training step (the fit loop's own `training_step`) without and with the module.
-
-    batch: (x (N, C, T, V, M), y (N,)); texts default to seeded random 384-d rows (MiniLM's width) for
-    1 + max(y) classes. Runs on cfg.train.device with cfg.train.precision; nothing is asserted here. The two
-    arms' steps alternate, so a change in load from other processes hits both alike; `<arm>_cpu_share` is this
-    process's CPU time over (wall time x torch threads) of the arm's timed steps (CPU only; ~1 when uncontended).
-    """
-    x, y = batch
-    num_classes = fine_text.shape[0] if fine_text is not None else int(y.max()) + 1
-    g = torch.Generator().manual_seed(0)
-    fine_text = fine_text if fine_text is not None else torch.randn(num_classes, 384, generator=g)
-    coarse_text = coarse_text if coarse_text is not None else torch.randn(num_classes, 384, generator=g)
-    device = resolve_device(cfg.train.device)
-    precision = resolve_precision(cfg.train.precision, device)
-    def amp():  # a fresh context per use
-        return autocast(device, precision)
-
-    x, y = x.to(device), y.to(device)
-    ft, ct = fine_text.float().to(device), coarse_text.float().to(device)
-    schedule = build_schedule(cfg.module)
-    arms = {}
-    for arm, enabled in (("baseline", False), ("cocodiff", True)):
-        seed_everything(cfg.train.seed)
-        classifier = build_classifier(cfg.backbone, num_classes, x.shape[1]).to(device)
-        module = build_module(cfg.module, classifier.encoder.feature_dim, ft.shape[1],
-                              ct.shape[1]).to(device) if enabled else None
-        model = TrainingModel(classifier, module).train()
-        arms[arm] = (model, make_optimizer(cfg, model))
-    wall: dict[str, list[float]] = {arm: [] for arm in arms}
-    cpu: dict[str, float] = dict.fromkeys(arms, 0.0)
-    for i in range(warmup + iters):
-        for arm, (model, opt) in arms.items():
-            gen = step_generator(cfg.train.seed, i)
-            _synchronize(device)
-            start, cpu_start = time.perf_counter(), time.process_time()
-            training_step(model, schedule, opt, cfg, x, y, ft, ct, gen, amp)
-            _synchronize(device)
-            if i >= warmup:
-                wall[arm].append(time.perf_counter() - start)
-                cpu[arm] += time.process_time() - cpu_start
-    out: dict[str, float] = {}
-    for arm in arms:
-        out[f"{arm}_s"] = statistics.median(wall[arm])
-        if device.type == "cpu":
-            out[f"{arm}_cpu_share"] = cpu[arm] / (sum(wall[arm]) * torch.get_num_threads())
-    out["overhead"] = out["cocodiff_s"] / out["baseline_s"] - 1.0
-    return out
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

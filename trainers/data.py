@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainers.config import DataConfig
+from trainers.configs import DataConfig
 from trainers.errors import InputError, short_repr
 from trainers.guards import check_finite_rows, check_numeric_array
 from trainers.io import load_npy

@@ -9,16 +9,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import nn
 
 from trainers import checkpoint
 from trainers.checkpoint import ENCODER, LAST
-from trainers.config import MAX_BATCH, MAX_STEPS, MAX_WEIGHT, Section, Seed
+from trainers.configs import EncoderConfig
 from trainers.errors import InputError
 from trainers.guards import LossGuard
 from trainers.io import load_checkpoint, load_torch
@@ -30,26 +28,6 @@ from trainers.tracking import Reporter
 
 # EncoderConfig fields that do not change what training computes (exact names).
 NON_TRAINING_KEYS = ("device", "checkpoint_every")
-
-
-class EncoderConfig(Section):
-    """A GCN encoder and how to train it on the seen classes."""
-
-    name: Literal["stgcn", "shiftgcn", "ctrgcn"] = Field("stgcn", description="GCN architecture.")
-    layout: Literal["ntu-rgb+d", "openpose"] = Field("ntu-rgb+d", description="Skeleton graph layout.")
-    base_channels: int = Field(64, ge=4, le=4096, description="Width of the first stage; the feature is 4x this.")
-    units_per_stage: list[Annotated[int, Field(ge=1, le=64)]] = Field(
-        [1, 1, 1], min_length=1, max_length=16, description="GCN units per stage (paper models: 4, 3, 3).")
-    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout (per unit for ST-GCN, before the head otherwise).")
-    stream: Literal["joint", "bone", "motion"] = Field("joint", description="Input stream.")
-    steps: int = Field(400, ge=1, le=MAX_STEPS, description="Training iterations.")
-    batch_size: int = Field(32, ge=1, le=MAX_BATCH, description="Sequences per step, shared by all DDP workers.")
-    checkpoint_every: int = Field(100, ge=1, le=MAX_STEPS, description="Steps between resumable checkpoints (last.pt).")
-    lr: float = Field(1e-3, gt=0, description="Peak AdamW learning rate (cosine decay, 5% warm-up).")
-    weight_decay: float = Field(1e-4, ge=0, le=MAX_WEIGHT, description="AdamW weight decay.")
-    seed: Seed = Field(0, description="Seed of init and batches.")
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="bf16 autocast where fast.")
-    device: str = Field("auto", description="'auto', 'cpu', 'cuda'.")
 
 
 def to_stream(x: torch.Tensor, stream: str, layout: str) -> torch.Tensor:

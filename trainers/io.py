@@ -55,7 +55,7 @@ def atomic_torch_save(obj: Any, path: Path) -> Path:
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
-            import torch      # here, not at the top: the CLIs import this module (via service.storage) to parse
+            import torch  # here, not at the top: the CLIs import this module (via service.storage) to parse
             torch.save(obj, f)
 
     with signals_deferred():            # delivered once the file is whole and in place
@@ -90,7 +90,7 @@ def load_torch(path: Path, what: str = "checkpoint", keys: tuple[str, ...] = ())
     if not path.is_file():
         raise InputError(f"{path}: missing (expected a skeldiff {what})")
     try:
-        import torch          # (see atomic_torch_save)
+        import torch  # (see atomic_torch_save)
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         # The weights-only unpickler refuses a global it does not allow before calling it: nothing has run.

@@ -1,4 +1,5 @@
-"""Layers shared by the TDSM denoiser and the CoCoDiff module: adaLN modulation and the timestep embedder."""
+"""What the models share: adaLN modulation and the timestep embedder (the TDSM denoiser and the CoCoDiff module), and
+the parameter count every method logs."""
 
 from __future__ import annotations
 
@@ -33,3 +34,8 @@ class TimestepEmbedder(nn.Module):
         freqs = self.sinusoid(t, self.freq_dim)                        # (N, freq_dim), float32
         # Cast to the weights' dtype so a float64 copy of the model runs (exactness tests); autocast recasts anyway.
         return self.mlp(freqs.to(self.mlp[0].weight.dtype))            # (N, C)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

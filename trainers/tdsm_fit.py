@@ -16,7 +16,8 @@ from torch import nn
 
 from trainers import checkpoint
 from trainers.checkpoint import BEST, LAST
-from trainers.config import MAX_STEPS, TDSMConfig, flatten, to_plain
+from trainers.config import MAX_STEPS, flatten, to_plain
+from trainers.configs import TDSMConfig
 from trainers.data import FeatureSplit, ZSLTask
 from trainers.diffusion import NoiseSchedule
 from trainers.errors import InputError

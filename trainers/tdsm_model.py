@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from trainers.config import ModelConfig
+from trainers.configs import ModelConfig
 from trainers.layers import TimestepEmbedder, modulate
 
 # ----------------------------------------------------------------------------------------------
@@ -142,8 +142,3 @@ class TDSMDenoiser(nn.Module):
         for block in self.blocks:
             x, l = block(x, l, c)                                    # (N, 1, C), (N, M_l, C)
         return self.final_layer(x, c).squeeze(1)                     # (N, D_x)
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Number of trainable parameters."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from trainers.assets import EMBEDDED_DESCRIPTIONS, EMBEDDED_NAMES, default_cache_dir
-from trainers.config import TDSMConfig
+from trainers.configs import TDSMConfig
 from trainers.data import ZSLTask, generate_synthetic_task, load_feature_task
 from trainers.errors import InputError
 from trainers.text import TextFeatures, encode_prompt_sets, read_prompt_file

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from trainers.checkpoint import load_weights
-from trainers.config import TDSMConfig
-from trainers.encoder_fit import EncoderConfig, encoder_from_state, extract_features
+from trainers.configs import EncoderConfig, TDSMConfig
+from trainers.encoder_fit import encoder_from_state, extract_features
 from trainers.errors import InputError, short_repr
 from trainers.guards import check_model_input
 from trainers.io import load_torch

@@ -21,15 +21,24 @@ from service.benchmarks.common import (
     log,
     min_cpu_share,
     resolve_bench_device,
+    synchronize,
     time_calls,
 )
-from trainers.cocodiff import CoCoDiffConfig
+from trainers.cocodiff import build_module, build_schedule
 from trainers.cocodiff_classifier import build_classifier, export_classifier
-from trainers.cocodiff_fit import fit_cocodiff, step_times, with_overrides
+from trainers.cocodiff_fit import (
+    TrainingModel,
+    fit_cocodiff,
+    make_optimizer,
+    step_generator,
+    training_step,
+    with_overrides,
+)
 from trainers.config import build_config
+from trainers.configs import CoCoDiffConfig
 from trainers.errors import InputError
-from trainers.runtime import autocast, resolve_precision
-from trainers.tdsm_model import count_parameters
+from trainers.layers import count_parameters
+from trainers.runtime import autocast, resolve_device, resolve_precision, seed_everything
 from trainers.tracking import NullReporter
 
 # Dotted overrides of CoCoDiffConfig per size. 'default' is the config's own (the embedded default's: ST-GCN,
@@ -76,6 +85,58 @@ def _cocodiff_share(size_report: dict[str, Any]) -> float | None:
 
 def _param_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def step_times(cfg: CoCoDiffConfig, batch: tuple[torch.Tensor, torch.Tensor], fine_text: torch.Tensor | None = None,
+               coarse_text: torch.Tensor | None = None, iters: int = 5, warmup: int = 2) -> dict[str, float]:
+    """Median seconds of one training step (the fit loop's own `training_step`) without and with the module.
+
+    batch: (x (N, C, T, V, M), y (N,)); texts default to seeded random 384-d rows (MiniLM's width) for
+    1 + max(y) classes. Runs on cfg.train.device with cfg.train.precision; nothing is asserted here. The two
+    arms' steps alternate, so a change in load from other processes hits both alike; `<arm>_cpu_share` is this
+    process's CPU time over (wall time x torch threads) of the arm's timed steps (CPU only; ~1 when uncontended).
+    """
+    x, y = batch
+    num_classes = fine_text.shape[0] if fine_text is not None else int(y.max()) + 1
+    g = torch.Generator().manual_seed(0)
+    fine_text = fine_text if fine_text is not None else torch.randn(num_classes, 384, generator=g)
+    coarse_text = coarse_text if coarse_text is not None else torch.randn(num_classes, 384, generator=g)
+    device = resolve_device(cfg.train.device)
+    precision = resolve_precision(cfg.train.precision, device)
+
+    def amp():  # a fresh context per use
+        return autocast(device, precision)
+
+    x, y = x.to(device), y.to(device)
+    ft, ct = fine_text.float().to(device), coarse_text.float().to(device)
+    schedule = build_schedule(cfg.module)
+    arms = {}
+    for arm, enabled in (("baseline", False), ("cocodiff", True)):
+        seed_everything(cfg.train.seed)
+        classifier = build_classifier(cfg.backbone, num_classes, x.shape[1]).to(device)
+        module = build_module(cfg.module, classifier.encoder.feature_dim, ft.shape[1],
+                              ct.shape[1]).to(device) if enabled else None
+        model = TrainingModel(classifier, module).train()
+        arms[arm] = (model, make_optimizer(cfg, model))
+    wall: dict[str, list[float]] = {arm: [] for arm in arms}
+    cpu: dict[str, float] = dict.fromkeys(arms, 0.0)
+    for i in range(warmup + iters):
+        for arm, (model, opt) in arms.items():
+            gen = step_generator(cfg.train.seed, i)
+            synchronize(device)
+            start, cpu_start = time.perf_counter(), time.process_time()
+            training_step(model, schedule, opt, cfg, x, y, ft, ct, gen, amp)
+            synchronize(device)
+            if i >= warmup:
+                wall[arm].append(time.perf_counter() - start)
+                cpu[arm] += time.process_time() - cpu_start
+    out: dict[str, float] = {}
+    for arm in arms:
+        out[f"{arm}_s"] = statistics.median(wall[arm])
+        if device.type == "cpu":
+            out[f"{arm}_cpu_share"] = cpu[arm] / (sum(wall[arm]) * torch.get_num_threads())
+    out["overhead"] = out["cocodiff_s"] / out["baseline_s"] - 1.0
+    return out
 
 
 def bench_cocodiff(args: argparse.Namespace) -> int:

@@ -19,12 +19,13 @@ from service.benchmarks.common import (
     time_calls,
     write_report,
 )
-from trainers.encoder_fit import EncoderConfig, extract_features
+from trainers.configs import EncoderConfig
+from trainers.encoder_fit import extract_features
 from trainers.encoder_fit import train_step as encoder_train_step
 from trainers.errors import InputError
+from trainers.layers import count_parameters
 from trainers.runtime import seed_everything
 from trainers.skeleton.gcn import build_encoder
-from trainers.tdsm_model import count_parameters
 
 ENCODER_BENCH_SIZES = {      # name -> EncoderConfig fields
     "chain": {"name": "stgcn", "base_channels": 16, "units_per_stage": [1, 1, 1]},    # the embedded chain's

@@ -31,8 +31,8 @@ from service.benchmarks.common import (
 )
 from service.tracking.registry import load_served
 from service.tracking.store import resolve_tracking_uri
-from trainers.config import TDSMConfig, build_config
-from trainers.encoder_fit import EncoderConfig
+from trainers.config import build_config
+from trainers.configs import EncoderConfig, TDSMConfig
 from trainers.errors import InputError
 from trainers.runtime import resolve_precision
 from trainers.skeleton.gcn import build_encoder

@@ -43,13 +43,15 @@ from service.benchmarks.common import (
     synchronize,
     time_calls,
 )
-from trainers.config import TDSMConfig, build_config
+from trainers.config import build_config
+from trainers.configs import TDSMConfig
 from trainers.diffusion import NoiseSchedule
 from trainers.errors import InputError
+from trainers.layers import count_parameters
 from trainers.losses import sample_negative_classes
 from trainers.runtime import autocast, cpu_has_fast_bf16, seed_everything
 from trainers.tdsm_fit import TrainBatch, build_optimizer, build_schedule, train_step
-from trainers.tdsm_model import TDSMDenoiser, count_parameters
+from trainers.tdsm_model import TDSMDenoiser
 from trainers.zsl import evaluation_noise, score_candidates, score_candidates_loop
 
 # ----------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from service.orchestration.encoder import train_encoder_on_ray
 from service.process import exits_cleanly
 from service.tracking.store import resolve_tracking_uri
 from trainers.config import build_config, parse_override
-from trainers.encoder_fit import EncoderConfig
+from trainers.configs import EncoderConfig
 from trainers.errors import InputError
 from trainers.io import stable_hash
 

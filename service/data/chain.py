@@ -18,7 +18,7 @@ from service.data.generated import synthetic_prepared
 from service.storage import Storage
 from trainers.checkpoint import ENCODER
 from trainers.config import build_config
-from trainers.encoder_fit import EncoderConfig
+from trainers.configs import EncoderConfig
 from trainers.errors import InputError
 from trainers.io import atomic_write_text, stable_hash
 from trainers.skeleton.synthetic import NUM_CLASSES, action_catalogue

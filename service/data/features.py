@@ -12,8 +12,9 @@ import numpy as np
 import torch
 
 from trainers.checkpoint import ENCODER
+from trainers.configs import EncoderConfig
 from trainers.data import load_class_ids
-from trainers.encoder_fit import EncoderConfig, extract_features, fit_encoder, load_encoder
+from trainers.encoder_fit import extract_features, fit_encoder, load_encoder
 from trainers.errors import InputError
 from trainers.io import atomic_save_npy, atomic_write_text, load_torch
 from trainers.runtime import ThreadGovernor, resolve_device, resolve_threads

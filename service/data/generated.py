@@ -19,8 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from trainers.assets import default_cache_dir
-from trainers.cocodiff import CoCoDiffConfig
 from trainers.cocodiff_data import CoCoDiffInputs, prepare_cocodiff
+from trainers.configs import CoCoDiffConfig
 from trainers.schedule import progress_bar
 from trainers.skeleton.prepare import prepare
 from trainers.skeleton.splits import BENCHMARKS

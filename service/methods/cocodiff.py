@@ -21,9 +21,10 @@ from service.tracking.registry import register_classifier
 from service.tracking.store import MLflowReporter, standard_tags
 from trainers import cocodiff_classifier, cocodiff_eval, cocodiff_fit
 from trainers.checkpoint import BEST
-from trainers.cocodiff import CoCoDiffConfig, build_module
+from trainers.cocodiff import build_module
 from trainers.cocodiff_data import CoCoDiffInputs
 from trainers.config import build_config, dump_yaml, flatten, parse_override, to_plain
+from trainers.configs import CoCoDiffConfig
 from trainers.io import load_checkpoint
 from trainers.tdsm_model import count_parameters
 from trainers.tracking import Artifacts

@@ -16,7 +16,7 @@ from service.process import lock_dir
 from service.storage import Storage
 from service.tracking.store import MLflowReporter, standard_tags, start_encoder_run
 from trainers.config import to_plain
-from trainers.encoder_fit import EncoderConfig
+from trainers.configs import EncoderConfig
 from trainers.io import atomic_write_text, stable_hash
 
 

@@ -25,10 +25,11 @@ from service.tracking.sources import source_tags
 from service.tracking.store import MLflowReporter, standard_tags
 from trainers import tdsm_fit
 from trainers.checkpoint import BEST
-from trainers.config import TDSMConfig, build_config, dump_yaml, flatten, parse_override, to_plain
+from trainers.config import build_config, dump_yaml, flatten, parse_override, to_plain
+from trainers.configs import TDSMConfig
 from trainers.errors import InputError
+from trainers.layers import count_parameters
 from trainers.tdsm_fit import evaluate_gzsl_split, evaluate_split, fit_tdsm, load_best, training_fingerprint
-from trainers.tdsm_model import count_parameters
 from trainers.tdsm_task import TDSMInputs, class_prompts, prepare_tdsm
 from trainers.tracking import Artifacts
 from trainers.zero_shot import chain_bundle, chain_from_bundle, served_top1

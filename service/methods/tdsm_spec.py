@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from service.methods.base import Method, absolute_fields
-from trainers.config import TDSMConfig, build_config, to_plain
+from trainers.config import build_config, to_plain
+from trainers.configs import TDSMConfig
 from trainers.errors import InputError
 
 # The validation metric that chooses the kept (best.pt) weights; runs and sweep trials report its running maximum

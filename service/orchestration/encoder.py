@@ -19,7 +19,8 @@ from service.orchestration.cluster import input_error_cause
 from service.storage import Storage
 from service.tracking.store import MLflowReporter, encoder_experiment, start_encoder_run
 from trainers.checkpoint import ENCODER, LAST, copy_run_files
-from trainers.encoder_fit import EncoderConfig, fit_encoder
+from trainers.configs import EncoderConfig
+from trainers.encoder_fit import fit_encoder
 from trainers.errors import InputError
 from trainers.io import atomic_write, stable_hash
 from trainers.runtime import apply_thread_policy

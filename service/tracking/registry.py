@@ -33,9 +33,9 @@ from mlflow.types.schema import Array
 import trainers
 from service.tracking.store import MLflowReporter
 from trainers.checkpoint import load_weights
-from trainers.cocodiff import CoCoDiffConfig
 from trainers.cocodiff_classifier import ClassifierEnsemble, SkeletonClassifier
-from trainers.config import TDSMConfig, to_plain
+from trainers.config import to_plain
+from trainers.configs import CoCoDiffConfig, TDSMConfig
 from trainers.errors import InputError
 from trainers.io import load_torch
 from trainers.tdsm_fit import build_model, build_schedule

@@ -14,10 +14,10 @@ import torch
 from conftest import CrashAfter
 from pydantic import BaseModel
 
+from service.benchmarks.cocodiff import step_times
 from trainers import cocodiff_data
 from trainers.checkpoint import BEST, LAST
 from trainers.cocodiff import (
-    CoCoDiffConfig,
     CoCoDiffModule,
     LatentDenoiser,
     build_module,
@@ -38,14 +38,15 @@ from trainers.cocodiff_data import (
     synthetic_prompts,
 )
 from trainers.cocodiff_eval import accuracy_metrics, ensemble_logits, evaluate_classifier
-from trainers.cocodiff_fit import TrainingModel, compute_losses, fit_cocodiff, step_generator, step_times
+from trainers.cocodiff_fit import TrainingModel, compute_losses, fit_cocodiff, step_generator
 from trainers.config import build_config, flatten, to_plain
+from trainers.configs import CoCoDiffConfig
 from trainers.errors import InputError
+from trainers.layers import count_parameters
 from trainers.schedule import batch_indices
 from trainers.skeleton.gcn import build_encoder
 from trainers.skeleton.synthetic import NUM_CLASSES as SYNTHETIC_CLASSES
 from trainers.skeleton.synthetic import action_catalogue
-from trainers.tdsm_model import count_parameters
 from trainers.text import TextFeatures
 from trainers.tracking import ListReporter, NullReporter
 

@@ -15,8 +15,8 @@ import yaml
 from service.data.generated import prepare_cocodiff_inputs, synthetic_root
 from service.methods import METHODS
 from service.methods.search_space import check_against_config, load_search_space
-from trainers.cocodiff import CoCoDiffConfig
 from trainers.config import build_config, to_plain
+from trainers.configs import CoCoDiffConfig
 from trainers.errors import InputError
 from trainers.skeleton.synthetic import NUM_CLASSES as SYNTHETIC_CLASSES
 from trainers.skeleton.synthetic import action_catalogue

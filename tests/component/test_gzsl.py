@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import tiny_config, write_feature_folder, write_gtest
 
-from trainers.config import DataConfig
+from trainers.configs import DataConfig
 from trainers.data import GZSL_HELD_OUT_DIVISOR, generate_synthetic_task, load_feature_task
 from trainers.errors import InputError
 from trainers.tdsm_fit import build_model, evaluate_gzsl_split

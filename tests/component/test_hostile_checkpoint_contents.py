@@ -17,8 +17,8 @@ import torch
 from conftest import tiny_config
 
 from trainers import cocodiff_classifier, cocodiff_fit, encoder_fit, tdsm_fit
-from trainers.cocodiff import CoCoDiffConfig
 from trainers.config import build_config
+from trainers.configs import CoCoDiffConfig, EncoderConfig
 from trainers.data import FeatureSplit
 from trainers.errors import InputError
 from trainers.text import TextFeatures
@@ -181,8 +181,8 @@ def test_a_cocodiff_best_pt_with_nan_weights_is_refused_by_load_classifier(coco_
 
 
 def test_encoder_checkpoints_are_checked_too(tmp_path):
-    cfg = encoder_fit.EncoderConfig(name="stgcn", base_channels=4, units_per_stage=[1], batch_size=4, steps=2,
-                                    checkpoint_every=2, precision="fp32", device="cpu")
+    cfg = EncoderConfig(name="stgcn", base_channels=4, units_per_stage=[1], batch_size=4, steps=2,
+                        checkpoint_every=2, precision="fp32", device="cpu")
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(8, 3, 8, 25, 2, generator=g), torch.arange(4).repeat(2)
     encoder_fit.fit_encoder(cfg, x, y, [0, 1, 2, 3], ListReporter(), tmp_path / "run", progress=False)

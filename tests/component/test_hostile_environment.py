@@ -21,7 +21,7 @@ from conftest import write_feature_folder
 from service.cli.prepare import main as prepare_main
 from service.cli.run import main as run_main
 from trainers import io as trainers_io
-from trainers.config import DataConfig
+from trainers.configs import DataConfig
 from trainers.data import resolve_split
 from trainers.errors import InputError
 from trainers.text import _write_cache

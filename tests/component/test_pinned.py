@@ -11,11 +11,11 @@ import torch
 from conftest import tiny_config
 
 from trainers import cocodiff_fit, encoder_fit, tdsm_fit
-from trainers.cocodiff import CoCoDiffConfig
 from trainers.cocodiff_fit import fit_cocodiff
-from trainers.config import TDSMConfig, build_config
+from trainers.config import build_config
+from trainers.configs import CoCoDiffConfig, EncoderConfig, TDSMConfig
 from trainers.data import FeatureSplit
-from trainers.encoder_fit import EncoderConfig, fit_encoder
+from trainers.encoder_fit import fit_encoder
 from trainers.schedule import batch_indices, epoch_indices, lr_at
 from trainers.tdsm_fit import fit_tdsm
 from trainers.text import TextFeatures

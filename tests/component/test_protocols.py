@@ -15,7 +15,7 @@ from conftest import RELEASE_PER_CLASS as PER_CLASS
 from conftest import read_index
 from pydantic import ValidationError
 
-from trainers.cocodiff import CoCoDiffConfig
+from trainers.configs import CoCoDiffConfig
 from trainers.errors import InputError
 from trainers.skeleton.kinetics import read_kinetics
 from trainers.skeleton.pku import read_pku_segments

@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 from service.data.splits import load_references, load_splits
-from trainers.config import TDSMConfig, build_config
+from trainers.config import build_config
+from trainers.configs import TDSMConfig
 from trainers.errors import InputError
 from trainers.text import read_prompt_file
 

@@ -11,7 +11,7 @@ import torch
 from conftest import SHARED_DATA, with_choices
 
 from trainers import text
-from trainers.config import TDSMConfig
+from trainers.configs import TDSMConfig
 from trainers.errors import InputError
 from trainers.tdsm_task import encode_class_texts, prompt_files
 from trainers.text import (

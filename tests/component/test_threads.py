@@ -19,7 +19,8 @@ from service.benchmarks.contended import contended_arms, format_contended_report
 from service.cli.options import add_config_args, resolve_config, shortcut_overrides
 from service.methods import METHODS
 from trainers import runtime
-from trainers.config import TDSMConfig, build_config
+from trainers.config import build_config
+from trainers.configs import TDSMConfig
 from trainers.errors import InputError
 from trainers.runtime import (
     ThreadGovernor,

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from trainers.encoder_fit import EncoderConfig
+from trainers.configs import EncoderConfig
 from trainers.errors import InputError
 from trainers.skeleton.gcn import build_encoder
 from trainers.skeleton.preprocess import resample
@@ -101,7 +101,7 @@ def test_raw_lengths_are_resampled_as_prepare_does(chain):
 
 
 def test_bundle_round_trip(chain, tmp_path):
-    from trainers.encoder_fit import EncoderConfig as _  # noqa: F401 - the bundle names only plain data
+    from trainers.configs import EncoderConfig as _  # noqa: F401 - the bundle names only plain data
 
     blob = chain_bundle(chain.cfg, chain.denoiser, chain.prompt_sets, chain.text, chain.default_classes,
                         {"config": chain.encoder_cfg.model_dump(mode="json"), "classes": [0, 2, 3, 5, 7],

@@ -17,8 +17,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from trainers.cocodiff import CoCoDiffConfig
 from trainers.config import build_config, to_plain
+from trainers.configs import CoCoDiffConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 PER_CLASS = 8   # generated sequences per class in these tests (46 classes)

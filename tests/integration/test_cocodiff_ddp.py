@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainers.cocodiff import CoCoDiffConfig
 from trainers.config import build_config
+from trainers.configs import CoCoDiffConfig
 
 pytestmark = pytest.mark.slow
 

@@ -22,7 +22,8 @@ from service.data.chain import default_synthetic_unseen, resolve_chain, syntheti
 from service.data.features import extract_to_folder, seen_class_data, train_encoder
 from service.methods.common import train_encoder_logged
 from service.storage import Storage
-from trainers.encoder_fit import EncoderConfig, fit_encoder, load_encoder
+from trainers.configs import EncoderConfig
+from trainers.encoder_fit import fit_encoder, load_encoder
 from trainers.errors import InputError
 from trainers.skeleton.prepare import prepare
 from trainers.skeleton.synthetic import action_catalogue, write_synthetic_dataset

@@ -18,8 +18,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from service.ensemble import main
-from trainers.cocodiff import CoCoDiffConfig
 from trainers.config import build_config, to_plain
+from trainers.configs import CoCoDiffConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 

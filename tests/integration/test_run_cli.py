@@ -129,7 +129,8 @@ def test_print_config_applies_a_named_split(tmp_path, capsys, monkeypatch):
     """--print-config shows the split's data (what runs), and that YAML via --config trains the same config."""
     from service.methods.search_space import load_search_space
     from service.run import main
-    from trainers.config import TDSMConfig, build_config, load_yaml
+    from trainers.config import build_config, load_yaml
+    from trainers.configs import TDSMConfig
     from trainers.tdsm_fit import training_fingerprint
 
     monkeypatch.chdir(tmp_path)

@@ -179,9 +179,9 @@ def classifier(final):
     import torch
 
     from service.tracking.registry import log_classifier_model
-    from trainers.cocodiff import CoCoDiffConfig
     from trainers.cocodiff_classifier import build_classifier
     from trainers.config import build_config
+    from trainers.configs import CoCoDiffConfig
 
     _, uri, _, _ = final
     cfg = build_config(CoCoDiffConfig, {}, {"backbone.encoder": "stgcn", "backbone.base_channels": 8,

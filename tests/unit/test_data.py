@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import write_feature_folder
 
-from trainers.config import DataConfig
+from trainers.configs import DataConfig
 from trainers.data import (
     EMBEDDED_UNSEEN,
     carve_validation,

@@ -17,9 +17,8 @@ from pydantic.fields import FieldInfo
 from service.cli.run import main as run_main
 from service.data.splits import load_splits
 from service.methods.search_space import check_against_config, load_search_space
-from trainers.cocodiff import CoCoDiffConfig
-from trainers.config import MAX_YAML_NODES, UNBOUNDED_ABOVE, TDSMConfig, build_config, load_yaml, parse_override
-from trainers.encoder_fit import EncoderConfig
+from trainers.config import MAX_YAML_NODES, UNBOUNDED_ABOVE, build_config, load_yaml, parse_override
+from trainers.configs import CoCoDiffConfig, EncoderConfig, TDSMConfig
 from trainers.errors import InputError
 
 REPO = Path(__file__).resolve().parents[2]

@@ -7,7 +7,8 @@ import yaml
 
 from service.methods import METHODS
 from service.methods.search_space import check_against_config, load_search_space
-from trainers.config import TDSMConfig, build_config, to_plain
+from trainers.config import build_config, to_plain
+from trainers.configs import TDSMConfig
 from trainers.errors import InputError
 
 REPO = Path(__file__).resolve().parents[2]

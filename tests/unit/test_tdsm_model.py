@@ -1,7 +1,8 @@
 import torch
 
-from trainers.config import ModelConfig
-from trainers.tdsm_model import CrossDiTBlock, TDSMDenoiser, count_parameters
+from trainers.configs import ModelConfig
+from trainers.layers import count_parameters
+from trainers.tdsm_model import CrossDiTBlock, TDSMDenoiser
 
 
 def make(preset="tiny", **kw):

@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from trainers.config import ModelConfig
+from trainers.configs import ModelConfig
 from trainers.diffusion import NoiseSchedule
 from trainers.tdsm_model import TDSMDenoiser
 from trainers.zsl import (
