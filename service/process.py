@@ -15,7 +15,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from trainers.errors import InputError, ServiceUnavailable
-from trainers.runtime import apply_thread_policy
 
 
 class Terminated(KeyboardInterrupt):
@@ -66,7 +65,6 @@ def exits_cleanly(main: Callable[..., int | None]) -> Callable[..., int]:
 
     @functools.wraps(main)
     def wrapper(*a, **kw) -> int:
-        apply_thread_policy()   # CPU threads sized to this process's cores, before any parallel work
         in_main_thread = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGTERM, on_sigterm) if in_main_thread else None
         locks_before = set(_held_locks)

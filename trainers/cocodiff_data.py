@@ -22,7 +22,6 @@ from trainers.text import encode_prompt_sets, read_prompt_file
 UNUSED_LOCAL_TOKENS = 2
 # One hand-written synonym per generated class (coarse text beside the generated name), in catalogue order.
 SYNTHETIC_SYNONYMS = ASSETS / "synthetic_synonyms.txt"
-SYNTHETIC_LABEL = "synthetic-skeleton"
 
 
 @dataclass
@@ -123,14 +122,6 @@ def class_prompts(cfg: CoCoDiffConfig, num_classes: int) -> PromptSets:
 def read_class_names(cfg: CoCoDiffConfig, num_classes: int) -> list[str]:
     """The class names (coarse text) without encoding anything: labels for plots, also for the baseline."""
     return class_prompts(cfg, num_classes).names
-
-
-def dataset_label(cfg: CoCoDiffConfig) -> str:
-    """Short name of the data a config trains on, for run and experiment names: 'synthetic-skeleton' or the
-    benchmark (with '-synthetic-skeleton' for the generated set's X-View)."""
-    if cfg.data.source == "synthetic":
-        return SYNTHETIC_LABEL if cfg.data.benchmark == "ntu60-xsub" else f"{SYNTHETIC_LABEL}-{cfg.data.benchmark}"
-    return cfg.data.benchmark
 
 
 def encode_cocodiff_texts(cfg: CoCoDiffConfig, num_classes: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:

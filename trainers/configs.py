@@ -426,6 +426,17 @@ class CoCoDiffConfig(Section):
 # GCN feature encoder of TDSM's skeleton chain (trainers.encoder_fit)
 # ----------------------------------------------------------------------------------------------
 
+SYNTHETIC_LABEL = "synthetic-skeleton"   # the generated skeleton set's name in run and experiment names
+
+
+def dataset_label(cfg: CoCoDiffConfig) -> str:
+    """Short name of the data a config trains on, for run and experiment names: 'synthetic-skeleton' or the
+    benchmark (with '-synthetic-skeleton' for the generated set's X-View)."""
+    if cfg.data.source == "synthetic":
+        return SYNTHETIC_LABEL if cfg.data.benchmark == "ntu60-xsub" else f"{SYNTHETIC_LABEL}-{cfg.data.benchmark}"
+    return cfg.data.benchmark
+
+
 class EncoderConfig(Section):
     """A GCN encoder and how to train it on the seen classes."""
 

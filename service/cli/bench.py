@@ -19,6 +19,7 @@ from service.benchmarks.prepare import add_prepare_arguments, bench_prepare_cli
 from service.benchmarks.serve import add_serve_arguments, bench_serve
 from service.benchmarks.tdsm import add_tdsm_arguments, bench_tdsm
 from service.process import exits_cleanly
+from trainers.runtime import apply_thread_policy
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @exits_cleanly
 def main(argv: list[str] | None = None) -> int:
+    apply_thread_policy()   # CPU threads sized to this process's cores, before any parallel work
     args = build_parser().parse_args(argv)
     return BENCHMARKS[args.benchmark].run(args)
 

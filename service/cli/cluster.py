@@ -12,6 +12,7 @@ from pathlib import Path
 from service.orchestration.cluster import stop_cluster
 from service.process import exits_cleanly
 from trainers.errors import InputError
+from trainers.runtime import apply_thread_policy
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @exits_cleanly
 def main(argv: list[str] | None = None) -> int:
+    apply_thread_policy()   # CPU threads sized to this process's cores, before any parallel work
     args = build_parser().parse_args(argv)
     if not args.temp_dir.is_dir():
         raise InputError(f"{args.temp_dir}: no such Ray temp dir (expected the --temp-dir of `make cluster`)")

@@ -30,6 +30,7 @@ from trainers.config import build_config, parse_override
 from trainers.configs import EncoderConfig
 from trainers.errors import InputError
 from trainers.io import stable_hash
+from trainers.runtime import apply_thread_policy
 
 ENCODER_EXAMPLES = """examples:
   python -m service.encoder train --data $SKELDIFF_DATA/prepared/ntu60 --unseen label_splits/ru5.npy \\
@@ -76,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @exits_cleanly
 def main(argv: list[str] | None = None) -> int:
+    apply_thread_policy()   # CPU threads sized to this process's cores, before any parallel work
     args = build_parser().parse_args(argv)
     labels = np.load(args.data / "label.npy") if (args.data / "label.npy").is_file() else None
     if labels is None:

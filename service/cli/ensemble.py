@@ -29,6 +29,7 @@ from service.tracking.ensemble import (
 from service.tracking.store import resolve_tracking_uri
 from trainers.errors import InputError
 from trainers.io import atomic_save_npy
+from trainers.runtime import apply_thread_policy
 from trainers.text import read_prompt_file
 
 ENSEMBLE_EXAMPLES = """examples:
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @exits_cleanly
 def main(argv: list[str] | None = None) -> int:
+    apply_thread_policy()   # CPU threads sized to this process's cores, before any parallel work
     args = build_parser().parse_args(argv)
     weights = args.weights or [1.0] * len(args.sources)
     if not all(np.isfinite(w) for w in weights):

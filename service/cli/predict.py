@@ -23,6 +23,7 @@ from service.tracking.registry import load_served
 from service.tracking.store import resolve_tracking_uri
 from trainers.errors import InputError
 from trainers.io import atomic_write_text, load_npy
+from trainers.runtime import apply_thread_policy
 from trainers.skeleton.prepare import RAW_SUFFIXES, read_unlabelled
 from trainers.skeleton.prepared import read_prepared
 from trainers.text import read_prompt_file
@@ -96,6 +97,7 @@ def table(names: list[str], frame, top_k: int) -> str:
 
 @exits_cleanly
 def main(argv: list[str] | None = None) -> int:
+    apply_thread_policy()   # CPU threads sized to this process's cores, before any parallel work
     args = build_parser().parse_args(argv)
     params: dict = {"top_k": args.top_k}
     if args.classes or args.classes_file:

@@ -17,6 +17,7 @@ from service.tracking.report import REPORT_EXPERIMENT, write_report
 from service.tracking.store import resolve_tracking_uri
 from trainers.config import load_yaml
 from trainers.errors import InputError, short_repr
+from trainers.runtime import apply_thread_policy
 
 REPORT_EXAMPLES = """examples:
   python -m service.report --splits ntu60-synse-55-5 ntu60-synse-48-12 --tracking-uri http://mlflow:5000
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @exits_cleanly
 def main(argv: list[str] | None = None) -> int:
+    apply_thread_policy()   # CPU threads sized to this process's cores, before any parallel work
     args = build_parser().parse_args(argv)
     path = splits_file("tdsm", args.splits_file)
     if not path.is_file():

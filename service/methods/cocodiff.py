@@ -26,7 +26,7 @@ from trainers.cocodiff_data import CoCoDiffInputs
 from trainers.config import build_config, dump_yaml, flatten, parse_override, to_plain
 from trainers.configs import CoCoDiffConfig
 from trainers.io import load_checkpoint
-from trainers.tdsm_model import count_parameters
+from trainers.layers import count_parameters
 from trainers.tracking import Artifacts
 
 

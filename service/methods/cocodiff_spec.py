@@ -8,9 +8,8 @@ from collections.abc import Mapping
 from typing import Any, get_args
 
 from service.methods.base import Method, absolute_fields
-from trainers.cocodiff_data import dataset_label
 from trainers.config import build_config, to_plain
-from trainers.configs import BackboneConfig, CoCoDiffConfig
+from trainers.configs import BackboneConfig, CoCoDiffConfig, dataset_label
 from trainers.errors import InputError
 
 OBJECTIVE = "val/top1"   # chooses the kept classifier; reported and ranked as `<metric>_max` (see tdsm_spec)

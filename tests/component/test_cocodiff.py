@@ -30,7 +30,6 @@ from trainers.cocodiff_classifier import SkeletonClassifier, build_classifier, e
 from trainers.cocodiff_data import (
     SkeletonData,
     class_prompts,
-    dataset_label,
     encode_cocodiff_texts,
     load_cocodiff_data,
     load_prepared,
@@ -40,7 +39,7 @@ from trainers.cocodiff_data import (
 from trainers.cocodiff_eval import accuracy_metrics, ensemble_logits, evaluate_classifier
 from trainers.cocodiff_fit import TrainingModel, compute_losses, fit_cocodiff, step_generator
 from trainers.config import build_config, flatten, to_plain
-from trainers.configs import CoCoDiffConfig
+from trainers.configs import CoCoDiffConfig, dataset_label
 from trainers.errors import InputError
 from trainers.layers import count_parameters
 from trainers.schedule import batch_indices

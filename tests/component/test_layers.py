@@ -87,6 +87,8 @@ def deferred_import_allowed(source: str, inner: str, target: str, line: int, fir
     """The one import a CLI defers (#23): `service/cli/<cmd>.py`'s `main` imports the heavy module it runs only once
     its command line is parsed (so --help, --print-config and argument errors answer before torch, MLflow and Ray
     load); one such import statement per CLI (`first`: the line of the first one), of a lower layer."""
+    if source == "service.sweep" and inner == "__getattr__":     # what old pickles name, loaded on first use
+        return target.startswith("service.orchestration")
     return (layer(source) == "cli" and inner == "main" and first in (None, line) and layer(target) is not None
             and RANKS[layer(target)] > RANKS["cli"])
 

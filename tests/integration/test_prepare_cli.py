@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 from service.benchmarks.prepare import bench_prepare
-from trainers.skeleton import parse_sample_name, split_of
+from trainers.skeleton.ntu import parse_sample_name
 from trainers.skeleton.prepare import prepare
+from trainers.skeleton.splits import split_of
 from trainers.skeleton.synthetic import action_catalogue
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -7,7 +7,7 @@ import pytest
 from conftest import SHARED_DATA
 
 from trainers.errors import InputError
-from trainers.skeleton import read_skeleton, to_array
+from trainers.skeleton.ntu import read_skeleton, to_array
 from trainers.skeleton.preprocess import (
     NTU_BONES,
     AlignAxes,

@@ -12,18 +12,9 @@ import pytest
 from conftest import SHARED_DATA
 
 from trainers.errors import InputError
-from trainers.skeleton import (
-    load_missing_list,
-    parse_sample_name,
-    rank_bodies,
-    read_kinetics,
-    read_pku_labels,
-    read_pku_segments,
-    read_pku_skeleton,
-    read_skeleton,
-    to_array,
-)
-from trainers.skeleton.ntu import SampleName
+from trainers.skeleton.kinetics import read_kinetics
+from trainers.skeleton.ntu import SampleName, load_missing_list, parse_sample_name, rank_bodies, read_skeleton, to_array
+from trainers.skeleton.pku import read_pku_labels, read_pku_segments, read_pku_skeleton
 
 NTU_RAW = SHARED_DATA / "ntu_skeleton" / "raw"
 # (sample, frames, bodies per frame) as listed in shared/data/PROVENANCE.md §3a

@@ -9,12 +9,14 @@ import pytest
 from conftest import SHARED_DATA
 
 from trainers.errors import InputError
-from trainers.skeleton import load_missing_list, parse_sample_name, split_of, split_samples
+from trainers.skeleton.ntu import load_missing_list, parse_sample_name
 from trainers.skeleton.splits import (
     BENCHMARKS,
     NTU60_XSUB_TRAIN_PERFORMERS,
     NTU120_XSUB_TRAIN_PERFORMERS,
     get_benchmark,
+    split_of,
+    split_samples,
 )
 
 STATS = SHARED_DATA / "ntu_metadata" / "ctrgcn_statistics"

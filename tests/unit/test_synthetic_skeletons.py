@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from trainers.errors import InputError
-from trainers.skeleton import parse_sample_name, read_skeleton
+from trainers.skeleton.ntu import parse_sample_name, read_skeleton
 from trainers.skeleton.preprocess import NTU_BONES
 from trainers.skeleton.synthetic import (
     PART_JOINTS,
