@@ -21,9 +21,9 @@ from trainers.guards import LossGuard
 # ----------------------------------------------------------------------------------------------
 
 def test_cocodiff_fit_raises_on_a_diverging_loss():
-    from trainers.cocodiff import CoCoDiffConfig
     from trainers.cocodiff_fit import fit_cocodiff
     from trainers.config import build_config
+    from trainers.configs import CoCoDiffConfig
     from trainers.tracking import ListReporter
 
     cfg = build_config(CoCoDiffConfig, {}, {
@@ -41,7 +41,8 @@ def test_cocodiff_fit_raises_on_a_diverging_loss():
 
 
 def test_encoder_fit_raises_on_a_diverging_loss(tmp_path):
-    from trainers.encoder_fit import EncoderConfig, fit_encoder
+    from trainers.configs import EncoderConfig
+    from trainers.encoder_fit import fit_encoder
     from trainers.tracking import ListReporter
 
     cfg = EncoderConfig(base_channels=4, steps=10, batch_size=8, lr=1e30, precision="fp32", device="cpu",
@@ -128,7 +129,8 @@ def test_cocodiff_refuses_an_empty_test_split(tmp_path):
 @pytest.mark.parametrize("key, value", [("train.steps", True), ("optim.lr", False), ("optim.batch_size", True),
                                         ("eval.noise_draws", True), ("data.val_unseen", True)])
 def test_booleans_are_not_numbers(key, value):
-    from trainers.config import TDSMConfig, build_config
+    from trainers.config import build_config
+    from trainers.configs import TDSMConfig
 
     with pytest.raises(InputError, match=f"config key '{key}': expected a number, got a boolean"):
         build_config(TDSMConfig, {}, {key: value})

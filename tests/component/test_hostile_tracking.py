@@ -5,7 +5,6 @@ mid-training): tests/integration/test_hostile_tracking_cli.py."""
 
 from __future__ import annotations
 
-import argparse
 import fcntl
 import json
 import os
@@ -17,6 +16,8 @@ from pathlib import Path
 import pytest
 from conftest import tiny_config
 
+from service.methods import METHODS
+from service.methods.base import RunOptions
 from service.tracking import store as tracking
 from service.tracking.store import move_credentials, redact_uri, resolve_tracking_uri
 from trainers.errors import InputError
@@ -85,10 +86,11 @@ def test_silent_server_times_out():
 # Run dir lock
 # ----------------------------------------------------------------------------------------------
 
-def open_run_args(tmp_path: Path, **kw) -> argparse.Namespace:
-    """What service.methods.common.open_run reads from the command line."""
-    return argparse.Namespace(**{"split": None, "run_dir": tmp_path / "run", "fresh": False,
-                                 "tracking_uri": f"sqlite:///{tmp_path / 'm.db'}", "experiment_name": "hostile", **kw})
+def open_run_args(tmp_path: Path, **kw) -> RunOptions:
+    """What service.methods.common.open_run reads: service.run's options."""
+    return RunOptions(**{"method": METHODS["tdsm"], "split": None, "run_dir": tmp_path / "run", "fresh": False,
+                         "tracking_uri": f"sqlite:///{tmp_path / 'm.db'}", "experiment_name": "hostile",
+                         "progress": False, **kw})
 
 
 def test_open_run_refuses_a_locked_run_dir(tmp_path):
@@ -100,7 +102,7 @@ def test_open_run_refuses_a_locked_run_dir(tmp_path):
         held.write(f"{os.getpid()}\n")
         held.flush()
         with pytest.raises(InputError, match=f"{tmp_path / 'run'} is in use by pid {os.getpid()}"):
-            open_run(open_run_args(tmp_path, fresh=True), "tdsm", "x", "0" * 16, tiny_config())
+            open_run(open_run_args(tmp_path, fresh=True), "x", "0" * 16, tiny_config())
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]     # --fresh emptied nothing
 
 
@@ -128,16 +130,16 @@ def test_open_run_replaces_a_deleted_run_and_a_torn_run_file(tmp_path, capsys):
 
     args, cfg = open_run_args(tmp_path), tiny_config()
     try:
-        _, first = open_run(args, "tdsm", "x", "0" * 16, cfg)
+        _, first = open_run(args, "x", "0" * 16, cfg)
         first.finish()
-        _, same = open_run(args, "tdsm", "x", "0" * 16, cfg)              # resume: the same run
+        _, same = open_run(args, "x", "0" * 16, cfg)              # resume: the same run
         assert same.run_id == first.run_id
         MlflowClient(args.tracking_uri).delete_run(first.run_id)
-        _, second = open_run(args, "tdsm", "x", "0" * 16, cfg)
+        _, second = open_run(args, "x", "0" * 16, cfg)
         assert second.run_id != first.run_id
         assert f"note: MLflow run {first.run_id} is deleted" in capsys.readouterr().err
         (tmp_path / "run" / "mlflow_run.json").write_text('{"run_id": "')       # torn by an older, non-atomic write
-        _, third = open_run(args, "tdsm", "x", "0" * 16, cfg)
+        _, third = open_run(args, "x", "0" * 16, cfg)
         assert third.run_id != second.run_id and "mlflow_run.json is unreadable" in capsys.readouterr().err
         assert json.loads((tmp_path / "run" / "mlflow_run.json").read_text())["run_id"] == third.run_id
         assert not list((tmp_path / "run").glob(".mlflow_run.json.*"))      # no temporary left behind

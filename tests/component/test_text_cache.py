@@ -274,7 +274,8 @@ def test_non_finite_fresh_features_are_an_input_error_naming_encoder_file_and_pr
 
 
 def test_paper_preset_selects_the_papers_text_features():
-    from trainers.config import TDSMConfig, build_config, load_yaml
+    from trainers.config import build_config, load_yaml
+    from trainers.configs import TDSMConfig
 
     preset = Path(text.__file__).resolve().parents[1] / "service" / "configs" / "tdsm_paper.yaml"
     cfg = build_config(TDSMConfig, load_yaml(preset))
