@@ -193,6 +193,12 @@ class Method:
         """`service.final` on each (split, config tree); returns the JSON line."""
         raise NotImplementedError(f"{self.name}: a spec only")
 
+    def report(self, tracking_uri: str | None, runs: dict[str, str | None], references: dict[str, dict[str, Any]],
+               out: Storage, log: bool) -> str:
+        """`service.report`: the cross-split table of final runs ({split: final parent run id, None: its latest}),
+        beside each split's paper reference; written under `out` (and logged unless `log` is false); returns it."""
+        raise InputError(f"--method {self.name}: no cross-split report for this method (service.report)")
+
     def __repr__(self) -> str:
         return f"<method {self.name}>"
 

@@ -18,11 +18,12 @@ from service.data.splits import load_references, splits_file
 from service.methods.base import FinalOptions, RunOptions, Trial
 from service.methods.common import headline, open_run
 from service.methods.tdsm_spec import OBJECTIVE, TDSMSpec
+from service.storage import Storage
 from service.tracking.artifacts import log_best_checkpoint, log_selection, log_zsl_plots
 from service.tracking.registry import register_model
 from service.tracking.report import write_report
 from service.tracking.sources import source_tags
-from service.tracking.store import MLflowReporter, standard_tags
+from service.tracking.store import MLflowReporter, resolve_tracking_uri, standard_tags
 from trainers import tdsm_fit
 from trainers.checkpoint import BEST
 from trainers.config import build_config, dump_yaml, flatten, parse_override, to_plain
@@ -216,3 +217,9 @@ class TDSM(TDSMSpec):
         print(report, file=sys.stderr)
         return {"splits": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
                 "table": table}
+
+    def report(self, tracking_uri: str | None, runs: dict[str, str | None], references: dict[str, dict[str, Any]],
+               out: Storage, log: bool) -> str:
+        """The paper's Table 1 across splits (service.tracking.report): ours beside the paper's figure."""
+        md, _ = write_report(resolve_tracking_uri(tracking_uri), runs, references, out, log=log, report_run=log)
+        return md

@@ -192,7 +192,8 @@ def test_metric_traces_are_pinned(tdsm_run, cocodiff_run, encoder_run):
 
 
 def test_record_golden(tdsm_run, cocodiff_run, encoder_run):
-    """Writes the golden file only when asked: SKELDIFF_RECORD_GOLDEN=1 python -m pytest tests/component/test_pinned.py."""
+    """Writes the golden file only when asked:
+    SKELDIFF_RECORD_GOLDEN=1 python -m pytest tests/component/test_pinned.py."""
     import json
     import os
     if not os.environ.get("SKELDIFF_RECORD_GOLDEN"):

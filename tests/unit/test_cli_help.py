@@ -85,7 +85,7 @@ FLAGS = {
     "service.prepare": ["dataset", "--raw", "--out", "--workers", "--frames", "--benchmark",
         "--split-list", "--missing", "--labels", "--dtype", "--chunk-size", "--keep-parts", "--no-progress",
         "--classes", "--per-class", "--seed"],
-    "service.report": ["--splits", "--splits-file", "--tracking-uri", "--out", "--no-log"],
+    "service.report": ["--method", "--splits", "--splits-file", "--tracking-uri", "--out", "--no-log"],
     "service.bench tdsm": ["--device", "--out", "--batch", "--iters", "--warmup", "--candidates",
         "--score-samples", "--draws", "--seed", "--threads", "--quick", "--compile", "--sizes", "--worker"],
     "service.predict": ["inputs", "--model", "--classes", "--classes-file", "--descriptions-file", "--top-k", "--out",
