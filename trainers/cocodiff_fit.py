@@ -1,9 +1,9 @@
 """CoCoDiff fit loop (docs/METHODS.md §2): backbone + head, and with `module.enabled` the CoCoDiff module beside them.
 
 Evaluation and export touch backbone + head only (`trainers.cocodiff_classifier`), so the module adds no
-inference cost. The loop reports through `trainers.tracking.Reporter` (curve=None), checkpoints atomically
-(last.pt resumable, best.pt = best `val/top1`, holding the classifier only and its validation logits for stream
-ensembles).
+inference cost. The loop (the skeleton of `trainers.fit_loop`) reports through `trainers.tracking.Reporter` (no
+artifacts), checkpoints atomically (last.pt resumable, best.pt = best `val/top1`, holding the classifier only and
+its validation logits for stream ensembles).
 
 Batches and the diffusion draws are pure functions of (seed, step, rank), so a resumed run trains exactly as an
 uninterrupted one, and data-parallel ranks (DDP, `wrap_model`) train on disjoint shards of each global batch.
@@ -36,10 +36,11 @@ from trainers.config import flatten, to_plain
 from trainers.configs import CoCoDiffConfig
 from trainers.diffusion import NoiseSchedule
 from trainers.errors import InputError
+from trainers.fit_loop import DIVERGED_HINT, FitParts, build_adamw, optimizer_step, run_fit, step_plan
 from trainers.guards import LossGuard
 from trainers.io import load_checkpoint
-from trainers.runtime import autocast, resolve_device, resolve_precision, seed_everything
-from trainers.schedule import batch_indices, build_lr_scheduler, log_every, progress_bar
+from trainers.runtime import apply_thread_policy, autocast, resolve_device, resolve_precision, seed_everything
+from trainers.schedule import batch_indices
 from trainers.tracking import Reporter
 
 # Config keys that do not change what training computes: a checkpoint stays valid when only these differ.
@@ -131,17 +132,11 @@ def compute_losses(model: TrainingModel, schedule: NoiseSchedule, cfg: CoCoDiffC
     return {**terms, "x0_norm": out["x0"].detach().float().norm(dim=-1).mean()}
 
 
-def make_optimizer(cfg: CoCoDiffConfig, model: nn.Module) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices and conv kernels only (not on biases, norms, scales, shifts).
-
-    The fused kernel (CPU and CUDA) updates all tensors in one pass: the per-tensor loop of the default
-    implementation cost ~3 ms per step for the ~70 small tensors of the default model + module on one CPU
-    thread, a large share of the module's training overhead (measured with `service.bench cocodiff`)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.optim.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-    return torch.optim.AdamW(groups, lr=cfg.optim.lr, fused=fused)
+def build_optimizer(cfg: CoCoDiffConfig, model: nn.Module) -> torch.optim.AdamW:
+    """AdamW (fit_loop.build_adamw): decay on matrices and conv kernels only, fused on CPU and CUDA (the per-tensor
+    loop cost ~3 ms per step for the ~70 small tensors of the default model + module on one CPU thread, measured
+    with `service.bench cocodiff`)."""
+    return build_adamw(model, cfg.optim.lr, cfg.optim.weight_decay)
 
 
 def training_step(model: TrainingModel, schedule: NoiseSchedule, opt: torch.optim.Optimizer, cfg: CoCoDiffConfig,
@@ -149,11 +144,7 @@ def training_step(model: TrainingModel, schedule: NoiseSchedule, opt: torch.opti
                   gen: torch.Generator, amp, forward: nn.Module | None = None) -> dict[str, torch.Tensor]:
     """Forward (through `forward`, e.g. a DDP wrapper of model), backward, clip, step; the detached loss terms."""
     losses = compute_losses(model, schedule, cfg, x, y, fine_text, coarse_text, gen, amp, forward)
-    opt.zero_grad(set_to_none=True)
-    losses["loss"].backward()
-    if cfg.optim.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-    opt.step()
+    optimizer_step(opt, losses["loss"], model, cfg.optim.grad_clip)
     return {k: v.detach() for k, v in losses.items()}
 
 
@@ -248,80 +239,66 @@ def fit_cocodiff(cfg: CoCoDiffConfig, train_x: torch.Tensor, train_y: torch.Tens
                          "training sequences")
     device = resolve_device(cfg.train.device)
     precision = resolve_precision(cfg.train.precision, device)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.train.seed)
     classifier = build_classifier(cfg.backbone, num_classes, train_x.shape[1]).to(device)
+    apply_thread_policy(cfg.train.threads, classifier.encoder.feature_dim)
     module, schedule, text_dims = None, build_schedule(cfg.module), None
     if enabled:
         text_dims = (fine_text.shape[1], coarse_text.shape[1])
         module = build_module(cfg.module, classifier.encoder.feature_dim, *text_dims).to(device)
         fine_text, coarse_text = fine_text.float().to(device), coarse_text.float().to(device)
     model = TrainingModel(classifier, module)
-    opt = make_optimizer(cfg, model)
+    opt = build_optimizer(cfg, model)
+
     def amp():  # a fresh context per use
         return autocast(device, precision)
 
     fingerprint = training_fingerprint(cfg, train_x, num_classes, text_dims)
-
     state = _FitState()
     if run_dir is not None and (Path(run_dir) / LAST).is_file():
         state = _resume(Path(run_dir), fingerprint, classifier, module, opt, cfg.train.steps, num_classes)
     # Wrapped after a resume: DDP broadcasts rank 0's weights at construction, and every rank loaded the same.
     forward = wrap_model(model) if wrap_model is not None else model
     evaluating = val_x is not None and len(val_x) > 0
-    total, B = cfg.train.steps, cfg.optim.batch_size
-    every = log_every(total)
-    bar = progress_bar(total, state.step, "cocodiff" if enabled else "baseline", progress)
-    guard = LossGuard(device, "lower optim.lr or set optim.grad_clip > 0")
-    sched = build_lr_scheduler(opt, cfg.optim.lr, total, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio, state.step)
-    model.train()
-    start_step = state.step
-    while state.step < total:
-        idx = batch_indices(state.step, B, len(train_x), cfg.train.seed, rank, world_size)
+    logits = None
+
+    def train(step: int) -> dict[str, torch.Tensor]:
+        idx = batch_indices(step, cfg.optim.batch_size, len(train_x), cfg.train.seed, rank, world_size)
         x, y = train_x[idx].to(device, non_blocking=True), train_y[idx].to(device)
-        gen = step_generator(cfg.train.seed, state.step, rank)
-        losses = training_step(model, schedule, opt, cfg, x, y, fine_text, coarse_text, gen, amp, forward)
-        state.step += 1
-        bar.update(1)
-        step = state.step
-        guard.update(losses["loss"], step)
-        if (step % every == 0 or step == total or step % cfg.train.eval_every == 0
-                or step % cfg.train.checkpoint_every == 0):
-            guard.flush()                  # nothing diverged is logged as a metric or saved
-        if step % every == 0 or step == total:
-            scalars = {f"train/{k}": float(v) for k, v in losses.items()}
-            scalars["train/lr"] = opt.param_groups[0]["lr"]
-            if module is not None:
-                scalars["train/logit_scale"] = float(module.logit_scale().detach())
-            reporter.log_metrics(scalars, step)
-            bar.set_postfix(loss=f"{scalars['train/loss']:.4f}", refresh=False)
-        is_eval = evaluating and (step % cfg.train.eval_every == 0 or step == total)
-        is_ckpt = step % cfg.train.checkpoint_every == 0 or step == total
-        if (is_eval or is_ckpt) and world_size > 1:
-            average_buffers(model, world_size)       # every rank evaluates and saves the same model
-        if is_eval:
-            state.last_metrics, logits = evaluate_classifier(classifier, val_x, val_y, cfg.eval.batch_size, "val",
-                                                             precision)
-            bar.set_postfix(loss=f"{float(losses['loss']):.4f}", val=f"{state.last_metrics['val/top1']:.1f}")
-            if state.last_metrics["val/top1"] > state.best:
-                state.best, state.best_step, state.best_metrics = (
-                    state.last_metrics["val/top1"], step, state.last_metrics)
-                state.best_state = {k: v.detach().cpu().clone() for k, v in classifier.state_dict().items()}
-                state.val_logits = logits
-                if run_dir is not None:
-                    _save_best(Path(run_dir) / BEST, state, val_y, cfg, num_classes, train_x.shape[1])
-        if run_dir is not None and (is_ckpt or is_eval):
+        gen = step_generator(cfg.train.seed, step, rank)
+        return training_step(model, schedule, opt, cfg, x, y, fine_text, coarse_text, gen, amp, forward)
+
+    def scalars(losses: dict[str, torch.Tensor]) -> dict[str, float]:
+        out = {f"train/{k}": float(v) for k, v in losses.items()}
+        out["train/lr"] = opt.param_groups[0]["lr"]
+        if module is not None:
+            out["train/logit_scale"] = float(module.logit_scale().detach())
+        return out
+
+    def evaluate(_: int) -> tuple[dict[str, float], dict[str, Any]]:
+        nonlocal logits
+        state.last_metrics, logits = evaluate_classifier(classifier, val_x, val_y, cfg.eval.batch_size, "val",
+                                                         precision)
+        return state.last_metrics, {}
+
+    def record(step: int, metrics: dict[str, float] | None) -> None:
+        state.step = step
+        if metrics is not None and metrics["val/top1"] > state.best:
+            state.best, state.best_step, state.best_metrics = metrics["val/top1"], step, metrics
+            state.best_state = {k: v.detach().cpu().clone() for k, v in classifier.state_dict().items()}
+            state.val_logits = logits
+            if run_dir is not None:
+                _save_best(Path(run_dir) / BEST, state, val_y, cfg, num_classes, train_x.shape[1])
+        if run_dir is not None:
             _save_last(Path(run_dir) / LAST, fingerprint, classifier, module, opt, state, cfg)
-        if is_eval:
-            reporter.log_evaluation(state.last_metrics, step, {}, Path(run_dir) if run_dir is not None else None)
-        sched.step()                       # after logging: train/lr is the lr this step used
-    if start_step >= total and evaluating:
-        # Resumed after the last step: report the final metrics again for whoever restarted the run.
-        state.last_metrics, _ = evaluate_classifier(classifier, val_x, val_y, cfg.eval.batch_size, "val", precision)
-        reporter.log_evaluation(state.last_metrics, state.step, {}, Path(run_dir) if run_dir is not None else None)
-    bar.close()
-    model.eval()
+
+    def sync() -> None:
+        average_buffers(model, world_size)       # every rank evaluates and saves the same model
+
+    parts = FitParts(train, scalars, evaluate if evaluating else None, record, "val/top1",
+                     sync if world_size > 1 else None)
+    state.step = run_fit(step_plan(cfg.train, cfg.optim), parts, model, opt, state.step, reporter, run_dir,
+                         LossGuard(device, DIVERGED_HINT), "cocodiff" if enabled else "baseline", progress)
     return CoCoDiffResult(classifier, module, state.step, state.last_metrics, state.best, state.best_step,
                           state.best_metrics, state.best_state, state.val_logits)
 

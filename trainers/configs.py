@@ -396,8 +396,10 @@ class CoCoDiffTrainConfig(TrainConfig):
     eval_every: int = Field(100, ge=1, le=MAX_STEPS, description="Evaluate on the validation split every N steps.")
     checkpoint_every: int = Field(100, ge=1, le=MAX_STEPS, description="Write a resumable checkpoint every N steps.")
     threads: int = Field(
-        1, ge=0, le=MAX_THREADS, description="torch intra-op threads; 0 keeps torch's default. One: small "
-                                             "convolutions run fastest so on shared cores.")
+        1, ge=0, le=MAX_THREADS, description="torch intra-op threads; 0 = auto as for TDSM, the backbone's feature "
+                                             "width x_0 standing for the model width (trainers.runtime."
+                                             "resolve_threads). One: small convolutions run fastest so on shared "
+                                             "cores.")
 
 
 class CoCoDiffConfig(Section):

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,10 +19,18 @@ from trainers import checkpoint
 from trainers.checkpoint import ENCODER, LAST
 from trainers.configs import EncoderConfig
 from trainers.errors import InputError
+from trainers.fit_loop import FitParts, StepPlan, build_adamw, optimizer_step, run_fit
 from trainers.guards import LossGuard
 from trainers.io import load_checkpoint, load_torch
-from trainers.runtime import ThreadGovernor, autocast, resolve_device, resolve_precision, seed_everything
-from trainers.schedule import build_lr_scheduler, epoch_indices, log_every, progress_bar
+from trainers.runtime import (
+    ThreadGovernor,
+    apply_thread_policy,
+    autocast,
+    resolve_device,
+    resolve_precision,
+    seed_everything,
+)
+from trainers.schedule import epoch_indices, log_every
 from trainers.skeleton.gcn import Encoder, build_encoder, joint_to_bone, joint_to_motion
 from trainers.skeleton.graph import Graph
 from trainers.tracking import Reporter
@@ -79,9 +88,7 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor, t
     with autocast(device, precision):
         logits = model(xb)
     loss = F.cross_entropy(logits.float(), tb)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+    optimizer_step(opt, loss, model)
     return loss.detach(), logits.detach()
 
 
@@ -89,7 +96,7 @@ def fit_encoder(cfg: EncoderConfig, x: torch.Tensor, y: torch.Tensor, classes: l
                 run_dir: Path | None = None, progress: bool = True,
                 held_out: tuple[torch.Tensor, torch.Tensor] | None = None,
                 wrap_model: Callable[[nn.Module], nn.Module] | None = None, rank: int = 0,
-                world: int = 1, threads: ThreadGovernor | None = None) -> EncoderResult:
+                world: int = 1, follow_load: bool = False) -> EncoderResult:
     """Train on (x (N, C, T, V, M), y class ids ⊂ classes) with cross-entropy.
 
     Batches are a pure function of (seed, step): `cfg.batch_size` sequences per step in all, rank r of
@@ -98,8 +105,7 @@ def fit_encoder(cfg: EncoderConfig, x: torch.Tensor, y: torch.Tensor, classes: l
     steps) and, at the end, run_dir/encoder.pt; every checkpoint is announced through
     `reporter.log_evaluation(evaluation, step, {}, run_dir)` on every rank. `held_out` (sequences of the seen
     classes never trained on) is scored once at the end as `encoder/held_out_top1`, the one evaluation metric.
-    `threads` (in-process CPU training) re-chooses torch's thread count as the machine's load changes; without it
-    the count is left as set.
+    follow_load (in-process CPU training): torch's thread count follows the machine's load (runtime.ThreadGovernor).
     """
     stray = sorted(set(y.tolist()) - set(classes))
     if stray:
@@ -108,6 +114,8 @@ def fit_encoder(cfg: EncoderConfig, x: torch.Tensor, y: torch.Tensor, classes: l
         raise InputError(f"encoder batch_size={cfg.batch_size}: smaller than the {world} workers sharing it")
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
+    # RNG: dropout draws from torch's global RNG, which last.pt does not hold (its key set is pinned): a run resumed
+    # with dropout > 0 draws other masks than an uninterrupted one.
     seed_everything(cfg.seed)                                               # same init on every rank
     col = torch.full((max(classes) + 1,), -1, dtype=torch.long)
     col[torch.tensor(classes)] = torch.arange(len(classes))
@@ -115,52 +123,62 @@ def fit_encoder(cfg: EncoderConfig, x: torch.Tensor, y: torch.Tensor, classes: l
     model = build_encoder(cfg.name, len(classes), in_channels=x.shape[1], layout=cfg.layout,
                           base_channels=cfg.base_channels, units_per_stage=tuple(cfg.units_per_stage),
                           dropout=cfg.dropout).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    threads = apply_thread_policy(0, model.feature_dim)                     # no threads field: always auto
+    # In-process beside other work (the skeleton chain), the count also follows the load: two OpenMP threads beside
+    # two busy processes ran 2-4x slower than one (runtime.ThreadGovernor).
+    governor = ThreadGovernor(threads) if follow_load and device.type == "cpu" else None
+    # Every parameter decayed, by the per-tensor AdamW: matrices-only decay or the fused kernel would change the
+    # pinned metric traces.
+    opt = build_adamw(model, cfg.lr, cfg.weight_decay, decay_all=True, fused=False)
     fingerprint = training_fingerprint(cfg, x, classes)
     last = Path(run_dir) / LAST if run_dir is not None else None
     step = _resume(last, fingerprint, model, opt, cfg.steps) if last is not None and last.is_file() else 0
     train_model = wrap_model(model) if wrap_model is not None else model
-    warmup, every = max(1, cfg.steps // 20), log_every(cfg.steps, cap=None)
     correct = seen = 0
     metrics: dict[str, float] = {}
-    model.train()
-    bar = progress_bar(cfg.steps, step, cfg.name, progress)
-    guard = LossGuard(device, "lower the encoder's lr")
-    sched = build_lr_scheduler(opt, cfg.lr, cfg.steps, warmup, 0.0, step)
-    while step < cfg.steps:
-        idx = epoch_indices(step, cfg.batch_size, len(x), cfg.seed)[rank::world]
+
+    def train(at: int) -> dict[str, torch.Tensor]:
+        nonlocal correct, seen
+        idx = epoch_indices(at, cfg.batch_size, len(x), cfg.seed)[rank::world]
         xb = to_stream(x[idx].float(), cfg.stream, cfg.layout).to(device)
         tb = target[idx].to(device)
         loss, logits = train_step(train_model, opt, xb, tb, device, precision)
-        step += 1
-        guard.update(loss, step)
-        if step % every == 0 or step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            guard.flush()                  # nothing diverged is logged as a metric or saved
-        bar.update(1)
-        if threads is not None:
-            threads.update()
+        if governor is not None:
+            governor.update()
         correct += int((logits.argmax(-1) == tb).sum())
         seen += len(tb)
-        if step % every == 0 or step == cfg.steps:
-            metrics = {"encoder/loss": float(loss.detach()), "encoder/train_top1": 100.0 * correct / seen,
-                       "encoder/lr": opt.param_groups[0]["lr"]}
-            reporter.log_metrics(metrics, step)
-            bar.set_postfix(loss=f"{metrics['encoder/loss']:.3f}", acc=f"{metrics['encoder/train_top1']:.1f}",
-                            **({"threads": threads.threads} if threads is not None else {}), refresh=False)
-            correct = seen = 0
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            evaluation = {}            # the training metrics were logged above, at their own step
-            if step == cfg.steps and held_out is not None and len(held_out[0]):
-                evaluation["encoder/held_out_top1"] = classification_top1(model, held_out[0], col[held_out[1]], cfg)
-                metrics.update(evaluation)
-            if rank == 0 and last is not None:
-                _save_last(last, fingerprint, model, opt, step, metrics)
-                if step == cfg.steps:
-                    save_encoder(model, list(classes), cfg, Path(run_dir) / ENCODER)
-            reporter.log_evaluation(evaluation, step, {}, Path(run_dir) if run_dir is not None else None)
-        sched.step()                       # after logging: encoder/lr is the lr this step used
-    bar.close()
-    model.eval()
+        return {"loss": loss}
+
+    def scalars(losses: dict[str, torch.Tensor]) -> dict[str, float]:
+        nonlocal metrics, correct, seen
+        metrics = {"encoder/loss": float(losses["loss"]), "encoder/train_top1": 100.0 * correct / seen,
+                   "encoder/lr": opt.param_groups[0]["lr"]}
+        correct = seen = 0
+        return metrics
+
+    def postfix(logged: dict[str, float]) -> dict[str, str]:
+        return {"loss": f"{logged['encoder/loss']:.3f}", "acc": f"{logged['encoder/train_top1']:.1f}",
+                **({"threads": str(governor.threads)} if governor is not None else {})}
+
+    def evaluate(at: int) -> tuple[dict[str, float], dict[str, Any]]:
+        evaluation = {}                # the training metrics were logged at their own step
+        if at == cfg.steps and held_out is not None and len(held_out[0]):
+            evaluation["encoder/held_out_top1"] = classification_top1(model, held_out[0], col[held_out[1]], cfg)
+        return evaluation, {}
+
+    def record(at: int, evaluation: dict[str, float] | None) -> None:
+        metrics.update(evaluation or {})
+        if rank == 0 and last is not None:
+            _save_last(last, fingerprint, model, opt, at, metrics)
+            if at == cfg.steps:
+                save_encoder(model, list(classes), cfg, Path(run_dir) / ENCODER)
+
+    # Its evaluation points are its checkpoints: each is announced, the last one scores the held-out sequences.
+    plan = StepPlan(cfg.steps, cfg.lr, max(1, cfg.steps // 20), 0.0, log_every(cfg.steps, cap=None),
+                    cfg.checkpoint_every, cfg.checkpoint_every)
+    parts = FitParts(train, scalars, evaluate, record, postfix=postfix)
+    step = run_fit(plan, parts, model, opt, step, reporter, run_dir, LossGuard(device, "lower the encoder's lr"),
+                   cfg.name, progress)
     if not metrics and last is not None and last.is_file():         # resumed after the last step
         metrics = load_checkpoint(last).get("metrics", {})
     return EncoderResult(model, list(classes), metrics.get("encoder/train_top1", float("nan")), step,

@@ -63,9 +63,11 @@ def seed_everything(seed: int) -> torch.Generator:
 # CPU threads (README "Benchmarks": contended vs alone)
 # ----------------------------------------------------------------------------------------------
 
-# Below this transformer width ('tiny'), one thread: its matmuls take microseconds, less than waking a second
-# thread, and beside two busy processes two passive threads ran about 2x slower than one (README "Benchmarks",
-# `python -m service.bench contended`). From 'small' up, every core, with passive waits.
+# Below this model width (TDSM's transformer width; a GCN's feature width), one thread: TDSM 'tiny' matmuls take
+# microseconds, less than waking a second thread, and beside two busy processes two passive threads ran about 2x
+# slower than one (README "Benchmarks", `python -m service.bench contended`); CoCoDiff's small convolutions also run
+# fastest on one (its train.threads default). From 'small' (the 256-d default encoder) up, every core, with passive
+# waits.
 SINGLE_THREAD_BELOW_WIDTH = 256
 
 _interop_set = False   # torch accepts set_num_interop_threads once, before any inter-op work

@@ -21,11 +21,11 @@ from trainers.configs import TDSMConfig
 from trainers.data import FeatureSplit, ZSLTask
 from trainers.diffusion import NoiseSchedule
 from trainers.errors import InputError
+from trainers.fit_loop import DIVERGED_HINT, FitParts, build_adamw, optimizer_step, run_fit, step_plan
 from trainers.guards import LossGuard
 from trainers.io import load_checkpoint, stable_hash
 from trainers.losses import sample_negative_classes, triplet_diffusion_loss
 from trainers.runtime import apply_thread_policy, autocast, resolve_device, resolve_precision, seed_everything
-from trainers.schedule import build_lr_scheduler, log_every, progress_bar
 from trainers.tdsm_model import TDSMDenoiser
 from trainers.text import TextFeatures
 from trainers.tracking import Reporter
@@ -48,11 +48,9 @@ def build_model(cfg: TDSMConfig, feature_dim: int, text: TextFeatures) -> TDSMDe
 
 
 def build_optimizer(cfg: TDSMConfig, model: nn.Module) -> torch.optim.AdamW:
-    """AdamW, fused (one kernel over all parameters) on CPU and CUDA: the same update up to rounding, and 6x
-    faster than the per-tensor loop on a 47 M-parameter model on one CPU core (0.04 s vs 0.25 s per step)."""
-    device = next(model.parameters()).device
-    return torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
-                             fused=device.type in ("cpu", "cuda") or None)
+    """AdamW (fit_loop.build_adamw), fused on CPU and CUDA."""
+    # Every parameter decayed, biases and norms too (one group): decaying matrices only would change the pinned traces.
+    return build_adamw(model, cfg.optim.lr, cfg.optim.weight_decay, decay_all=True)
 
 
 # Keys added after checkpoints existed: unset, they leave the fingerprint as it was (a run dir of before resumes).
@@ -131,11 +129,7 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, schedule: NoiseSche
     pred_pos, pred_neg = pred.float().chunk(2)                                            # 2 x (B, D_x)
     losses = triplet_diffusion_loss(schedule.target(b.x0, b.eps, b.t), pred_pos, pred_neg, b.neg != b.y,
                                     cfg.loss.margin, cfg.loss.triplet_weight)
-    opt.zero_grad(set_to_none=True)
-    losses["loss"].backward()
-    if cfg.optim.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-    opt.step()
+    optimizer_step(opt, losses["loss"], model, cfg.optim.grad_clip)
     return losses
 
 
@@ -167,6 +161,8 @@ def fit_tdsm(cfg: TDSMConfig, train: FeatureSplit, train_classes: list[int], eva
     device = resolve_device(cfg.train.device)
     precision = resolve_precision(cfg.train.precision, device)
     apply_thread_policy(cfg.train.threads, cfg.model.hidden_size)
+    # RNG: batches, negatives and noise come from one generator whose state last.pt holds, not from draws keyed by
+    # the step (fit_loop's policy): drawing those would change the pinned batches and metric traces.
     gen = seed_everything(cfg.train.seed)
     schedule = build_schedule(cfg)
     model = build_model(cfg, train.features.shape[1], text).to(device)
@@ -183,17 +179,10 @@ def fit_tdsm(cfg: TDSMConfig, train: FeatureSplit, train_classes: list[int], eva
     if rank > 0:
         gen.manual_seed(int(stable_hash({"seed": cfg.train.seed, "rank": rank, "step": step})[:15], 16))
 
-    start_step = step
     evaluating = evaluation is not None and len(evaluation) > 0
     if evaluating and eval_prefix == "test":
         # The in-loop evaluation keeps best.pt and may choose t_test: that is selection, never done on test.
         raise ValueError("fit_tdsm selects on its evaluation split: eval_prefix='test' is not allowed")
-
-    def evaluate_now(grid: list[int]) -> tuple[ZSLCurve, dict[str, float]]:
-        c = evaluate_zsl(model, schedule, evaluation.features.to(device), evaluation.labels, eval_classes,
-                         text_g, text_l, grid, cfg.eval.noise_draws, cfg.eval.seed,
-                         cfg.eval.batch_size * cfg.eval.noise_draws * len(eval_classes), amp)
-        return c, zsl_metric_dict(c, cfg.eval.t_test, eval_prefix, cfg.eval.tune_t_test, selection=True)
 
     train_model = wrap_model(model) if wrap_model is not None else model
     if cfg.train.compile:       # the training forward and backward only: evaluation shapes vary, checkpoints and
@@ -202,52 +191,40 @@ def fit_tdsm(cfg: TDSMConfig, train: FeatureSplit, train_classes: list[int], eva
         # eager without a word.
         torch._dynamo.reset()
         train_model = torch.compile(train_model)
-    total, B, T = cfg.train.steps, cfg.optim.batch_size, cfg.diffusion.num_train_timesteps
-    every = log_every(total)
+    plan = step_plan(cfg.train, cfg.optim)
+    headline = f"{eval_prefix}/zsl_top1"
     curve, last_metrics = None, {}
-    bar = progress_bar(total, step, "tdsm", progress)
-    guard = LossGuard(device, "lower optim.lr or set optim.grad_clip > 0")
-    sched = build_lr_scheduler(opt, cfg.optim.lr, total, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio, step)
-    model.train()
-    while step < total:
-        losses = train_step(train_model, opt, schedule, cfg, draw_batch(x_all, y_all, pool, B, T, gen),
-                            text_g, text_l, amp)
-        step += 1
-        guard.update(losses["loss"], step)
-        bar.update(1)
-        is_eval = step % cfg.train.eval_every == 0 or step == total
-        is_ckpt = step % cfg.train.checkpoint_every == 0 or step == total
-        if step % every == 0 or is_eval or is_ckpt:
-            guard.flush()                  # nothing diverged is logged as a metric or saved
-        if step % every == 0 or step == total:
-            scalars = {f"train/{k}": float(v.detach()) for k, v in losses.items()}
-            scalars["train/lr"] = opt.param_groups[0]["lr"]
-            reporter.log_metrics(scalars, step)
-            bar.set_postfix(loss=f"{scalars['train/loss']:.4f}", refresh=False)
-        if is_eval and evaluating:
-            # Intermediate evaluations score t_test only; the last one scores the whole grid (the curve).
-            curve, last_metrics = evaluate_now(
-                cfg.eval.t_test_grid if step == total or cfg.eval.tune_t_test else [cfg.eval.t_test])
-            bar.set_postfix(loss=f"{losses['loss'].item():.4f}",
-                            **{eval_prefix: f"{last_metrics[f'{eval_prefix}/zsl_top1']:.1f}"})
-            if run_dir is not None and last_metrics[f"{eval_prefix}/zsl_top1"] > best:
-                best = last_metrics[f"{eval_prefix}/zsl_top1"]
-                checkpoint.save(Path(run_dir) / BEST, {"model": model.state_dict(), "step": step,
-                                                       "metrics": last_metrics, "config": to_plain(cfg)})
-        if run_dir is not None and (is_ckpt or is_eval):
-            _save_last(Path(run_dir) / LAST, fingerprint, model, opt, gen, step, best, cfg)
-        if is_eval and evaluating:
-            reporter.log_evaluation(last_metrics, step, {"zsl_curve": curve},
-                                    Path(run_dir) if run_dir is not None else None)
-        sched.step()                       # after logging: train/lr is the lr this step used
-    if start_step >= total and evaluating:
-        # Resumed after the last step (a trial restarted after its final checkpoint): report the final metrics
-        # again so whoever restarted it (a Tune scheduler, a resumed sweep) sees them.
-        curve, last_metrics = evaluate_now(cfg.eval.t_test_grid)
-        reporter.log_evaluation(last_metrics, step, {"zsl_curve": curve},
-                                Path(run_dir) if run_dir is not None else None)
-    bar.close()
-    model.eval()
+
+    def train(_: int) -> dict[str, torch.Tensor]:
+        batch = draw_batch(x_all, y_all, pool, cfg.optim.batch_size, cfg.diffusion.num_train_timesteps, gen)
+        return train_step(train_model, opt, schedule, cfg, batch, text_g, text_l, amp)
+
+    def scalars(losses: dict[str, torch.Tensor]) -> dict[str, float]:
+        return {**{f"train/{k}": float(v.detach()) for k, v in losses.items()}, "train/lr": opt.param_groups[0]["lr"]}
+
+    def evaluate(at: int) -> tuple[dict[str, float], dict[str, Any]]:
+        nonlocal curve, last_metrics
+        # Intermediate evaluations score t_test only; the last one scores the whole grid (the curve).
+        grid = cfg.eval.t_test_grid if at == plan.total or cfg.eval.tune_t_test else [cfg.eval.t_test]
+        curve = evaluate_zsl(model, schedule, evaluation.features.to(device), evaluation.labels, eval_classes,
+                             text_g, text_l, grid, cfg.eval.noise_draws, cfg.eval.seed,
+                             cfg.eval.batch_size * cfg.eval.noise_draws * len(eval_classes), amp)
+        last_metrics = zsl_metric_dict(curve, cfg.eval.t_test, eval_prefix, cfg.eval.tune_t_test, selection=True)
+        return last_metrics, {"zsl_curve": curve}
+
+    def record(at: int, metrics: dict[str, float] | None) -> None:
+        nonlocal best
+        if run_dir is None:
+            return
+        if metrics is not None and metrics[headline] > best:
+            best = metrics[headline]
+            checkpoint.save(Path(run_dir) / BEST, {"model": model.state_dict(), "step": at, "metrics": metrics,
+                                                   "config": to_plain(cfg)})
+        _save_last(Path(run_dir) / LAST, fingerprint, model, opt, gen, at, best, cfg)
+
+    parts = FitParts(train, scalars, evaluate if evaluating else None, record, headline)
+    step = run_fit(plan, parts, model, opt, step, reporter, run_dir, LossGuard(device, DIVERGED_HINT), "tdsm",
+                   progress)
     return FitResult(model, curve, last_metrics, best, step)
 
 

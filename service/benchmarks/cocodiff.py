@@ -28,8 +28,8 @@ from trainers.cocodiff import build_module, build_schedule
 from trainers.cocodiff_classifier import build_classifier, export_classifier
 from trainers.cocodiff_fit import (
     TrainingModel,
+    build_optimizer,
     fit_cocodiff,
-    make_optimizer,
     step_generator,
     training_step,
     with_overrides,
@@ -117,7 +117,7 @@ def step_times(cfg: CoCoDiffConfig, batch: tuple[torch.Tensor, torch.Tensor], fi
         module = build_module(cfg.module, classifier.encoder.feature_dim, ft.shape[1],
                               ct.shape[1]).to(device) if enabled else None
         model = TrainingModel(classifier, module).train()
-        arms[arm] = (model, make_optimizer(cfg, model))
+        arms[arm] = (model, build_optimizer(cfg, model))
     wall: dict[str, list[float]] = {arm: [] for arm in arms}
     cpu: dict[str, float] = dict.fromkeys(arms, 0.0)
     for i in range(warmup + iters):

@@ -17,7 +17,6 @@ from trainers.data import load_class_ids
 from trainers.encoder_fit import extract_features, fit_encoder, load_encoder
 from trainers.errors import InputError
 from trainers.io import atomic_save_npy, atomic_write_text, load_torch
-from trainers.runtime import ThreadGovernor, resolve_device, resolve_threads
 from trainers.schedule import progress_bar
 from trainers.skeleton.prepare import FAMILY
 from trainers.skeleton.prepared import read_prepared
@@ -60,11 +59,11 @@ def train_encoder(prepared: Path, unseen: list[int], cfg: EncoderConfig, out: Pa
                   reporter=None, progress: bool = True) -> Path:
     """Train in this process on the seen classes of the benchmark's training split; returns out/encoder.pt.
 
-    Re-running with the same inputs resumes from out/last.pt (or returns at once when training finished). On the
-    CPU, torch's threads follow the load: every free core (at most $OMP_NUM_THREADS), one beside busy processes."""
+    Re-running with the same inputs resumes from out/last.pt (or, when training finished, reports the final evaluation
+    again and returns). On the CPU, torch's threads follow the load: every free core (at most $OMP_NUM_THREADS; one
+    for an encoder narrower than 256 features), one beside busy processes."""
     x, y, seen, held_out = seen_class_data(prepared, unseen, benchmark)
-    threads = ThreadGovernor(resolve_threads()) if resolve_device(cfg.device).type == "cpu" else None
-    fit_encoder(cfg, x, y, seen, reporter or NullReporter(), out, progress, held_out, threads=threads)
+    fit_encoder(cfg, x, y, seen, reporter or NullReporter(), out, progress, held_out, follow_load=True)
     return Path(out) / ENCODER
 
 

@@ -166,8 +166,8 @@ def test_every_config_field_is_read():
     """Each leaf is read as an attribute somewhere outside the config classes (method: a constant tag)."""
     read = set()
     for name in ("trainers/cocodiff.py", "trainers/cocodiff_classifier.py", "trainers/cocodiff_data.py",
-                 "trainers/cocodiff_eval.py", "trainers/cocodiff_fit.py", "service/methods/cocodiff.py",
-                 "service/data/generated.py"):
+                 "trainers/cocodiff_eval.py", "trainers/cocodiff_fit.py", "trainers/fit_loop.py",
+                 "service/methods/cocodiff.py", "service/data/generated.py"):
         tree = ast.parse((ROOT / name).read_text())
         code = [n for n in tree.body if not (isinstance(n, ast.ClassDef) and n.name.endswith("Config"))]
         read |= {n.attr for node in code for n in ast.walk(node) if isinstance(n, ast.Attribute)}
