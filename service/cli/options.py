@@ -76,7 +76,8 @@ class MethodFlags:
 
 
 def add_method_arguments(parser: argparse.ArgumentParser, command: str) -> MethodFlags:
-    """Add every registered method's own flags for `command` (run, sweep, final)."""
+    """Add every registered method's own flags for `command` (run, sweep, final). The CLIs keep the result on
+    their parser (`parser.method_flags`), so `build_parser()` stays the one thing tests and docs tools call."""
     return MethodFlags(parser, command)
 
 

@@ -23,16 +23,13 @@ if TYPE_CHECKING:
     from service.tracking.store import MLflowReporter
     from trainers.tracking import Artifacts, Reporter
 
-COMMANDS = ("run", "sweep", "final")
-
-
 @dataclass(frozen=True)
 class RunOptions:
     """`service.run`: one local run (no Ray)."""
 
     method: Method
     split: str | None              # the named (or default) split the data comes from; None: the config's own
-    tracking_uri: str              # resolved: credentials out, server probed
+    tracking_uri: str | None       # as given (None: $MLFLOW_TRACKING_URI or ./mlflow.db); resolved by the job
     experiment_name: str | None
     run_dir: Path | None
     fresh: bool
@@ -60,7 +57,7 @@ class SweepOptions:
     trial_driver: str              # auto | direct | train
     experiment_name: str | None
     name: str | None
-    tracking_uri: str
+    tracking_uri: str | None       # as given; resolved by the job
     storage: Storage
     address: str | None
     resume: bool
@@ -77,9 +74,9 @@ class FinalOptions:
     sweep_run_id: str | None       # the sweep parent run the config came from, if any
     seeds: int
     overrides: tuple[str, ...]     # --set KEY=VALUE items, applied after --splits
-    tracking_uri: str
+    tracking_uri: str              # resolved (service.orchestration.final.read_source)
     experiment_name: str | None
-    out: Storage
+    out: Storage | None            # None: <storage-path>/final/<method>-<splits>-<time>, set by the job
     register: bool
     progress: bool
     splits_file: Path | None
