@@ -9,10 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from service.orchestration.cluster import stop_cluster
 from service.process import exits_cleanly
 from trainers.errors import InputError
-from trainers.runtime import apply_thread_policy
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,11 +23,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 @exits_cleanly
 def main(argv: list[str] | None = None) -> int:
-    apply_thread_policy()   # CPU threads sized to this process's cores, before any parallel work
     args = build_parser().parse_args(argv)
     if not args.temp_dir.is_dir():
         raise InputError(f"{args.temp_dir}: no such Ray temp dir (expected the --temp-dir of `make cluster`)")
-    print(f"stopped {stop_cluster(args.temp_dir)} Ray processes under {args.temp_dir}")
+    from service.orchestration import cluster as job  # Ray, MLflow: only once the command line is known
+    print(f"stopped {job.stop_cluster(args.temp_dir)} Ray processes under {args.temp_dir}")
     return 0
 
 

@@ -16,21 +16,11 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
-import ray
-
 from service.cli.options import DEFAULT_STORAGE, storage_arg
-from service.data.features import FEATURE_FILES, extract_to_folder, parse_classes
-from service.methods.common import train_encoder_logged
-from service.orchestration.cluster import connect_ray
-from service.orchestration.encoder import train_encoder_on_ray
 from service.process import exits_cleanly
-from service.tracking.store import resolve_tracking_uri
 from trainers.config import build_config, parse_override
 from trainers.configs import EncoderConfig
 from trainers.errors import InputError
-from trainers.io import stable_hash
-from trainers.runtime import apply_thread_policy
 
 ENCODER_EXAMPLES = """examples:
   python -m service.encoder train --data $SKELDIFF_DATA/prepared/ntu60 --unseen label_splits/ru5.npy \\
@@ -77,31 +67,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 @exits_cleanly
 def main(argv: list[str] | None = None) -> int:
-    apply_thread_policy()   # CPU threads sized to this process's cores, before any parallel work
     args = build_parser().parse_args(argv)
-    labels = np.load(args.data / "label.npy") if (args.data / "label.npy").is_file() else None
-    if labels is None:
+    if not (args.data / "label.npy").is_file():
         raise InputError(f"{args.data / 'label.npy'}: missing (expected the output of `python -m service.prepare`)")
-    unseen = parse_classes(args.unseen, int(labels.max()) + 1)
+    from service.orchestration import encoder as job  # torch, Ray, MLflow: only once the command line is known
+    unseen = job.unseen_classes(args.data, args.unseen)
     if args.command == "train":
         cfg = build_config(EncoderConfig, {}, dict(parse_override(o) for o in args.overrides))
-        uri = resolve_tracking_uri(args.tracking_uri)
-        if args.in_process:    # the run ends FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED
-            path = train_encoder_logged(args.data, unseen, cfg, args.out, tracking_uri=uri, benchmark=args.benchmark,
-                                        progress=not args.no_progress)
-        else:
-            connect_ray(args.address)
-            storage = args.storage_path
-            data = (args.data if storage.is_local else   # workers on other nodes read it from the bucket
-                    (storage / f"prepared-{stable_hash(str(args.data.resolve()))[:12]}").upload(args.data))
-            path = train_encoder_on_ray(data, unseen, cfg, args.out, benchmark=args.benchmark,
-                                        storage=storage, workers=args.workers,
-                                        cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
-                                        tracking_uri=uri)
-            ray.shutdown()
-        print(json.dumps({"encoder": str(path), "tracking_uri": uri}))
+        print(json.dumps(job.train(args.data, unseen, cfg, args.out, benchmark=args.benchmark,
+                                   tracking_uri=args.tracking_uri, in_process=args.in_process,
+                                   progress=not args.no_progress, address=args.address, storage=args.storage_path,
+                                   workers=args.workers, cpus_per_worker=args.cpus_per_worker,
+                                   gpus_per_worker=args.gpus_per_worker)))
     else:
-        out = extract_to_folder(args.data, args.encoder, unseen, args.out, args.benchmark)
-        shapes = {f: list(np.load(out / f"{f}.npy", mmap_mode="r").shape) for f in FEATURE_FILES}
-        print(json.dumps({"features": str(out), "shapes": shapes}))
+        print(json.dumps(job.extract(args.data, args.encoder, unseen, args.out, args.benchmark)))
     return 0

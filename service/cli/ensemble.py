@@ -12,25 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from service.process import exits_cleanly
-from service.tracking.ensemble import (
-    DEFAULT_EXPERIMENT,
-    check_aligned,
-    default_experiment,
-    fuse,
-    load_predictions,
-    log_ensemble,
-)
-from service.tracking.store import resolve_tracking_uri
 from trainers.errors import InputError
-from trainers.io import atomic_save_npy
-from trainers.runtime import apply_thread_policy
-from trainers.text import read_prompt_file
+
+# service.tracking.ensemble.DEFAULT_EXPERIMENT, named here for --help (that module loads MLflow and torch)
+DEFAULT_EXPERIMENT = "cocodiff-ensemble"
 
 ENSEMBLE_EXAMPLES = """examples:
   python -m service.ensemble <joint_run_id> <bone_run_id> <motion_run_id> --weights 1 1 0.5
@@ -56,10 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 @exits_cleanly
 def main(argv: list[str] | None = None) -> int:
-    apply_thread_policy()   # CPU threads sized to this process's cores, before any parallel work
     args = build_parser().parse_args(argv)
     weights = args.weights or [1.0] * len(args.sources)
-    if not all(np.isfinite(w) for w in weights):
+    if not all(math.isfinite(w) for w in weights):
         raise InputError(f"--weights {' '.join(map(str, weights))}: expected finite numbers")
     if any(w < 0 for w in weights) or not any(w > 0 for w in weights):
         raise InputError(f"--weights {' '.join(map(str, weights))}: expected weights >= 0, at least one > 0 (all "
@@ -68,23 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         raise InputError(f"--weights: {len(weights)} weights for {len(args.sources)} sources (one per SOURCE)")
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         raise InputError(f"--out {args.out}: is a file; expected a folder (created when missing)")
-    uri = resolve_tracking_uri(args.tracking_uri)
-    saved = load_predictions(args.sources, args.split, uri)
-    check_aligned(saved, args.split)
-    num_classes = saved[0].logits.shape[1]
-    names = (read_prompt_file(args.names, expected_count=num_classes) if args.names
-             else [str(c) for c in range(num_classes)])
-    summary, fused = fuse(saved, weights)
-    if args.out is not None:
-        atomic_save_npy(fused.numpy(), args.out / f"{args.split}_logits.npy")
-        atomic_save_npy(saved[0].labels.numpy(), args.out / f"{args.split}_labels.npy")
-    run_id = log_ensemble(uri, args.experiment_name or default_experiment(saved, uri), args.split, saved, summary,
-                          fused, names)
-    rounded = {"sources": [{k: round(v, 3) if k in ("top1", "top5") else v for k, v in p.items()}
-                           for p in summary["sources"]],
-               "ensemble": {k: round(v, 3) for k, v in summary["ensemble"].items()}}
-    print(json.dumps({"split": args.split, **rounded, "mlflow_run_id": run_id,
-                      **({"out": str(args.out)} if args.out is not None else {})}))
+    from service.orchestration import ensemble as job  # torch, MLflow: only once the command line is known
+    print(json.dumps(job.ensemble(args.sources, weights, args.split, tracking_uri=args.tracking_uri,
+                                  experiment_name=args.experiment_name, out=args.out, names_file=args.names)))
     return 0
 
 

@@ -1,5 +1,7 @@
 """The GCN encoder on Ray Train workers (`service.encoder train`, the sweep's skeleton chain): a TorchTrainer of N
-workers (DDP when N > 1), checkpointed through Ray Train and logged to MLflow by rank 0."""
+workers (DDP when N > 1), checkpointed through Ray Train and logged to MLflow by rank 0. Also `service.encoder`'s
+commands after its command line is parsed (`train`: on Ray or in this process, `extract`); service.cli.encoder
+imports this module only once the arguments are known (its start-up stays light)."""
 
 from __future__ import annotations
 
@@ -9,15 +11,19 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+import ray
 import ray.train
 import ray.train.torch
 from ray.train.torch import TorchTrainer
 
-from service.data.features import seen_class_data
-from service.orchestration.cluster import input_error_cause
+from service.data.features import FEATURE_FILES, extract_to_folder, parse_classes, seen_class_data
+from service.methods.common import train_encoder_logged
+from service.orchestration.cluster import connect_ray, input_error_cause
 from service.storage import Storage
-from service.tracking.store import MLflowReporter, encoder_experiment, start_encoder_run
+from service.tracking.store import MLflowReporter, encoder_experiment, resolve_tracking_uri, start_encoder_run
 from trainers.checkpoint import ENCODER, LAST, copy_run_files
 from trainers.configs import EncoderConfig
 from trainers.encoder_fit import fit_encoder
@@ -150,3 +156,44 @@ def train_encoder_on_ray(prepared: Path | Storage, unseen: list[int], cfg: Encod
         if mlflow is not None:
             mlflow.log_artifact(out / ENCODER, "checkpoints")
     return out / ENCODER
+
+
+# ----------------------------------------------------------------------------------------------
+# `service.encoder train` / `extract` once their command lines are parsed
+# ----------------------------------------------------------------------------------------------
+
+def unseen_classes(prepared: Path, spec: str) -> list[int]:
+    """--unseen (a ru*.npy file or a comma list) checked against the class count of the prepared folder's
+    label.npy (which the CLI has found)."""
+    labels = np.load(prepared / "label.npy")
+    return parse_classes(spec, int(labels.max()) + 1)
+
+
+def train(prepared: Path, unseen: list[int], cfg: EncoderConfig, out: Path, *, benchmark: str | None,
+          tracking_uri: str | None, in_process: bool, progress: bool, address: str | None, storage: Storage,
+          workers: int, cpus_per_worker: float, gpus_per_worker: float) -> dict[str, str]:
+    """`service.encoder train`: in this process (`in_process`) or on Ray Train workers (the prepared folder copied
+    to `storage` first when that is an object store); returns the JSON line (encoder.pt, the tracking URI)."""
+    apply_thread_policy()   # CPU threads sized to this process's cores, before any parallel work
+    uri = resolve_tracking_uri(tracking_uri)
+    if in_process:    # the run ends FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED
+        path = train_encoder_logged(prepared, unseen, cfg, out, tracking_uri=uri, benchmark=benchmark,
+                                    progress=progress)
+    else:
+        connect_ray(address)
+        data = (prepared if storage.is_local else   # workers on other nodes read it from the bucket
+                (storage / f"prepared-{stable_hash(str(prepared.resolve()))[:12]}").upload(prepared))
+        path = train_encoder_on_ray(data, unseen, cfg, out, benchmark=benchmark, storage=storage, workers=workers,
+                                    cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
+                                    tracking_uri=uri)
+        ray.shutdown()
+    return {"encoder": str(path), "tracking_uri": uri}
+
+
+def extract(prepared: Path, encoder: Path, unseen: list[int], out: Path, benchmark: str | None) -> dict[str, Any]:
+    """`service.encoder extract`: the SA-DVAE feature files of the prepared folder with a trained encoder; returns
+    the JSON line (the folder, each file's shape)."""
+    apply_thread_policy()   # CPU threads sized to this process's cores, before any parallel work
+    folder = extract_to_folder(prepared, encoder, unseen, out, benchmark)
+    shapes = {f: list(np.load(folder / f"{f}.npy", mmap_mode="r").shape) for f in FEATURE_FILES}
+    return {"features": str(folder), "shapes": shapes}

@@ -12,8 +12,10 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from service.cli import ensemble as ensemble_cli
 from service.ensemble import main
 from service.methods.cocodiff import cocodiff_table
+from service.tracking import ensemble as tracking_ensemble
 from service.tracking.artifacts import log_classification_outputs
 from service.tracking.store import MLflowReporter
 
@@ -60,6 +62,7 @@ def test_fuses_local_folders_and_logs_the_fused_predictions(tmp_path, capsys, ur
     client = MlflowClient(uri)
     run = client.get_run(out["mlflow_run_id"])
     assert client.get_experiment(run.info.experiment_id).name == "cocodiff-ensemble"   # no run among the sources
+    assert ensemble_cli.DEFAULT_EXPERIMENT == tracking_ensemble.DEFAULT_EXPERIMENT        # what --help names
     assert run.data.params["sources"] == f"{joint},{bone}" and run.data.params["weights"] == "1.0,1.0"
     assert run.data.metrics["ensemble/top1"] == 100.0 and run.data.metrics["source1/top1"] == 50.0
     assert run.data.tags["stream"] == "ensemble" and run.info.status == "FINISHED"
