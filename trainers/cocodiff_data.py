@@ -13,10 +13,11 @@ import torch
 from trainers.assets import ASSETS, EMBEDDED_DESCRIPTIONS, EMBEDDED_NAMES, default_cache_dir
 from trainers.configs import CoCoDiffConfig
 from trainers.errors import InputError
+from trainers.prompts import read_prompt_file
 from trainers.skeleton.prepared import read_prepared
 from trainers.skeleton.splits import BENCHMARKS
 from trainers.skeleton.synthetic import action_catalogue
-from trainers.text import encode_prompt_sets, read_prompt_file
+from trainers.text import encode_prompt_sets
 
 # Only the pooled (global) text features are used; MiniLM's local features need at least [CLS] and [SEP].
 UNUSED_LOCAL_TOKENS = 2

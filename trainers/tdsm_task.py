@@ -9,7 +9,8 @@ from trainers.assets import EMBEDDED_DESCRIPTIONS, EMBEDDED_NAMES, default_cache
 from trainers.configs import TDSMConfig
 from trainers.data import ZSLTask, generate_synthetic_task, load_feature_task
 from trainers.errors import InputError
-from trainers.text import TextFeatures, encode_prompt_sets, read_prompt_file
+from trainers.prompts import read_prompt_file
+from trainers.text import TextFeatures, encode_prompt_sets
 
 
 def prompt_files(cfg: TDSMConfig) -> list[Path]:

@@ -7,7 +7,7 @@ set (label, description, ...) is encoded separately and the sets are concatenate
 
 Encoding is deterministic for a given (encoder, layer, pooled, prompts, max_tokens), so `encode_prompt_sets`
 caches the result on disk, with a content hash checked on load, and never builds a model on a cache hit.
-Prompt files are read by `trainers.prompts` (`read_prompt_file`, re-exported here).
+Prompt files are read by `trainers.prompts` (`read_prompt_file`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import torch
 
 from trainers.errors import InputError
 from trainers.io import atomic_torch_save
-from trainers.prompts import read_prompt_file  # noqa: F401  (re-exported: its importers keep this name)
 from trainers.text_encoders import (
     MINILM_IDENTITY,
     OFFLINE_HINT,

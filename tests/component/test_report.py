@@ -17,7 +17,7 @@ from service.data.splits import load_references, load_splits
 from trainers.config import build_config
 from trainers.configs import TDSMConfig
 from trainers.errors import InputError
-from trainers.text import read_prompt_file
+from trainers.prompts import read_prompt_file
 
 ROOT = Path(__file__).resolve().parents[2]
 SPLITS = ROOT / "search_spaces" / "tdsm_splits.yaml"

@@ -13,15 +13,9 @@ from conftest import SHARED_DATA, with_choices
 from trainers import text
 from trainers.configs import TDSMConfig
 from trainers.errors import InputError
+from trainers.prompts import read_prompt_file
 from trainers.tdsm_task import encode_class_texts, prompt_files
-from trainers.text import (
-    TextFeatures,
-    encode_prompt_sets,
-    features_sha256,
-    read_prompt_file,
-    text_cache_key,
-    text_cache_path,
-)
+from trainers.text import TextFeatures, encode_prompt_sets, features_sha256, text_cache_key, text_cache_path
 
 ASSETS = Path(text.__file__).resolve().parent / "assets"
 PROMPTS = ["drink water", "kick a ball", "put on a hat/cap"]
