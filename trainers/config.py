@@ -54,7 +54,7 @@ Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 ClassId = Annotated[int, Field(ge=0, le=99_999)]            # a class id of a data set
 ClassCount = Annotated[int, Field(ge=1, le=99_999)]         # a number of classes
 # Not bounded above on purpose: the learning rate. A finite lr too large to train is what the divergence check
-# stops (one line at the first non-finite loss, exit 2); the README's diverging-run example uses 1e30.
+# stops (one line at the first non-finite loss, exit 2); docs/failures.md's diverging-run example uses 1e30.
 UNBOUNDED_ABOVE = frozenset({"lr"})
 
 

@@ -124,7 +124,7 @@ class TDSMTrainConfig(TrainConfig):
     """TrainConfig plus what only the TDSM loop offers."""
 
     compile: bool = Field(False, description="torch.compile the training forward/backward: 1.19x faster paper-size "
-                          "steps on one CPU core after a one-off compile of ~95 s (README, Benchmarks); worth it "
+                          "steps on one CPU core after a one-off compile of ~95 s (docs/benchmarks.md); worth it "
                           "for long runs, not for smoke runs.")
 
 
@@ -287,7 +287,7 @@ class CoCoDiffModuleConfig(Section):
     detach_diffusion_input: bool = Field(
         True, description="Build the x_t of the diffusion term ||x̂_0 - sg(x_0)||² from sg(x_0), so that term trains "
                           "the denoiser only; CE(head(x̂_0)) and the coarse KL still reach the backbone through x_t "
-                          "(README, Results: the detach ablation).")
+                          "(docs/results.md: the detach ablation).")
 
     @model_validator(mode="after")
     def _check_betas(self) -> CoCoDiffModuleConfig:

@@ -3,11 +3,19 @@ and checkpoints, the optimizer and its step, the divergence guard, the learning-
 and the report again of a run resumed past its end. Each loop keeps what is its own: model, batches, losses,
 evaluation and checkpoint contents (`FitParts`).
 
-One policy each, stated here; a loop that departs from one says why where it does:
-- RNG: `runtime.seed_everything(seed)` before the model is built (same init on every rank); batches and training
-  noise are pure functions of (seed, step, rank), so a resumed run draws what an uninterrupted one would.
-- Threads: `runtime.apply_thread_policy(train.threads, model width)` once, before the first step.
-- Weight decay: AdamW decays matrices and conv kernels only, not biases, norms, scales and shifts (`build_adamw`).
+The policies, one place each:
+- Threads, all three loops: `runtime.apply_thread_policy(threads, model width)` before the first step (0 = auto:
+  the CPUs this process may use, at most $OMP_NUM_THREADS, which Ray sets to a worker's CPUs; one thread for a
+  narrow model). The encoder has no threads field: always auto.
+- RNG, the target (CoCoDiff today): `runtime.seed_everything(seed)` before the model is built (the same init on
+  every rank); batches and training noise are pure functions of (seed, step, rank), so a resumed run draws what an
+  uninterrupted one would. TDSM draws from one generator whose state last.pt holds (resumes are exact too); the
+  encoder's dropout uses torch's global RNG, which its last.pt does not hold.
+- Weight decay, the target (CoCoDiff today): matrices and conv kernels only, not biases, norms, scales and shifts
+  (`build_adamw`). TDSM and the encoder decay every parameter (the encoder with the per-tensor AdamW).
+Moving TDSM and the encoder to the target policies changes their numbers (the golden traces of
+tests/component/test_pinned.py), so it waits for a change that re-pins
+them on purpose; each departure says so where it is.
 """
 
 from __future__ import annotations

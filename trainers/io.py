@@ -79,7 +79,7 @@ def signals_deferred(signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM))
             signal.raise_signal(s)
 
 
-# What a refused pickle says; the message tests and the README quote.
+# What a refused pickle says; the message tests and docs/failures.md quote.
 REFUSED = "refused: it holds Python objects, and loading them would run code; only tensors and plain data load"
 
 

@@ -1,7 +1,6 @@
 """Class prompt files (one prompt per line, or the 'label' / 'name' column of a headed CSV/TSV), read and checked.
 
 Light (no torch): `service.predict` reads --classes-file / --descriptions-file before it loads a model.
-`trainers.text` re-exports `read_prompt_file`.
 """
 
 from __future__ import annotations

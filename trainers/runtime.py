@@ -60,12 +60,12 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 # ----------------------------------------------------------------------------------------------
-# CPU threads (README "Benchmarks": contended vs alone)
+# CPU threads (docs/benchmarks.md: contended vs alone)
 # ----------------------------------------------------------------------------------------------
 
 # Below this model width (TDSM's transformer width; a GCN's feature width), one thread: TDSM 'tiny' matmuls take
 # microseconds, less than waking a second thread, and beside two busy processes two passive threads ran about 2x
-# slower than one (README "Benchmarks", `python -m service.bench contended`); CoCoDiff's small convolutions also run
+# slower than one (docs/benchmarks.md, `python -m service.bench contended`); CoCoDiff's small convolutions also run
 # fastest on one (its train.threads default). From 'small' (the 256-d default encoder) up, every core, with passive
 # waits.
 SINGLE_THREAD_BELOW_WIDTH = 256

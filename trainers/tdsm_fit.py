@@ -287,7 +287,7 @@ def evaluate_split(cfg: TDSMConfig, model: TDSMDenoiser, split: FeatureSplit, cl
 def evaluate_gzsl_split(cfg: TDSMConfig, model: TDSMDenoiser, task: ZSLTask, text: TextFeatures) -> dict[str, float]:
     """Generalised zero-shot metrics of a trained model on the task's GZSL test set (seen + unseen samples, every
     seen and unseen class a candidate) at cfg.eval.t_test; {} when the task has no GZSL test set. Uncalibrated: no
-    bias is subtracted from the seen classes' scores (README, Results: GZSL)."""
+    bias is subtracted from the seen classes' scores (docs/results.md: GZSL)."""
     split = task.gzsl_split()
     if split is None:
         return {}

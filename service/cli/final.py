@@ -22,7 +22,7 @@ import json
 import sys
 from pathlib import Path
 
-from service.cli.options import DEFAULT_STORAGE, add_method_arguments, storage_arg
+from service.cli.options import DEFAULT_STORAGE, MethodFlags, storage_arg
 from service.methods import METHODS
 from service.methods.base import FinalOptions
 from service.process import exits_cleanly
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder for the tables (default: <storage-path>/final/<method>-<splits>-<time>)")
     p.add_argument("--no-register", action="store_true", help="skip the model registry")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.method_flags = add_method_arguments(p, "final")
+    p.method_flags = MethodFlags(p, "final")
     return p
 
 

@@ -24,7 +24,7 @@ DATA_KEYS = ("data.", "text.class_names", "text.descriptions", "text.synonyms")
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     """--config/--set/--print-config and the text shortcuts every method has (a method adds its own:
-    `add_method_arguments`)."""
+    `MethodFlags`)."""
     g = parser.add_argument_group("configuration")
     g.add_argument("--config", type=Path, help="YAML config (nested, same keys as --print-config)")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -34,7 +34,7 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
                         "default split applied, a skeleton chain resolved to its cached paths (generated and "
                         "prepared if missing, never trained: '# (built on first run)' marks features not built yet)")
     g.add_argument("--threads", type=int, metavar="N",
-                   help="shortcut for --set train.threads=N: CPU threads of the fit loop (0 = auto, see README)")
+                   help="shortcut for --set train.threads=N: CPU threads of the fit loop (0 = auto, see docs/usage.md)")
     d = parser.add_argument_group("text shortcuts")
     d.add_argument("--class-names", type=Path, help="one class name per line")
     d.add_argument("--descriptions", type=Path, action="append", help="class descriptions, one per line (repeatable)")
@@ -42,9 +42,10 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 class MethodFlags:
-    """Every method's own flags on one parser (`Method.add_arguments`), and who owns each: the command line is
-    parsed once, before the method is known (service.final reads it from --from), then a flag of another method
-    that was given is refused."""
+    """Every registered method's own flags on one parser (`Method.add_arguments`, for `command`: run, sweep, final),
+    and who owns each: the command line is parsed once, before the method is known (service.final reads it from
+    --from), then a flag of another method that was given is refused. A method's flags default to None (or False),
+    so "given" means given. The CLIs keep it on their parser (`parser.method_flags`)."""
 
     def __init__(self, parser: argparse.ArgumentParser, command: str):
         self.command = command
@@ -63,22 +64,21 @@ class MethodFlags:
         """Each method checks the values of its own flags that were given (before anything is read or run)."""
         for method in {id(m): m for m in self.owner.values()}.values():
             if any(getattr(args, d) != self.default[d] for d, m in self.owner.items() if m is method):
-                method.options(vars(args), self.command)
+                method.options(self.given(args, method), self.command)
 
     def options(self, args: argparse.Namespace, method: Method) -> dict[str, Any]:
         """`method`'s options (`Method.options`); a flag of another method that was given is refused."""
         foreign = [d for d, owner in self.owner.items() if owner is not method and getattr(args, d) != self.default[d]]
         if foreign:
-            owners = sorted({self.owner[d].name for d in foreign})
-            raise InputError(f"{', '.join(self.flag[d] for d in foreign)}: {' / '.join(owners)} only, not a "
-                             f"{method.name} flag (see --help)")
-        return method.options(vars(args), self.command)
+            owner = self.owner[foreign[0]]
+            hint = f" ({owner.flags_hint})" if owner.flags_hint else ""
+            raise InputError(f"{', '.join(self.flag[d] for d in foreign)}: {owner.name} only{hint}, not a "
+                             f"{method.name} flag")
+        return method.options(self.given(args, method), self.command)
 
-
-def add_method_arguments(parser: argparse.ArgumentParser, command: str) -> MethodFlags:
-    """Add every registered method's own flags for `command` (run, sweep, final). The CLIs keep the result on
-    their parser (`parser.method_flags`), so `build_parser()` stays the one thing tests and docs tools call."""
-    return MethodFlags(parser, command)
+    def given(self, args: argparse.Namespace, method: Method) -> dict[str, Any]:
+        """`method`'s own flags as parsed (dest -> value): what its hooks read, nothing of the other methods'."""
+        return {dest: getattr(args, dest) for dest, owner in self.owner.items() if owner is method}
 
 
 def shortcut_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -94,9 +94,11 @@ def shortcut_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def method_overrides(method: Method, args: argparse.Namespace) -> dict[str, Any]:
-    """The shortcut overrides: every method's, then `method`'s own (its data flags)."""
-    return {**shortcut_overrides(args), **method.config_overrides(vars(args))}
+def method_overrides(method: Method, args: argparse.Namespace, flags: MethodFlags | None = None) -> dict[str, Any]:
+    """The shortcut overrides: every method's, then `method`'s own (its data flags; without `flags`, read from every
+    parsed value)."""
+    given = flags.given(args, method) if flags is not None else vars(args)
+    return {**shortcut_overrides(args), **method.config_overrides(given)}
 
 
 def names_data(args: argparse.Namespace, overrides: dict[str, Any]) -> bool:
@@ -110,18 +112,19 @@ def names_data(args: argparse.Namespace, overrides: dict[str, Any]) -> bool:
     return "data" in tree or any(k in (tree.get("text") or {}) for k in ("class_names", "descriptions", "synonyms"))
 
 
-def resolve_config(method: Method, args: argparse.Namespace, extra: dict[str, Any] | None = None):
+def resolve_config(method: Method, args: argparse.Namespace, extra: dict[str, Any] | None = None,
+                   flags: MethodFlags | None = None):
     """--config, then shortcuts, then `extra`, then --set; validated into the method's config."""
     base = load_yaml(args.config) if args.config else {}
-    overrides = {**method_overrides(method, args), **(extra or {})}
+    overrides = {**method_overrides(method, args, flags), **(extra or {})}
     overrides.update(parse_override(item) for item in args.overrides)
     return build_config(method.config_cls, base, overrides, source=args.config)
 
 
-def default_splits(method: Method, args: argparse.Namespace) -> list[str] | None:
+def default_splits(method: Method, args: argparse.Namespace, flags: MethodFlags | None = None) -> list[str] | None:
     """[the method's embedded-default split] when the command line names no data, else None."""
     name = method.default_split
-    return [name] if name and not names_data(args, method_overrides(method, args)) else None
+    return [name] if name and not names_data(args, method_overrides(method, args, flags)) else None
 
 
 def storage_arg(value: str) -> Storage:

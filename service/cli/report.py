@@ -26,13 +26,13 @@ REPORT_EXAMPLES = """examples:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m service.report", description=__doc__.splitlines()[0],
                                 epilog=REPORT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", choices=list(METHODS), default="tdsm",
+    p.add_argument("--method", choices=[m.name for m in METHODS.values() if m.report_table], default="tdsm",
                    help="whose final runs and table (default: %(default)s, the paper's Table 1)")
     p.add_argument("--splits", nargs="+", required=True, help="named splits (their latest final runs)")
     p.add_argument("--splits-file", type=Path, help="default: search_spaces/<method>_splits.yaml")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
     p.add_argument("--out", type=storage_arg,
-                   help="folder for paper_table.md / .csv (default: $SKELDIFF_RESULTS/report)")
+                   help="folder for the table (tdsm: paper_table.md / .csv; default: $SKELDIFF_RESULTS/report)")
     p.add_argument("--no-log", action="store_true",
                    help="do not attach the table to the final runs nor log it in experiment skeldiff-report")
     return p

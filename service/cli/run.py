@@ -16,8 +16,8 @@ from pathlib import Path
 
 from service.cli.options import (
     DEFAULT_STORAGE,
+    MethodFlags,
     add_config_args,
-    add_method_arguments,
     default_splits,
     resolve_config,
     searched_keys_comment,
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("method", choices=list(METHODS),
                    help="; ".join(f"{m.name}: {m.about}" for m in METHODS.values()))
     add_config_args(p)
-    p.method_flags = add_method_arguments(p, "run")
+    p.method_flags = MethodFlags(p, "run")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
     p.add_argument("--experiment-name", help="MLflow experiment (default: <method>-<dataset>)")
     p.add_argument("--run-dir", type=Path, help="checkpoints here (default: runs/<method>-<dataset>-<config hash>)")
@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     method = METHODS[args.method]
     extra = parser.method_flags.options(args, method)
-    cfg = resolve_config(method, args)
-    split = args.split or (default_splits(method, args) or [None])[0]
+    cfg = resolve_config(method, args, flags=parser.method_flags)
+    split = args.split or (default_splits(method, args, parser.method_flags) or [None])[0]
     overrides = None if split is None else load_splits(splits_file(method.name, args.splits_file), [split])[0][1]
     storage = Storage.parse(DEFAULT_STORAGE)
     searched = ""

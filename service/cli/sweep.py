@@ -18,8 +18,8 @@ from typing import Any
 
 from service.cli.options import (
     DEFAULT_STORAGE,
+    MethodFlags,
     add_config_args,
-    add_method_arguments,
     default_splits,
     resolve_config,
     searched_keys_comment,
@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the search (the same command samples the same configs) and of trial training")
     add_config_args(p)
-    p.method_flags = add_method_arguments(p, "sweep")
+    p.method_flags = MethodFlags(p, "sweep")
     return p
 
 
@@ -109,13 +109,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         space = space.for_smoke()
     num_samples = args.num_samples or (space.smoke.num_samples if args.smoke and space.smoke else 16)
-    cfg = resolve_config(method, args, extra=smoke_cfg)
+    cfg = resolve_config(method, args, extra=smoke_cfg, flags=parser.method_flags)
     searched = [item.split("=", 1)[0].strip() for item in args.overrides
                 if item.split("=", 1)[0].strip() in space.params]
     if searched:     # each trial's sampled value would silently replace it
         raise InputError(f"--set {searched[0]}: {space_path} searches this key (params.{searched[0]}); fix it there "
                          "(e.g. {choice: [VALUE]}) or pass a --space without it")
-    names = args.splits or default_splits(method, args)
+    names = args.splits or default_splits(method, args, parser.method_flags)
     splits = (load_splits(splits_file(method.name, args.splits_file), names) if names
               else [(method.split_name(cfg), {})])
     comment = searched_keys_comment(method, space, space_path)
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                                args.storage_path, comment), end="")
         return 0
     opts = SweepOptions(
-        method=method, space=space, space_path=space_path, num_samples=num_samples, smoke=args.smoke,
+        method=method, space=space, num_samples=num_samples, smoke=args.smoke,
         scheduler=args.scheduler, search=args.search, seed=args.seed, max_concurrent=args.max_concurrent,
         workers_per_trial=args.workers_per_trial, cpus_per_worker=args.cpus_per_worker,
         gpus_per_worker=args.gpus_per_worker, trial_retries=args.trial_retries, trial_driver=args.trial_driver,

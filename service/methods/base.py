@@ -5,7 +5,7 @@ A method is in two parts. Its *spec* (`service/methods/<name>_spec.py`) is light
 config class, the objective, its own command-line flags and options, how its data and best config are named. The
 CLIs build their parsers and `--print-config` from specs alone, so `--help` answers before any heavy import. Its
 *implementation* (`service/methods/<name>.py`, a subclass of the spec) adds what it runs: the sweep trial's fit,
-`service.run` and `service.final`. `service.methods.implementation` joins the two.
+`service.run`, `service.final` (and `service.report`). `service.methods.implemented.implementation` joins the two.
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ class SweepOptions:
 
     method: Method
     space: Any                     # the SearchSpace (service.methods.search_space)
-    space_path: Path
     num_samples: int
     smoke: bool
     scheduler: str                 # asha | fifo
@@ -62,7 +61,7 @@ class SweepOptions:
     address: str | None
     resume: bool
     ray_logs: bool
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    extra: Mapping[str, Any] = field(default_factory=dict)     # reaches each trial as Trial.options
 
 
 @dataclass(frozen=True)
@@ -107,13 +106,14 @@ class Trial:
     rank: int = 0
     world: int = 1
     wrap_model: Callable | None = None      # the DDP wrapper (None for one worker)
+    options: Mapping[str, Any] = field(default_factory=dict)    # the method's own sweep flags (SweepOptions.extra)
 
 
 class Method:
     """Everything the CLIs, the sweep and the trials know about one method; nothing else branches on it.
 
     Class attributes and the light hooks (flags, options, names, selection) are the spec; `prepare`, `trial_params`,
-    `fit_trial`, `trial_artifacts`, `run` and `final` are the implementation."""
+    `fit_trial`, `trial_artifacts`, `run`, `final` and `report` are the implementation."""
 
     name: ClassVar[str]                         # the config's `method:`, CLI choices, MLflow tags
     config_cls: ClassVar[type]                  # its pydantic config (trainers/)
@@ -122,6 +122,9 @@ class Method:
     about: ClassVar[str] = ""                   # one line for the CLIs' method choices
     default_split: ClassVar[str | None] = None  # the split a command runs when it names no data (None: the config's)
     inference_grid: ClassVar[bool] = False      # its search space scores an inference-time grid (`inference:`)
+    chosen_tags: ClassVar[tuple[str, ...]] = ()  # the tags `selection_tags` sets: columns of the sweep's trial tables
+    flags_hint: ClassVar[str] = ""              # what its own flags are, for the refusal when another method gets one
+    report_table: ClassVar[bool] = False        # implements `report` (service.report's cross-split table)
 
     # -- spec: command line --------------------------------------------------------------------------------------
 

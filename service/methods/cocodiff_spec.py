@@ -33,6 +33,7 @@ class CoCoDiffSpec(Method):
     objective = OBJECTIVE
     rankable_metrics = (OBJECTIVE, "val/top5")   # trainers.cocodiff_eval.accuracy_metrics on validation; never test
     about = "supervised classification (CoCoDiff)"
+    flags_hint = "its classifier arms and input streams"
 
     def add_arguments(self, parser: argparse.ArgumentParser, command: str) -> None:
         if command != "final":

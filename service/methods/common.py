@@ -1,4 +1,5 @@
-"""What both methods' runs share: the run dir with its MLflow run, headline metrics, mean ± std."""
+"""What the methods' runs share (the run dir with its MLflow run, headline metrics, mean ± std), and the skeleton
+chain's encoder trained in this process as an MLflow run (service.run, service.final, service.encoder --in-process)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from service.data.features import train_encoder
 from service.methods.base import RunOptions
 from service.process import lock_dir
 from service.storage import Storage
-from service.tracking.store import MLflowReporter, standard_tags, start_encoder_run
+from service.tracking.store import MLflowReporter, resolve_tracking_uri, standard_tags, start_encoder_run
 from trainers.config import to_plain
 from trainers.configs import EncoderConfig
 from trainers.io import atomic_write_text, stable_hash
@@ -37,7 +38,7 @@ def open_run(opts: RunOptions, dataset: str, fingerprint: str, cfg) -> tuple[Pat
                 shutil.rmtree(child)
             elif child != lock:
                 child.unlink()
-    uri = opts.tracking_uri
+    uri = resolve_tracking_uri(opts.tracking_uri)      # as given or resolved already: the same URI, probed
     id_file = run_dir / "mlflow_run.json"
     try:
         previous = json.loads(id_file.read_text()) if id_file.is_file() else {}

@@ -12,6 +12,12 @@ IMPLEMENTATIONS: dict[type[Method], Method] = {TDSMSpec: TDSM(), CoCoDiffSpec: C
 
 
 def implementation(method: Method) -> Method:
-    """The method that runs `method`: the built-in spec's implementation, else the method itself (a registered
-    method that implements its hooks)."""
-    return IMPLEMENTATIONS.get(type(method), method)
+    """The method that runs `method`: the method itself when it implements its hooks (a built-in implementation, a
+    registered method defined whole, as tests/integration/test_third_method.py does), else its spec's."""
+    if type(method).fit_trial is not Method.fit_trial:
+        return method
+    for spec, impl in IMPLEMENTATIONS.items():
+        if type(method) is spec:
+            return impl
+    raise TypeError(f"{method!r}: a spec without an implementation (register one that implements fit_trial, run, "
+                    "final)")

@@ -17,6 +17,7 @@ from trainers.errors import InputError
 # as `<metric>_max`, the name trials are ranked on, so the JSON line, the MLflow run and a sweep trial agree.
 OBJECTIVE = "val/zsl_top1"
 T_KEY = "diffusion.num_train_timesteps"
+NOISE_DRAWS = 10          # evaluation noise draws per seed in service.final (the paper averages 10)
 # The zero-shot data shortcuts of service.run / service.sweep (feature folders, class splits): dest -> config key.
 DATA_SHORTCUTS = {"features": "data.features_dir", "unseen": "data.unseen", "seen": "data.seen",
                   "val_unseen": "data.val_unseen"}
@@ -33,6 +34,9 @@ class TDSMSpec(Method):
     about = "zero-shot (TDSM)"
     default_split = "synthetic-skeleton"     # no data named: the embedded skeleton chain (generate, prepare, encode)
     inference_grid = True                    # t_test is scored per trial on a grid (search space `inference:`)
+    chosen_tags = ("best_t_test",)           # the t_test a trial chose on validation (selection_tags)
+    flags_hint = "its zero-shot data shortcuts and evaluation draws"
+    report_table = True                      # the paper's Table 1 across splits
 
     def add_arguments(self, parser: argparse.ArgumentParser, command: str) -> None:
         if command in ("run", "sweep"):
@@ -43,15 +47,16 @@ class TDSMSpec(Method):
                            help="tdsm: seen class ids, rs*.npy (default: the other classes with training samples)")
             g.add_argument("--val-unseen", help="tdsm: validation classes within the seen ones: rv*.npy or a count N")
         elif command == "final":
-            parser.add_argument("--noise-draws", type=int, default=10,
-                                help="tdsm: evaluation noise draws per seed (default: %(default)s, the paper's)")
+            parser.add_argument("--noise-draws", type=int,     # None: not given (another method's source refuses it)
+                                help=f"tdsm: evaluation noise draws per seed (default: {NOISE_DRAWS}, the paper's)")
 
     def options(self, given: Mapping[str, Any], command: str) -> dict[str, Any]:
         if command != "final":
             return {}
-        if given["noise_draws"] < 1:
-            raise InputError(f"--noise-draws must be >= 1 (got {given['noise_draws']})")
-        return {"noise_draws": given["noise_draws"]}
+        draws = NOISE_DRAWS if given["noise_draws"] is None else given["noise_draws"]
+        if draws < 1:
+            raise InputError(f"--noise-draws must be >= 1 (got {draws})")
+        return {"noise_draws": draws}
 
     def config_overrides(self, given: Mapping[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {}

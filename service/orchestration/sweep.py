@@ -197,7 +197,7 @@ def run_split(opts: SweepOptions, method: Method, split: str, base: dict[str, An
         settings = TrialSettings(
             method=method, base=base, space=space, seed=opts.seed, resources=resources,
             parent=ParentRun(uri, experiment, parent.run_id), split=split, sweep=name,
-            storage_path=str(storage / f"{name}-train"), data_ref=data_ref)
+            storage_path=str(storage / f"{name}-train"), data_ref=data_ref, options=opts.extra)
         trainable = tune.with_resources(tune.with_parameters(tune_trial, settings=settings), trial_resources(resources))
         n_evals = -(-cfg.train.steps // cfg.train.eval_every)
         scheduler = (tune.schedulers.ASHAScheduler(time_attr="training_iteration", max_t=n_evals + 1, grace_period=1,
@@ -250,7 +250,7 @@ def run_split(opts: SweepOptions, method: Method, split: str, base: dict[str, An
         parent.log_metrics({"sweep/fit_seconds": fit_s, "sweep/prepare_seconds": prep_s,
                             best_key: summary.get("best_metric", float("nan"))}, 0)
         summary.update(report_trials(parent, experiment, uri, name, sweep_path, split, space,
-                                     summary.get("best_run_id")))
+                                     summary.get("best_run_id"), method.chosen_tags))
         if summary.get("best_run_id") is None:      # every trial failed or reported no finite metric: nothing to rank
             failures = [r.error for r in results if r.error is not None]
             causes = [input_error_cause(e) for e in failures]
@@ -304,7 +304,7 @@ def finish_split(parent: MLflowReporter, experiment: str, uri: str, name: str, s
     parent.log_text(text, "best_config.yaml")
     parent.set_tags({"best_run_id": best.info.run_id, "best_config": str(out)})
     return {"split": split, "best_run_id": best.info.run_id, "best_trial": best.data.tags.get("ray_trial_name"),
-            "best_metric": round(best.data.metrics[metric], 3), "metric": metric, **notes, "chosen": notes,
+            "best_metric": round(best.data.metrics[metric], 3), "metric": metric, **notes,
             "best_config": str(out), "parent_run_id": parent.run_id}
 
 
@@ -347,7 +347,7 @@ def sweep(opts: SweepOptions, splits: list[tuple[str, dict[str, Any]]],
     opts.storage.check_writable()      # a missing bucket or credentials: one line now, not inside Ray later
     summaries = run_sweeps(opts, splits, split_tree)
     for s in summaries:
-        chosen = ", ".join(f"{k} = {v}" for k, v in (s.get("chosen") or {}).items())
+        chosen = ", ".join(f"{tag} = {s[tag]}" for tag in opts.method.chosen_tags if tag in s)
         print(f"[{s['split']}] best trial {s.get('best_trial')} ({s.get('best_run_id')}): "
               f"{s.get('metric')}={s.get('best_metric')}{f' ({chosen})' if chosen else ''}; "
               f"{s.get('children')} trial runs in {s.get('fit_s')} s", file=sys.stderr)

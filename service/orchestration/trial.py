@@ -3,7 +3,7 @@
 Two trial drivers run the same worker loop:
 - `direct` (the default for one worker per trial): the Tune function trainable runs the loop itself and reports
   with `ray.tune.report`. No TorchTrainer, no Train controller, no second placement group: on 2 CPUs a trial's
-  first metric comes ~4x sooner (README, Benchmarks).
+  first metric comes ~4x sooner (docs/benchmarks.md).
 - `train` (needed for DDP, `--workers-per-trial > 1`): Ray 2.60 (Train V2) supports Train inside Tune as a Tune
   function trainable that builds a TorchTrainer and calls fit(); TuneReportCallback forwards rank-0 metrics to
   Tune, where ASHA acts.
@@ -22,7 +22,8 @@ import shutil
 import socket
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,7 @@ class TrialSettings:
     sweep: str
     storage_path: str             # the trials' Ray Train storage and input_error.txt markers (a folder or a URI)
     data_ref: Any                 # ObjectRef of the method's prepared inputs (ray.put once per split)
+    options: Mapping[str, Any] = field(default_factory=dict)    # the method's own sweep flags (Trial.options)
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,7 @@ class TrialLoop:
     split: str
     sweep: str
     metric: str                   # the search space's validation metric (its running max is the objective)
+    options: Mapping[str, Any] = field(default_factory=dict)
 
 
 class TrainSession:
@@ -124,12 +127,10 @@ class TuneSession:
 
     rank, world = 0, 1
 
-    @staticmethod
-    def get_checkpoint():
+    def get_checkpoint(self):
         return tune.get_checkpoint()
 
-    @staticmethod
-    def report(result: dict[str, Any], checkpoint_dir: str | None) -> None:
+    def report(self, result: dict[str, Any], checkpoint_dir: str | None) -> None:
         tune.report(result, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
 
 
@@ -311,7 +312,7 @@ def run_worker(train_loop_config: dict[str, TrialLoop], session: TrialSession | 
     reporter = worker.open_run(method.trial_params(worker.cfg, worker.data))
     try:
         method.fit_trial(Trial(worker.cfg, worker.data, reporter, worker.run_dir, worker.rank, worker.world,
-                               worker.wrap_model))
+                               worker.wrap_model, loop.options))
     finally:
         worker.cleanup()
     worker.close()
@@ -321,12 +322,13 @@ def tune_trial(config: dict[str, Any], *, settings: TrialSettings) -> None:
     """Tune function trainable: run the method's worker loop here (`direct`) or on a TorchTrainer (`train`)."""
     ctx = tune.get_context()
     res = settings.resources
-    loop = TrialLoop(method=settings.method, base=settings.base,
-                     overrides=trial_overrides_from_config(config, settings), seed=settings.seed,
+    overrides = settings.method.trial_overrides(settings.space, dict(config), settings.base)   # sampled + derived
+    loop = TrialLoop(method=settings.method, base=settings.base, overrides=overrides, seed=settings.seed,
                      threads=max(1, int(res.cpus_per_worker)), gpus=res.gpus_per_worker,
                      data_ref=settings.data_ref, parent=settings.parent, trial_id=ctx.get_trial_id(),
                      trial_name=ctx.get_trial_name(), run_name=trial_label(config) or ctx.get_trial_name(),
-                     split=settings.split, sweep=settings.sweep, metric=settings.space.metric)
+                     split=settings.split, sweep=settings.sweep, metric=settings.space.metric,
+                     options=settings.options)
     # Tune retries every trial error; bad input or a diverged loss (an InputError) fails the same way again, so a
     # retry re-raises the first attempt's one-line message (kept beside the trial's Train storage) instead of
     # training again.
@@ -367,8 +369,3 @@ def train_trial(loop: TrialLoop, settings: TrialSettings, trial_id: str) -> None
         ),
     )
     trainer.fit()
-
-
-def trial_overrides_from_config(config: dict[str, Any], settings: TrialSettings) -> dict[str, Any]:
-    """Sampled params -> full dotted overrides for this trial (what the method derives added)."""
-    return settings.method.trial_overrides(settings.space, dict(config), settings.base)

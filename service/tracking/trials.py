@@ -33,7 +33,6 @@ class TrialSpace(Protocol):
     metric: str
     mode: str                   # max | min
     params: dict[str, Any]      # searched dotted keys
-    inference: Any              # None when trials score no inference-time grid
 
 SHARED_VIEW_PREFIX = "mlflow.sharedViewState."   # experiment tags the UI reads a shared runs-table view from
 
@@ -230,16 +229,17 @@ def _cell(value: Any) -> str:
     return format_value(value) if math.isfinite(value) else str(value)
 
 
-def ranked_trials(children: list, space: TrialSpace, best_run_id: str | None = None) -> list[dict[str, Any]]:
+def ranked_trials(children: list, space: TrialSpace, best_run_id: str | None = None,
+                  chosen: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """One row per trial run: the ones the best config may come from by objective (rank 1 = best; among ties, the
-    run the best config came from), then the rest."""
+    run the best config came from), then the rest. `chosen`: the tags a trial sets on what it chose on validation
+    (Method.chosen_tags, e.g. TDSM's best_t_test), one column each."""
     rows = []
     for run in children:
         tags, value = run.data.tags, run.data.metrics.get(space.objective)
         row = {"rank": "", "trial": tags.get(TRIAL_TAG, ""), space.objective: value,
                **{key: run.data.params.get(key) for key in space.params}}
-        if space.inference is not None:
-            row["best_t_test"] = tags.get("best_t_test")
+        row.update({tag: tags.get(tag) for tag in chosen})
         row.update(best_step=tags.get("best_step"), trial_state=tags.get("trial_state", run.info.status.lower()),
                    **{key.split("/")[1]: run.data.metrics.get(key) for key in TIMING_KEYS},
                    run_name=run.info.run_name, run_id=run.info.run_id)
@@ -252,12 +252,12 @@ def ranked_trials(children: list, space: TrialSpace, best_run_id: str | None = N
     return [row for _, row in rows]
 
 
-def format_trials_table(rows: list[dict[str, Any]], space: TrialSpace) -> str:
-    """The ranked trials as a short fixed-width table (searched keys by their short names)."""
-    columns = ["rank", "trial", space.objective, *space.params,
-               *(["best_t_test"] if space.inference is not None else []), "best_step", "trial_state"]
-    headers = {key: param_label(key) for key in space.params} | {"best_t_test": "t_test", "best_step": "step",
-                                                                  "trial_state": "state"}
+def format_trials_table(rows: list[dict[str, Any]], space: TrialSpace, chosen: tuple[str, ...] = ()) -> str:
+    """The ranked trials as a short fixed-width table (searched keys by their short names; a chosen tag by its name
+    without `best_`)."""
+    columns = ["rank", "trial", space.objective, *space.params, *chosen, "best_step", "trial_state"]
+    headers = ({key: param_label(key) for key in space.params} | {tag: tag.removeprefix("best_") for tag in chosen}
+               | {"best_step": "step", "trial_state": "state"})
     cells = [[headers.get(c, c) for c in columns]] + [[_cell(r.get(c)) if c != "rank" else str(r[c]) for c in columns]
                                                       for r in rows]
     widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
@@ -273,29 +273,29 @@ def trials_csv(rows: list[dict[str, Any]]) -> str:
     return out.getvalue()
 
 
-def view_columns(space: TrialSpace) -> list[str]:
-    """The runs-table columns that tell trials apart: objective, searched params, chosen t_test, state."""
+def view_columns(space: TrialSpace, chosen: tuple[str, ...] = ()) -> list[str]:
+    """The runs-table columns that tell trials apart: objective, searched params, what they chose, state."""
     return [column_key("metrics", space.objective), column_key("metrics", space.metric),
-            *(column_key("params", key) for key in space.params),
-            *([column_key("tags", "best_t_test")] if space.inference is not None else []),
+            *(column_key("params", key) for key in space.params), *(column_key("tags", tag) for tag in chosen),
             column_key("tags", "best_step"), column_key("tags", "trial_state"), column_key("tags", TRIAL_TAG)]
 
 
 def report_trials(parent: MLflowReporter, experiment: str, uri: str, name: str, sweep_path: Storage, split: str,
-                  space: TrialSpace, best_run_id: str | None = None) -> dict[str, Any]:
+                  space: TrialSpace, best_run_id: str | None = None, chosen: tuple[str, ...] = ()) -> dict[str, Any]:
     """Print the ranked trials, write them as trials.csv (sweep folder and parent run), share a runs-table view;
     log the sweep's own overhead on the parent run."""
     client = parent.client
     exp_id = client.get_experiment_by_name(experiment).experiment_id
     children = list(search_pages(client, [exp_id], f"tags.mlflow.parentRunId = '{parent.run_id}'"))
-    rows = ranked_trials(children, space, best_run_id)
-    print(f"[{split}] trials of sweep {name}, best {space.objective} first:\n{format_trials_table(rows, space)}",
+    rows = ranked_trials(children, space, best_run_id, chosen)
+    print(f"[{split}] trials of sweep {name}, best {space.objective} first:\n"
+          f"{format_trials_table(rows, space, chosen)}",
           file=sys.stderr)
     text = trials_csv(rows)
     out = (sweep_path / "trials.csv").write_text(text)
     parent.log_text(text, "trials.csv")
     logged = {key for run in children for key in run.data.metrics}
-    share_runs_view(client, exp_id, name, view_columns(space), search_filter=f"tags.sweep = '{name}'",
+    share_runs_view(client, exp_id, name, view_columns(space, chosen), search_filter=f"tags.sweep = '{name}'",
                     order_by=column_key("metrics", space.objective), expanded=[parent.run_id],
                     charts=chart_view(space, logged, len(children)))
     return {"trials_csv": str(out), "mlflow_view": ui_link(uri, exp_id, name),

@@ -79,9 +79,13 @@ def test_named_splits_cover_the_synthetic_default_and_every_benchmark(monkeypatc
 # service.run cocodiff in process: its refusals and --print-config
 # ----------------------------------------------------------------------------------------------
 
+TDSM_FLAGS = "its zero-shot data shortcuts and evaluation draws"
+
+
 @pytest.mark.parametrize("args,message", [
-    (["--features", "feats"], "--features: tdsm only, not a cocodiff flag"),
-    (["--unseen", "ru.npy", "--val-unseen", "5"], "--unseen, --val-unseen: tdsm only, not a cocodiff flag"),
+    (["--features", "feats"], f"--features: tdsm only ({TDSM_FLAGS}), not a cocodiff flag"),
+    (["--unseen", "ru.npy", "--val-unseen", "5"],
+     f"--unseen, --val-unseen: tdsm only ({TDSM_FLAGS}), not a cocodiff flag"),
     (["--set", "module.w_dif=1"], "unknown config key 'module.w_dif'"),
 ])
 def test_run_cocodiff_refuses_bad_input_in_one_line(tmp_path, capsys, monkeypatch, args, message):

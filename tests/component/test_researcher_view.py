@@ -43,6 +43,7 @@ from trainers.errors import InputError
 
 REPO = Path(__file__).resolve().parents[2]
 SPACE = load_search_space(REPO / "search_spaces" / "tdsm.yaml").for_smoke()
+CHOSEN = ("best_t_test",)          # TDSM's chosen tag (Method.chosen_tags)
 
 
 def test_trial_label_names_what_differs():
@@ -179,9 +180,9 @@ def test_ranked_trials_best_first_failed_and_unscored_last():
     runs = [fake_run("a", 40.0, state="early_stopped", optim__lr=0.0021), fake_run("b", 55.5, optim__lr=0.001),
             fake_run("c", 90.0, status="FAILED", state="failed"), fake_run("d", None, state="early_stopped"),
             fake_run("e", math.nan)]
-    rows = ranked_trials(runs, SPACE)
+    rows = ranked_trials(runs, SPACE, chosen=CHOSEN)
     assert [(r["rank"], r["trial"]) for r in rows] == [(1, "b"), (2, "a"), ("-", "c"), ("-", "d"), ("-", "e")]
-    table = format_trials_table(rows, SPACE).splitlines()
+    table = format_trials_table(rows, SPACE, CHOSEN).splitlines()
     assert table[0].split() == ["rank", "trial", "val/zsl_top1_max", "T", "τ", "λ", "lr", "t_test", "step", "state"]
     assert table[2].split()[:3] == ["2", "a", "40"] and "2.1e-3" in table[2] and table[2].endswith("early_stopped")
     tied = [fake_run("x", 50.0), fake_run("y", 50.0)]         # among ties, rank 1 is the run the best config used
@@ -199,7 +200,8 @@ def test_report_trials_writes_csv_artifact_and_a_shared_runs_view(client, tmp_pa
                                         tags={"sweep": "sweep-1", "trial_state": "finished"})
         child.log_params({"diffusion.num_train_timesteps": 10, "optim.lr": 0.002})
         child.log_metrics({"val/zsl_top1_max": value}, 300)
-    out = report_trials(parent, "tdsm-x-sweeps", uri, "sweep-1", Storage.parse(str(tmp_path)), "x", SPACE)
+    out = report_trials(parent, "tdsm-x-sweeps", uri, "sweep-1", Storage.parse(str(tmp_path)), "x", SPACE,
+                        chosen=CHOSEN)
     assert "t2" in capsys.readouterr().err.split("first:\n")[1].splitlines()[1]     # rank 1 = the best
     assert [r["trial"] for r in csv.DictReader(open(out["trials_csv"]))] == ["t2", "t1"]
     assert "trials.csv" in {a.path for a in client.list_artifacts(parent.run_id)}

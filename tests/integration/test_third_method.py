@@ -165,8 +165,8 @@ def test_a_third_method_runs_through_run_sweep_and_final(tmp_path):
     assert json.loads((Path(final["out"]) / "toy-table.json").read_text()) == final["rows"]
     # Another method's flag is refused by name, in one line, before anything runs.
     refused = cli("final", "--from", str(best), "--noise-draws", "3", "--tracking-uri", uri, tmp_path=tmp_path)
-    assert refused.returncode == 2 and refused.stderr.strip() == "error: --noise-draws: tdsm only, not a toy flag " \
-                                                                  "(see --help)"
+    assert refused.returncode == 2 and refused.stderr.strip() == \
+        "error: --noise-draws: tdsm only (its zero-shot data shortcuts and evaluation draws), not a toy flag"
 
 
 if __name__ == "__main__":
