@@ -347,9 +347,9 @@ def sweep(opts: SweepOptions, splits: list[tuple[str, dict[str, Any]]],
     opts.storage.check_writable()      # a missing bucket or credentials: one line now, not inside Ray later
     summaries = run_sweeps(opts, splits, split_tree)
     for s in summaries:
-        chosen = ", ".join(f"{tag} = {s[tag]}" for tag in opts.method.chosen_tags if tag in s)
+        chosen = "".join(f" at {tag.removeprefix('best_')}={s[tag]}" for tag in opts.method.chosen_tags if tag in s)
         print(f"[{s['split']}] best trial {s.get('best_trial')} ({s.get('best_run_id')}): "
-              f"{s.get('metric')}={s.get('best_metric')}{f' ({chosen})' if chosen else ''}; "
+              f"{s.get('metric')}={s.get('best_metric')}{chosen}; "
               f"{s.get('children')} trial runs in {s.get('fit_s')} s", file=sys.stderr)
         print(f"[{s['split']}] best config: {s.get('best_config')}", file=sys.stderr)
         if s.get("trials_csv"):
