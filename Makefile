@@ -16,8 +16,10 @@ PIP_INSTALL = $(VENV)/bin/pip install --disable-pip-version-check -q --only-bina
 
 # Two stamps: `make demo` needs only the package itself (.base); `make install` / `make test` add the extras (the
 # optuna sampler, the deployment's drivers, pytest, ruff, moto's S3 server).
+# The venv is made once: re-running `venv` on an existing one with another `python3` on PATH (a shell without the
+# venv, as `make cluster` from the README) rewrote its pyvenv.cfg to that interpreter and broke it.
 $(VENV)/.base: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP_INSTALL) -e .
 	touch $@
 
