@@ -36,8 +36,7 @@ from trainers.config import flatten, to_plain
 from trainers.configs import CoCoDiffConfig
 from trainers.diffusion import NoiseSchedule
 from trainers.errors import InputError
-from trainers.fit_loop import DIVERGED_HINT, FitParts, build_adamw, optimizer_step, run_fit, step_plan
-from trainers.guards import LossGuard
+from trainers.fit_loop import DIVERGED_HINT, FitParts, LossGuard, build_adamw, optimizer_step, run_fit, step_plan
 from trainers.io import load_checkpoint
 from trainers.runtime import apply_thread_policy, autocast, resolve_device, resolve_precision, seed_everything
 from trainers.schedule import batch_indices

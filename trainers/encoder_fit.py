@@ -19,8 +19,7 @@ from trainers import checkpoint
 from trainers.checkpoint import ENCODER, LAST
 from trainers.configs import EncoderConfig
 from trainers.errors import InputError
-from trainers.fit_loop import FitParts, StepPlan, build_adamw, optimizer_step, run_fit
-from trainers.guards import LossGuard
+from trainers.fit_loop import FitParts, LossGuard, StepPlan, build_adamw, optimizer_step, run_fit
 from trainers.io import load_checkpoint, load_torch
 from trainers.runtime import (
     ThreadGovernor,

@@ -24,17 +24,58 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from trainers.configs import OptimConfig, TrainConfig
-from trainers.guards import LossGuard
+from trainers.errors import TrainingDivergedError
 from trainers.schedule import build_lr_scheduler, log_every, progress_bar
 from trainers.tracking import Artifacts, Reporter
 
 Losses = Mapping[str, torch.Tensor]           # one step's loss terms; "loss" is the total that was back-propagated
 # What a diverged run of a method config (`optim.lr`, `optim.grad_clip`: TDSM, CoCoDiff) is advised to change.
 DIVERGED_HINT = "lower optim.lr or set optim.grad_clip > 0"
+
+
+_NO_BAD_STEP = 2**62                      # "no non-finite loss seen yet" on the device-side tracker
+
+
+class LossGuard:
+    """Raises TrainingDivergedError naming the first step whose loss is not finite.
+
+    On CPU the check costs nothing and runs every step. On an accelerator reading the loss every step would sync
+    the host each step, so the first bad step is tracked on the device and read at `flush()` (the caller flushes
+    at its logging cadence and before every evaluation or checkpoint, so nothing diverged is ever saved).
+    """
+
+    def __init__(self, device: torch.device, hint: str):
+        self.hint = hint
+        self.every_step = torch.device(device).type == "cpu"
+        self._first_bad: torch.Tensor | None = None
+
+    def update(self, loss: torch.Tensor, step: int) -> None:
+        """`loss` (scalar) of 1-based `step`."""
+        finite = torch.isfinite(loss.detach())
+        if self.every_step:
+            if not bool(finite):
+                self._raise(step, float(loss.detach()))
+            return
+        bad_at = torch.where(finite, torch.full_like(finite, _NO_BAD_STEP, dtype=torch.long),
+                             torch.full_like(finite, step, dtype=torch.long))
+        self._first_bad = bad_at if self._first_bad is None else torch.minimum(self._first_bad, bad_at)
+
+    def flush(self) -> None:
+        """Raise now if any step since the last flush had a non-finite loss (one host sync)."""
+        if self._first_bad is not None:
+            step = int(self._first_bad)
+            self._first_bad = None
+            if step != _NO_BAD_STEP:
+                self._raise(step, float("nan"))
+
+    def _raise(self, step: int, value: float) -> None:
+        shown = "" if np.isnan(value) and not self.every_step else f"loss={value}; "
+        raise TrainingDivergedError(f"training diverged: non-finite loss at step {step} ({shown}{self.hint})")
 
 
 @dataclass(frozen=True)

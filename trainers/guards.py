@@ -1,57 +1,17 @@
-"""Fail-fast checks on numbers: a non-finite training loss, and arrays read from disk that are not finite,
-not numeric, or so large that fp32/bf16 arithmetic on them overflows."""
+"""Fail-fast checks on arrays read from disk or given to a model: not finite, not numeric, or so large that fp32/bf16
+arithmetic on them overflows. Light (numpy only): the readers and `service.prepare` use them before torch loads. The
+training loss's guard is `trainers.fit_loop.LossGuard`."""
 
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-from trainers.errors import InputError, TrainingDivergedError
+from trainers.errors import InputError
 
 # Largest |value| accepted in features and prepared skeletons. Real inputs are O(1)-O(1e3) (pooled GCN features,
 # metres, normalised pixels); squares of values above ~1.8e19 already overflow fp32 (and bf16 has fp32's range),
 # so a 1e6 bound leaves 13 orders of magnitude of headroom for the losses' squares and sums.
 MAX_ABS_INPUT = 1e6
-_NO_BAD_STEP = 2**62                      # "no non-finite loss seen yet" on the device-side tracker
-
-
-class LossGuard:
-    """Raises TrainingDivergedError naming the first step whose loss is not finite.
-
-    On CPU the check costs nothing and runs every step. On an accelerator reading the loss every step would sync
-    the host each step, so the first bad step is tracked on the device and read at `flush()` (the caller flushes
-    at its logging cadence and before every evaluation or checkpoint, so nothing diverged is ever saved).
-    """
-
-    def __init__(self, device: torch.device, hint: str):
-        self.hint = hint
-        self.every_step = torch.device(device).type == "cpu"
-        self._first_bad: torch.Tensor | None = None
-
-    def update(self, loss: torch.Tensor, step: int) -> None:
-        """`loss` (scalar) of 1-based `step`."""
-        finite = torch.isfinite(loss.detach())
-        if self.every_step:
-            if not bool(finite):
-                self._raise(step, float(loss.detach()))
-            return
-        bad_at = torch.where(finite, torch.full_like(finite, _NO_BAD_STEP, dtype=torch.long),
-                             torch.full_like(finite, step, dtype=torch.long))
-        self._first_bad = bad_at if self._first_bad is None else torch.minimum(self._first_bad, bad_at)
-
-    def flush(self) -> None:
-        """Raise now if any step since the last flush had a non-finite loss (one host sync)."""
-        if self._first_bad is not None:
-            step = int(self._first_bad)
-            self._first_bad = None
-            if step != _NO_BAD_STEP:
-                self._raise(step, float("nan"))
-
-    def _raise(self, step: int, value: float) -> None:
-        shown = "" if np.isnan(value) and not self.every_step else f"loss={value}; "
-        raise TrainingDivergedError(f"training diverged: non-finite loss at step {step} ({shown}{self.hint})")
-
-
 def check_numeric_array(arr: np.ndarray, where: str, what: str) -> None:
     """One-line InputError unless `arr` holds real numbers (not strings, objects or complex values)."""
     if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)

@@ -21,8 +21,7 @@ from trainers.configs import TDSMConfig
 from trainers.data import FeatureSplit, ZSLTask
 from trainers.diffusion import NoiseSchedule
 from trainers.errors import InputError
-from trainers.fit_loop import DIVERGED_HINT, FitParts, build_adamw, optimizer_step, run_fit, step_plan
-from trainers.guards import LossGuard
+from trainers.fit_loop import DIVERGED_HINT, FitParts, LossGuard, build_adamw, optimizer_step, run_fit, step_plan
 from trainers.io import load_checkpoint, stable_hash
 from trainers.losses import sample_negative_classes, triplet_diffusion_loss
 from trainers.runtime import apply_thread_policy, autocast, resolve_device, resolve_precision, seed_everything

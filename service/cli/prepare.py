@@ -15,7 +15,6 @@ from pathlib import Path
 from service.process import exits_cleanly, lock_dir
 from trainers.errors import InputError
 from trainers.io import atomic_write_text
-from trainers.runtime import apply_thread_policy
 from trainers.skeleton.prepare import DATASETS, parse_split_lists, prepare
 from trainers.skeleton.splits import BENCHMARKS
 from trainers.skeleton.synthetic import NUM_CLASSES as SYNTHETIC_CLASSES
@@ -62,7 +61,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 @exits_cleanly
 def main(argv: list[str] | None = None) -> int:
-    apply_thread_policy()   # CPU threads sized to this process's cores, before any parallel work
     args = build_parser().parse_args(argv)
     if args.workers < 1:
         raise InputError(f"--workers {args.workers}: expected at least 1")

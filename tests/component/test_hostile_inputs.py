@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from trainers.errors import InputError, TrainingDivergedError
-from trainers.guards import LossGuard
+from trainers.fit_loop import LossGuard
 
 # ----------------------------------------------------------------------------------------------
 # Loss guard in the fit loops (CoCoDiff and the encoder through their fit functions)
