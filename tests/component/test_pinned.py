@@ -158,12 +158,21 @@ GOLDEN = Path(__file__).with_name("golden_traces.json")
 
 
 def cpu_signature() -> str:
-    """The CPU model and torch version: float32 reduction order (and so the last bits of a trace) depends on both."""
+    """The CPU model, its SIMD extensions and the torch version: which float32 kernels run, and so their reduction
+    order and the last bits of a trace, depends on all three (a virtual CPU may name only "AMD EPYC")."""
     import platform
     cpuinfo = Path("/proc/cpuinfo")
-    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                  if line.startswith("model name")), "") if cpuinfo.is_file() else platform.processor()
-    return f"{model} | torch {torch.__version__}"
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+                 platform.processor())
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+    simd = ",".join(sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "f16c", "sse4"))))
+    return f"{model} | {simd} | torch {torch.__version__}"
+
+
+# Evaluation values are counts of samples (top-k %), a chosen grid point or their spread over draws: on another CPU a
+# near-tie may flip one sample, which no small tolerance covers, so there only their keys and steps are compared.
+DISCRETE = ("top1", "top5", "best_t_test")
 
 
 def traces(tdsm_run, cocodiff_run, encoder_run) -> dict[str, list]:
@@ -177,9 +186,11 @@ def traces(tdsm_run, cocodiff_run, encoder_run) -> dict[str, list]:
 
 
 def test_metric_traces_are_pinned(tdsm_run, cocodiff_run, encoder_run):
-    """Bit for bit on the machine (CPU model, torch version) that recorded the golden file; elsewhere float32 sums
-    run in another order, so each value within 1e-3 relative (+ 1e-4 absolute: losses and accuracies near zero) of
-    eight to forty fp32 steps of a tiny model, one thread."""
+    """Bit for bit on the machine (CPU model, SIMD extensions, torch version) that recorded the golden file.
+    Elsewhere other kernels sum in another order: each float32 op then differs by about 1e-7 relative, and through
+    eight to forty steps of a tiny model on one thread (Adam's normalised steps do not amplify it) the training
+    scalars (losses, lr, norms) stay within 1e-3 relative (+ 1e-4 absolute for values near zero); the discrete
+    evaluation values are compared by key and step only (DISCRETE)."""
     import json
     golden = json.loads(GOLDEN.read_text())
     got = traces(tdsm_run, cocodiff_run, encoder_run)
@@ -188,7 +199,9 @@ def test_metric_traces_are_pinned(tdsm_run, cocodiff_run, encoder_run):
         if golden["cpu"] == cpu_signature():
             assert [r[2] for r in got[name]] == [r[2] for r in rows], name
         else:
-            assert [r[2] for r in got[name]] == pytest.approx([r[2] for r in rows], rel=1e-3, abs=1e-4), name
+            scalars = [i for i, r in enumerate(rows) if not any(d in r[1] for d in DISCRETE)]
+            assert [got[name][i][2] for i in scalars] == pytest.approx([rows[i][2] for i in scalars], rel=1e-3,
+                                                                       abs=1e-4), name
 
 
 def test_record_golden(tdsm_run, cocodiff_run, encoder_run):
