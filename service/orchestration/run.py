@@ -21,13 +21,12 @@ from trainers.runtime import apply_thread_policy
 PENDING = "  # (built on first run)"
 
 
-def resolved_config_yaml(config_cls: type, cfg, split: str | None, overrides: dict | None, splits_path: Path,
+def resolved_config_yaml(config_cls: type, cfg, split: str, overrides: dict, splits_path: Path,
                          storage: Storage, searched: str = "") -> str:
     """The config that will run, as YAML loadable by --config: the named (or default) split applied and a skeleton
     chain resolved to its cached outputs. Trains nothing: a chain not yet built shows the paths it will write.
-    searched: comment lines put in the header (`searched_keys_comment`)."""
-    if overrides is None:
-        return searched + dump_yaml(cfg)
+    searched: comment lines put in the header (`searched_keys_comment`). Without a split the CLIs print the config
+    themselves, before importing this module."""
     resolved = resolve_chain(overrides, storage, build=False)   # generate + prepare only (cached)
     cfg = build_config(config_cls, to_plain(cfg), resolved)
     head = f"# split {split} of {splits_path}\n{searched}"
